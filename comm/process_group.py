@@ -1,0 +1,149 @@
+"""The only place that calls ``torch.distributed``.
+
+Point-to-point helpers do nothing at the ends of the pipeline (the first stage receives no
+activations, the last sends none), so one schedule loop serves every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from comm.topology import Topology
+
+log = logging.getLogger(__name__)
+BACKENDS = ("gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    dist_url: str
+    backend: str = "gloo"
+    dp_backend: str = "gloo"
+    timeout_s: float = 300.0
+    net_interface: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dist_url.startswith(("tcp://", "env://", "file://")):
+            raise ValueError(f"--dist-url {self.dist_url!r} should look like tcp://<master-ip>:<port> or env://")
+        for flag, value in (("--dist-backend", self.backend), ("--dp-backend", self.dp_backend)):
+            if value not in BACKENDS:
+                raise ValueError(f"{flag} {value!r} is not one of {BACKENDS}")
+            if value == "nccl" and not torch.cuda.is_available():
+                raise ValueError(f"{flag} nccl needs CUDA, which this machine lacks; use {flag} gloo")
+        if self.timeout_s <= 0:
+            raise ValueError("--comm-timeout must be a positive number of seconds")
+
+
+def bind_interface(name: str) -> None:
+    """Make Gloo and NCCL open their sockets on interface ``name`` (checked to exist)."""
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    if name not in interfaces:
+        raise ValueError(f"--net-interface {name!r} does not exist here; choose one of {sorted(interfaces)}")
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    os.environ["NCCL_SOCKET_IFNAME"] = name
+
+
+class Communicator:
+    """Process groups of one rank and the collectives the trainer uses."""
+
+    def __init__(self, topo: Topology, cfg: CommConfig, device: torch.device) -> None:
+        self.topo = topo
+        self.device = device
+        timeout = timedelta(seconds=cfg.timeout_s)
+        # new_group must be called by every rank in the same order, members or not.
+        self._pipeline_group = None
+        self._data_group = None
+        if topo.pipeline_size > 1:
+            for replica in range(topo.data_size):
+                group = dist.new_group(topo.pipeline_ranks(replica), timeout=timeout, backend=cfg.backend)
+                if replica == topo.replica:
+                    self._pipeline_group = group
+        if topo.data_size > 1:
+            for stage in range(topo.pipeline_size):
+                group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
+                if stage == topo.stage:
+                    self._data_group = group
+        # Control messages (start-up checks) always go over Gloo on the CPU.
+        self._control_group = None if cfg.backend == "gloo" else dist.new_group(timeout=timeout, backend="gloo")
+
+    @classmethod
+    def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device) -> Communicator:
+        """Join the job; a master that cannot be reached is a one-line error after the timeout."""
+        if cfg.net_interface:
+            bind_interface(cfg.net_interface)
+        try:
+            dist.init_process_group(
+                backend=cfg.backend,
+                init_method=cfg.dist_url,
+                world_size=topo.world_size,
+                rank=topo.rank,
+                timeout=timedelta(seconds=cfg.timeout_s),
+            )
+        except (RuntimeError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConnectionError(
+                f"{topo.describe(topo.rank)} could not join the job at {cfg.dist_url} within {cfg.timeout_s:g}s "
+                f"({first_line}); check that rank 0 is running, --dist-url is reachable from every node "
+                f"and --world-size {topo.world_size} ranks were started"
+            ) from None
+        return cls(topo, cfg, device)
+
+    # -- pipeline point-to-point; no-ops at the ends ------------------------------------------
+
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        if self.topo.is_first_stage:
+            return None
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src=self.topo.rank - 1)
+        return buf
+
+    def send_forward(self, tensor: torch.Tensor) -> None:
+        if not self.topo.is_last_stage:
+            dist.send(tensor.detach().contiguous(), dst=self.topo.rank + 1)
+
+    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        if self.topo.is_last_stage:
+            return None
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src=self.topo.rank + 1)
+        return buf
+
+    def send_backward(self, tensor: torch.Tensor | None) -> None:
+        if not self.topo.is_first_stage:
+            if tensor is None:
+                raise RuntimeError("no gradient to send back: the stage input did not require grad")
+            dist.send(tensor.contiguous(), dst=self.topo.rank - 1)
+
+    # -- collectives --------------------------------------------------------------------------
+
+    def all_reduce_data(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place over this stage's data-parallel replicas."""
+        if self._data_group is not None:
+            dist.all_reduce(tensor, group=self._data_group)
+
+    def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place over the stages of this rank's pipeline."""
+        if self._pipeline_group is not None:
+            dist.all_reduce(tensor, group=self._pipeline_group)
+
+    def barrier_pipeline(self) -> None:
+        if self._pipeline_group is not None:
+            dist.barrier(group=self._pipeline_group)
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""
+        gathered: list[object] = [None] * self.topo.world_size
+        dist.all_gather_object(gathered, obj, group=self._control_group)
+        return gathered
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

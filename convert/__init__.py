@@ -1,0 +1,1 @@
+"""Converters between Hugging Face folders and our layer-sharded layout."""

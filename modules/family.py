@@ -1,0 +1,88 @@
+"""The interface every model family implements, and the key map between HF and shard names.
+
+A family turns one HF config into three single-device pieces:
+
+    input_ids (micro, seq) -> Embedding -> hidden (micro, seq, dim)
+    hidden -> Block(layer i) -> hidden            (one per global layer index)
+    hidden -> Head -> logits (micro, seq, vocab)
+
+plus a ``Context`` module without parameters that prepares what every block of a stage needs
+(rotary cos/sin, the causal mask), computed once per micro-batch on each stage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+EMBEDDING_PART = "embs"
+HEAD_PART = "lm_head"
+
+
+def layer_part(index: int) -> str:
+    """Name of the shard that holds global layer ``index``."""
+    return f"layer_{index}"
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One HF key prefix <-> (shard part, key prefix inside the part).
+
+    ``{layer}`` in ``hf`` and ``part`` stands for the global layer index; the inverse mapping
+    is derived from the same rule, so the two directions can never disagree.
+    """
+
+    hf: str
+    part: str
+    local: str = ""
+
+    def _hf_pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.hf).replace(r"\{layer\}", r"(?P<layer>\d+)"))
+
+    def to_shard(self, hf_key: str) -> tuple[str, str] | None:
+        match = self._hf_pattern().match(hf_key)
+        if match is None:
+            return None
+        layer = match.groupdict().get("layer")
+        part = self.part.format(layer=layer) if layer is not None else self.part
+        return part, self.local + hf_key[match.end() :]
+
+    def to_hf(self, part: str, local_key: str) -> str | None:
+        part_pattern = re.escape(self.part).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        match = re.fullmatch(part_pattern, part)
+        if match is None or not local_key.startswith(self.local):
+            return None
+        layer = match.groupdict().get("layer")
+        prefix = self.hf.format(layer=layer) if layer is not None else self.hf
+        return prefix + local_key[len(self.local) :]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the pipeline and the converters need to know about one model family."""
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    embedding: Callable[[object], nn.Module]
+    block: Callable[[object, int], nn.Module]
+    head: Callable[[object], nn.Module]
+    context: Callable[[object], nn.Module]
+    key_rules: tuple[KeyRule, ...]
+
+    def hf_to_shard(self, hf_key: str) -> tuple[str, str]:
+        for rule in self.key_rules:
+            found = rule.to_shard(hf_key)
+            if found is not None:
+                return found
+        raise KeyError(f"{self.name}: no shard for HF weight {hf_key!r}; is this the right --model-type?")
+
+    def shard_to_hf(self, part: str, local_key: str) -> str:
+        # Longest local prefix first, so "final_layer_norm." wins over "" within one part.
+        for rule in sorted(self.key_rules, key=lambda r: len(r.local), reverse=True):
+            found = rule.to_hf(part, local_key)
+            if found is not None:
+                return found
+        raise KeyError(f"{self.name}: shard {part!r} holds unknown weight {local_key!r}")

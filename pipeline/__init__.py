@@ -1,0 +1,1 @@
+"""This rank's stage (its layers), how layers are split over stages, and the schedule."""

@@ -1,0 +1,50 @@
+"""A stage: this rank's consecutive global layers, plus the embedding (first) and head (last)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convert.layout import load_part
+from modules import EMBEDDING_PART, HEAD_PART, Family, layer_part
+
+
+class Stage(nn.Module):
+    """A plain module; ``forward`` maps token ids or hidden states to hidden states or logits."""
+
+    def __init__(self, family: Family, config: object, layers: range, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.layer_ids = list(layers)
+        self.embedding = family.embedding(config) if is_first else None
+        self.context = family.context(config)
+        self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
+        self.head = family.head(config) if is_last else None
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The pieces of this stage by shard name: how they are stored, whatever the topology."""
+        parts: dict[str, nn.Module] = {}
+        if self.embedding is not None:
+            parts[EMBEDDING_PART] = self.embedding
+        for i in self.layer_ids:
+            parts[layer_part(i)] = self.layers[str(i)]
+        if self.head is not None:
+            parts[HEAD_PART] = self.head
+        return parts
+
+    def load_parts(self, model_dir: str) -> None:
+        """Load every part of this stage from a layer-sharded directory (strict: no silent gaps)."""
+        for part, module in self.parts().items():
+            tensors = load_part(model_dir, part)
+            missing, unexpected = module.load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise KeyError(
+                    f"shard {part} in {model_dir} does not fit the model: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}; was it converted for another --model-type?"
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)
+        ctx = self.context(hidden)
+        for layer in self.layers.values():
+            hidden = layer(hidden, **ctx)
+        return self.head(hidden) if self.head is not None else hidden

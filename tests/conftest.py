@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import OFFLINE_ENV, bundled_texts, write_jsonl
+
+os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 5-layer GPT-NeoX HF folder (5 layers: uneven on 2 stages) with its tokenizer."""
+    from convert.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_hf"), bundled_texts(), "gptneox", num_layers=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from convert.from_hf import convert_from_hf
+
+    return convert_from_hf(tiny_hf, tmp_path_factory.mktemp("tiny") / "shards")
+
+
+@pytest.fixture(scope="session")
+def two_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two jsonl tasks and their --task-name spec (unequal weights)."""
+    root = tmp_path_factory.mktemp("data")
+    texts = bundled_texts()
+    a = write_jsonl(root / "stories.jsonl", texts[:200])
+    b = write_jsonl(root / "more.jsonl", [t.upper() for t in texts[200:]])
+    return f"{a}:0.7,{b}:0.3"

@@ -1,0 +1,121 @@
+"""Shared test tools: tiny models, data files, rank launching and the single-process HF oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    with open(path, "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def bundled_texts() -> list[str]:
+    with open(BUNDLED_CORPUS) as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int
+    output: str
+
+
+def launch(
+    args: list[str], world: int, tmp: Path, timeout: float = 300.0, ranks: list[int] | None = None
+) -> list[RankResult]:
+    """Start ``dist_clm_train.py`` once per rank (as users do) and wait for all of them."""
+    port = free_port()
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in ranks if ranks is not None else range(world):
+        log = open(tmp / f"rank{rank}.log", "w+")
+        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
+               "--dist-url", f"tcp://127.0.0.1:{port}", *args]  # fmt: skip
+        procs.append((rank, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    results = []
+    try:
+        for rank, proc, log in procs:
+            proc.wait(timeout=timeout)
+            log.seek(0)
+            results.append(RankResult(rank, proc.returncode, log.read()))
+    finally:
+        for _, proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return results
+
+
+def assert_all_ok(results: list[RankResult]) -> None:
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank} exited {r.returncode}:\n{r.output[-3000:]}"
+
+
+def read_metrics(checkpoint_path: Path) -> list[dict]:
+    with open(checkpoint_path / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def hf_reference_training(
+    hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
+    lr: float, warmup: int, max_grad_norm: float = 1.0,
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:  # fmt: skip
+    """Train HF's own model in one process on the same global batches; the oracle for every test.
+
+    Returns the loss and the (pre-clipping) gradient norm of every step, and the final weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from trainer.data import TokenStream, parse_task_names
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").train()
+    stream = TokenStream(parse_task_names(task_spec), AutoTokenizer.from_pretrained(hf_dir), seq_length, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    losses, norms = [], []
+    for _ in range(steps):
+        ids = stream.next_sequences(per_step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norms.append(norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_hf_state(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()

@@ -1,0 +1,1 @@
+"""The training loop, its configs, the data stream, checkpoints and metrics."""

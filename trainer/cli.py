@@ -1,0 +1,138 @@
+"""Command-line flags (the established names) -> typed configs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from comm.process_group import CommConfig
+from comm.topology import Topology
+from trainer.config import BatchConfig, CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.data import parse_task_names
+
+DEFAULT_DIST_URL = "tcp://127.0.0.1:7033"
+
+
+def str2bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dist_clm_train.py",
+        description="Pipeline- and data-parallel fine-tuning of causal LMs from layer-sharded checkpoints.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model-name", required=True, help="layer-sharded model directory (convert/from_hf.py output)")
+    m.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
+    m.add_argument("--model-type", default=None, help="model family; default: detected from config.json")
+    m.add_argument("--load-pretrained-model", type=str2bool, default=True, help="load weights (false: random init)")
+    m.add_argument("--num-layers", type=int, default=None, help="layers per stage (default: split evenly)")
+    m.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--task-name", required=True, help="path[:weight],... of jsonl files with a 'text' field")
+    d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
+    d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
+
+    b = p.add_argument_group("batch")
+    b.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per step")
+    b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per pipeline micro-batch")
+    b.add_argument("--gradient-accumulate-step", type=int, default=1, help="batches summed per optimizer step")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--optimizer", choices=("adamw", "adam"), default="adamw", help="adam is an alias of adamw")
+    o.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
+    o.add_argument("--total-steps", type=int, default=1000, help="optimizer steps in the whole run")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+
+    t = p.add_argument_group("distributed")
+    t.add_argument("--dist-url", default=None, help=f"tcp://<rank-0 address>:<port> (default {DEFAULT_DIST_URL})")
+    t.add_argument("--world-size", type=int, default=None, help="total ranks; must equal pp x dp")
+    t.add_argument("--pipeline-group-size", type=int, default=1, help="stages per pipeline (pp)")
+    t.add_argument("--data-group-size", type=int, default=1, help="replicated pipelines (dp)")
+    t.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK from torchrun)")
+    t.add_argument("--net-interface", default=None, help="network interface Gloo/NCCL bind to, e.g. eth0")
+    t.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None, help="pipeline backend")
+    t.add_argument("--dp-backend", choices=("gloo", "nccl"), default=None, help="data-parallel backend")
+    t.add_argument("--dp-mode", choices=("allreduce",), default="allreduce", help="gradient sync across replicas")
+    t.add_argument("--pp-mode", choices=("gpipe",), default="gpipe", help="pipeline schedule")
+    t.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
+
+    h = p.add_argument_group("device")
+    h.add_argument("--use-cuda", type=str2bool, default=None, help="train on CUDA (default: if available)")
+    h.add_argument("--cuda-id", type=int, default=0, help="CUDA device index on this node")
+
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
+    c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
+    c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
+    c.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    return p
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Check the flags together and build the run's configs; raises ValueError with a hint."""
+    rank = args.rank if args.rank is not None else _env_int("RANK")
+    if rank is None:
+        raise ValueError("no --rank given and no $RANK set; pass --rank N or launch with torchrun")
+    topo = Topology(rank, args.pipeline_group_size, args.data_group_size)
+    world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
+    if world is not None and world != topo.world_size:
+        raise ValueError(
+            f"--world-size {world} != --pipeline-group-size {topo.pipeline_size} x "
+            f"--data-group-size {topo.data_size} = {topo.world_size}; make them agree"
+        )
+    use_cuda = torch.cuda.is_available() if args.use_cuda is None else args.use_cuda
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--use-cuda true but no CUDA device is visible; use --use-cuda false to train on CPU")
+    default_backend = "nccl" if use_cuda else "gloo"
+    dist_url = args.dist_url or ("env://" if "MASTER_ADDR" in os.environ else DEFAULT_DIST_URL)
+    comm = CommConfig(
+        dist_url=dist_url,
+        backend=args.dist_backend or default_backend,
+        dp_backend=args.dp_backend or default_backend,
+        timeout_s=args.comm_timeout,
+        net_interface=args.net_interface,
+    )
+    model_type = args.model_type.replace("-", "") if args.model_type else None
+    return RunConfig(
+        topology=topo,
+        comm=comm,
+        model=ModelConfig(
+            model_name=args.model_name,
+            tokenizer_name=args.tokenizer_name or args.model_name,
+            model_type=model_type,
+            load_pretrained=args.load_pretrained_model,
+            layers_per_stage=args.num_layers,
+            embedding_dim=args.embedding_dim,
+        ),
+        data=DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed),
+        batch=BatchConfig(args.batch_size, args.micro_batch_size, args.gradient_accumulate_step),
+        optim=OptimConfig(
+            lr=args.lr,
+            total_steps=args.total_steps,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            optimizer=args.optimizer,
+        ),
+        checkpoint=CheckpointConfig(Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint),
+        device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
+        log_level=args.log_level,
+    )

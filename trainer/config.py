@@ -1,0 +1,119 @@
+"""Small frozen configs, one per concern; each checks itself and names the flag to fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from comm.process_group import CommConfig
+from comm.topology import Topology
+from trainer.data import TaskSpec
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name: str
+    tokenizer_name: str
+    model_type: str | None = None
+    load_pretrained: bool = True
+    layers_per_stage: int | None = None
+    embedding_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[TaskSpec, ...]
+    seq_length: int
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ValueError("--seq-length must be at least 2 (a token and the one it predicts)")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    batch_size: int  # sequences per data-parallel replica per accumulation step
+    micro_batch_size: int
+    accumulate_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.micro_batch_size, self.accumulate_steps) < 1:
+            raise ValueError("--batch-size, --micro-batch-size and --gradient-accumulate-step must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}"
+            )
+
+    @property
+    def micro_batches(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError("--total-steps must be at least 1")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must lie in 0..--total-steps {self.total_steps}")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        if self.max_grad_norm < 0:
+            raise ValueError("--max-grad-norm must be >= 0 (0 turns clipping off)")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (1-based): linear warmup, then linear decay to 0."""
+        k = step - 1
+        if k < self.warmup_steps:
+            return self.lr * k / max(1, self.warmup_steps)
+        return self.lr * max(0.0, (self.total_steps - k) / max(1, self.total_steps - self.warmup_steps))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    path: Path
+    every_steps: int
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError("--checkpoint-steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    topology: Topology
+    comm: CommConfig
+    model: ModelConfig
+    data: DataConfig
+    batch: BatchConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    device: str = "cpu"
+    log_level: str = "INFO"
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that all ranks must share (not rank, device or interface)."""
+        shared = {
+            "pp": self.topology.pipeline_size,
+            "dp": self.topology.data_size,
+            "dist_url": self.comm.dist_url,
+            "backends": [self.comm.backend, self.comm.dp_backend],
+            # Paths may differ between nodes; what they hold and how it is used may not.
+            "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
+            "data": [[t.weight for t in self.data.tasks], self.data.seq_length, self.data.seed],
+            "batch": asdict(self.batch),
+            "optim": asdict(self.optim),
+            "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume],
+        }
+        return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:16]
