@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-type", default=None, help="family (gptneox, ...); default: from config.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per conversion is enough
     try:
         convert_from_hf(args.model_name, args.save_dir, args.model_type)
     except (OSError, ValueError, KeyError) as err:

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per conversion is enough
     try:
         convert_to_hf(args.ckpt_path, args.save_path, args.dtype)
     except (OSError, ValueError, KeyError) as err:

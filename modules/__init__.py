@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, layer_part
+from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part
 from modules.gptneox import FAMILY as GPTNEOX
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (GPTNEOX,)}
 
-__all__ = ["EMBEDDING_PART", "FAMILIES", "HEAD_PART", "Family", "KeyRule", "family_for", "layer_part", "load_config"]
+__all__ = [
+    "EMBEDDING_PART",
+    "FAMILIES",
+    "HEAD_PART",
+    "Family",
+    "KeyRule",
+    "family_for",
+    "init_weights",
+    "layer_part",
+    "load_config",
+]
 
 
 def family_for(model_type: str) -> Family:

@@ -13,9 +13,11 @@ plus a ``Context`` module without parameters that prepares what every block of a
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 EMBEDDING_PART = "embs"
@@ -25,6 +27,24 @@ HEAD_PART = "lm_head"
 def layer_part(index: int) -> str:
     """Name of the shard that holds global layer ``index``."""
     return f"layer_{index}"
+
+
+def init_weights(module: nn.Module, std: float, seed: int, part: str) -> None:
+    """Fresh weights as HF's causal LMs initialise them, from ``seed`` and the part's name only,
+
+    so a model trained from scratch starts the same under every topology.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part.encode()))
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            with torch.no_grad():
+                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) * std)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm) or type(sub).__name__.endswith("RMSNorm"):
+            nn.init.ones_(sub.weight)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from convert.layout import load_part
-from modules import EMBEDDING_PART, HEAD_PART, Family, layer_part
+from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part
 
 
 class Stage(nn.Module):
@@ -30,6 +30,11 @@ class Stage(nn.Module):
         if self.head is not None:
             parts[HEAD_PART] = self.head
         return parts
+
+    def init_parts(self, std: float, seed: int) -> None:
+        """Random weights for training from scratch, independent of how layers are split."""
+        for part, module in self.parts().items():
+            init_weights(module, std, seed, part)
 
     def load_parts(self, model_dir: str) -> None:
         """Load every part of this stage from a layer-sharded directory (strict: no silent gaps)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,22 @@ def test_pp2_matches_hf_with_uneven_split(tiny_hf: Path, tiny_shards: Path, two_
     assert_all_ok(results)
     # 5 layers on 2 stages: the first stage holds one more
     assert "layers [0, 1, 2]" in results[0].output and "layers [3, 4]" in results[1].output
-    compare_to_reference(tiny_hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+    state = compare_to_reference(tiny_hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+
+    # The step-5 checkpoint of this pp=2 run resumes under pp=1 and ends where the run ended.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ckpt / "checkpoint_5", resumed / "ckpt" / "checkpoint_5")
+    (resumed / "ckpt" / "latest").write_text("5\n")
+    args = train_args(tiny_shards, two_tasks, resumed / "ckpt", pp=1, dp=1, batch=4, micro=4, accum=1)
+    assert_all_ok(launch(args, 1, resumed))
+    rows = read_metrics(resumed / "ckpt")
+    assert [r["step"] for r in rows] == list(range(6, STEPS + 1))
+    expected = [r["loss"] for r in read_metrics(ckpt)][5:]
+    assert [r["loss"] for r in rows] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
+    resumed_state = load_hf_state(convert_to_hf(resumed / "ckpt", resumed / "hf"))
+    for key, value in state.items():
+        torch.testing.assert_close(resumed_state[key], value, atol=WEIGHT_ATOL, rtol=0, msg=key)
 
 
 def test_pp2_dp2_matches_hf_and_a_single_rank(tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:

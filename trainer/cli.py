@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
     c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
     c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
+    c.add_argument("--log-interval", type=int, default=10, help="log a line every N steps (metrics: every step)")
     c.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return p
 
@@ -135,4 +136,5 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         checkpoint=CheckpointConfig(Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint),
         device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
         log_level=args.log_level,
+        log_interval=args.log_interval,
     )

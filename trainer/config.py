@@ -101,6 +101,11 @@ class RunConfig:
     checkpoint: CheckpointConfig
     device: str = "cpu"
     log_level: str = "INFO"
+    log_interval: int = 10
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError("--log-interval must be at least 1")
 
     def fingerprint(self) -> str:
         """Hash of every setting that all ranks must share (not rank, device or interface)."""

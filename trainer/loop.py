@@ -87,13 +87,13 @@ class Trainer:
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
         cfg, topo = self.cfg, self.topo
-        # Random init depends on the seed only, never on the topology.
-        torch.manual_seed(cfg.data.seed)
         self.stage = Stage(
             self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage
         )
         if cfg.model.load_pretrained:
             self.stage.load_parts(cfg.model.model_name)
+        else:
+            self.stage.init_parts(getattr(self.plan.model_config, "initializer_range", 0.02), cfg.data.seed)
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -201,6 +201,7 @@ class Trainer:
             row = self.train_step()
             if metrics is not None:
                 metrics.write(row)
+            if metrics is not None and (self.step % cfg.log_interval == 0 or self.step == cfg.optim.total_steps):
                 log.info(
                     "step %d/%d loss %.4f lr %.3g %.0f tok/s",
                     row["step"], cfg.optim.total_steps, row["loss"], row["lr"], row["tokens_per_s"],
