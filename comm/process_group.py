@@ -54,13 +54,20 @@ def bind_interface(name: str) -> None:
 class Communicator:
     """Process groups of one rank and the collectives the trainer uses."""
 
-    def __init__(self, topo: Topology, cfg: CommConfig, device: torch.device) -> None:
+    def __init__(self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> None:
         self.topo = topo
         self.device = device
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
         self._data_group = None
+        self._ends_group = None
+        if link_ends and topo.pipeline_size > 1:
+            for replica in range(topo.data_size):
+                ends = [topo.rank_of(0, replica), topo.rank_of(topo.pipeline_size - 1, replica)]
+                group = dist.new_group(ends, timeout=timeout, backend=cfg.backend)
+                if topo.replica == replica and (topo.is_first_stage or topo.is_last_stage):
+                    self._ends_group = group
         if topo.pipeline_size > 1:
             for replica in range(topo.data_size):
                 group = dist.new_group(topo.pipeline_ranks(replica), timeout=timeout, backend=cfg.backend)
@@ -75,8 +82,12 @@ class Communicator:
         self._control_group = None if cfg.backend == "gloo" else dist.new_group(timeout=timeout, backend="gloo")
 
     @classmethod
-    def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device) -> Communicator:
-        """Join the job; a master that cannot be reached is a one-line error after the timeout."""
+    def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
+        """Join the job; a master that cannot be reached is a one-line error after the timeout.
+
+        ``link_ends`` adds a group joining the first and last stage of each pipeline (for
+        weights both ends hold, such as tied embeddings).
+        """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
         try:
@@ -94,7 +105,7 @@ class Communicator:
                 f"({first_line}); check that rank 0 is running, --dist-url is reachable from every node "
                 f"and --world-size {topo.world_size} ranks were started"
             ) from None
-        return cls(topo, cfg, device)
+        return cls(topo, cfg, device, link_ends)
 
     # -- pipeline point-to-point; no-ops at the ends ------------------------------------------
 
@@ -133,6 +144,11 @@ class Communicator:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""
         if self._pipeline_group is not None:
             dist.all_reduce(tensor, group=self._pipeline_group)
+
+    def all_reduce_ends(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place between the first and last stage of this pipeline."""
+        if self._ends_group is not None:
+            dist.all_reduce(tensor, group=self._ends_group)
 
     def barrier_pipeline(self) -> None:
         if self._pipeline_group is not None:

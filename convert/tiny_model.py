@@ -39,21 +39,43 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> object:
 
 
 def tiny_config(model_type: str, vocab_size: int, num_layers: int, hidden: int = 32, heads: int = 4) -> object:
-    """A config of ``model_type`` small enough to train in seconds on one CPU core."""
-    from transformers import GPTNeoXConfig
+    """A config of ``model_type`` small enough to train in seconds on one CPU core.
 
+    Each family's tiny model keeps the features that make it differ: partial rotary (GPT-NeoX,
+    GPT-J), grouped-query attention, scaled RoPE and tied embeddings (LLaMA), learned positions
+    and tied embeddings (GPT-2).
+    """
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+
+    common = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0}
     if model_type in ("gptneox", "gpt_neox"):
         return GPTNeoXConfig(
-            vocab_size=vocab_size,
             hidden_size=hidden,
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
             intermediate_size=4 * hidden,
             max_position_embeddings=512,
-            bos_token_id=0,
-            eos_token_id=0,
+            **common,
         )
-    raise ValueError(f"no tiny config for model type {model_type!r}")
+    if model_type == "gptj":
+        return GPTJConfig(n_embd=hidden, n_layer=num_layers, n_head=heads, rotary_dim=4, n_positions=512, **common)
+    if model_type == "llama":
+        return LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            **common,
+        )
+    if model_type == "gpt2":
+        # No dropout: runs are compared step by step with a single-process reference.
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        return GPT2Config(n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=512, **no_dropout, **common)
+    raise ValueError(f"no tiny config for model type {model_type!r}; choose gptneox, gptj, llama or gpt2")
 
 
 def read_texts(corpus: str | Path) -> list[str]:
@@ -81,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--save-dir", required=True, help="folder for the HF model and tokenizer")
     parser.add_argument("--corpus", required=True, help="jsonl with a 'text' field to train the tokenizer on")
-    parser.add_argument("--model-type", default="gptneox", help="family of the tiny model")
+    parser.add_argument(
+        "--model-type", default="gptneox", choices=("gptneox", "gptj", "llama", "gpt2"), help="family of the model"
+    )
     parser.add_argument("--num-layers", type=int, default=4, help="transformer layers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part
+from modules.gpt2 import FAMILY as GPT2
+from modules.gptj import FAMILY as GPTJ
 from modules.gptneox import FAMILY as GPTNEOX
+from modules.llama import FAMILY as LLAMA
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (GPTNEOX,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (GPTNEOX, GPTJ, LLAMA, GPT2)}
 
 __all__ = [
     "EMBEDDING_PART",

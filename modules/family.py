@@ -36,7 +36,7 @@ def init_weights(module: nn.Module, std: float, seed: int, part: str) -> None:
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part.encode()))
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding)):
+        if isinstance(sub, (nn.Linear, nn.Embedding)) or type(sub).__name__ == "Conv1D":
             with torch.no_grad():
                 sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) * std)
             if getattr(sub, "bias", None) is not None:
@@ -91,6 +91,9 @@ class Family:
     head: Callable[[object], nn.Module]
     context: Callable[[object], nn.Module]
     key_rules: tuple[KeyRule, ...]
+    # (key in the embedding part, key in the head part) of the weights HF ties when
+    # ``config.tie_word_embeddings`` is set.
+    tied_keys: tuple[str, str]
 
     def hf_to_shard(self, hf_key: str) -> tuple[str, str]:
         for rule in self.key_rules:

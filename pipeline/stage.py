@@ -19,6 +19,20 @@ class Stage(nn.Module):
         self.context = family.context(config)
         self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
         self.head = family.head(config) if is_last else None
+        self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
+        if self.tied_keys and self.embedding is not None and self.head is not None:
+            # One stage holds both ends: one tensor, as in the HF model.
+            owner, _, name = self.tied_keys[1].rpartition(".")
+            setattr(self.head.get_submodule(owner), name, self.embedding.get_parameter(self.tied_keys[0]))
+
+    def tied_copy(self) -> nn.Parameter | None:
+        """This stage's copy of the tied input/output weight, when the two ends sit on different
+        stages (their gradients must then be summed every step so the copies never drift)."""
+        if self.tied_keys is None or (self.embedding is None) == (self.head is None):
+            return None
+        if self.embedding is not None:
+            return self.embedding.get_parameter(self.tied_keys[0])
+        return self.head.get_parameter(self.tied_keys[1])
 
     def parts(self) -> dict[str, nn.Module]:
         """The pieces of this stage by shard name: how they are stored, whatever the topology."""

@@ -25,6 +25,13 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or comma-separated counts, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist_clm_train.py",
@@ -35,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
     m.add_argument("--model-type", default=None, help="model family; default: detected from config.json")
     m.add_argument("--load-pretrained-model", type=str2bool, default=True, help="load weights (false: random init)")
-    m.add_argument("--num-layers", type=int, default=None, help="layers per stage (default: split evenly)")
+    m.add_argument(
+        "--num-layers",
+        type=layer_counts,
+        default=None,
+        help="layers per stage: one count for all stages, or one per stage like 5,4,4,3 "
+        "(default: balanced by parameter count)",
+    )
     m.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
 
     d = p.add_argument_group("data")

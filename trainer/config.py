@@ -18,7 +18,7 @@ class ModelConfig:
     tokenizer_name: str
     model_type: str | None = None
     load_pretrained: bool = True
-    layers_per_stage: int | None = None
+    layers_per_stage: tuple[int, ...] | None = None
     embedding_dim: int | None = None
 
 

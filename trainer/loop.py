@@ -48,8 +48,23 @@ def plan_stage(cfg: RunConfig) -> Plan:
             f"--embedding-dim {cfg.model.embedding_dim} != hidden size {model_config.hidden_size} in config.json; "
             "drop the flag or fix it"
         )
-    split = split_layers(model_config.num_hidden_layers, cfg.topology.pipeline_size, cfg.model.layers_per_stage)
+    embedding, layer, head = part_sizes(family, model_config)
+    split = split_layers(
+        model_config.num_hidden_layers,
+        cfg.topology.pipeline_size,
+        cfg.model.layers_per_stage,
+        layer_cost=layer,
+        first_extra=embedding,
+        last_extra=head,
+    )
     return Plan(family, model_config, split[cfg.topology.stage])
+
+
+def part_sizes(family: Family, model_config: object) -> tuple[int, int, int]:
+    """Parameter counts of the embedding, one layer and the head, without allocating them."""
+    with torch.device("meta"):
+        parts = (family.embedding(model_config), family.block(model_config, 0), family.head(model_config))
+    return tuple(sum(p.numel() for p in part.parameters()) for part in parts)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: int) -> torch.Tensor:
@@ -147,6 +162,11 @@ class Trainer:
                 self.stage, self.comm, micro, shape, dtype, lambda out, lab: token_loss(out, lab, normalizer)
             )
 
+        # tied embedding: both ends' copies get the sum of both gradients
+        tied = self.stage.tied_copy()
+        if tied is not None:
+            self.comm.all_reduce_ends(tied.grad)
+
         # data parallel: one flat buffer of all gradients (and the loss) per step
         grads = [p.grad for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.to(grads[0]).reshape(1)])
@@ -158,7 +178,8 @@ class Trainer:
         loss = flat[-1].detach().cpu()
 
         # clipping by the norm over every stage's gradients
-        sq = torch.stack([torch.linalg.vector_norm(g) for g in grads]).pow(2).sum().reshape(1).cpu()
+        counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
+        sq = torch.stack([torch.linalg.vector_norm(g) for g in counted]).pow(2).sum().reshape(1).cpu()
         self.comm.all_reduce_pipeline(sq)
         grad_norm = float(sq.sqrt())
         if cfg.optim.max_grad_norm > 0:
@@ -237,7 +258,8 @@ def agree_on_start(trainer: Trainer, cfg: RunConfig, error: str | None) -> list[
 
 def run(cfg: RunConfig) -> None:
     plan = plan_stage(cfg)
-    comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device))
+    tied = bool(getattr(plan.model_config, "tie_word_embeddings", False))
+    comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=tied)
     try:
         trainer = Trainer(cfg, plan, comm)
         error = None

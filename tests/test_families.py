@@ -1,0 +1,49 @@
+"""GPT-J, LLaMA (GQA, scaled RoPE, tied embeddings) and GPT-2 through the same pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from convert.from_hf import convert_from_hf
+from convert.tiny_model import build_tiny_model
+from tests.helpers import assert_all_ok, bundled_texts, compare_to_reference, launch, resume_elsewhere, train_args
+
+FAMILIES = ("gptj", "llama", "gpt2")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """(family, HF folder, shards) of a tiny 4-layer model of each family."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf = build_tiny_model(root / "hf", bundled_texts(), request.param, num_layers=4, seed=1)
+    return request.param, hf, convert_from_hf(hf, root / "shards")
+
+
+def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tmp_path: Path) -> None:
+    family, hf, shards = family_model
+    ckpt = tmp_path / "ckpt"
+    assert_all_ok(launch(train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=2, accum=1), 2, tmp_path))
+    state = compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+    if family in ("llama", "gpt2"):  # tied: the two stages' copies stayed one tensor
+        embedding = load_file(ckpt / "checkpoint_10" / "embs.safetensors")
+        head = load_file(ckpt / "checkpoint_10" / "lm_head.safetensors")
+        assert torch.equal(
+            embedding["embed_tokens.weight" if family == "llama" else "wte.weight"], head["lm_head.weight"]
+        )
+    if family == "llama":  # a pp=2 checkpoint of a tied model resumes in one process, where both ends are one tensor
+        resume_elsewhere(shards, two_tasks, ckpt, state, tmp_path / "resumed")
+
+
+def test_llama_tied_pp2_dp2_matches_hf(
+    two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root = tmp_path_factory.mktemp("llama_grid")
+    hf = build_tiny_model(root / "hf", bundled_texts(), "llama", num_layers=4, seed=1)
+    shards = convert_from_hf(hf, root / "shards")
+    ckpt = tmp_path / "ckpt"
+    assert_all_ok(launch(train_args(shards, two_tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=1), 4, tmp_path))
+    compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
