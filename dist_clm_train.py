@@ -9,7 +9,12 @@ See README.md for the workflow and ``--help`` for every flag.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# c10d logs a C++ stack trace for every failed connection attempt before Python sees the
+# error; our own messages say what failed and how to fix it. Set the variable to see them.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 from trainer.cli import build_parser, config_from_args
 from trainer.loop import StartupError, run

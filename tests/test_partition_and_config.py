@@ -1,0 +1,201 @@
+"""Layer split, flag checking and topology: pure functions, no processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from comm.topology import Topology
+from modules import family_for
+from pipeline.partition import split_layers
+from trainer.cli import build_parser, config_from_args
+from trainer.config import OptimConfig
+
+# --- pipeline.partition -----------------------------------------------------------------------
+
+
+def test_uneven_split_gives_the_extra_layer_to_the_first_stage() -> None:
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+
+
+@pytest.mark.parametrize(("layers", "stages"), [(4, 2), (6, 3), (5, 1), (5, 5), (24, 4)])
+def test_even_split_covers_every_layer_once(layers: int, stages: int) -> None:
+    split = split_layers(layers, stages)
+    assert len(split) == stages
+    assert all(len(r) == layers // stages for r in split)
+    assert [i for r in split for i in r] == list(range(layers))
+
+
+@pytest.mark.parametrize(("layers", "stages"), [(5, 2), (7, 3), (10, 4), (3, 3), (9, 2)])
+def test_split_is_consecutive_and_balanced(layers: int, stages: int) -> None:
+    split = split_layers(layers, stages)
+    assert [i for r in split for i in r] == list(range(layers))
+    sizes = [len(r) for r in split]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_more_stages_than_layers_names_the_layer_count() -> None:
+    with pytest.raises(ValueError, match="only 5 layers") as exc:
+        split_layers(5, 6)
+    assert "--pipeline-group-size 5" in str(exc.value)
+
+
+def test_layers_per_stage_must_multiply_to_the_total() -> None:
+    assert split_layers(6, 2, layers_per_stage=3) == [range(0, 3), range(3, 6)]
+    with pytest.raises(ValueError, match="--num-layers 2") as exc:
+        split_layers(5, 2, layers_per_stage=2)
+    assert "5 layers" in str(exc.value)
+    with pytest.raises(ValueError, match="--num-layers"):
+        split_layers(5, 2, layers_per_stage=3)
+
+
+# --- trainer.cli ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def parse(two_tasks: str, *extra: str) -> object:
+    args = ["--model-name", "unused-model-dir", "--task-name", two_tasks, "--use-cuda", "false", *extra]
+    return config_from_args(build_parser().parse_args(args))
+
+
+def test_flags_build_the_configs(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    cfg = parse(
+        two_tasks, "--rank", "3", "--pipeline-group-size", "2", "--data-group-size", "2", "--world-size", "4",
+        "--batch-size", "4", "--micro-batch-size", "2", "--model-type", "gpt-neox", "--comm-timeout", "7",
+    )  # fmt: skip
+    assert (cfg.topology.rank, cfg.topology.stage, cfg.topology.replica) == (3, 1, 1)
+    assert cfg.batch.micro_batches == 2
+    assert cfg.model.model_type == "gptneox"
+    assert cfg.model.tokenizer_name == "unused-model-dir"
+    assert cfg.comm.timeout_s == 7 and cfg.comm.backend == "gloo"
+    assert [t.weight for t in cfg.data.tasks] == pytest.approx([0.7, 0.3])
+    assert cfg.device == "cpu"
+
+
+def test_world_size_must_equal_pp_times_dp(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="--world-size 3") as exc:
+        parse(two_tasks, "--rank", "0", "--pipeline-group-size", "2", "--world-size", "3")
+    assert "--pipeline-group-size 2" in str(exc.value)
+
+
+def test_world_size_from_the_environment_is_checked(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="--world-size 4"):
+        parse(two_tasks, "--rank", "0", "--pipeline-group-size", "2")
+
+
+def test_batch_must_divide_into_micro_batches(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="--micro-batch-size 3"):
+        parse(two_tasks, "--rank", "0", "--batch-size", "4", "--micro-batch-size", "3")
+
+
+@pytest.mark.parametrize("rank", ["2", "-1", "7"])
+def test_rank_outside_the_world(two_tasks: str, clean_env: pytest.MonkeyPatch, rank: str) -> None:
+    with pytest.raises(ValueError, match=f"--rank {rank} is outside 0..1"):
+        parse(two_tasks, "--rank", rank, "--pipeline-group-size", "2", "--world-size", "2")
+
+
+def test_missing_rank_without_env(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="--rank"):
+        parse(two_tasks)
+
+
+def test_rank_comes_from_the_environment(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("RANK", "1")
+    assert parse(two_tasks, "--pipeline-group-size", "2").topology.rank == 1
+
+
+def test_unknown_model_type_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--model-type") as exc:
+        family_for("bloom")
+    assert "'bloom'" in str(exc.value) and "gptneox" in str(exc.value)
+    assert family_for("gpt_neox") is family_for("gptneox")
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (2, 10), (3, 7), (10, 10), (1, 1), (5, 1000)])
+def test_lr_schedule_matches_transformers(warmup: int, total: int) -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    lr = 3e-4
+    optim = OptimConfig(lr=lr, total_steps=total, warmup_steps=warmup)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    for step in range(1, total + 1):  # 1-based optimizer steps, as the trainer counts them
+        want = optimizer.param_groups[0]["lr"]
+        assert optim.lr_at(step) == pytest.approx(want, rel=1e-12, abs=1e-18), f"step {step}"
+        optimizer.step()
+        scheduler.step()
+
+
+def test_lr_schedule_shape() -> None:
+    optim = OptimConfig(lr=1.0, total_steps=10, warmup_steps=2)
+    assert [optim.lr_at(s) for s in (1, 2, 3, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.125])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"total_steps": 0}, "--total-steps"),
+        ({"total_steps": 5, "warmup_steps": 6}, "--warmup-steps"),
+        ({"total_steps": 5, "lr": 0.0}, "--lr"),
+        ({"total_steps": 5, "max_grad_norm": -1.0}, "--max-grad-norm"),
+    ],
+)
+def test_optim_config_names_the_bad_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        OptimConfig(**{"lr": 1e-3, **kwargs})
+
+
+def test_task_errors_surface_through_the_flags(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        parse(str(missing), "--rank", "0")
+
+
+# --- comm.topology ----------------------------------------------------------------------------
+
+
+def test_topology_grid_pp2_dp3() -> None:
+    placements = {}
+    for rank in range(6):
+        topo = Topology(rank, pipeline_size=2, data_size=3)
+        assert topo.world_size == 6
+        placements[rank] = (topo.stage, topo.replica)
+        assert topo.rank_of(topo.stage, topo.replica) == rank
+        assert topo.is_first_stage == (topo.stage == 0) and topo.is_last_stage == (topo.stage == 1)
+        assert topo.describe(rank) == f"rank {rank} (stage {topo.stage}, replica {topo.replica})"
+    assert placements == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1), 4: (0, 2), 5: (1, 2)}
+
+    topo = Topology(0, pipeline_size=2, data_size=3)
+    # pipeline groups are contiguous ranks, data-parallel groups strided by pp
+    assert [topo.pipeline_ranks(r) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [topo.data_ranks(s) for s in range(2)] == [[0, 2, 4], [1, 3, 5]]
+
+
+@pytest.mark.parametrize(("pp", "dp"), [(2, 3), (3, 2), (4, 1), (1, 4)])
+def test_every_rank_is_in_one_pipeline_and_one_data_group(pp: int, dp: int) -> None:
+    topo = Topology(0, pp, dp)
+    pipelines = [topo.pipeline_ranks(r) for r in range(dp)]
+    data = [topo.data_ranks(s) for s in range(pp)]
+    assert sorted(r for g in pipelines for r in g) == list(range(pp * dp))
+    assert sorted(r for g in data for r in g) == list(range(pp * dp))
+    for rank in range(pp * dp):
+        me = Topology(rank, pp, dp)
+        assert rank in pipelines[me.replica] and rank in data[me.stage]
+        assert set(pipelines[me.replica]) & set(data[me.stage]) == {rank}
+
+
+@pytest.mark.parametrize(("pp", "dp"), [(0, 1), (1, 0)])
+def test_topology_sizes_must_be_positive(pp: int, dp: int) -> None:
+    with pytest.raises(ValueError, match="--pipeline-group-size and --data-group-size"):
+        Topology(0, pp, dp)
