@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 
 from convert.from_hf import convert_from_hf
 from convert.tiny_model import build_tiny_model
+from convert.to_hf import convert_to_hf
+from modules import family_for, load_config
+from pipeline.stage import Stage
 from tests.helpers import assert_all_ok, bundled_texts, compare_to_reference, launch, resume_elsewhere, train_args
 
 FAMILIES = ("gptj", "llama", "gpt2")
@@ -21,6 +24,32 @@ def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     root = tmp_path_factory.mktemp(request.param)
     hf = build_tiny_model(root / "hf", bundled_texts(), request.param, num_layers=4, seed=1)
     return request.param, hf, convert_from_hf(hf, root / "shards")
+
+
+def test_chained_stages_and_round_trip_equal_hf(family_model: tuple[str, Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    family, hf, shards = family_model
+    config = load_config(shards)
+    assert family_for(config.model_type).name == family  # detected from config.json
+    reference = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa").eval()
+    first = Stage(family_for(family), config, range(0, 1), is_first=True, is_last=False)
+    last = Stage(family_for(family), config, range(1, 4), is_first=False, is_last=True)
+    for stage in (first, last):
+        stage.load_parts(str(shards))
+        stage.eval()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(last(first(ids)), reference(ids).logits, atol=1e-5, rtol=0)
+
+    out = convert_to_hf(shards, tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    original = reference.state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    written = load_file(out / "model.safetensors")
+    # tied: one tensor on disk, as HF writes it (our shards hold a copy at each end)
+    assert ("lm_head.weight" in written) != bool(config.tie_word_embeddings)
 
 
 def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tmp_path: Path) -> None:
