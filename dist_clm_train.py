@@ -15,15 +15,22 @@ import sys
 # c10d logs a C++ stack trace for every failed connection attempt before Python sees the
 # error; our own messages say what failed and how to fix it. Set the variable to see them.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+# Each rank already owns its share of the cores; tokenizer threads would only compete.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from trainer.cli import build_parser, config_from_args
-from trainer.loop import StartupError, run
+from trainer.cli import build_parser, config_from_args, data_config
+from trainer.loop import run
 from trainer.metrics import setup_logging
+from trainer.preview import preview
+from trainer.startup import StartupError
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.preview_data > 0:  # no process group: a look at the data mix, then exit
+            preview(data_config(args), args.tokenizer_name or args.model_name, args.preview_data, sys.stdout)
+            return
         cfg = config_from_args(args)
     except (ValueError, OSError) as err:
         sys.exit(f"dist_clm_train.py: error: {err}")

@@ -35,11 +35,12 @@ def gpipe_step(
     activation_shape: tuple[int, ...],
     activation_dtype: torch.dtype,
     loss_fn: LossFn,
+    train: bool = True,
 ) -> torch.Tensor:
     """Run forward and backward of every micro-batch; gradients accumulate in ``stage``.
 
-    Returns the sum of the micro-batch losses on the last stage (already normalised by
-    ``loss_fn``), and 0 elsewhere.
+    With ``train=False`` only the forwards run, without autograd (evaluation). Returns the
+    sum of the micro-batch losses on the last stage (as ``loss_fn`` scales them), 0 elsewhere.
     """
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
@@ -49,17 +50,19 @@ def gpipe_step(
         x = comm.recv_forward(activation_shape, activation_dtype)
         if x is None:
             x = micro.input_ids
-        else:
+        elif train:
             x.requires_grad_(True)
         # forward
-        y = stage(x)
-        if micro.labels is not None:
-            y = loss_fn(y, micro.labels)
-            loss_total += y.detach().float()
+        with torch.set_grad_enabled(train):
+            y = stage(x)
+            if micro.labels is not None:
+                y = loss_fn(y, micro.labels)
+                loss_total += y.detach().float()
         # send to the next stage (nothing on the last)
         comm.send_forward(y)
-        inputs.append(x)
-        outputs.append(y)
+        if train:
+            inputs.append(x)
+            outputs.append(y)
 
     for x, y in zip(inputs, outputs, strict=True):
         # communication: gradient of our output from the next stage (None on the last stage)

@@ -104,7 +104,7 @@ def hf_reference_training(
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     losses, norms = [], []
     for _ in range(steps):
-        ids = stream.next_sequences(per_step)
+        ids = stream.next_batch(per_step).input_ids
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.helpers import bundled_texts, write_jsonl
-from trainer.data import DocumentReader, TokenStream, parse_task_names
+from trainer.data import TokenStream, parse_task_names
+from trainer.sources import Source
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +95,9 @@ def make_stream(spec: str, tokenizer: object, seq_length: int = 16, seed: int = 
 
 
 def test_stream_is_deterministic_per_seed(two_tasks: str, tokenizer: object) -> None:
-    first = make_stream(two_tasks, tokenizer, seed=5).next_sequences(40)
-    second = make_stream(two_tasks, tokenizer, seed=5).next_sequences(40)
-    other = make_stream(two_tasks, tokenizer, seed=6).next_sequences(40)
+    first = make_stream(two_tasks, tokenizer, seed=5).next_batch(40).input_ids
+    second = make_stream(two_tasks, tokenizer, seed=5).next_batch(40).input_ids
+    other = make_stream(two_tasks, tokenizer, seed=6).next_batch(40).input_ids
     assert first.shape == (40, 16) and first.dtype == torch.long
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
@@ -104,16 +105,16 @@ def test_stream_is_deterministic_per_seed(two_tasks: str, tokenizer: object) -> 
 
 def test_sequences_have_the_requested_shape(two_tasks: str, tokenizer: object) -> None:
     stream = make_stream(two_tasks, tokenizer, seq_length=33)
-    assert stream.next_sequences(3).shape == (3, 33)
-    assert stream.next_sequences(1).shape == (1, 33)
-    ids = stream.next_sequences(5)
+    assert stream.next_batch(3).input_ids.shape == (3, 33)
+    assert stream.next_batch(1).input_ids.shape == (1, 33)
+    ids = stream.next_batch(5).input_ids
     assert int(ids.min()) >= 0 and int(ids.max()) < len(tokenizer)
 
 
 def test_documents_are_packed_with_eos_between(small_task: tuple[Path, list[str]], tokenizer: object) -> None:
     path, texts = small_task
     stream = make_stream(str(path), tokenizer, seq_length=80)
-    ids = stream.next_sequences(8)
+    ids = stream.next_batch(8).input_ids
     eos = tokenizer.eos_token
     joined = "".join(text + eos for text in texts) * 3  # 640 tokens: the 5 documents come round again
     # the first sequence alone already spans a document boundary
@@ -129,7 +130,7 @@ def test_a_task_starts_over_when_it_runs_out(small_task: tuple[Path, list[str]],
     path, texts = small_task
     total_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     count = math.ceil(2.5 * total_tokens / 16)
-    decoded = tokenizer.decode(make_stream(str(path), tokenizer, seq_length=16).next_sequences(count).reshape(-1))
+    decoded = tokenizer.decode(make_stream(str(path), tokenizer, seq_length=16).next_batch(count).input_ids.reshape(-1))
     one_pass = "".join(text + tokenizer.eos_token for text in texts)
     assert decoded.startswith(one_pass + one_pass)
 
@@ -137,7 +138,7 @@ def test_a_task_starts_over_when_it_runs_out(small_task: tuple[Path, list[str]],
 def test_task_shares_follow_the_weights(two_tasks: str, tokenizer: object) -> None:
     # task a is the corpus as is, task b the same texts upper-cased: lower-case letters tell them apart
     n = 2000
-    ids = make_stream(two_tasks, tokenizer, seq_length=16, seed=11).next_sequences(n)
+    ids = make_stream(two_tasks, tokenizer, seq_length=16, seed=11).next_batch(n).input_ids
     from_a = 0
     for row in ids.tolist():
         text = tokenizer.decode(row).replace(tokenizer.eos_token, "")
@@ -149,34 +150,34 @@ def test_task_shares_follow_the_weights(two_tasks: str, tokenizer: object) -> No
 @pytest.mark.parametrize("json_round_trip", [False, True])
 def test_resume_gives_exactly_the_next_sequences(two_tasks: str, tokenizer: object, json_round_trip: bool) -> None:
     uninterrupted = make_stream(two_tasks, tokenizer, seq_length=40)
-    uninterrupted.next_sequences(7)
-    uninterrupted.next_sequences(5)
-    expected = uninterrupted.next_sequences(30)
+    uninterrupted.next_batch(7)
+    uninterrupted.next_batch(5)
+    expected = uninterrupted.next_batch(30).input_ids
 
     first = make_stream(two_tasks, tokenizer, seq_length=40)
-    first.next_sequences(7)
-    first.next_sequences(5)
+    first.next_batch(7)
+    first.next_batch(5)
     state = first.state_dict()
     if json_round_trip:
         state = json.loads(json.dumps(state))
     # mid-document: a resume that dropped the packer's leftover tokens would be caught
-    assert any(task["buffer"] for task in state["tasks"].values())
+    assert any(task["tokens"] for task in state["tasks"].values())
 
     resumed = make_stream(two_tasks, tokenizer, seq_length=40, seed=999)  # the seed comes from the state
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.next_sequences(30), expected)
+    assert torch.equal(resumed.next_batch(30).input_ids, expected)
 
 
 def test_resume_across_the_end_of_a_file(small_task: tuple[Path, list[str]], tokenizer: object) -> None:
     path, _ = small_task
-    whole = make_stream(str(path), tokenizer, seq_length=16).next_sequences(90)
+    whole = make_stream(str(path), tokenizer, seq_length=16).next_batch(90).input_ids
     for cut in (13, 41, 67):  # the 5-document file wraps around several times
         head = make_stream(str(path), tokenizer, seq_length=16)
-        assert torch.equal(head.next_sequences(cut), whole[:cut])
+        assert torch.equal(head.next_batch(cut).input_ids, whole[:cut])
         state = json.loads(json.dumps(head.state_dict()))
         tail = make_stream(str(path), tokenizer, seq_length=16)
         tail.load_state_dict(state)
-        assert torch.equal(tail.next_sequences(90 - cut), whole[cut:]), cut
+        assert torch.equal(tail.next_batch(90 - cut).input_ids, whole[cut:]), cut
 
 
 def test_resume_with_other_tasks_names_the_task(two_tasks: str, small_task: tuple[Path, list[str]], tokenizer: object):
@@ -195,7 +196,7 @@ def test_malformed_json_names_file_and_line(tmp_path: Path, tokenizer: object) -
     path.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n')
     stream = make_stream(str(path), tokenizer)
     with pytest.raises(ValueError, match="JSON") as exc:
-        stream.next_sequences(1)
+        stream.next_batch(1)
     assert f"{path}:3" in str(exc.value)
 
 
@@ -204,7 +205,7 @@ def test_line_without_text_names_line_and_field(tmp_path: Path, tokenizer: objec
     path.write_text('{"text": "fine"}\n{"content": "wrong field"}\n')
     stream = make_stream(str(path), tokenizer)
     with pytest.raises(ValueError, match="'text'") as exc:
-        stream.next_sequences(1)
+        stream.next_batch(1)
     assert f"{path}:2" in str(exc.value) and "content" in str(exc.value)
 
 
@@ -213,23 +214,23 @@ def test_text_must_be_a_string_in_an_object(tmp_path: Path, tokenizer: object, l
     path = tmp_path / "odd.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1")):
-        make_stream(str(path), tokenizer).next_sequences(1)
+        make_stream(str(path), tokenizer).next_batch(1)
 
 
 def test_a_file_of_blank_lines_is_refused(tmp_path: Path, tokenizer: object) -> None:
     path = tmp_path / "blank.jsonl"
     path.write_text("\n\n  \n")
-    with pytest.raises(ValueError, match="no documents") as exc:
-        make_stream(str(path), tokenizer).next_sequences(1)
+    with pytest.raises(ValueError, match="no usable examples") as exc:
+        make_stream(str(path), tokenizer).next_batch(1)
     assert str(path) in str(exc.value)
 
 
 def test_errors_after_a_resume_still_name_the_right_line(tmp_path: Path) -> None:
     path = tmp_path / "late.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"}\n\n{"text": "c"}\n{"oops": 1}\n')
-    first = DocumentReader(path)
-    assert first.read(2) == ["a", "b"]
-    resumed = DocumentReader(path)
+    first = Source(path)
+    assert [e.completion for e in first.read(2)] == ["a", "b"]
+    resumed = Source(path)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     with pytest.raises(ValueError, match=re.escape(f"{path}:5")):
         resumed.read(2)

@@ -10,7 +10,15 @@ import torch
 
 from comm.process_group import CommConfig
 from comm.topology import Topology
-from trainer.config import BatchConfig, CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.config import (
+    BatchConfig,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+)
 from trainer.data import parse_task_names
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:7033"
@@ -55,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task-name", required=True, help="path[:weight],... of jsonl files with a 'text' field")
     d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
     d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
+    d.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed records, not stop")
+    d.add_argument("--preview-data", type=int, default=0, metavar="N", help="print N sampled sequences and exit")
+    d.add_argument("--evaluation-data", default=None, help="held-out data (any --task-name file type)")
+    d.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every K steps (0: after the last)")
+    d.add_argument("--evaluation-num-batch", type=int, default=10, help="global batches per evaluation")
 
     b = p.add_argument_group("batch")
     b.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per step")
@@ -100,6 +113,19 @@ def _env_int(name: str) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed, args.skip_bad_lines)
+
+
+def eval_path(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    tasks = parse_task_names(path)  # checks the file now, not at the first evaluation
+    if len(tasks) != 1:
+        raise ValueError(f"--evaluation-data takes one file, not {len(tasks)}")
+    return tasks[0].path
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Check the flags together and build the run's configs; raises ValueError with a hint."""
     rank = args.rank if args.rank is not None else _env_int("RANK")
@@ -136,7 +162,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             layers_per_stage=args.num_layers,
             embedding_dim=args.embedding_dim,
         ),
-        data=DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed),
+        data=data_config(args),
+        evaluation=EvalConfig(eval_path(args.evaluation_data), args.evaluation_steps, args.evaluation_num_batch),
         batch=BatchConfig(args.batch_size, args.micro_batch_size, args.gradient_accumulate_step),
         optim=OptimConfig(
             lr=args.lr,

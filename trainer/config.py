@@ -27,6 +27,7 @@ class DataConfig:
     tasks: tuple[TaskSpec, ...]
     seq_length: int
     seed: int = 42
+    skip_bad_lines: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -91,6 +92,22 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    path: Path | None = None
+    every_steps: int = 0  # 0: only after the last step
+    num_batches: int = 10
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.num_batches < 1:
+            raise ValueError("--evaluation-steps must be >= 0 and --evaluation-num-batch >= 1")
+
+    def due(self, step: int, total_steps: int) -> bool:
+        if self.path is None:
+            return False
+        return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     topology: Topology
     comm: CommConfig
@@ -99,6 +116,7 @@ class RunConfig:
     batch: BatchConfig
     optim: OptimConfig
     checkpoint: CheckpointConfig
+    evaluation: EvalConfig = EvalConfig()
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
@@ -106,6 +124,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ValueError("--log-interval must be at least 1")
+
+    @property
+    def global_batch_sequences(self) -> int:
+        """Sequences per optimizer step, over all replicas and accumulation rounds."""
+        return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
 
     def fingerprint(self) -> str:
         """Hash of every setting that all ranks must share (not rank, device or interface)."""
@@ -116,7 +139,13 @@ class RunConfig:
             "backends": [self.comm.backend, self.comm.dp_backend],
             # Paths may differ between nodes; what they hold and how it is used may not.
             "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
-            "data": [[t.weight for t in self.data.tasks], self.data.seq_length, self.data.seed],
+            "data": [
+                [t.weight for t in self.data.tasks],
+                self.data.seq_length,
+                self.data.seed,
+                self.data.skip_bad_lines,
+            ],
+            "evaluation": [self.evaluation.path is not None, self.evaluation.every_steps, self.evaluation.num_batches],
             "batch": asdict(self.batch),
             "optim": asdict(self.optim),
             "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume],

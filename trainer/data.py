@@ -1,24 +1,31 @@
-"""One global stream of packed token sequences, drawn from a weighted mix of jsonl tasks.
+"""One global stream of packed token sequences, drawn from a weighted mix of tasks.
 
 The stream depends only on the tasks, the tokenizer, ``--seq-length`` and ``--seed``; the
 topology only decides who computes which slice of it. Its position is part of every checkpoint.
 
-Each sequence comes from one task, picked by normalised weight; a task packs its documents
-back to back with EOS after each, and starts over from its first line when it runs out.
+Each sequence comes from one task, picked by normalised weight; a task packs its examples
+back to back with EOS after each, and starts over from its first record when it runs out:
+
+    tokens   [ prompt ... | completion ... EOS | text ............ EOS | prompt ...
+    targets  [ 0 0 0 0 0  | 1 1 1 1 1 1 1  1  | 1 1 1 1 1 1 1 1 1   1  | 0 0 0 ...
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
+import queue
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-READ_CHUNK = 64  # documents tokenised together: the fast tokenizer works best in batches
-SUPPORTED_SUFFIXES = (".jsonl",)
+from trainer.sources import Source, source_kind
+
+READ_CHUNK = 64  # examples tokenised together: the fast tokenizer works best in batches
+IGNORE_INDEX = -100  # label of a token that is not trained on
 
 
 @dataclass(frozen=True)
@@ -27,11 +34,22 @@ class TaskSpec:
     weight: float
 
 
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (n, seq)
+    labels: torch.Tensor  # (n, seq): the token where it is trained on, else IGNORE_INDEX
+    tasks: tuple[int, ...]  # index of the task each sequence came from
+
+    def loss_tokens(self) -> int:
+        """Tokens the loss counts: every trained token that has a token before it."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
-    """``a.jsonl:0.2,b.jsonl:0.8`` -> tasks with normalised weights (default weight 1)."""
+    """``a.jsonl:0.2,b.jsonl.zst:0.8`` -> tasks with normalised weights (default weight 1)."""
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     if not entries:
-        raise ValueError("--task-name is empty; give path[:weight],... of jsonl files with a 'text' field")
+        raise ValueError("--task-name is empty; give path[:weight],... of jsonl, jsonl.zst or csv files")
     raw: list[tuple[Path, float]] = []
     for entry in entries:
         path_text, weight = entry, 1.0
@@ -45,11 +63,10 @@ def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"--task-name weight {weight} for {path_text} must be a finite number >= 0")
         path = Path(path_text)
-        if path.suffix not in SUPPORTED_SUFFIXES:
-            raise ValueError(f"--task-name {path}: unsupported file type {path.suffix!r}; use {SUPPORTED_SUFFIXES}")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"--task-name {path}: no such file")
-        if path.stat().st_size == 0:
+        kind = source_kind(path)  # raises on an unsupported type
+        if kind != "dataset" and path.stat().st_size == 0:
             raise ValueError(f"--task-name {path}: the file is empty")
         raw.append((path, weight))
     total = sum(w for _, w in raw)
@@ -58,99 +75,66 @@ def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
     return tuple(TaskSpec(path, w / total) for path, w in raw)
 
 
-class DocumentReader:
-    """Texts of one jsonl file in order, forever, resumable from a byte offset."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.line_no = 0
-        self.epoch = 0
-
-    def read(self, count: int) -> list[str]:
-        texts: list[str] = []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            whole_pass, docs_this_pass = self.offset == 0, 0
-            while len(texts) < count:
-                line = f.readline()
-                if not line:  # end of file: start the next epoch
-                    if whole_pass and docs_this_pass == 0:
-                        raise ValueError(f"{self.path}: no documents (only blank lines)")
-                    f.seek(0)
-                    self.offset, self.line_no, self.epoch = 0, 0, self.epoch + 1
-                    whole_pass, docs_this_pass = True, 0
-                    continue
-                self.offset += len(line)
-                self.line_no += 1
-                if line.strip():
-                    texts.append(self._text(line))
-                    docs_this_pass += 1
-        return texts
-
-    def _text(self, line: bytes) -> str:
-        where = f"{self.path}:{self.line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg}); fix or remove the line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{where}: expected an object with a string 'text' field, found {found}")
-        return record["text"]
-
-    def state_dict(self) -> dict:
-        return {"offset": self.offset, "line_no": self.line_no, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.offset, self.line_no, self.epoch = state["offset"], state["line_no"], state["epoch"]
-
-
 class TaskPacker:
-    """Packs one task's documents into fixed-length sequences, EOS after every document."""
+    """Packs one task's examples into fixed-length sequences, EOS after every example."""
 
-    def __init__(self, reader: DocumentReader, tokenizer: object, eos_id: int) -> None:
-        self.reader = reader
+    def __init__(self, source: Source, tokenizer: object, eos_id: int) -> None:
+        self.source = source
         self.tokenizer = tokenizer
         self.eos_id = eos_id
-        self.buffer: list[int] = []
+        self.tokens: list[int] = []
+        self.targets: list[int] = []  # 1 where the token is trained on
 
-    def next_sequence(self, length: int) -> list[int]:
-        while len(self.buffer) < length:
-            texts = self.reader.read(READ_CHUNK)
-            for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                self.buffer.extend(ids)
-                self.buffer.append(self.eos_id)
-        sequence, self.buffer = self.buffer[:length], self.buffer[length:]
-        return sequence
+    def _refill(self) -> None:
+        examples = self.source.read(READ_CHUNK)
+        encode = self.tokenizer
+        prompts = encode([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+        completions = encode([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+        for prompt, completion in zip(prompts, completions, strict=True):
+            self.tokens += prompt + completion + [self.eos_id]
+            self.targets += [0] * len(prompt) + [1] * (len(completion) + 1)
+
+    def next_sequence(self, length: int) -> tuple[list[int], list[int]]:
+        while len(self.tokens) < length:
+            self._refill()
+        tokens, targets = self.tokens[:length], self.targets[:length]
+        del self.tokens[:length], self.targets[:length]
+        return tokens, targets
 
     def state_dict(self) -> dict:
-        return {"reader": self.reader.state_dict(), "buffer": list(self.buffer)}
+        return {"source": self.source.state_dict(), "tokens": list(self.tokens), "targets": list(self.targets)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.reader.load_state_dict(state["reader"])
-        self.buffer = list(state["buffer"])
+        self.source.load_state_dict(state["source"])
+        self.tokens, self.targets = list(state["tokens"]), list(state["targets"])
 
 
 class TokenStream:
-    """The global stream of sequences: ``next_sequences(n)`` -> LongTensor (n, seq_length)."""
+    """The global stream of sequences: ``next_batch(n)`` draws the next ``n``."""
 
-    def __init__(self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int) -> None:
+    def __init__(
+        self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False
+    ) -> None:
         eos_id = getattr(tokenizer, "eos_token_id", None)
         if eos_id is None:
-            raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
+            raise ValueError("the tokenizer has no EOS token; packing needs one between examples")
         self.tasks = tasks
         self.seq_length = seq_length
         self.rng = random.Random(seed)
-        self.packers = [TaskPacker(DocumentReader(t.path), tokenizer, eos_id) for t in tasks]
+        self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id) for t in tasks]
         self.weights = [t.weight for t in tasks]
 
-    def next_sequences(self, count: int) -> torch.Tensor:
-        rows = []
+    def next_batch(self, count: int) -> Batch:
+        rows, masks, picked = [], [], []
         for _ in range(count):
             (task,) = self.rng.choices(range(len(self.packers)), weights=self.weights)
-            rows.append(self.packers[task].next_sequence(self.seq_length))
-        return torch.tensor(rows, dtype=torch.long)  # (count, seq)
+            tokens, targets = self.packers[task].next_sequence(self.seq_length)
+            rows.append(tokens)
+            masks.append(targets)
+            picked.append(task)
+        input_ids = torch.tensor(rows, dtype=torch.long)  # (count, seq)
+        labels = input_ids.masked_fill(torch.tensor(masks, dtype=torch.long) == 0, IGNORE_INDEX)
+        return Batch(input_ids, labels, tuple(picked))
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
@@ -168,3 +152,43 @@ class TokenStream:
                     f"the checkpoint's data state has no task {task.path}; resume with the same --task-name"
                 )
             packer.load_state_dict(state["tasks"][str(task.path)])
+
+
+class Prefetcher:
+    """Draws the next steps' batches on a background thread while the pipeline computes.
+
+    Each batch comes with the stream's state right after it, so a checkpoint records the
+    position of what was trained on, not of what was merely prefetched. (Tokenizers release
+    the GIL, so the thread really overlaps with the step.)
+    """
+
+    def __init__(self, stream: TokenStream, per_step: int, depth: int = 2) -> None:
+        self._stream = stream
+        self._per_step = per_step
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="data-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (self._stream.next_batch(self._per_step), copy.deepcopy(self._stream.state_dict()))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as err:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._queue.put(err)
+
+    def next(self) -> tuple[Batch, dict]:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,89 +1,34 @@
-"""The training run: connect, agree on a healthy start, then step, log and checkpoint."""
+"""The training run: connect, agree on a healthy start, then step, evaluate, log and checkpoint."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from comm.process_group import Communicator
 from comm.topology import Topology
-from modules import Family, family_for, load_config
-from pipeline.partition import split_layers
 from pipeline.schedule import MicroBatch, gpipe_step
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
-from trainer.data import TokenStream
+from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
 from trainer.metrics import MetricsWriter
+from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
-
-
-class StartupError(RuntimeError):
-    """A rank could not start; raised on every rank so none waits for it."""
-
-
-@dataclass
-class Plan:
-    """What this rank computes, derived from the configs and the model's config.json."""
-
-    family: Family
-    model_config: object
-    layers: range
-
-
-def plan_stage(cfg: RunConfig) -> Plan:
-    """Checks that need only the flags and config.json: identical on every rank, run before connecting."""
-    model_config = load_config(cfg.model.model_name)
-    family = family_for(cfg.model.model_type or model_config.model_type)
-    if cfg.model.embedding_dim is not None and cfg.model.embedding_dim != model_config.hidden_size:
-        raise ValueError(
-            f"--embedding-dim {cfg.model.embedding_dim} != hidden size {model_config.hidden_size} in config.json; "
-            "drop the flag or fix it"
-        )
-    embedding, layer, head = part_sizes(family, model_config)
-    split = split_layers(
-        model_config.num_hidden_layers,
-        cfg.topology.pipeline_size,
-        cfg.model.layers_per_stage,
-        layer_cost=layer,
-        first_extra=embedding,
-        last_extra=head,
-    )
-    return Plan(family, model_config, split[cfg.topology.stage])
-
-
-def part_sizes(family: Family, model_config: object) -> tuple[int, int, int]:
-    """Parameter counts of the embedding, one layer and the head, without allocating them."""
-    with torch.device("meta"):
-        parts = (family.embedding(model_config), family.block(model_config, 0), family.head(model_config))
-    return tuple(sum(p.numel() for p in part.parameters()) for part in parts)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """Summed next-token cross-entropy of a micro-batch over the global batch's token count."""
+    """Summed next-token cross-entropy of a micro-batch, divided by ``normalizer``."""
     vocab = logits.shape[-1]
     shifted_logits = logits[:, :-1].reshape(-1, vocab).float()  # position t predicts token t+1
     shifted_labels = labels[:, 1:].reshape(-1)
     loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / normalizer
-
-
-def set_threads(hosts: list[str]) -> int:
-    """One thread per core this rank may use: cores divided among the ranks on this host."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()  # the user decided
-    local_ranks = max(1, hosts.count(socket.gethostname()))
-    threads = max(1, len(os.sched_getaffinity(0)) // local_ranks)
-    torch.set_num_threads(threads)
-    return threads
 
 
 class Trainer:
@@ -97,7 +42,9 @@ class Trainer:
         self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
         self.step = 0
         self.stage: Stage | None = None
+        self.tokenizer = None
         self.stream: TokenStream | None = None
+        self.data_state: dict | None = None  # stream position after the last batch trained on
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
@@ -117,50 +64,59 @@ class Trainer:
         if self.has_data:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
-            self.stream = TokenStream(cfg.data.tasks, tokenizer, cfg.data.seq_length, cfg.data.seed)
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
+            self.stream = TokenStream(
+                cfg.data.tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines
+            )
+            self.data_state = self.stream.state_dict()
         resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer) if cfg.checkpoint.resume else None
         if resumed is not None:
             self.step, state = resumed
             if self.stream is not None:
                 self.stream.load_state_dict(state["data"])
+                self.data_state = state["data"]
             log.info("resumed from step %d of %s", self.step, cfg.checkpoint.path)
 
-    def _micro_batches(self, sequences: torch.Tensor | None, round_index: int) -> list[MicroBatch]:
+    # -- one pass of the pipeline over some rounds of a global batch ----------------------------
+
+    def _micro_batches(self, batch: Batch | None, round_index: int) -> list[MicroBatch]:
+        """This replica's micro-batches of round ``round_index`` (batch x dp sequences per round)."""
         cfg, topo = self.cfg, self.topo
-        m = cfg.batch.micro_batch_size
-        if sequences is None:
+        m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
+        if batch is None:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
-        # Round a of the step holds batch x dp sequences; replica r takes its contiguous slice.
-        start = (round_index * topo.data_size + topo.replica) * cfg.batch.batch_size
-        mine = sequences[start : start + cfg.batch.batch_size].to(self.device)
+        start = (round_index * topo.data_size + topo.replica) * size  # replica r: contiguous slice
+        ids = batch.input_ids[start : start + size].to(self.device)
+        labels = batch.labels[start : start + size].to(self.device)
         return [
             MicroBatch(
-                mine[i : i + m] if topo.is_first_stage else None,
-                mine[i : i + m] if topo.is_last_stage else None,
+                ids[i : i + m] if topo.is_first_stage else None, labels[i : i + m] if topo.is_last_stage else None
             )
-            for i in range(0, cfg.batch.batch_size, m)
+            for i in range(0, size, m)
         ]
 
-    def train_step(self) -> dict[str, float]:
-        cfg, topo = self.cfg, self.topo
+    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: int, train: bool) -> torch.Tensor:
+        shape = (self.cfg.batch.micro_batch_size, self.cfg.data.seq_length, self.plan.model_config.hidden_size)
+        dtype = next(self.stage.parameters()).dtype
+        total = torch.zeros((), dtype=torch.float32)
+        for round_index in range(rounds):
+            micro = self._micro_batches(batch, round_index)
+            total += gpipe_step(
+                self.stage, self.comm, micro, shape, dtype, lambda out, lab: token_loss(out, lab, normalizer), train
+            )
+        return total
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch | None) -> dict[str, float]:
+        cfg = self.cfg
         step = self.step + 1
         started = time.perf_counter()
-        per_step = cfg.batch.batch_size * topo.data_size * cfg.batch.accumulate_steps
-        sequences = self.stream.next_sequences(per_step) if self.stream is not None else None
-        # The loss is the mean over every predicted token of the global batch, so each
+        # The loss is the mean over every trained token of the global batch, so each
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
-        normalizer = int((sequences[:, 1:] != IGNORE_INDEX).sum()) if sequences is not None else 1
-        shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
-        dtype = next(self.stage.parameters()).dtype
-
+        normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
         self.optimizer.zero_grad(set_to_none=False)
-        loss = torch.zeros((), dtype=torch.float32)
-        for round_index in range(cfg.batch.accumulate_steps):
-            micro = self._micro_batches(sequences, round_index)
-            loss += gpipe_step(
-                self.stage, self.comm, micro, shape, dtype, lambda out, lab: token_loss(out, lab, normalizer)
-            )
+        loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer, train=True)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -193,7 +149,7 @@ class Trainer:
         self.optimizer.step()
         self.step = step
         elapsed = time.perf_counter() - started
-        tokens = per_step * cfg.data.seq_length
+        tokens = cfg.global_batch_sequences * cfg.data.seq_length
         return {
             "step": step,
             "loss": float(loss),
@@ -203,63 +159,76 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
         }
 
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Loss and perplexity on the first ``--evaluation-num-batch`` global batches of the
+        evaluation data (the same sequences at every evaluation); the reporter gets the row."""
+        cfg, topo = self.cfg, self.topo
+        stream = None
+        if self.has_data:
+            tasks = parse_task_names(str(cfg.evaluation.path))
+            stream = TokenStream(tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines)
+        totals = torch.zeros(2, dtype=torch.float64)  # summed loss, loss tokens
+        self.stage.eval()
+        for _ in range(cfg.evaluation.num_batches):
+            batch = stream.next_batch(cfg.batch.batch_size * topo.data_size) if stream is not None else None
+            totals[0] += float(self._run_rounds(batch, 1, normalizer=1, train=False))
+            if batch is not None and topo.is_last_stage:
+                mine = batch.labels[topo.replica * cfg.batch.batch_size : (topo.replica + 1) * cfg.batch.batch_size]
+                totals[1] += int((mine[:, 1:] != IGNORE_INDEX).sum())
+        self.stage.train()
+        self.comm.all_reduce_data(totals)
+        if not self.is_reporter:
+            return None
+        loss = float(totals[0] / max(1.0, float(totals[1])))
+        return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
+
+    # -- the loop -------------------------------------------------------------------------------
+
     def checkpoint(self) -> None:
-        state = None
-        if self.topo.rank == 0:
-            state = {"step": self.step, "data": self.stream.state_dict()}
+        state = {"step": self.step, "data": self.data_state} if self.topo.rank == 0 else None
         save_checkpoint(
             self.cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, self.cfg.model.model_name
         )
 
     def train(self) -> None:
         cfg = self.cfg
+        total = cfg.optim.total_steps
         metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl") if self.is_reporter else None
-        if self.step >= cfg.optim.total_steps:
-            log.info(
-                "nothing to do: the checkpoint is at step %d of --total-steps %d", self.step, cfg.optim.total_steps
-            )
-        while self.step < cfg.optim.total_steps:
-            row = self.train_step()
-            if metrics is not None:
-                metrics.write(row)
-            if metrics is not None and (self.step % cfg.log_interval == 0 or self.step == cfg.optim.total_steps):
-                log.info(
-                    "step %d/%d loss %.4f lr %.3g %.0f tok/s",
-                    row["step"], cfg.optim.total_steps, row["loss"], row["lr"], row["tokens_per_s"],
-                )  # fmt: skip
-            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.optim.total_steps:
-                self.checkpoint()
-
-
-def agree_on_start(trainer: Trainer, cfg: RunConfig, error: str | None) -> list[str]:
-    """Every rank shares its status; any failure or mismatch stops all ranks with its reason."""
-    status = {
-        "error": error,
-        "fingerprint": cfg.fingerprint(),
-        "step": trainer.step,
-        "host": socket.gethostname(),
-    }
-    statuses = trainer.comm.all_gather_object(status)
-    topo = cfg.topology
-    problems = [f"{topo.describe(r)}: {s['error']}" for r, s in enumerate(statuses) if s["error"]]
-    if not problems:
-        odd = [r for r, s in enumerate(statuses) if s["fingerprint"] != statuses[0]["fingerprint"]]
-        if odd:
-            problems.append(
-                f"ranks {odd} were started with other training flags than rank 0; launch every rank with the same flags"
-            )
-        steps = sorted({s["step"] for s in statuses})
-        if len(steps) > 1:
-            problems.append(f"ranks resume from different steps {steps}; give every rank the same checkpoint files")
-    if problems:
-        raise StartupError("cannot start: " + "; ".join(problems))
-    return [s["host"] for s in statuses]
+        if self.step >= total:
+            log.info("nothing to do: the checkpoint is at step %d of --total-steps %d", self.step, total)
+            return
+        prefetch = Prefetcher(self.stream, cfg.global_batch_sequences) if self.stream is not None else None
+        try:
+            while self.step < total:
+                batch = None
+                if prefetch is not None:
+                    batch, self.data_state = prefetch.next()
+                row = self.train_step(batch)
+                if metrics is not None:
+                    metrics.write(row)
+                    if self.step % cfg.log_interval == 0 or self.step == total:
+                        log.info(
+                            "step %d/%d loss %.4f lr %.3g %.0f tok/s",
+                            row["step"], total, row["loss"], row["lr"], row["tokens_per_s"],
+                        )  # fmt: skip
+                if cfg.evaluation.due(self.step, total):
+                    valid = self.evaluate()
+                    if metrics is not None and valid is not None:
+                        metrics.write(valid)
+                        log.info("step %d valid loss %.4f perplexity %.2f", self.step, valid["valid.loss"],
+                                 valid["valid.perplexity"])  # fmt: skip
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
+                    self.checkpoint()
+        finally:
+            if prefetch is not None:
+                prefetch.close()
 
 
 def run(cfg: RunConfig) -> None:
     plan = plan_stage(cfg)
-    tied = bool(getattr(plan.model_config, "tie_word_embeddings", False))
-    comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=tied)
+    comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied)
     try:
         trainer = Trainer(cfg, plan, comm)
         error = None
@@ -267,7 +236,7 @@ def run(cfg: RunConfig) -> None:
             trainer.setup()
         except Exception as err:  # noqa: BLE001 - not swallowed: every rank re-raises it below
             error = f"{type(err).__name__}: {err}"
-        hosts = agree_on_start(trainer, cfg, error)
+        hosts = agree_on_start(comm, cfg, trainer.step, error)
         threads = set_threads(hosts)
         log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
         trainer.train()
