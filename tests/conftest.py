@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OFFLINE_ENV, bundled_texts, write_jsonl
+from tests.helpers import OFFLINE_ENV, bundled_texts, instruction_records, write_jsonl, write_zst
 
 os.environ.update(OFFLINE_ENV)
 
@@ -33,3 +33,12 @@ def two_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
     a = write_jsonl(root / "stories.jsonl", texts[:200])
     b = write_jsonl(root / "more.jsonl", [t.upper() for t in texts[200:]])
     return f"{a}:0.7,{b}:0.3"
+
+
+@pytest.fixture(scope="session")
+def mixed_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Plain text (jsonl) mixed with instruction data (jsonl.zst, loss on completions only)."""
+    root = tmp_path_factory.mktemp("mixed")
+    text = write_jsonl(root / "stories.jsonl", bundled_texts()[:200])
+    instructions = write_zst(root / "qa.jsonl.zst", instruction_records(bundled_texts()[200:]))
+    return f"{text}:0.6,{instructions}:0.4"

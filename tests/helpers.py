@@ -36,6 +36,28 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def write_zst(path: Path, records: list[dict], frames: int = 3) -> Path:
+    """Records as zstandard-compressed jsonl in several frames (as concatenated shards are)."""
+    import zstandard
+
+    lines = [json.dumps(r) + "\n" for r in records]
+    step = max(1, len(lines) // frames)
+    with open(path, "wb") as f:
+        for i in range(0, len(lines), step):
+            f.write(zstandard.ZstdCompressor().compress("".join(lines[i : i + step]).encode()))
+    return path
+
+
+def instruction_records(texts: list[str]) -> list[dict]:
+    """Prompt/completion records from texts: the question is context, the answer is trained on."""
+    records = []
+    for i, text in enumerate(texts):
+        first, _, rest = text.partition(". ")
+        field = ("completion", "generation", "response")[i % 3]  # every accepted name
+        records.append({"prompt": f"Question: what happened after '{first}'? Answer:", field: " " + (rest or first)})
+    return records
+
+
 def bundled_texts() -> list[str]:
     with open(BUNDLED_CORPUS) as f:
         return [json.loads(line)["text"] for line in f]
@@ -104,8 +126,8 @@ def hf_reference_training(
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     losses, norms = [], []
     for _ in range(steps):
-        ids = stream.next_batch(per_step).input_ids
-        loss = model(input_ids=ids, labels=ids).loss
+        batch = stream.next_batch(per_step)
+        loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
         norms.append(norm.item())
@@ -149,7 +171,7 @@ def compare_to_reference(hf_dir: Path, tasks: str, ckpt: Path, per_step: int, tm
     from convert.to_hf import convert_to_hf
 
     ref_losses, ref_norms, ref_state = hf_reference_training(hf_dir, tasks, SEQ, SEED, per_step, STEPS, LR, WARMUP)
-    rows = read_metrics(ckpt)
+    rows = [r for r in read_metrics(ckpt) if "loss" in r]  # training rows
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     ours = [r["loss"] for r in rows]
     assert ours == pytest.approx(ref_losses, abs=LOSS_ATOL, rel=0)
@@ -172,8 +194,8 @@ def resume_elsewhere(shards: Path, tasks: str, ckpt: Path, final_state: dict, tm
     shutil.copytree(ckpt / "checkpoint_5", tmp / "ckpt" / "checkpoint_5")
     (tmp / "ckpt" / "latest").write_text("5\n")
     assert_all_ok(launch(train_args(shards, tasks, tmp / "ckpt", pp=1, dp=1, batch=4, micro=4, accum=1), 1, tmp))
-    rows = read_metrics(tmp / "ckpt")
+    rows = [r for r in read_metrics(tmp / "ckpt") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(6, STEPS + 1))
-    expected = [r["loss"] for r in read_metrics(ckpt)][5:]
+    expected = [r["loss"] for r in read_metrics(ckpt) if "loss" in r][5:]
     assert [r["loss"] for r in rows] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
     assert_same_state(load_hf_state(convert_to_hf(tmp / "ckpt", tmp / "hf")), final_state)
