@@ -86,11 +86,13 @@ def layer_indices(model_dir: str | Path) -> list[int]:
     return sorted(found)
 
 
-def copy_model_files(src: str | Path, dst: str | Path) -> None:
+def copy_model_files(src: str | Path, dst: str | Path) -> list[Path]:
     """Copy config.json and tokenizer files (whichever exist) from ``src`` to ``dst``."""
+    copied = []
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(Path(shutil.copyfile(Path(src) / name, Path(dst) / name)))
+    return copied
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:

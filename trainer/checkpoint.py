@@ -1,34 +1,59 @@
 """Training checkpoints keyed by global layer: any pp x dp can resume any checkpoint.
 
-<root>/checkpoint_<step>/        a layer-sharded model directory, plus
-    optim_<part>.safetensors     AdamW moments and step count of that part's parameters
-    trainer_state.json           step and the data stream's position
-<root>/latest                    the newest complete step, written last
+    <root>/checkpoint_<step>.tmp/    being written; never read, removed by the next attempt
+    <root>/checkpoint_<step>/        complete: renamed from .tmp after every stage has written
+        (a layer-sharded model directory: config.json, tokenizer, embs/layer_<i>/lm_head), plus
+        optim_<part>.safetensors     AdamW moments and step count of that part's parameters
+        trainer_state.json           step, data stream position, loss scale
+        manifest_stage<s>.json       bytes and sha256 of every file stage s wrote
+    <root>/latest                    the newest complete step, written last
+
+Replica 0 of every stage writes; the folder must be one that every rank reaches (a shared
+file system, or a single machine): start-up checks this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from comm.process_group import Communicator
-from convert.layout import (
-    atomic_write_text,
-    checkpoint_dir,
-    copy_model_files,
-    latest_step,
-    load_part,
-    save_part,
-)
+from convert.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 OPTIM_PREFIX = "optim_"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST_GLOB = "manifest_stage*.json"
+_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted; the message names the file and a way out."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,6 +72,18 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module,
             optimizer.state[param] = state
 
 
+def complete_steps(root: Path) -> list[int]:
+    """Steps of the finished (renamed, with a manifest) checkpoints under ``root``, ascending."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for entry in root.iterdir():
+        match = _CHECKPOINT_DIR.fullmatch(entry.name)
+        if match and entry.is_dir() and any(entry.glob(MANIFEST_GLOB)):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -55,23 +92,65 @@ def save_checkpoint(
     comm: Communicator,
     trainer_state: dict | None,
     source_dir: str,
+    keep: int = 0,
 ) -> None:
-    """Replica 0 writes its stage's parts; ``latest`` moves only after every stage has written."""
+    """Write this stage's parts into ``checkpoint_<step>.tmp``; rank 0 renames it into place
+    and moves ``latest`` once every stage has written. ``keep`` > 0 prunes older checkpoints."""
     topo = comm.topo
     if topo.replica != 0:
         return  # other replicas hold the same weights
-    directory = checkpoint_dir(root, step)
-    directory.mkdir(parents=True, exist_ok=True)
-    for part, module in stage.parts().items():
-        save_part(directory, part, module.state_dict())
-        save_part(directory, OPTIM_PREFIX + part, _optimizer_tensors(optimizer, module))
-    if trainer_state is not None:
-        atomic_write_text(directory / TRAINER_STATE, json.dumps(trainer_state))
-        copy_model_files(source_dir, directory)
+    tmp = root / f"checkpoint_{step}.tmp"
+    if topo.is_first_stage:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files with ours
+        tmp.mkdir(parents=True)
     comm.barrier_pipeline()
-    # Each rank of the pipeline writes the same content: correct on shared and local disks alike.
-    atomic_write_text(root / "latest", f"{step}\n")
-    log.info("saved checkpoint %s", directory)
+
+    written: list[Path] = []
+    for part, module in stage.parts().items():
+        written.append(save_part(tmp, part, module.state_dict()))
+        written.append(save_part(tmp, OPTIM_PREFIX + part, _optimizer_tensors(optimizer, module)))
+    if trainer_state is not None:
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
+        written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
+    manifest = {}
+    for path in written:
+        _fsync(path)
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    atomic_write_text(tmp / f"manifest_stage{topo.stage}.json", json.dumps(manifest, indent=1))
+    comm.barrier_pipeline()
+
+    if topo.is_first_stage:
+        final = checkpoint_dir(root, step)
+        if final.exists():  # an identical step of this run, finished before a crash moved latest
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest", f"{step}\n")
+        log.info("saved checkpoint %s", final)
+        if keep > 0:
+            for old in complete_steps(root)[:-keep]:
+                shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
+
+
+def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
+    """Check the files this rank reads against the manifests; a mismatch names the file."""
+    manifest: dict[str, dict] = {}
+    for fragment in sorted(directory.glob(MANIFEST_GLOB)):
+        manifest.update(json.loads(fragment.read_text()))
+    earlier = [s for s in complete_steps(root) if s < step]
+    fallback = (
+        f"the previous checkpoint is step {earlier[-1]}: write {earlier[-1]} into {root / 'latest'} to resume from it"
+        if earlier
+        else "there is no earlier checkpoint to fall back to"
+    )
+    if not manifest:
+        raise CheckpointError(f"{directory} has no manifest: it is incomplete or damaged; {fallback}")
+    for name in names:
+        path = directory / name
+        entry = manifest.get(name)
+        if entry is None or not path.is_file():
+            raise CheckpointError(f"{path} is missing from checkpoint {step}; {fallback}")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} is damaged (size or checksum differs from the manifest); {fallback}")
 
 
 def load_checkpoint(root: Path, stage: Stage, optimizer: torch.optim.Optimizer) -> tuple[int, dict] | None:
@@ -80,12 +159,13 @@ def load_checkpoint(root: Path, stage: Stage, optimizer: torch.optim.Optimizer) 
     if step is None:
         return None
     directory = checkpoint_dir(root, step)
+    if not directory.is_dir():
+        raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
+    parts = list(stage.parts())
+    names = [f"{p}.safetensors" for p in parts] + [f"{OPTIM_PREFIX}{p}.safetensors" for p in parts] + [TRAINER_STATE]
+    _verify(directory, names, root, step)
     stage.load_parts(str(directory))
     for part, module in stage.parts().items():
         _load_optimizer_tensors(optimizer, module, load_part(directory, OPTIM_PREFIX + part))
-    state_path = directory / TRAINER_STATE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} is missing: the checkpoint of step {step} is incomplete")
-    with open(state_path) as f:
-        state = json.load(f)
+    state = json.loads((directory / TRAINER_STATE).read_text())
     return step, state

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
     c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
     c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
+    c.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
     c.add_argument("--log-interval", type=int, default=10, help="log a line every N steps (metrics: every step)")
     c.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return p
@@ -173,7 +174,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             max_grad_norm=args.max_grad_norm,
             optimizer=args.optimizer,
         ),
-        checkpoint=CheckpointConfig(Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint),
+        checkpoint=CheckpointConfig(
+            Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint, args.keep_checkpoints
+        ),
         device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
         log_level=args.log_level,
         log_interval=args.log_interval,

@@ -85,10 +85,13 @@ class CheckpointConfig:
     path: Path
     every_steps: int
     resume: bool = True
+    keep: int = 0  # newest checkpoints kept; 0 keeps all
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError("--checkpoint-steps must be at least 1")
+        if self.keep < 0:
+            raise ValueError("--keep-checkpoints must be >= 0 (0 keeps every checkpoint)")
 
 
 @dataclass(frozen=True)

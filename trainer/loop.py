@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from comm.process_group import Communicator
 from comm.topology import Topology
+from convert.layout import latest_step
 from pipeline.schedule import MicroBatch, gpipe_step
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -69,6 +70,11 @@ class Trainer:
                 cfg.data.tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines
             )
             self.data_state = self.stream.state_dict()
+        if not cfg.checkpoint.resume and latest_step(cfg.checkpoint.path) is not None:
+            raise ValueError(
+                f"{cfg.checkpoint.path} already holds checkpoints and --load-checkpoint is false; "
+                "resume with --load-checkpoint true or choose a new --checkpoint-path (nothing was overwritten)"
+            )
         resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer) if cfg.checkpoint.resume else None
         if resumed is not None:
             self.step, state = resumed
@@ -112,6 +118,8 @@ class Trainer:
         cfg = self.cfg
         step = self.step + 1
         started = time.perf_counter()
+        # Dropout masks come from (seed, step, rank) alone, so a resumed run draws the same ones.
+        torch.manual_seed(cfg.data.seed * 1_000_003 + step * 10_007 + self.topo.rank)
         # The loss is the mean over every trained token of the global batch, so each
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
         normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
@@ -188,9 +196,11 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = {"step": self.step, "data": self.data_state} if self.topo.rank == 0 else None
+        cfg = self.cfg
         save_checkpoint(
-            self.cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, self.cfg.model.model_name
-        )
+            cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
+            keep=cfg.checkpoint.keep,
+        )  # fmt: skip
 
     def train(self) -> None:
         cfg = self.cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,28 @@ def agree_on_start(comm: Communicator, cfg: RunConfig, step: int, error: str | N
 
     Returns the host name of every rank.
     """
+    probe = None
+    if comm.topo.rank == 0 and error is None:
+        # A file only rank 0 writes: every rank must see it, or checkpoints would scatter.
+        cfg.checkpoint.path.mkdir(parents=True, exist_ok=True)
+        probe = cfg.checkpoint.path / f".shared-check-{uuid.uuid4().hex}"
+        probe.touch()
     status = {"error": error, "fingerprint": cfg.fingerprint(), "step": step, "host": socket.gethostname()}
-    statuses = comm.all_gather_object(status)
+    statuses = comm.all_gather_object({**status, "probe": probe.name if probe else None})
+    _raise_problems(cfg, statuses)
+    sees = comm.all_gather_object((cfg.checkpoint.path / statuses[0]["probe"]).exists())
+    if probe is not None:
+        probe.unlink()
+    blind = [r for r, seen in enumerate(sees) if not seen]
+    if blind:
+        raise StartupError(
+            f"ranks {blind} cannot see files that rank 0 writes in --checkpoint-path {cfg.checkpoint.path}; "
+            "it must be one folder every rank reaches (a shared file system)"
+        )
+    return [s["host"] for s in statuses]
+
+
+def _raise_problems(cfg: RunConfig, statuses: list[dict]) -> None:
     topo = cfg.topology
     problems = [f"{topo.describe(r)}: {s['error']}" for r, s in enumerate(statuses) if s["error"]]
     if not problems:
@@ -79,7 +100,6 @@ def agree_on_start(comm: Communicator, cfg: RunConfig, step: int, error: str | N
             problems.append(f"ranks resume from different steps {steps}; give every rank the same checkpoint files")
     if problems:
         raise StartupError("cannot start: " + "; ".join(problems))
-    return [s["host"] for s in statuses]
 
 
 def set_threads(hosts: list[str]) -> int:
