@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
+from comm.health import Heartbeat
 from comm.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,20 @@ class CommConfig:
             raise ValueError("--comm-timeout must be a positive number of seconds")
 
 
+class PeerLostError(ConnectionError):
+    """A collective or point-to-point call failed because a peer died, hung or dropped off."""
+
+
+def store_address(dist_url: str) -> tuple[str, int] | None:
+    """Host and port of the rendezvous store behind ``dist_url`` (None for file://)."""
+    if dist_url.startswith("tcp://"):
+        parsed = urlparse(dist_url)
+        return parsed.hostname, parsed.port
+    if dist_url.startswith("env://"):
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    return None
+
+
 def bind_interface(name: str) -> None:
     """Make Gloo and NCCL open their sockets on interface ``name`` (checked to exist)."""
     import psutil
@@ -57,6 +76,7 @@ class Communicator:
     def __init__(self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> None:
         self.topo = topo
         self.device = device
+        self.timeout_s = cfg.timeout_s
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
@@ -80,6 +100,10 @@ class Communicator:
                     self._data_group = group
         # Control messages (start-up checks) always go over Gloo on the CPU.
         self._control_group = None if cfg.backend == "gloo" else dist.new_group(timeout=timeout, backend="gloo")
+        address = store_address(cfg.dist_url)
+        # Dead or frozen peers are caught by their missing heartbeats well before the timeout.
+        dead_after = min(30.0, cfg.timeout_s)
+        self.heartbeat = Heartbeat(*address, topo, dead_after) if address else None
 
     @classmethod
     def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
@@ -107,59 +131,96 @@ class Communicator:
             ) from None
         return cls(topo, cfg, device, link_ends)
 
+    @contextmanager
+    def _guard(self, what: str, peer: int | None = None) -> Iterator[None]:
+        """Turn a failed call into one line naming the lost peer (or what the heartbeats know)."""
+        try:
+            yield
+        except RuntimeError as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". This is typically")[0]  # Gloo's source location
+            if "imed out" in reason:
+                reason = f"no answer within --comm-timeout {self.timeout_s:g}s"
+            who = f"lost {self.topo.describe(peer)}" if peer is not None else "a peer failed"
+            known = self.heartbeat.describe_lost() if self.heartbeat else ""
+            raise PeerLostError(
+                f"{self.topo.describe(self.topo.rank)}: {who} during {what} ({reason})"
+                + (f"; {known}" if known else "")
+            ) from None
+
+    def start_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+
     # -- pipeline point-to-point; no-ops at the ends ------------------------------------------
 
     def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.topo.is_first_stage:
             return None
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(buf, src=self.topo.rank - 1)
+        with self._guard("receive of activations", self.topo.rank - 1):
+            dist.recv(buf, src=self.topo.rank - 1)
         return buf
 
     def send_forward(self, tensor: torch.Tensor) -> None:
         if not self.topo.is_last_stage:
-            dist.send(tensor.detach().contiguous(), dst=self.topo.rank + 1)
+            with self._guard("send of activations", self.topo.rank + 1):
+                dist.send(tensor.detach().contiguous(), dst=self.topo.rank + 1)
 
     def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.topo.is_last_stage:
             return None
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(buf, src=self.topo.rank + 1)
+        with self._guard("receive of gradients", self.topo.rank + 1):
+            dist.recv(buf, src=self.topo.rank + 1)
         return buf
 
     def send_backward(self, tensor: torch.Tensor | None) -> None:
         if not self.topo.is_first_stage:
             if tensor is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
-            dist.send(tensor.contiguous(), dst=self.topo.rank - 1)
+            with self._guard("send of gradients", self.topo.rank - 1):
+                dist.send(tensor.contiguous(), dst=self.topo.rank - 1)
 
     # -- collectives --------------------------------------------------------------------------
 
     def all_reduce_data(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over this stage's data-parallel replicas."""
         if self._data_group is not None:
-            dist.all_reduce(tensor, group=self._data_group)
+            with self._guard("data-parallel all-reduce"):
+                dist.all_reduce(tensor, group=self._data_group)
 
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""
         if self._pipeline_group is not None:
-            dist.all_reduce(tensor, group=self._pipeline_group)
+            with self._guard("pipeline all-reduce"):
+                dist.all_reduce(tensor, group=self._pipeline_group)
 
     def all_reduce_ends(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place between the first and last stage of this pipeline."""
         if self._ends_group is not None:
-            dist.all_reduce(tensor, group=self._ends_group)
+            with self._guard("tied-weight all-reduce"):
+                dist.all_reduce(tensor, group=self._ends_group)
 
     def barrier_pipeline(self) -> None:
         if self._pipeline_group is not None:
-            dist.barrier(group=self._pipeline_group)
+            with self._guard("pipeline barrier"):
+                dist.barrier(group=self._pipeline_group)
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""
         gathered: list[object] = [None] * self.topo.world_size
-        dist.all_gather_object(gathered, obj, group=self._control_group)
+        with self._guard("start-up exchange"):
+            dist.all_gather_object(gathered, obj, group=self._control_group)
         return gathered
 
-    def close(self) -> None:
+    def close(self, error: str | None = None) -> None:
+        """Leave the job: after a clean run wait for every rank (rank 0 hosts the store the
+        others still use); after an error, tell the others why and go."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop("done" if error is None else error)
+        if error is None:
+            with self._guard("final barrier"):
+                dist.barrier(group=self._control_group)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -247,8 +247,11 @@ def run(cfg: RunConfig) -> None:
         except Exception as err:  # noqa: BLE001 - not swallowed: every rank re-raises it below
             error = f"{type(err).__name__}: {err}"
         hosts = agree_on_start(comm, cfg, trainer.step, error)
+        comm.start_heartbeat()
         threads = set_threads(hosts)
         log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
         trainer.train()
-    finally:
-        comm.close()
+    except BaseException as err:
+        comm.close(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+        raise
+    comm.close()
