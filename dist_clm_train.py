@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(cfg.topology, cfg.log_level)
     try:
         run(cfg)
-    except (StartupError, ConnectionError, ValueError, OSError) as err:
+    except (StartupError, ConnectionError, ValueError, OSError, ArithmeticError) as err:
         logging.getLogger("dist_clm_train").error("%s", err)
         sys.exit(1)
 

@@ -41,8 +41,10 @@ class Heartbeat:
         dead_after_s: float,
         interval_s: float = 1.0,
         on_lost: Callable[[str], None] = _fatal,
+        key_prefix: str = "",
     ) -> None:
         self.topo = topo
+        self.key_prefix = key_prefix
         self.dead_after_s = dead_after_s
         self.interval_s = interval_s
         self.on_lost = on_lost
@@ -54,9 +56,8 @@ class Heartbeat:
         self._beat()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
-    @staticmethod
-    def _key(rank: int) -> str:
-        return f"heartbeat/{rank}"
+    def _key(self, rank: int) -> str:
+        return f"{self.key_prefix}heartbeat/{rank}"
 
     def _beat(self, exit_reason: str | None = None) -> None:
         self._beats += 1

@@ -59,6 +59,12 @@ def store_address(dist_url: str) -> tuple[str, int] | None:
     return None
 
 
+def restart_attempt(dist_url: str) -> str | None:
+    """``attempt_<n>/`` under torchrun (which restarts failed jobs with one store), else None."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return f"attempt_{count}/" if dist_url == "env://" and count is not None else None
+
+
 def bind_interface(name: str) -> None:
     """Make Gloo and NCCL open their sockets on interface ``name`` (checked to exist)."""
     import psutil
@@ -103,7 +109,8 @@ class Communicator:
         address = store_address(cfg.dist_url)
         # Dead or frozen peers are caught by their missing heartbeats well before the timeout.
         dead_after = min(30.0, cfg.timeout_s)
-        self.heartbeat = Heartbeat(*address, topo, dead_after) if address else None
+        prefix = restart_attempt(cfg.dist_url) or ""
+        self.heartbeat = Heartbeat(*address, topo, dead_after, key_prefix=prefix) if address else None
 
     @classmethod
     def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
@@ -114,14 +121,26 @@ class Communicator:
         """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
+        timeout = timedelta(seconds=cfg.timeout_s)
         try:
-            dist.init_process_group(
-                backend=cfg.backend,
-                init_method=cfg.dist_url,
-                world_size=topo.world_size,
-                rank=topo.rank,
-                timeout=timedelta(seconds=cfg.timeout_s),
-            )
+            attempt = restart_attempt(cfg.dist_url)
+            if attempt is None:
+                dist.init_process_group(
+                    backend=cfg.backend, init_method=cfg.dist_url, world_size=topo.world_size, rank=topo.rank,
+                    timeout=timeout,
+                )  # fmt: skip
+            else:
+                # torchrun keeps one store across restarts: a new attempt must not read the
+                # addresses the failed one left there, so each attempt gets its own key space.
+                host, port = store_address(cfg.dist_url)
+                hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                store = dist.TCPStore(
+                    host, port, topo.world_size, is_master=not hosted_by_agent and topo.rank == 0, timeout=timeout
+                )
+                dist.init_process_group(
+                    backend=cfg.backend, store=dist.PrefixStore(attempt, store), world_size=topo.world_size,
+                    rank=topo.rank, timeout=timeout,
+                )  # fmt: skip
         except (RuntimeError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConnectionError(

@@ -36,11 +36,14 @@ def gpipe_step(
     activation_dtype: torch.dtype,
     loss_fn: LossFn,
     train: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run forward and backward of every micro-batch; gradients accumulate in ``stage``.
 
-    With ``train=False`` only the forwards run, without autograd (evaluation). Returns the
-    sum of the micro-batch losses on the last stage (as ``loss_fn`` scales them), 0 elsewhere.
+    With ``train=False`` only the forwards run, without autograd (evaluation). Activations
+    and their gradients travel as ``activation_dtype``; ``compute_dtype`` (fp16/bf16) runs
+    the forward under autocast over fp32 weights. Returns the sum of the micro-batch losses
+    on the last stage (as ``loss_fn`` scales them), 0 elsewhere.
     """
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
@@ -53,13 +56,14 @@ def gpipe_step(
         elif train:
             x.requires_grad_(True)
         # forward
-        with torch.set_grad_enabled(train):
+        autocast = torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
+        with torch.set_grad_enabled(train), autocast:
             y = stage(x)
             if micro.labels is not None:
                 y = loss_fn(y, micro.labels)
                 loss_total += y.detach().float()
         # send to the next stage (nothing on the last)
-        comm.send_forward(y)
+        comm.send_forward(y.detach().to(activation_dtype))
         if train:
             inputs.append(x)
             outputs.append(y)
@@ -68,7 +72,7 @@ def gpipe_step(
         # communication: gradient of our output from the next stage (None on the last stage)
         grad = comm.recv_backward(activation_shape, activation_dtype)
         # backward
-        torch.autograd.backward(y, grad_tensors=grad)
+        torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
         # send the gradient of our input back (nothing on the first stage)
         comm.send_backward(x.grad if x.requires_grad else None)
     return loss_total

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comm.topology import Topology
 from modules import family_for, load_config
@@ -158,3 +158,112 @@ def test_lost_peer_stops_the_others_naming_it(
     assert code == 1, output[-2000:]
     assert "lost " + Topology(1, 2, 1).describe(1) in output, output[-2000:]
     assert elapsed < (5 if how == signal.SIGKILL else 6 + 10)  # a closed connection is noticed at once
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    # Layer 0 (stage 0) made to overflow in fp16 backward while computing nearly the same
+    # function: its MLP's inner weights x300, outer weights /300. Stage 1's gradients stay finite.
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    layer = load_file(shards / "layer_0.safetensors")
+    layer["mlp.dense_h_to_4h.weight"] *= 300
+    layer["mlp.dense_4h_to_h.weight"] /= 300
+    save_file(layer, shards / "layer_0.safetensors")
+    ckpt = tmp_path / "ckpt"
+    args = run_args(shards, two_tasks, ckpt, steps=12, extra=("--fp16", "--checkpoint-steps", "1"))
+    assert_all_ok(launch(args, 2, tmp_path))
+    rows = read_metrics(ckpt)
+    assert rows[0].get("skipped") and rows[0]["grad_norm"] is None
+    assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2  # halved after the overflow
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    trained = [r["step"] for r in rows if not r.get("skipped")]
+    assert trained and trained[0] > skipped[-1]  # it recovers once the scale is small enough
+
+    # stage 1's own gradients were finite, yet it skipped every step stage 0 overflowed
+    head_before = load_file(shards / "lm_head.safetensors")
+    for step in skipped:
+        head = load_file(ckpt / f"checkpoint_{step}" / "lm_head.safetensors")
+        assert all(torch.equal(head[k], head_before[k]) for k in head_before), f"stage 1 stepped at {step}"
+        assert load_file(ckpt / f"checkpoint_{step}" / "optim_lm_head.safetensors") == {}  # no optimizer step
+    head_after = load_file(ckpt / f"checkpoint_{trained[0]}" / "lm_head.safetensors")
+    assert not all(torch.equal(head_after[k], head_before[k]) for k in head_before)
+
+
+def test_bf16_trains_close_to_fp32(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        ckpt = tmp_path / precision
+        extra = ("--bf16",) if precision == "bf16" else ()
+        (tmp_path / f"logs_{precision}").mkdir()
+        assert_all_ok(
+            launch(run_args(tiny_shards, two_tasks, ckpt, steps=12, extra=extra), 2, tmp_path / f"logs_{precision}")
+        )
+        losses[precision] = [r["loss"] for r in read_metrics(ckpt)]
+    assert losses["bf16"][-1] < losses["bf16"][0] - 0.2  # it learns
+    assert losses["bf16"] != losses["fp32"]  # bf16 really computed in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_fp32_stops_after_consecutive_non_finite_steps(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    layer = load_file(shards / "layer_3.safetensors")
+    layer["attention.dense.bias"][0] = float("inf")
+    save_file(layer, shards / "layer_3.safetensors")
+    args = run_args(shards, two_tasks, tmp_path / "ckpt", extra=("--max-nonfinite-steps", "2"))
+    results = launch(args, 2, tmp_path)
+    for result in results:
+        assert result.returncode == 1, result.output[-2000:]
+        assert "2 steps in a row (up to step 2) had non-finite" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "ckpt" / "latest").exists()  # nothing half-trained was saved
+
+
+def test_8bit_adam_resumes_exactly(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    extra = ("--optimizer", "8bit-adam", "--checkpoint-steps", "3")
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert_all_ok(launch(run_args(tiny_shards, two_tasks, whole / "ckpt", steps=6, extra=extra), 2, whole))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "ckpt" / "checkpoint_3", resumed / "ckpt" / "checkpoint_3")
+    (resumed / "ckpt" / "latest").write_text("3\n")
+    assert_all_ok(launch(run_args(tiny_shards, two_tasks, resumed / "ckpt", steps=6, extra=extra), 2, resumed))
+    optim = load_file(whole / "ckpt" / "checkpoint_6" / "optim_layer_0.safetensors")
+    assert any(v.dtype == torch.uint8 for v in optim.values())  # 8-bit moments were saved
+    a = {p.name: load_file(p) for p in (whole / "ckpt" / "checkpoint_6").glob("*.safetensors")}
+    b = {p.name: load_file(p) for p in (resumed / "ckpt" / "checkpoint_6").glob("*.safetensors")}
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+
+
+def test_torchrun_restart_resumes_and_matches_uninterrupted(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    import psutil
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--master-port", str(free_port()), str(ROOT / "dist_clm_train.py"),
+           *run_args(tiny_shards, two_tasks, ckpt, extra=("--keep-checkpoints", "2"))]  # fmt: skip
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "torchrun.log", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # no --rank anywhere
+        try:
+            wait_for_rows(ckpt, 10, [agent])
+            workers = [
+                p
+                for p in psutil.Process(agent.pid).children(recursive=True)
+                if "dist_clm_train" in " ".join(p.cmdline())
+            ]
+            assert len(workers) == 2
+            workers[1].kill()  # the agent restarts the group, which resumes from latest
+            assert agent.wait(timeout=240) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+        finally:
+            if agent.poll() is None:  # leave no orphaned workers behind
+                for child in psutil.Process(agent.pid).children(recursive=True):
+                    child.kill()
+                agent.kill()
+    assert len(read_metrics(ckpt)) < STEPS + 10  # it resumed rather than started over
+    ours, reference = final_state(ckpt), final_state(uninterrupted)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)

@@ -57,17 +57,27 @@ def _fsync(path: Path) -> None:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = {}
+    tensors, seen = {}, set()
     for name, param in module.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            if tensor.numel() and tensor.data_ptr() in seen:
+                tensor = tensor.clone()  # shared between parameters (bitsandbytes' qmaps): safetensors wants copies
+            seen.add(tensor.data_ptr())
+            tensors[f"{name}.{key}"] = tensor
     return tensors
 
 
 def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module, tensors: dict) -> None:
     for name, param in module.named_parameters():
         prefix = f"{name}."
-        state = {k[len(prefix) :]: v.to(param.device) for k, v in tensors.items() if k.startswith(prefix)}
+        state: dict[str, object] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                # A 0-d int64 was a plain int counter (bitsandbytes' step); torch's own optimizers
+                # keep counters as float tensors, which stay tensors.
+                plain = value.dim() == 0 and value.dtype == torch.int64
+                state[key[len(prefix) :]] = int(value) if plain else value.to(param.device)
         if state:
             optimizer.state[param] = state
 

@@ -75,12 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gradient-accumulate-step", type=int, default=1, help="batches summed per optimizer step")
 
     o = p.add_argument_group("optimization")
-    o.add_argument("--optimizer", choices=("adamw", "adam"), default="adamw", help="adam is an alias of adamw")
+    o.add_argument(
+        "--optimizer",
+        choices=("adamw", "adam", "8bit-adam"),
+        default="adamw",
+        help="adam is an alias of adamw; 8bit-adam needs bitsandbytes",
+    )
     o.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
     o.add_argument("--total-steps", type=int, default=1000, help="optimizer steps in the whole run")
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    precision = o.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fp16 autocast, fp32 master weights, loss scaling")
+    precision.add_argument("--bf16", action="store_true", help="bf16 autocast, fp32 master weights")
+    o.add_argument("--loss-scale-init", type=float, default=2.0**16, help="fp16: first loss scale")
+    o.add_argument(
+        "--max-nonfinite-steps", type=int, default=3, help="fp32/bf16: stop after N non-finite steps in a row"
+    )
 
     t = p.add_argument_group("distributed")
     t.add_argument("--dist-url", default=None, help=f"tcp://<rank-0 address>:<port> (default {DEFAULT_DIST_URL})")
@@ -173,6 +185,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm,
             optimizer=args.optimizer,
+            precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+            loss_scale=args.loss_scale_init,
+            max_nonfinite_steps=args.max_nonfinite_steps,
         ),
         checkpoint=CheckpointConfig(
             Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint, args.keep_checkpoints

@@ -61,8 +61,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    loss_scale: float = 2.0**16  # fp16's first loss scale
+    max_nonfinite_steps: int = 3  # fp32/bf16: consecutive non-finite steps before stopping
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}")
+        if self.loss_scale < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError("--loss-scale-init and --max-nonfinite-steps must be >= 1")
         if self.total_steps < 1:
             raise ValueError("--total-steps must be at least 1")
         if not 0 <= self.warmup_steps <= self.total_steps:

@@ -15,9 +15,10 @@ from convert.layout import latest_step
 from pipeline.schedule import MicroBatch, gpipe_step
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import RunConfig
+from trainer.config import OptimConfig, RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
 from trainer.metrics import MetricsWriter
+from trainer.precision import LossScaler, compute_dtype
 from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,18 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: int) -> t
     shifted_labels = labels[:, 1:].reshape(-1)
     loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / normalizer
+
+
+def make_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (``adam`` is its alias) or bitsandbytes' 8-bit AdamW, imported only when asked for."""
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    if cfg.optimizer != "8bit-adam":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit(params, **kwargs)
 
 
 class Trainer:
@@ -46,6 +59,8 @@ class Trainer:
         self.tokenizer = None
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
+        self.scaler: LossScaler | None = None
+        self.nonfinite_run = 0  # consecutive steps skipped for non-finite gradients
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
@@ -59,9 +74,8 @@ class Trainer:
             self.stage.init_parts(getattr(self.plan.model_config, "initializer_range", 0.02), cfg.data.seed)
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.999), eps=1e-8
-        )
+        self.optimizer = make_optimizer(cfg.optim, self.params)
+        self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         if self.has_data:
             from transformers import AutoTokenizer
 
@@ -78,6 +92,9 @@ class Trainer:
         resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer) if cfg.checkpoint.resume else None
         if resumed is not None:
             self.step, state = resumed
+            if self.scaler is not None and "loss_scale" in state:
+                self.scaler.load_state_dict(state["loss_scale"])
+            self.nonfinite_run = state.get("nonfinite_run", 0)
             if self.stream is not None:
                 self.stream.load_state_dict(state["data"])
                 self.data_state = state["data"]
@@ -101,15 +118,18 @@ class Trainer:
             for i in range(0, size, m)
         ]
 
-    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: int, train: bool) -> torch.Tensor:
-        shape = (self.cfg.batch.micro_batch_size, self.cfg.data.seq_length, self.plan.model_config.hidden_size)
-        dtype = next(self.stage.parameters()).dtype
+    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: float, train: bool) -> torch.Tensor:
+        cfg = self.cfg
+        shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
+        compute = compute_dtype(cfg.optim.precision)
+        travel = compute or next(self.stage.parameters()).dtype  # activations cross links at compute precision
         total = torch.zeros((), dtype=torch.float32)
         for round_index in range(rounds):
             micro = self._micro_batches(batch, round_index)
             total += gpipe_step(
-                self.stage, self.comm, micro, shape, dtype, lambda out, lab: token_loss(out, lab, normalizer), train
-            )
+                self.stage, self.comm, micro, shape, travel,
+                lambda out, lab: token_loss(out, lab, normalizer), train, compute,
+            )  # fmt: skip
         return total
 
     # -- training -------------------------------------------------------------------------------
@@ -123,8 +143,9 @@ class Trainer:
         # The loss is the mean over every trained token of the global batch, so each
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
         normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
+        scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer, train=True)
+        loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer / scale, train=True)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -139,26 +160,32 @@ class Trainer:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-        loss = flat[-1].detach().cpu()
+        loss = flat[-1].detach().cpu() / scale
+        if scale != 1.0:
+            for g in grads:
+                g.div_(scale)
 
-        # clipping by the norm over every stage's gradients
+        # clipping by the norm over every stage's gradients; every rank sees the same norm, so
+        # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
         counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
-        sq = torch.stack([torch.linalg.vector_norm(g) for g in counted]).pow(2).sum().reshape(1).cpu()
+        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum().reshape(1).cpu()
         self.comm.all_reduce_pipeline(sq)
         grad_norm = float(sq.sqrt())
-        if cfg.optim.max_grad_norm > 0:
-            coef = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
-            for g in grads:
-                g.mul_(coef)
-
+        finite = math.isfinite(grad_norm)
         lr = cfg.optim.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        if finite:
+            if cfg.optim.max_grad_norm > 0:
+                coef = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
+                for g in grads:
+                    g.mul_(coef)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self._after_step(step, finite)
         self.step = step
         elapsed = time.perf_counter() - started
         tokens = cfg.global_batch_sequences * cfg.data.seq_length
-        return {
+        row = {
             "step": step,
             "loss": float(loss),
             "lr": lr,
@@ -166,6 +193,29 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
         }
+        if not finite:
+            row["skipped"] = True
+        if self.scaler is not None:
+            row["loss_scale"] = scale
+        return row
+
+    def _after_step(self, step: int, finite: bool) -> None:
+        """fp16 adapts its loss scale; fp32/bf16 give up after too many non-finite steps in a row."""
+        if self.scaler is not None:
+            self.scaler.update(finite)
+            if not finite:
+                log.warning(
+                    "step %d: gradients overflowed in fp16; skipped, loss scale now %g", step, self.scaler.scale
+                )
+            return
+        self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
+        if not finite:
+            log.warning("step %d: non-finite gradients; step skipped (%d in a row)", step, self.nonfinite_run)
+        if self.nonfinite_run >= self.cfg.optim.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_run} steps in a row (up to step {step}) had non-finite loss or gradients; "
+                "lower --lr, check the data, or try --bf16; the last checkpoint is intact"
+            )
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -195,7 +245,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        state = {"step": self.step, "data": self.data_state} if self.topo.rank == 0 else None
+        state = None
+        if self.topo.rank == 0:
+            state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run}
+            if self.scaler is not None:
+                state["loss_scale"] = self.scaler.state_dict()
         cfg = self.cfg
         save_checkpoint(
             cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from comm.topology import Topology
@@ -17,7 +18,9 @@ class MetricsWriter:
         self._file = open(path, "a")
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        # NaN and inf are not JSON: write null so every reader can parse the file
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
 
