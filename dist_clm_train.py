@@ -18,7 +18,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 # Each rank already owns its share of the cores; tokenizer threads would only compete.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from trainer.cli import build_parser, config_from_args, data_config
+from trainer.cli import config_from_args, data_config, parse_args
 from trainer.loop import run
 from trainer.metrics import setup_logging
 from trainer.preview import preview
@@ -26,7 +26,7 @@ from trainer.startup import StartupError
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.preview_data > 0:  # no process group: a look at the data mix, then exit
             preview(data_config(args), args.tokenizer_name or args.model_name, args.preview_data, sys.stdout)

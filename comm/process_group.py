@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from comm.health import Heartbeat
 from comm.topology import Topology
+from comm.trace import NULL_TRACER, NullTracer, Tracer
 
 log = logging.getLogger(__name__)
 BACKENDS = ("gloo", "nccl")
@@ -83,6 +84,7 @@ class Communicator:
         self.topo = topo
         self.device = device
         self.timeout_s = cfg.timeout_s
+        self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
@@ -177,20 +179,20 @@ class Communicator:
         if self.topo.is_first_stage:
             return None
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        with self._guard("receive of activations", self.topo.rank - 1):
+        with self.tracer.span("forward recv"), self._guard("receive of activations", self.topo.rank - 1):
             dist.recv(buf, src=self.topo.rank - 1)
         return buf
 
     def send_forward(self, tensor: torch.Tensor) -> None:
         if not self.topo.is_last_stage:
-            with self._guard("send of activations", self.topo.rank + 1):
+            with self.tracer.span("forward send"), self._guard("send of activations", self.topo.rank + 1):
                 dist.send(tensor.detach().contiguous(), dst=self.topo.rank + 1)
 
     def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.topo.is_last_stage:
             return None
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        with self._guard("receive of gradients", self.topo.rank + 1):
+        with self.tracer.span("backward recv"), self._guard("receive of gradients", self.topo.rank + 1):
             dist.recv(buf, src=self.topo.rank + 1)
         return buf
 
@@ -198,7 +200,7 @@ class Communicator:
         if not self.topo.is_first_stage:
             if tensor is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
-            with self._guard("send of gradients", self.topo.rank - 1):
+            with self.tracer.span("backward send"), self._guard("send of gradients", self.topo.rank - 1):
                 dist.send(tensor.contiguous(), dst=self.topo.rank - 1)
 
     # -- collectives --------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class Communicator:
     def all_reduce_data(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over this stage's data-parallel replicas."""
         if self._data_group is not None:
-            with self._guard("data-parallel all-reduce"):
+            with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
                 dist.all_reduce(tensor, group=self._data_group)
 
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
@@ -225,6 +227,29 @@ class Communicator:
         if self._pipeline_group is not None:
             with self._guard("pipeline barrier"):
                 dist.barrier(group=self._pipeline_group)
+
+    def barrier_all(self) -> None:
+        with self._guard("barrier"):
+            dist.barrier(group=self._control_group)
+
+    def clock_offset_us(self, now_us: Callable[[], float], rounds: int = 5) -> float:
+        """Rank 0's clock minus ours, from the fastest of a few ping-pongs with rank 0
+        (half the round trip is assumed each way). Rank 0 answers each peer in turn."""
+        best_rtt, offset = float("inf"), 0.0
+        for peer in range(1, self.topo.world_size):
+            for _ in range(rounds):
+                if self.topo.rank == 0:
+                    dist.recv(torch.zeros(1, dtype=torch.float64), src=peer)
+                    dist.send(torch.tensor([now_us()], dtype=torch.float64), dst=peer)
+                elif self.topo.rank == peer:
+                    sent = now_us()
+                    dist.send(torch.tensor([sent], dtype=torch.float64), dst=0)
+                    theirs = torch.zeros(1, dtype=torch.float64)
+                    dist.recv(theirs, src=0)
+                    back = now_us()
+                    if back - sent < best_rtt:
+                        best_rtt, offset = back - sent, float(theirs) - (sent + back) / 2
+        return offset
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""

@@ -48,7 +48,8 @@ def gpipe_step(
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     loss_total = torch.zeros((), dtype=torch.float32)
-    for micro in micro_batches:
+    tracer = comm.tracer
+    for i, micro in enumerate(micro_batches):
         # communication: activations from the previous stage (None on the first stage)
         x = comm.recv_forward(activation_shape, activation_dtype)
         if x is None:
@@ -57,7 +58,7 @@ def gpipe_step(
             x.requires_grad_(True)
         # forward
         autocast = torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
-        with torch.set_grad_enabled(train), autocast:
+        with tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(train), autocast:
             y = stage(x)
             if micro.labels is not None:
                 y = loss_fn(y, micro.labels)
@@ -68,11 +69,12 @@ def gpipe_step(
             inputs.append(x)
             outputs.append(y)
 
-    for x, y in zip(inputs, outputs, strict=True):
+    for i, (x, y) in enumerate(zip(inputs, outputs, strict=True)):
         # communication: gradient of our output from the next stage (None on the last stage)
         grad = comm.recv_backward(activation_shape, activation_dtype)
         # backward
-        torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
+        with tracer.span("backward compute", f"B{i}"):
+            torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
         # send the gradient of our input back (nothing on the first stage)
         comm.send_backward(x.grad if x.requires_grad else None)
     return loss_total

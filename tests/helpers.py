@@ -71,11 +71,16 @@ class RankResult:
 
 
 def launch(
-    args: list[str], world: int, tmp: Path, timeout: float = 300.0, ranks: list[int] | None = None
+    args: list[str],
+    world: int,
+    tmp: Path,
+    timeout: float = 300.0,
+    ranks: list[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[RankResult]:
     """Start ``dist_clm_train.py`` once per rank (as users do) and wait for all of them."""
     port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in ranks if ranks is not None else range(world):
         log = open(tmp / f"rank{rank}.log", "w+")

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dist_clm_train.py",
         description="Pipeline- and data-parallel fine-tuning of causal LMs from layer-sharded checkpoints.",
     )
+    p.add_argument("--config", default=None, help="YAML file of flags (names as on the command line, which wins)")
     m = p.add_argument_group("model")
     m.add_argument("--model-name", required=True, help="layer-sharded model directory (convert/from_hf.py output)")
     m.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
@@ -116,9 +117,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
     c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
     c.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
+    c.add_argument(
+        "--profiling",
+        choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
+        default="no-profiling",
+        help="tidy_profiling: per-rank and merged Chrome traces, summary and timeline in <checkpoint-path>/trace; "
+        "pytorch_profiling: torch.profiler traces of steps 3-5",
+    )
     c.add_argument("--log-interval", type=int, default=10, help="log a line every N steps (metrics: every step)")
+    c.add_argument("--train-log-backend", choices=("print", "wandb"), default="print", help="where metrics go "
+                   "besides metrics.jsonl; wandb honours WANDB_* variables (WANDB_MODE=offline works)")  # fmt: skip
+    c.add_argument("--project-name", default="dist-clm-train", help="wandb project")
     c.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags from the command line over those of ``--config <yaml>`` (a mapping of flag names)."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        import yaml
+
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {known.config}: expected a mapping of flag names to values")
+        actions = {a.dest: a for a in parser._actions}
+        defaults = {}
+        for key, value in values.items():
+            dest = str(key).lstrip("-").replace("-", "_")
+            if dest not in actions or dest in ("help", "config"):
+                parser.error(f"--config {known.config}: unknown flag {key!r}")
+            action = actions[dest]
+            defaults[dest] = action.type(str(value)) if action.type and not isinstance(value, bool) else value
+            action.required = False  # given by the file; the command line may still override it
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 def _env_int(name: str) -> int | None:
@@ -195,4 +232,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
         log_level=args.log_level,
         log_interval=args.log_interval,
+        profiling=args.profiling,
+        log_backend=args.train_log_backend,
+        project_name=args.project_name,
     )

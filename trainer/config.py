@@ -130,6 +130,9 @@ class RunConfig:
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
+    profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
+    log_backend: str = "print"  # | wandb
+    project_name: str = "dist-clm-train"
 
     def __post_init__(self) -> None:
         if self.log_interval < 1:
@@ -139,6 +142,19 @@ class RunConfig:
     def global_batch_sequences(self) -> int:
         """Sequences per optimizer step, over all replicas and accumulation rounds."""
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
+
+    def summary(self) -> dict:
+        """The run's settings for experiment trackers: no paths beyond the model's, no secrets."""
+        return {
+            "model": self.model.model_name,
+            "pipeline_stages": self.topology.pipeline_size,
+            "replicas": self.topology.data_size,
+            "seq_length": self.data.seq_length,
+            "global_batch_sequences": self.global_batch_sequences,
+            "micro_batch_size": self.batch.micro_batch_size,
+            "tasks": {str(t.path.name): t.weight for t in self.data.tasks},
+            **{k: v for k, v in asdict(self.optim).items()},
+        }
 
     def fingerprint(self) -> str:
         """Hash of every setting that all ranks must share (not rank, device or interface)."""

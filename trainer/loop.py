@@ -17,8 +17,9 @@ from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
-from trainer.metrics import MetricsWriter
+from trainer.metrics import MetricsWriter, Progress
 from trainer.precision import LossScaler, compute_dtype
+from trainer.profiling import Profiler
 from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class Trainer:
         normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer / scale, train=True)
+        with self.comm.tracer.span("pipeline", f"step {step}"):
+            loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer / scale, train=True)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -180,7 +182,8 @@ class Trainer:
                     g.mul_(coef)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            with self.comm.tracer.span("optimizer step"):
+                self.optimizer.step()
         self._after_step(step, finite)
         self.step = step
         elapsed = time.perf_counter() - started
@@ -259,19 +262,27 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         total = cfg.optim.total_steps
-        metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl") if self.is_reporter else None
         if self.step >= total:
             log.info("nothing to do: the checkpoint is at step %d of --total-steps %d", self.step, total)
             return
+        metrics = progress = None
+        if self.is_reporter:
+            metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl", cfg.log_backend, cfg.project_name,
+                                    cfg.summary())  # fmt: skip
+            progress = Progress(total, self.step)
         prefetch = Prefetcher(self.stream, cfg.global_batch_sequences) if self.stream is not None else None
+        profiler = Profiler(cfg, self.comm)
         try:
             while self.step < total:
-                batch = None
-                if prefetch is not None:
-                    batch, self.data_state = prefetch.next()
-                row = self.train_step(batch)
+                with self.comm.tracer.span("step", f"step {self.step + 1}"):
+                    batch = None
+                    if prefetch is not None:
+                        batch, self.data_state = prefetch.next()
+                    row = self.train_step(batch)
+                profiler.stepped()
                 if metrics is not None:
                     metrics.write(row)
+                    progress.update(row)
                     if self.step % cfg.log_interval == 0 or self.step == total:
                         log.info(
                             "step %d/%d loss %.4f lr %.3g %.0f tok/s",
@@ -288,6 +299,10 @@ class Trainer:
         finally:
             if prefetch is not None:
                 prefetch.close()
+            if metrics is not None:
+                progress.close()
+                metrics.close()
+        profiler.finish()
 
 
 def run(cfg: RunConfig) -> None:

@@ -1,0 +1,362 @@
+"""Our GPipe step next to torch.distributed.pipelining's ScheduleGPipe, on the same model and data.
+
+    python bench/pipeline_vs_torch.py [--micro-batch-sizes 1,2] [--steps 20] [--seq-length 32]
+
+Starts 2 ranks itself (Gloo on CPU, each pinned to its own core with one thread). Both ranks
+build the same tiny GPT-NeoX (convert.tiny_model.tiny_config, random weights from a seed) and
+hold one ``Stage`` each: stage 0 = embedding + first layers, stage 1 = the rest + head, split as
+the trainer splits them. For every micro-batch size, one round times three things on the same
+stage objects and the same batch, then zeroes the gradients (outside the timing):
+
+  ours     pipeline.schedule.gpipe_step over Communicator.connect, as trainer/loop.py calls it
+  torch    torch.distributed.pipelining: PipelineStage (wrapping the same Stage) + ScheduleGPipe
+  compute  each stage's forward and backward of every micro-batch, without any communication
+
+Rounds alternate the order of ours and torch so both see the same noise; medians are
+reported. "compute" is the sum over stages (the work one core would do alone), and "ideal"
+is the GPipe step the measured per-micro-batch compute allows when links cost nothing: the
+limit both schedules chase. A check before timing asserts that both schedules give the same
+loss and gradients, so they are timed doing the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+from comm.process_group import CommConfig, Communicator
+from comm.topology import Topology
+from convert.tiny_model import tiny_config
+from modules import family_for
+from pipeline.partition import split_layers
+from pipeline.schedule import MicroBatch, gpipe_step
+from pipeline.stage import Stage
+from trainer.loop import token_loss
+from trainer.startup import part_sizes
+
+log = logging.getLogger("bench.pipeline_vs_torch")
+STAGES = 2  # one stage per rank, one rank per core
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every rank needs to build the same model and batch."""
+
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    seq_length: int
+    batch_size: int
+    micro_batch_sizes: tuple[int, ...]
+    steps: int
+    warmup: int
+    port: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """Medians over the timed rounds of one micro-batch size, in seconds."""
+
+    micro_batch_size: int
+    micro_batches: int
+    ours: float
+    torch: float
+    compute: float  # sum over stages: one core doing all the work
+    ideal: float  # GPipe with free links, from the measured per-micro-batch compute
+
+
+# -- what one rank runs ---------------------------------------------------------------------------
+
+
+def build_stage(setup: Setup, topo: Topology) -> Stage:
+    config = tiny_config("gptneox", setup.vocab, setup.layers, hidden=setup.hidden, heads=setup.heads)
+    config._attn_implementation = "sdpa"  # the kernel the trainer uses (modules.load_config)
+    family = family_for("gptneox")
+    # The trainer's split: balance parameters, counting the embedding and the head.
+    embedding, layer, head = part_sizes(family, config)
+    layers = split_layers(setup.layers, STAGES, layer_cost=layer, first_extra=embedding, last_extra=head)
+    stage = Stage(family, config, layers[topo.stage], topo.is_first_stage, topo.is_last_stage)
+    # Weights depend on the part names and the seed only, so the stages form one model.
+    stage.init_parts(config.initializer_range, SEED)
+    return stage.train()
+
+
+def make_batch(setup: Setup) -> torch.Tensor:
+    """Random token ids, the same on every rank; they are their own labels (plain LM)."""
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, setup.vocab, (setup.batch_size, setup.seq_length), generator=generator)
+
+
+def torch_schedule(
+    stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: Callable
+) -> ScheduleGPipe:
+    """torch's GPipe over our stage, with shapes given up front (static metadata).
+
+    With inputs and outputs described at construction, the schedule skips its first-step
+    shape inference (a real forward/backward plus object sends). The examples live on the
+    meta device: only shape, stride, dtype and requires_grad are read. requires_grad matters:
+    torch derives which gradients travel from it, so the activation between the stages must
+    carry it on both sides, or stage 0 never receives its output gradient.
+    """
+    meta = torch.device("meta")
+    hidden = torch.empty((*micro_shape, setup.hidden), device=meta, requires_grad=True)
+    ids = torch.empty(micro_shape, dtype=torch.long, device=meta)
+    logits = torch.empty((*micro_shape, setup.vocab), device=meta, requires_grad=True)
+    pipe_stage = PipelineStage(
+        stage,
+        stage_index=topo.stage,
+        num_stages=STAGES,
+        device=torch.device("cpu"),
+        input_args=ids if topo.is_first_stage else hidden,
+        output_args=logits if topo.is_last_stage else hidden,
+    )
+    # scale_grads=False: our loss is already divided by the whole batch's token count, so
+    # gradients are summed over micro-batches, as gpipe_step does (the default divides by m).
+    return ScheduleGPipe(pipe_stage, n_microbatches=setup.batch_size // micro_shape[0], loss_fn=loss_fn,
+                         scale_grads=False)  # fmt: skip
+
+
+def compute_only(
+    stage: Stage, topo: Topology, micro: list[MicroBatch], hidden_shape: tuple[int, ...], loss_fn: Callable
+) -> tuple[list[float], list[float]]:
+    """Forward then backward of every micro-batch, GPipe order, no communication.
+
+    Returns the seconds of each forward and each backward. Received activations and
+    gradients are stood in for by random tensors of the right shape (compute does not
+    depend on their values).
+    """
+    generator = torch.Generator().manual_seed(SEED + 1)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for mb in micro:
+        x = mb.input_ids if topo.is_first_stage else torch.randn(hidden_shape, generator=generator).requires_grad_()
+        grad = None if topo.is_last_stage else torch.randn(hidden_shape, generator=generator)
+        started = time.perf_counter()
+        y = stage(x)
+        if mb.labels is not None:
+            y = loss_fn(y, mb.labels)
+        fwd.append(time.perf_counter() - started)
+        saved.append((y, grad))
+    for y, grad in saved:
+        started = time.perf_counter()
+        torch.autograd.backward(y, grad_tensors=grad)
+        bwd.append(time.perf_counter() - started)
+    return fwd, bwd
+
+
+def check_same_work(
+    stage: Stage, topo: Topology, run_ours: Callable[[], torch.Tensor], run_torch: Callable[[], torch.Tensor]
+) -> float:
+    """Largest difference between the two schedules' losses and gradients, over both ranks."""
+    stage.zero_grad(set_to_none=False)
+    loss_ours = run_ours()
+    grads_ours = [p.grad.clone() for p in stage.parameters()]
+    stage.zero_grad(set_to_none=False)
+    loss_torch = run_torch()
+    diffs = [(a - p.grad).abs().max() for a, p in zip(grads_ours, stage.parameters(), strict=True)]
+    diffs.append((loss_ours - loss_torch).abs())
+    stage.zero_grad(set_to_none=False)
+    worst = torch.stack(diffs).max().reshape(1)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def timed(run: Callable[[], object], stage: Stage) -> float:
+    """Seconds of one step on this rank, from a common start; gradients zeroed afterwards."""
+    dist.barrier()  # both ranks start together, so the step time is the slower rank's time
+    started = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - started
+    stage.zero_grad(set_to_none=False)  # outside the timing: the same cost for every variant
+    return elapsed
+
+
+def ideal_gpipe(fwd: list[list[float]], bwd: list[list[float]]) -> float:
+    """End of a GPipe step whose links are free: fwd[s][i] / bwd[s][i] are the compute seconds
+    of micro-batch i on stage s; each waits for its predecessor on the same stage and for the
+    neighbouring stage's output (forward: from s-1, backward: from s+1)."""
+    p, m = len(fwd), len(fwd[0])
+    f_end = [[0.0] * m for _ in range(p)]
+    for s in range(p):
+        for i in range(m):
+            ready = max(f_end[s][i - 1] if i else 0.0, f_end[s - 1][i] if s else 0.0)
+            f_end[s][i] = ready + fwd[s][i]
+    b_end = [[0.0] * m for _ in range(p)]
+    for s in reversed(range(p)):
+        for i in range(m):
+            ready = max(b_end[s][i - 1] if i else f_end[s][m - 1], b_end[s + 1][i] if s < p - 1 else 0.0)
+            b_end[s][i] = ready + bwd[s][i]
+    return max(row[-1] for row in b_end)
+
+
+def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> Row | None:
+    """Time ours, torch's and compute-only for one micro-batch size; rank 0 gets the row."""
+    topo = comm.topo
+    ids = make_batch(setup)
+    m = setup.batch_size // micro_size
+    hidden_shape = (micro_size, setup.seq_length, setup.hidden)
+    # The trainer's loss: summed token cross-entropy over the whole batch's trained tokens.
+    normalizer = setup.batch_size * (setup.seq_length - 1)
+    loss_fn = functools.partial(token_loss, normalizer=normalizer)
+    micro = [
+        MicroBatch(ids[i : i + micro_size] if topo.is_first_stage else None,
+                   ids[i : i + micro_size] if topo.is_last_stage else None)
+        for i in range(0, setup.batch_size, micro_size)
+    ]  # fmt: skip
+    schedule = torch_schedule(stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
+
+    def run_ours() -> torch.Tensor:
+        # exactly Trainer._run_rounds in fp32: activations travel as the weights' dtype
+        return gpipe_step(stage, comm, micro, hidden_shape, torch.float32, loss_fn, True, None)
+
+    def run_torch() -> torch.Tensor:
+        # step() cuts the whole batch into the same contiguous micro-batches (dim 0);
+        # return_outputs=False spares concatenating the logits, which gpipe_step never does.
+        losses: list[torch.Tensor] = []
+        args = (ids,) if topo.is_first_stage else ()
+        target = ids if topo.is_last_stage else None
+        schedule.step(*args, target=target, losses=losses if topo.is_last_stage else None, return_outputs=False)
+        return torch.stack(losses).detach().sum() if losses else torch.zeros(())
+
+    fwd_times: list[list[float]] = []
+    bwd_times: list[list[float]] = []
+
+    def run_compute() -> None:
+        fwd, bwd = compute_only(stage, topo, micro, hidden_shape, loss_fn)
+        fwd_times.append(fwd)
+        bwd_times.append(bwd)
+
+    # The first torch step also runs its warm-up vote between the stages; do it untimed.
+    worst = check_same_work(stage, topo, run_ours, run_torch)
+    if worst > 1e-5:
+        raise RuntimeError(f"the schedules disagree by {worst:.3g} on loss or gradients; timing them means nothing")
+    ours: list[float] = []
+    theirs: list[float] = []
+    for round_index in range(setup.warmup + setup.steps):
+        # Alternate who goes first: a slow spell then hits both schedules alike.
+        pair = [(ours, run_ours), (theirs, run_torch)]
+        for times, run in pair if round_index % 2 == 0 else pair[::-1]:
+            times.append(timed(run, stage))
+        timed(run_compute, stage)
+    del fwd_times[: setup.warmup], bwd_times[: setup.warmup]
+    steps = torch.tensor([ours[setup.warmup :], theirs[setup.warmup :]], dtype=torch.float64)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
+    compute = torch.zeros((STAGES, 2, setup.steps, m), dtype=torch.float64)
+    compute[topo.stage] = torch.tensor([fwd_times, bwd_times], dtype=torch.float64)
+    dist.all_reduce(compute)  # every rank's own stage into one table
+    if topo.rank != 0:
+        return None
+    # Compute figures per round (both stages measured in the same round), then their medians.
+    per_round = [compute[:, :, r] for r in range(setup.steps)]
+    return Row(
+        micro_batch_size=micro_size,
+        micro_batches=m,
+        ours=statistics.median(steps[0].tolist()),
+        torch=statistics.median(steps[1].tolist()),
+        compute=statistics.median(float(c.sum()) for c in per_round),
+        ideal=statistics.median(ideal_gpipe(c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
+    )
+
+
+def worker(rank: int, setup: Setup) -> None:
+    """One rank: pin to a core, join the job, measure every micro-batch size, rank 0 reports."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)  # "Using ScheduleGPipe"
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})  # one core per rank, as on separate GPUs
+    torch.set_num_threads(1)
+    topo = Topology(rank, pipeline_size=STAGES, data_size=1)
+    # Heartbeats are not started: they guard against lost peers, not part of a step's work.
+    comm = Communicator.connect(topo, CommConfig(f"tcp://127.0.0.1:{setup.port}", timeout_s=120.0), torch.device("cpu"))
+    try:
+        stage = build_stage(setup, topo)
+        rows = [measure(setup, comm, stage, size) for size in setup.micro_batch_sizes]
+    except BaseException as err:
+        comm.close(error=f"{type(err).__name__}: {err}")
+        raise
+    comm.close()
+    if rank == 0:
+        report(setup, [row for row in rows if row is not None])
+
+
+def report(setup: Setup, rows: list[Row]) -> None:
+    log.info(
+        "tiny GPT-NeoX: hidden %d, %d layers, vocab %d; batch %d x %d tokens; %d stages on %d cores, fp32, Gloo; "
+        "median of %d steps after %d warm-up",
+        setup.hidden, setup.layers, setup.vocab, setup.batch_size, setup.seq_length, STAGES, STAGES, setup.steps,
+        setup.warmup,
+    )  # fmt: skip
+    header = f"{'schedule':<9} {'micro':>5} {'m':>3} {'ours ms':>8} {'torch ms':>9} {'ours/torch':>10} "
+    header += f"{'ideal ms':>9} {'compute ms':>11}"
+    log.info("%s", header)
+    for row in rows:
+        log.info(
+            "%-9s %5d %3d %8.1f %9.1f %10.2f %9.1f %11.1f",
+            "GPipe", row.micro_batch_size, row.micro_batches, 1e3 * row.ours, 1e3 * row.torch,
+            row.ours / row.torch, 1e3 * row.ideal, 1e3 * row.compute,
+        )  # fmt: skip
+    log.info("ideal: GPipe with free links from the measured compute; compute: both stages' work, summed")
+    log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
+    log.info("%5s %3s %7s %7s %7s %7s", "micro", "m", "ours", "torch", "ideal", "theory")
+    for row in rows:
+        bubble = [1 - row.compute / (STAGES * t) for t in (row.ours, row.torch, row.ideal)]
+        theory = (STAGES - 1) / (row.micro_batches + STAGES - 1)
+        log.info("%5d %3d %7.2f %7.2f %7.2f %7.2f", row.micro_batch_size, row.micro_batches, *bubble, theory)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
+    parser.add_argument("--layers", type=int, default=8, help="transformer layers, split over the 2 stages")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    parser.add_argument("--seq-length", type=int, default=32, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--micro-batch-sizes", default="1,2", help="comma-separated micro-batch sizes to compare")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per schedule; the median is reported")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per schedule first")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sizes = tuple(int(s) for s in args.micro_batch_sizes.split(","))
+    if any(size < 1 or args.batch_size % size for size in sizes):
+        parser.error(f"every micro-batch size must divide --batch-size {args.batch_size}")
+    if len(os.sched_getaffinity(0)) < STAGES:
+        log.warning("fewer than %d cores available: the ranks will share one and the figures mean little", STAGES)
+    setup = Setup(
+        args.hidden, args.layers, args.heads, args.vocab, args.seq_length, args.batch_size, sizes,
+        args.steps, args.warmup, free_port(),
+    )  # fmt: skip
+    os.environ["OMP_NUM_THREADS"] = "1"  # the ranks start with one compute thread each
+    mp.spawn(worker, args=(setup,), nprocs=STAGES, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Profiling traces, quiet non-reporting ranks, metrics plots, wandb offline, flags and launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from comm.trace import LANES
+from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
+from trainer.cli import build_parser, parse_args
+from trainer.plot import plot_metrics
+
+STEPS, MICRO = 6, 4
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def args_for(shards: Path, tasks: str, ckpt: Path, pp: int = 2, steps: int = STEPS, seq: int = 512) -> list[str]:
+    return [
+        "--model-name", str(shards), "--task-name", tasks, "--seq-length", str(seq),
+        "--pipeline-group-size", str(pp), "--batch-size", str(2 * MICRO), "--micro-batch-size", "2",
+        "--lr", "1e-3", "--total-steps", str(steps), "--checkpoint-path", str(ckpt), "--checkpoint-steps", "100",
+        "--log-interval", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    tmp = tmp_path_factory.mktemp("profiled")
+    results = launch([*args_for(tiny_shards, two_tasks, tmp / "ckpt"), "--profiling", "tidy_profiling"], 2, tmp)
+    assert_all_ok(results)
+    return tmp / "ckpt", results
+
+
+def spans(events: list[dict], lane: str, pid: int | None = None) -> list[dict]:
+    return [e for e in events if e.get("ph") == "X" and e["tid"] == LANES.index(lane) and pid in (None, e["pid"])]
+
+
+def test_rank_traces_are_complete(profiled: tuple[Path, list]) -> None:
+    ckpt, _ = profiled
+    for rank in (0, 1):
+        data = json.loads((ckpt / "trace" / f"rank{rank}.json").read_text())
+        events = data["traceEvents"]
+        assert all(e["pid"] == rank for e in events)
+        assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in events if e["ph"] == "X")
+        assert len(spans(events, "step")) == STEPS
+        assert len(spans(events, "forward compute")) == len(spans(events, "backward compute")) == STEPS * MICRO
+        assert len(spans(events, "optimizer step")) == STEPS
+        # stage 0 receives no activations; stage 1 sends none
+        sent, received = ("forward send", "backward recv") if rank == 0 else ("backward send", "forward recv")
+        assert len(spans(events, sent)) == len(spans(events, received)) == STEPS * MICRO
+        assert not spans(events, "forward recv" if rank == 0 else "forward send")
+        names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+        assert names == set(LANES)
+
+
+def test_merged_trace_puts_ranks_on_one_clock(profiled: tuple[Path, list]) -> None:
+    ckpt, _ = profiled
+    events = json.loads((ckpt / "trace" / "merged.json").read_text())["traceEvents"]
+    first, second = spans(events, "forward compute", 0), spans(events, "forward compute", 1)
+    assert len(first) == len(second) == STEPS * MICRO
+    # stage 1 can only start micro-batch i after stage 0 has finished it (1 ms of clock error allowed)
+    for a, b in zip(first, second, strict=True):
+        assert b["ts"] >= a["ts"] + a["dur"] - 1000, (a, b)
+    assert (ckpt / "trace" / "timeline.png").read_bytes().startswith(PNG)
+
+
+def test_summary_bubble_is_close_to_gpipe_theory(profiled: tuple[Path, list]) -> None:
+    ckpt, _ = profiled
+    summary = json.loads((ckpt / "trace" / "summary.json").read_text())
+    assert summary["bubble_theory_gpipe"] == pytest.approx(1 / (MICRO + 1))
+    assert summary["bubble_fraction"] == pytest.approx(summary["bubble_theory_gpipe"], abs=0.12)
+    for rank in summary["ranks"]:
+        assert rank["steps"] == STEPS
+        assert rank["compute_s"] > 0 and rank["communication_s"] > 0
+        assert rank["compute_s"] + rank["communication_s"] + rank["idle_s"] >= rank["wall_s"] * 0.999
+
+
+def test_only_the_reporting_rank_logs_steps(profiled: tuple[Path, list]) -> None:
+    _, results = profiled
+    assert f"step {STEPS}/{STEPS} loss" in results[1].output  # the last stage of replica 0 reports
+    assert " loss " not in results[0].output and "it/s" not in results[0].output
+    assert "it/s" not in results[1].output  # no progress bar when stderr is not a terminal
+
+
+def test_plot_of_metrics(profiled: tuple[Path, list], tmp_path: Path) -> None:
+    ckpt, _ = profiled
+    assert plot_metrics(ckpt / "metrics.jsonl", tmp_path / "m.png").read_bytes().startswith(PNG)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no training rows"):
+        plot_metrics(tmp_path / "empty.jsonl", tmp_path / "e.png")
+
+
+def test_pytorch_profiler_and_wandb_offline(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    profiling = ["--profiling", "pytorch_profiling", "--train-log-backend", "wandb", "--project-name", "unit"]
+    args = [*args_for(tiny_shards, two_tasks, tmp_path / "ckpt", pp=1, seq=64), *profiling]
+    assert_all_ok(launch(args, 1, tmp_path, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}))
+    trace = json.loads((tmp_path / "ckpt" / "trace" / "torch_rank0.json").read_text())
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert len(read_metrics(tmp_path / "ckpt")) == STEPS  # metrics.jsonl is written whatever the backend
+
+
+def test_config_file_holds_flags_and_the_command_line_wins(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("model-name: /models/x\ntask_name: a.jsonl:1\nlr: 0.002\nfp16: true\nnum-layers: 3,2\n")
+    args = parse_args(["--config", str(config), "--lr", "0.5"])
+    assert (args.model_name, args.task_name, args.lr, args.fp16, args.num_layers) == (
+        "/models/x", "a.jsonl:1", 0.5, True, (3, 2))  # fmt: skip
+    config.write_text("model-name: /models/x\ntask-name: a.jsonl\nlearning-rate: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+
+
+def test_help_is_grouped_and_every_flag_explained() -> None:
+    parser = build_parser()
+    titles = {g.title for g in parser._action_groups}
+    assert {"model", "data", "batch", "optimization", "distributed", "device", "checkpoints and logs"} <= titles
+    for action in parser._actions:
+        assert action.help and action.help.strip() not in ("-", ""), action.dest
+
+
+def test_launch_local_stops_every_rank_on_ctrl_c(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    import psutil
+
+    args = args_for(tiny_shards, two_tasks, tmp_path / "ckpt", steps=100000, seq=64)
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    script = subprocess.Popen(["bash", str(ROOT / "example_scripts" / "launch_local.sh"), "2",
+                               "--dist-url", f"tcp://127.0.0.1:{free_port()}", *args],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ckpt" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = psutil.Process(script.pid).children()
+        assert len(ranks) == 2
+        script.send_signal(signal.SIGINT)
+        assert script.wait(timeout=30) != 0
+        _gone, alive = psutil.wait_procs(ranks, timeout=15)
+        assert not alive
+    finally:
+        for child in psutil.Process(script.pid).children() if script.poll() is None else []:
+            child.kill()
+        script.kill()

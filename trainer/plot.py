@@ -1,0 +1,56 @@
+"""Plot a run's metrics.jsonl (loss and validation loss, learning rate, tokens/s) to a PNG.
+
+python -m trainer.plot --metrics model_checkpoints/run1/metrics.jsonl --out run1.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("trainer.plot")
+
+
+def plot_metrics(metrics: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = {r["step"]: r for r in rows if "loss" in r}  # a resumed run's rows replace older ones
+    valid = {r["step"]: r for r in rows if "valid.loss" in r}
+    if not train:
+        raise ValueError(f"{metrics} has no training rows to plot")
+    steps = sorted(train)
+    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    ax_loss.plot(steps, [train[s]["loss"] for s in steps], label="train")
+    if valid:
+        ax_loss.plot(sorted(valid), [valid[s]["valid.loss"] for s in sorted(valid)], "o-", label="valid")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_lr.plot(steps, [train[s]["lr"] for s in steps])
+    ax_lr.set_ylabel("learning rate")
+    ax_speed.plot(steps, [train[s]["tokens_per_s"] for s in steps])
+    ax_speed.set_ylabel("tokens/s")
+    ax_speed.set_xlabel("step")
+    fig.suptitle(str(metrics))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics.jsonl of a run")
+    parser.add_argument("--out", required=True, type=Path, help="PNG to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("wrote %s", plot_metrics(args.metrics, args.out))
+
+
+if __name__ == "__main__":
+    main()
