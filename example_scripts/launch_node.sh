@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Start this node's ranks of a multi-node job: one process per GPU, pipelines of PP stages
+# replicated DP times. The per-family scripts (finetune_<family>.sh) set the defaults.
+#
+#   NODE_RANK=<0..NODES-1> MASTER=<node 0 address> MODEL=<sharded model> DATA=<tasks> \
+#       bash example_scripts/launch_node.sh [extra dist_clm_train.py flags...]
+#
+# Ranks are laid out with pipelines contiguous: node 0 holds ranks 0..GPUS_PER_NODE-1, node 1 the
+# next ones, and so on. Ctrl-C stops every rank of this node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${NODE_RANK:?set NODE_RANK to the index of this node}"
+: "${MASTER:?set MASTER to the address of node 0}"
+: "${MODEL:?set MODEL to a folder written by convert/from_hf.py}"
+: "${DATA:?set DATA to the --task-name list, e.g. a.jsonl:0.8,b.jsonl.zst:0.2}"
+CKPT=${CKPT:-model_checkpoints/$(basename "$MODEL")-ft}
+PORT=${PORT:-7033}
+NET_IF=${NET_IF:-eth0}                          # the interface that reaches the other nodes
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+PP=${PP:-8}
+DP=${DP:-1}
+SEQ=${SEQ:-2048}
+LR=${LR:-1e-5}
+
+export GLOO_SOCKET_IFNAME=$NET_IF NCCL_SOCKET_IFNAME=$NET_IF
+
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+for ((gpu = 0; gpu < GPUS_PER_NODE; gpu++)); do
+    rank=$((NODE_RANK * GPUS_PER_NODE + gpu))
+    python dist_clm_train.py --rank "$rank" --cuda-id "$gpu" \
+        --model-name "$MODEL" --tokenizer-name "$MODEL" --task-name "$DATA" \
+        --dist-url "tcp://$MASTER:$PORT" --net-interface "$NET_IF" \
+        --world-size $((PP * DP)) --pipeline-group-size "$PP" --data-group-size "$DP" \
+        --seq-length "$SEQ" --batch-size 32 --micro-batch-size 1 --gradient-accumulate-step 1 \
+        --lr "$LR" --warmup-steps 10 --total-steps 2000 --fp16 \
+        --checkpoint-path "$CKPT" --checkpoint-steps 100 --load-checkpoint true "$@" &
+    pids+=($!)
+done
+wait
