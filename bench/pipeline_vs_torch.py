@@ -46,6 +46,11 @@ from convert.tiny_model import tiny_config
 from modules import family_for
 from pipeline.partition import split_layers
 from pipeline.schedule import MicroBatch, gpipe_step
+
+try:  # newer pipeline.schedule groups a step's shared arguments in a StepSpec
+    from pipeline.schedule import StepSpec
+except ImportError:
+    StepSpec = None
 from pipeline.stage import Stage
 from trainer.loop import token_loss
 from trainer.startup import part_sizes
@@ -80,7 +85,9 @@ class Row:
     ours: float
     torch: float
     compute: float  # sum over stages: one core doing all the work
+    compute_spread: float  # 90th / 10th percentile of compute over rounds, minus 1: the noise
     ideal: float  # GPipe with free links, from the measured per-micro-batch compute
+    stage_compute: tuple[tuple[float, float], ...]  # per stage: forwards, backwards of a step
 
 
 # -- what one rank runs ---------------------------------------------------------------------------
@@ -225,7 +232,9 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
     schedule = torch_schedule(stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
     def run_ours() -> torch.Tensor:
-        # exactly Trainer._run_rounds in fp32: activations travel as the weights' dtype
+        # as Trainer._run_rounds calls it in fp32: activations travel as the weights' dtype
+        if StepSpec is not None:
+            return gpipe_step(stage, comm, micro, StepSpec(hidden_shape, torch.float32, loss_fn, True, None))
         return gpipe_step(stage, comm, micro, hidden_shape, torch.float32, loss_fn, True, None)
 
     def run_torch() -> torch.Tensor:
@@ -241,9 +250,15 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
     bwd_times: list[list[float]] = []
 
     def run_compute() -> None:
-        fwd, bwd = compute_only(stage, topo, micro, hidden_shape, loss_fn)
-        fwd_times.append(fwd)
-        bwd_times.append(bwd)
+        # One stage at a time, the other ranks idle in the barrier: each stage's compute is
+        # measured alone on its core, as a single rank without communication would run it.
+        for s in range(STAGES):
+            if s == topo.stage:
+                fwd, bwd = compute_only(stage, topo, micro, hidden_shape, loss_fn)
+                fwd_times.append(fwd)
+                bwd_times.append(bwd)
+                stage.zero_grad(set_to_none=False)
+            dist.barrier()
 
     # The first torch step also runs its warm-up vote between the stages; do it untimed.
     worst = check_same_work(stage, topo, run_ours, run_torch)
@@ -256,7 +271,7 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
         pair = [(ours, run_ours), (theirs, run_torch)]
         for times, run in pair if round_index % 2 == 0 else pair[::-1]:
             times.append(timed(run, stage))
-        timed(run_compute, stage)
+        run_compute()
     del fwd_times[: setup.warmup], bwd_times[: setup.warmup]
     steps = torch.tensor([ours[setup.warmup :], theirs[setup.warmup :]], dtype=torch.float64)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
@@ -267,13 +282,19 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
         return None
     # Compute figures per round (both stages measured in the same round), then their medians.
     per_round = [compute[:, :, r] for r in range(setup.steps)]
+    sums = [float(c.sum()) for c in per_round]
+    deciles = statistics.quantiles(sums, n=10)
+    totals = compute.sum(dim=3).tolist()  # [stage][forward, backward][round]: seconds per step
+    stage_compute = tuple((statistics.median(f), statistics.median(b)) for f, b in totals)
     return Row(
         micro_batch_size=micro_size,
         micro_batches=m,
         ours=statistics.median(steps[0].tolist()),
         torch=statistics.median(steps[1].tolist()),
-        compute=statistics.median(float(c.sum()) for c in per_round),
+        compute=statistics.median(sums),
+        compute_spread=deciles[-1] / deciles[0] - 1,
         ideal=statistics.median(ideal_gpipe(c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
+        stage_compute=stage_compute,
     )
 
 
@@ -315,6 +336,16 @@ def report(setup: Setup, rows: list[Row]) -> None:
             row.ours / row.torch, 1e3 * row.ideal, 1e3 * row.compute,
         )  # fmt: skip
     log.info("ideal: GPipe with free links from the measured compute; compute: both stages' work, summed")
+    for row in rows:
+        stages = ", ".join(f"stage {s} F {1e3 * f:.1f} + B {1e3 * b:.1f}" for s, (f, b) in enumerate(row.stage_compute))
+        log.info("compute per step, micro %d (ms): %s", row.micro_batch_size, stages)
+    noisy = [row for row in rows if row.compute_spread > 0.1]
+    if noisy:
+        # The same work varied this much from round to round: something else uses the cores.
+        log.warning(
+            "compute-only time varied by up to %.0f%% between rounds: other load on these cores, figures are noisy",
+            100 * max(row.compute_spread for row in noisy),
+        )
     log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
     log.info("%5s %3s %7s %7s %7s %7s", "micro", "m", "ours", "torch", "ideal", "theory")
     for row in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from comm.compress import Codec
 from comm.health import Heartbeat
 from comm.topology import Topology
 from comm.trace import NULL_TRACER, NullTracer, Tracer
@@ -33,8 +35,20 @@ class CommConfig:
     dp_backend: str = "gloo"
     timeout_s: float = 300.0
     net_interface: str | None = None
+    pp_compress: str = "none"  # activations between stages
+    pp_compress_grad: str = "none"  # their gradients, coming back
+    link_bandwidth_mbps: float = 0.0  # emulated link (0: not held)
+    link_latency_ms: float = 0.0
+
+    @property
+    def emulates_link(self) -> bool:
+        return self.link_bandwidth_mbps > 0 or self.link_latency_ms > 0
 
     def __post_init__(self) -> None:
+        for name in (self.pp_compress, self.pp_compress_grad):
+            Codec(name)  # raises on an unknown name
+        if self.link_bandwidth_mbps < 0 or self.link_latency_ms < 0:
+            raise ValueError("--link-bandwidth-mbps and --link-latency-ms must be >= 0")
         if not self.dist_url.startswith(("tcp://", "env://", "file://")):
             raise ValueError(f"--dist-url {self.dist_url!r} should look like tcp://<master-ip>:<port> or env://")
         for flag, value in (("--dist-backend", self.backend), ("--dp-backend", self.dp_backend)):
@@ -85,6 +99,11 @@ class Communicator:
         self.device = device
         self.timeout_s = cfg.timeout_s
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
+        self.act_codec = Codec(cfg.pp_compress)
+        self.grad_codec = Codec(cfg.pp_compress_grad)
+        self.link = (cfg.link_bandwidth_mbps, cfg.link_latency_ms) if cfg.emulates_link else None
+        self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
+        self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
@@ -175,33 +194,96 @@ class Communicator:
 
     # -- pipeline point-to-point; no-ops at the ends ------------------------------------------
 
+    def _hold_link(self, nbytes: int) -> None:
+        """Link emulation: hold this rank's sends to --link-bandwidth-mbps and --link-latency-ms."""
+        if self.link is not None and nbytes:
+            bandwidth_mbps, latency_ms = self.link
+            time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
+
+    def _exchange(
+        self,
+        lane: str,
+        what: str,
+        peer: int,
+        send: tuple[torch.Tensor, Codec] | None = None,
+        recv: tuple[tuple[int, ...], torch.dtype, Codec] | None = None,
+        wait: bool = True,
+    ) -> torch.Tensor | None:
+        """Send and/or receive with one peer in one batch (both sides post both at once, so
+        Gloo's blocking sends cannot deadlock). ``wait=False`` leaves a send in flight until
+        ``flush()``, so moving one micro-batch overlaps computing the next."""
+        ops, buffers = [], []
+        if send is not None:
+            tensor, codec = send
+            wire = codec.encode(tensor.detach())
+            ops += [dist.P2POp(dist.isend, w, peer) for w in wire]
+            sent = sum(w.nbytes for w in wire)
+            self.bytes_sent += sent
+            self._hold_link(sent)
+        if recv is not None:
+            shape, dtype, codec = recv
+            buffers = [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
+            ops += [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+        with self.tracer.span(lane), self._guard(what, peer):
+            works = dist.batch_isend_irecv(ops)
+            if wait or recv is not None:
+                for work in works:
+                    work.wait()
+            else:
+                self._in_flight.append((works, ops))
+        return recv[2].decode(buffers, recv[1]) if recv is not None else None
+
+    def flush(self) -> None:
+        """Wait for every send still in flight (before the next phase reuses the link)."""
+        with self.tracer.span("forward send", "flush"), self._guard("completion of sends"):
+            for works, _ in self._in_flight:
+                for work in works:
+                    work.wait()
+        self._in_flight.clear()
+
     def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.topo.is_first_stage:
             return None
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        with self.tracer.span("forward recv"), self._guard("receive of activations", self.topo.rank - 1):
-            dist.recv(buf, src=self.topo.rank - 1)
-        return buf
+        return self._exchange("forward recv", "receive of activations", self.topo.rank - 1,
+                              recv=(shape, dtype, self.act_codec))  # fmt: skip
 
-    def send_forward(self, tensor: torch.Tensor) -> None:
+    def send_forward(self, tensor: torch.Tensor, wait: bool = True) -> None:
         if not self.topo.is_last_stage:
-            with self.tracer.span("forward send"), self._guard("send of activations", self.topo.rank + 1):
-                dist.send(tensor.detach().contiguous(), dst=self.topo.rank + 1)
+            self._exchange("forward send", "send of activations", self.topo.rank + 1,
+                           send=(tensor, self.act_codec), wait=wait)  # fmt: skip
 
     def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.topo.is_last_stage:
             return None
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        with self.tracer.span("backward recv"), self._guard("receive of gradients", self.topo.rank + 1):
-            dist.recv(buf, src=self.topo.rank + 1)
-        return buf
+        return self._exchange("backward recv", "receive of gradients", self.topo.rank + 1,
+                              recv=(shape, dtype, self.grad_codec))  # fmt: skip
 
-    def send_backward(self, tensor: torch.Tensor | None) -> None:
+    def send_backward(self, tensor: torch.Tensor | None, wait: bool = True) -> None:
         if not self.topo.is_first_stage:
             if tensor is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
-            with self.tracer.span("backward send"), self._guard("send of gradients", self.topo.rank - 1):
-                dist.send(tensor.contiguous(), dst=self.topo.rank - 1)
+            self._exchange("backward send", "send of gradients", self.topo.rank - 1,
+                           send=(tensor, self.grad_codec), wait=wait)  # fmt: skip
+
+    def send_forward_recv_backward(
+        self, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """1F1B steady state: our activations out and their gradient in, with the next stage."""
+        if self.topo.is_last_stage:
+            return None
+        return self._exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
+                              send=(tensor, self.act_codec), recv=(shape, dtype, self.grad_codec))  # fmt: skip
+
+    def send_backward_recv_forward(
+        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """1F1B steady state: our input's gradient out and the next activations in."""
+        if self.topo.is_first_stage:
+            return None
+        if tensor is None:
+            raise RuntimeError("no gradient to send back: the stage input did not require grad")
+        return self._exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
+                              send=(tensor, self.grad_codec), recv=(shape, dtype, self.act_codec))  # fmt: skip
 
     # -- collectives --------------------------------------------------------------------------
 

@@ -1,11 +1,17 @@
-"""GPipe: all micro-batch forwards, then all backwards, with one loop for every stage.
+"""Pipeline schedules. Each is one loop for every stage: the communicator's helpers return
+``None`` / do nothing at the pipeline ends, so the first stage reads its input from the
+micro-batch, the last turns its output into the loss, and nothing else differs.
+
+GPipe: all forwards, then all backwards (activations of all m micro-batches are held):
 
     stage 0:  F0 F1 F2 F3 . . . . . . . . B0 B1 B2 B3
     stage 1:     F0 F1 F2 F3 B0 B1 B2 B3
 
-The communicator's helpers return ``None`` / do nothing at the pipeline ends, so the first
-stage reads its input from the micro-batch, the last turns its output into the loss, and
-nothing else differs between stages.
+1F1B: after p-1-s warm-up forwards, stage s alternates one forward and one backward, so it
+holds at most p-s micro-batches' activations; gradients add up in the same order as GPipe's:
+
+    stage 0:  F0 F1 .  B0 F2 B1 F3 B2 . B3
+    stage 1:     F0 B0 F1 B1 F2 B2 F3 B3
 """
 
 from __future__ import annotations
@@ -28,53 +34,101 @@ class MicroBatch:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def gpipe_step(
-    stage: nn.Module,
-    comm: Communicator,
-    micro_batches: Sequence[MicroBatch],
-    activation_shape: tuple[int, ...],
-    activation_dtype: torch.dtype,
-    loss_fn: LossFn,
-    train: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Run forward and backward of every micro-batch; gradients accumulate in ``stage``.
+@dataclass
+class StepSpec:
+    """What every micro-batch of a step shares."""
 
-    With ``train=False`` only the forwards run, without autograd (evaluation). Activations
-    and their gradients travel as ``activation_dtype``; ``compute_dtype`` (fp16/bf16) runs
-    the forward under autocast over fp32 weights. Returns the sum of the micro-batch losses
-    on the last stage (as ``loss_fn`` scales them), 0 elsewhere.
-    """
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    loss_total = torch.zeros((), dtype=torch.float32)
-    tracer = comm.tracer
-    for i, micro in enumerate(micro_batches):
-        # communication: activations from the previous stage (None on the first stage)
-        x = comm.recv_forward(activation_shape, activation_dtype)
+    activation_shape: tuple[int, ...]  # (micro, seq, hidden)
+    activation_dtype: torch.dtype  # how activations and their gradients travel
+    loss_fn: LossFn
+    train: bool = True  # False: forwards only, without autograd (evaluation)
+    compute_dtype: torch.dtype | None = None  # fp16/bf16 autocast over fp32 weights
+
+
+class _Runner:
+    """Forward and backward of one micro-batch on this stage; the losses it saw."""
+
+    def __init__(self, stage: nn.Module, comm: Communicator, spec: StepSpec) -> None:
+        self.stage, self.comm, self.spec = stage, comm, spec
+        self.loss_total = torch.zeros((), dtype=torch.float32)
+
+    def forward(self, i: int, micro: MicroBatch, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (input, output); the output is the loss on the last stage."""
+        spec = self.spec
         if x is None:
             x = micro.input_ids
-        elif train:
+        elif spec.train:
             x.requires_grad_(True)
-        # forward
-        autocast = torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None)
-        with tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(train), autocast:
-            y = stage(x)
+        autocast = torch.autocast(x.device.type, dtype=spec.compute_dtype, enabled=spec.compute_dtype is not None)
+        with self.comm.tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(spec.train), autocast:
+            y = self.stage(x)
             if micro.labels is not None:
-                y = loss_fn(y, micro.labels)
-                loss_total += y.detach().float()
-        # send to the next stage (nothing on the last)
-        comm.send_forward(y.detach().to(activation_dtype))
-        if train:
-            inputs.append(x)
-            outputs.append(y)
+                y = spec.loss_fn(y, micro.labels)
+                self.loss_total += y.detach().float()
+        return x, y
 
-    for i, (x, y) in enumerate(zip(inputs, outputs, strict=True)):
-        # communication: gradient of our output from the next stage (None on the last stage)
-        grad = comm.recv_backward(activation_shape, activation_dtype)
-        # backward
-        with tracer.span("backward compute", f"B{i}"):
+    def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Returns the gradient of the stage input (None on the first stage)."""
+        with self.comm.tracer.span("backward compute", f"B{i}"):
             torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
-        # send the gradient of our input back (nothing on the first stage)
-        comm.send_backward(x.grad if x.requires_grad else None)
-    return loss_total
+        return x.grad if x.requires_grad else None
+
+    def sendable(self, y: torch.Tensor) -> torch.Tensor:
+        return y.detach().to(self.spec.activation_dtype)
+
+
+def gpipe_step(
+    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
+) -> torch.Tensor:
+    """All forwards, then all backwards; gradients accumulate in ``stage``. Returns the sum of
+    the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere."""
+    run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, micro in enumerate(micro_batches):
+        x, y = run.forward(i, micro, comm.recv_forward(shape, dtype))
+        comm.send_forward(run.sendable(y), wait=False)  # travels while the next micro-batch computes
+        if spec.train:
+            held.append((x, y))
+    for i, (x, y) in enumerate(held):
+        grad_in = run.backward(i, x, y, comm.recv_backward(shape, dtype))
+        comm.send_backward(grad_in, wait=False)
+    comm.flush()
+    return run.loss_total
+
+
+def one_f_one_b_step(
+    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
+) -> torch.Tensor:
+    """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches."""
+    if not spec.train:
+        return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
+    run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
+    topo, m = comm.topo, len(micro_batches)
+    warmup = min(topo.pipeline_size - topo.stage - 1, m)
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # warm-up: forwards only, filling the pipeline
+    for i in range(warmup):
+        x, y = run.forward(i, micro_batches[i], comm.recv_forward(shape, dtype))
+        comm.send_forward(run.sendable(y))
+        held.append((x, y))
+    # steady state: one forward, one backward; sends and receives paired with each neighbour
+    x_next = comm.recv_forward(shape, dtype) if warmup < m else None
+    for k, i in enumerate(range(warmup, m)):
+        x, y = run.forward(i, micro_batches[i], x_next)
+        held.append((x, y))
+        grad = comm.send_forward_recv_backward(run.sendable(y), shape, dtype)
+        x_old, y_old = held.pop(0)
+        grad_in = run.backward(k, x_old, y_old, grad)
+        if i == m - 1:
+            comm.send_backward(grad_in)
+        else:
+            x_next = comm.send_backward_recv_forward(grad_in, shape, dtype)
+    # cool-down: the backwards left
+    for k in range(m - warmup, m):
+        x_old, y_old = held.pop(0)
+        grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
+        comm.send_backward(grad_in)
+    return run.loss_total
+
+
+SCHEDULES = {"gpipe": gpipe_step, "1f1b": one_f_one_b_step}

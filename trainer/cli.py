@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from comm.compress import CODECS
 from comm.process_group import CommConfig
 from comm.topology import Topology
 from trainer.config import (
@@ -105,7 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None, help="pipeline backend")
     t.add_argument("--dp-backend", choices=("gloo", "nccl"), default=None, help="data-parallel backend")
     t.add_argument("--dp-mode", choices=("allreduce",), default="allreduce", help="gradient sync across replicas")
-    t.add_argument("--pp-mode", choices=("gpipe",), default="gpipe", help="pipeline schedule")
+    t.add_argument(
+        "--pp-mode",
+        choices=("gpipe", "1f1b"),
+        default="gpipe",
+        help="pipeline schedule; 1f1b holds activations of at most pp micro-batches per stage",
+    )
+    t.add_argument(
+        "--pp-compress",
+        choices=CODECS,
+        default="none",
+        help="activations between stages: 16-bit casts or int8/int4 with a scale per token",
+    )
+    t.add_argument(
+        "--pp-compress-grad",
+        choices=CODECS,
+        default="none",
+        help="their gradients on the way back (int4 is lossy: prefer fp16/bf16/int8)",
+    )
+    t.add_argument(
+        "--link-bandwidth-mbps",
+        type=float,
+        default=0.0,
+        help="emulate a link: hold this rank's sends to this rate (0: off)",
+    )
+    t.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a link: delay per message")
     t.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
 
     h = p.add_argument_group("device")
@@ -199,6 +224,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dp_backend=args.dp_backend or default_backend,
         timeout_s=args.comm_timeout,
         net_interface=args.net_interface,
+        pp_compress=args.pp_compress,
+        pp_compress_grad=args.pp_compress_grad,
+        link_bandwidth_mbps=args.link_bandwidth_mbps,
+        link_latency_ms=args.link_latency_ms,
     )
     model_type = args.model_type.replace("-", "") if args.model_type else None
     return RunConfig(
@@ -232,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
         log_level=args.log_level,
         log_interval=args.log_interval,
+        pp_mode=args.pp_mode,
         profiling=args.profiling,
         log_backend=args.train_log_backend,
         project_name=args.project_name,

@@ -130,6 +130,7 @@ class RunConfig:
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
+    pp_mode: str = "gpipe"  # | 1f1b
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
@@ -163,6 +164,7 @@ class RunConfig:
             "dp": self.topology.data_size,
             "dist_url": self.comm.dist_url,
             "backends": [self.comm.backend, self.comm.dp_backend],
+            "pipeline": [self.pp_mode, self.comm.pp_compress, self.comm.pp_compress_grad],
             # Paths may differ between nodes; what they hold and how it is used may not.
             "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
             "data": [

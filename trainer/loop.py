@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from comm.process_group import Communicator
 from comm.topology import Topology
 from convert.layout import latest_step
-from pipeline.schedule import MicroBatch, gpipe_step
+from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, RunConfig
@@ -124,13 +124,11 @@ class Trainer:
         shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or next(self.stage.parameters()).dtype  # activations cross links at compute precision
+        spec = StepSpec(shape, travel, lambda out, lab: token_loss(out, lab, normalizer), train, compute)
+        schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32)
         for round_index in range(rounds):
-            micro = self._micro_batches(batch, round_index)
-            total += gpipe_step(
-                self.stage, self.comm, micro, shape, travel,
-                lambda out, lab: token_loss(out, lab, normalizer), train, compute,
-            )  # fmt: skip
+            total += schedule(self.stage, self.comm, self._micro_batches(batch, round_index), spec)
         return total
 
     # -- training -------------------------------------------------------------------------------
@@ -144,6 +142,7 @@ class Trainer:
         # The loss is the mean over every trained token of the global batch, so each
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
         normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
+        bytes_before = self.comm.bytes_sent
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad(set_to_none=False)
         with self.comm.tracer.span("pipeline", f"step {step}"):
@@ -170,9 +169,12 @@ class Trainer:
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
         counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
-        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum().reshape(1).cpu()
-        self.comm.all_reduce_pipeline(sq)
-        grad_norm = float(sq.sqrt())
+        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum().cpu()
+        # with it, the bytes this pipeline's ranks sent between stages this step
+        sums = torch.stack([sq.double(), torch.tensor(float(self.comm.bytes_sent - bytes_before), dtype=torch.float64)])
+        self.comm.all_reduce_pipeline(sums)
+        grad_norm = float(sums[0].sqrt())
+        comm_bytes = int(sums[1])
         finite = math.isfinite(grad_norm)
         lr = cfg.optim.lr_at(step)
         if finite:
@@ -195,6 +197,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
+            "comm_bytes": comm_bytes,
         }
         if not finite:
             row["skipped"] = True

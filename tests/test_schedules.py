@@ -1,0 +1,142 @@
+"""1F1B and compression between stages: same training as GPipe, bounded memory, fewer bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from comm.compress import Codec
+from comm.topology import Topology
+from comm.trace import NULL_TRACER
+from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
+from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
+
+HIDDEN, SEQ = 8, 4
+
+
+class LoopbackComm:
+    """Stands in for one stage's neighbours: every receive yields a fresh tensor."""
+
+    def __init__(self, stage: int, stages: int) -> None:
+        self.topo = Topology(stage, stages, 1)
+        self.tracer = NULL_TRACER
+
+    def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool) -> torch.Tensor | None:
+        return None if skip else torch.randn(shape, dtype=dtype)
+
+    def recv_forward(self, shape, dtype):
+        return self._fresh(shape, dtype, self.topo.is_first_stage)
+
+    def recv_backward(self, shape, dtype):
+        return self._fresh(shape, dtype, self.topo.is_last_stage)
+
+    def send_forward_recv_backward(self, tensor, shape, dtype):
+        return self.recv_backward(shape, dtype)
+
+    def send_backward_recv_forward(self, tensor, shape, dtype):
+        return self.recv_forward(shape, dtype)
+
+    def send_forward(self, tensor, wait=True) -> None:
+        pass
+
+    def send_backward(self, tensor, wait=True) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class CountingStage(nn.Module):
+    """A stage whose live activations are counted: +1 per forward, -1 when its backward ran."""
+
+    def __init__(self, first: bool) -> None:
+        super().__init__()
+        self.first = first
+        self.embed = nn.Embedding(16, HIDDEN)
+        self.linear = nn.Linear(HIDDEN, HIDDEN)
+        self.live = self.peak = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(self.embed(x) if self.first else x)
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        h.register_hook(self._released)
+        return h
+
+    def _released(self, grad: torch.Tensor) -> None:
+        self.live -= 1
+
+
+@pytest.mark.parametrize("stages,micro", [(4, 8), (3, 6), (2, 1)])
+def test_1f1b_holds_at_most_p_minus_s_micro_batches(stages: int, micro: int) -> None:
+    for s in range(stages):
+        peaks = {}
+        for name, schedule in (("gpipe", gpipe_step), ("1f1b", one_f_one_b_step)):
+            stage = CountingStage(first=s == 0)
+            last = s == stages - 1
+            batches = [MicroBatch(torch.randint(0, 16, (1, SEQ)) if s == 0 else None,
+                                  torch.randint(0, 16, (1, SEQ)) if last else None) for _ in range(micro)]  # fmt: skip
+            spec = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
+            schedule(stage, LoopbackComm(s, stages), batches, spec)
+            assert stage.live == 0  # every forward was backpropagated
+            peaks[name] = stage.peak
+        assert peaks["gpipe"] == micro
+        assert peaks["1f1b"] == min(stages - s, micro), (s, peaks)
+
+
+def test_codecs_round_trip_within_their_precision() -> None:
+    x = torch.randn(2, 16, 64) * torch.logspace(-2, 2, 16).reshape(1, 16, 1)  # tokens of very different scales
+    errors = {}
+    for name in ("none", "fp16", "bf16", "int8", "int4"):
+        codec = Codec(name)
+        wire = codec.encode(x)
+        assert [(tuple(w.shape), w.dtype) for w in wire] == codec.wire(tuple(x.shape), x.dtype)
+        y = codec.decode(wire, torch.float32)
+        # per-token scales: the error is relative to each token's own magnitude
+        errors[name] = float(((y - x).abs().amax(-1) / x.abs().amax(-1)).max())
+    assert errors["none"] == 0
+    assert errors["fp16"] < 1e-3 and errors["bf16"] < 1e-2
+    assert errors["int8"] <= 0.5 / 127 + 1e-6 and errors["int4"] <= 0.5 / 7 + 1e-6
+
+
+def test_1f1b_on_three_stages_matches_hf(tiny_hf: Path, tiny_shards: Path, mixed_tasks: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = [*train_args(tiny_shards, mixed_tasks, ckpt, pp=3, dp=1, batch=4, micro=1, accum=1), "--pp-mode", "1f1b"]
+    assert_all_ok(launch(args, 3, tmp_path))
+    compare_to_reference(tiny_hf, mixed_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+
+
+def test_compressed_activations_cut_bytes_and_keep_the_loss(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    runs = {}
+    for name, flags in (("none", []), ("int8", ["--pp-compress", "int8"]),
+                        ("int4", ["--pp-compress", "int4", "--pp-compress-grad", "int8"])):  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        args = [*train_args(tiny_shards, two_tasks, folder / "ckpt", pp=2, dp=1, batch=4, micro=2, accum=1), *flags]
+        assert_all_ok(launch(args, 2, folder))
+        runs[name] = read_metrics(folder / "ckpt")
+    hidden, tokens = 32, 2 * 32  # tiny model width; tokens per micro-batch (2 x seq 32)
+    plain = runs["none"][0]["comm_bytes"]
+    assert plain == 2 * 2 * tokens * hidden * 4  # 2 micro-batches, activations + gradients, fp32
+    int8 = 2 * (tokens * (hidden + 4)) + 2 * tokens * hidden * 4  # int8 + a float scale per token; fp32 back
+    int4 = 2 * (tokens * (hidden // 2 + 4)) + 2 * (tokens * (hidden + 4))
+    assert [r["comm_bytes"] for r in runs["int8"]] == [int8] * len(runs["int8"])
+    assert [r["comm_bytes"] for r in runs["int4"]] == [int4] * len(runs["int4"])
+    for name in ("int8", "int4"):
+        losses = [r["loss"] for r in runs[name]]
+        assert losses == pytest.approx([r["loss"] for r in runs["none"]], rel=0.03), name
+        assert losses != [r["loss"] for r in runs["none"]]  # really compressed
+
+
+def test_link_emulation_holds_sends_to_the_rate(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = [*train_args(tiny_shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=2, accum=1),
+            "--link-bandwidth-mbps", "2", "--link-latency-ms", "20", "--total-steps", "3"]  # fmt: skip
+    assert_all_ok(launch(args, 2, tmp_path))
+    for row in read_metrics(ckpt):
+        # stage 0 sends half the bytes, one message per micro-batch, before stage 1 can finish
+        floor = (row["comm_bytes"] / 2) * 8 / 2e6 + 2 * 0.020
+        assert row["step_time_s"] >= floor, row
