@@ -1,22 +1,23 @@
 """Our GPipe step next to torch.distributed.pipelining's ScheduleGPipe, on the same model and data.
 
-    python bench/pipeline_vs_torch.py [--micro-batch-sizes 1,2] [--steps 20] [--seq-length 32]
+    python bench/pipeline_vs_torch.py [--micro-batch-sizes 1,2] [--steps 30] [--seq-length 32]
 
 Starts 2 ranks itself (Gloo on CPU, each pinned to its own core with one thread). Both ranks
 build the same tiny GPT-NeoX (convert.tiny_model.tiny_config, random weights from a seed) and
 hold one ``Stage`` each: stage 0 = embedding + first layers, stage 1 = the rest + head, split as
-the trainer splits them. For every micro-batch size, one round times three things on the same
-stage objects and the same batch, then zeroes the gradients (outside the timing):
+the trainer splits them. For every micro-batch size, each round runs, on the same stage objects
+and the same batch, with gradients zeroed after each (outside the timing):
 
   ours     pipeline.schedule.gpipe_step over Communicator.connect, as trainer/loop.py calls it
   torch    torch.distributed.pipelining: PipelineStage (wrapping the same Stage) + ScheduleGPipe
-  compute  each stage's forward and backward of every micro-batch, without any communication
+  compute  each stage's forwards and backwards alone on its core, one stage at a time, no links
 
-Rounds alternate the order of ours and torch so both see the same noise; medians are
-reported. "compute" is the sum over stages (the work one core would do alone), and "ideal"
-is the GPipe step the measured per-micro-batch compute allows when links cost nothing: the
-limit both schedules chase. A check before timing asserts that both schedules give the same
-loss and gradients, so they are timed doing the same work.
+Rounds alternate the order of ours and torch so both see the same noise; the table gives
+medians over rounds, and ours/torch is the median of the per-round ratios. "compute" is the
+sum over stages (the work one core would do alone); "ideal" is the GPipe step that the measured
+per-micro-batch compute allows when links cost nothing: the limit both schedules chase. Before
+timing, both schedules must give the same loss and gradients, so they are timed doing the same
+work. Other processes on the same cores show up as a warning about noisy figures.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ from comm.topology import Topology
 from convert.tiny_model import tiny_config
 from modules import family_for
 from pipeline.partition import split_layers
-from pipeline.schedule import MicroBatch, gpipe_step
-
-try:  # newer pipeline.schedule groups a step's shared arguments in a StepSpec
-    from pipeline.schedule import StepSpec
-except ImportError:
-    StepSpec = None
+from pipeline.schedule import LossFn, MicroBatch, gpipe_step
 from pipeline.stage import Stage
 from trainer.loop import token_loss
 from trainer.startup import part_sizes
+
+try:  # pipeline.schedule is moving a step's shared arguments into a StepSpec; time either form
+    from pipeline.schedule import StepSpec
+except ImportError:
+    StepSpec = None
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
@@ -83,11 +84,13 @@ class Row:
     micro_batch_size: int
     micro_batches: int
     ours: float
-    torch: float
+    theirs: float  # torch's
+    ratio: float  # median over rounds of ours / torch within the round (both saw the same noise)
     compute: float  # sum over stages: one core doing all the work
     compute_spread: float  # 90th / 10th percentile of compute over rounds, minus 1: the noise
     ideal: float  # GPipe with free links, from the measured per-micro-batch compute
     stage_compute: tuple[tuple[float, float], ...]  # per stage: forwards, backwards of a step
+    max_diff: float  # largest loss or gradient difference between the two schedules
 
 
 # -- what one rank runs ---------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def make_batch(setup: Setup) -> torch.Tensor:
 
 
 def torch_schedule(
-    stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: Callable
+    stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: LossFn
 ) -> ScheduleGPipe:
     """torch's GPipe over our stage, with shapes given up front (static metadata).
 
@@ -142,7 +145,7 @@ def torch_schedule(
 
 
 def compute_only(
-    stage: Stage, topo: Topology, micro: list[MicroBatch], hidden_shape: tuple[int, ...], loss_fn: Callable
+    stage: Stage, topo: Topology, micro: list[MicroBatch], hidden_shape: tuple[int, ...], loss_fn: LossFn
 ) -> tuple[list[float], list[float]]:
     """Forward then backward of every micro-batch, GPipe order, no communication.
 
@@ -290,11 +293,13 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
         micro_batch_size=micro_size,
         micro_batches=m,
         ours=statistics.median(steps[0].tolist()),
-        torch=statistics.median(steps[1].tolist()),
+        theirs=statistics.median(steps[1].tolist()),
+        ratio=statistics.median((steps[0] / steps[1]).tolist()),
         compute=statistics.median(sums),
         compute_spread=deciles[-1] / deciles[0] - 1,
         ideal=statistics.median(ideal_gpipe(c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
         stage_compute=stage_compute,
+        max_diff=worst,
     )
 
 
@@ -332,13 +337,22 @@ def report(setup: Setup, rows: list[Row]) -> None:
     for row in rows:
         log.info(
             "%-9s %5d %3d %8.1f %9.1f %10.2f %9.1f %11.1f",
-            "GPipe", row.micro_batch_size, row.micro_batches, 1e3 * row.ours, 1e3 * row.torch,
-            row.ours / row.torch, 1e3 * row.ideal, 1e3 * row.compute,
+            "GPipe", row.micro_batch_size, row.micro_batches, 1e3 * row.ours, 1e3 * row.theirs,
+            row.ratio, 1e3 * row.ideal, 1e3 * row.compute,
         )  # fmt: skip
+    log.info("ours/torch: median of the per-round ratios (a round times both back to back)")
     log.info("ideal: GPipe with free links from the measured compute; compute: both stages' work, summed")
     for row in rows:
         stages = ", ".join(f"stage {s} F {1e3 * f:.1f} + B {1e3 * b:.1f}" for s, (f, b) in enumerate(row.stage_compute))
-        log.info("compute per step, micro %d (ms): %s", row.micro_batch_size, stages)
+        per_stage = [f + b for f, b in row.stage_compute]
+        log.info(
+            "compute per step, micro %d (ms): %s; heaviest / lightest stage %.2f",
+            row.micro_batch_size, stages, max(per_stage) / min(per_stage),
+        )  # fmt: skip
+    log.info(
+        "ours and torch agree on loss and gradients within %.1g (checked before timing)",
+        max(row.max_diff for row in rows),
+    )
     noisy = [row for row in rows if row.compute_spread > 0.1]
     if noisy:
         # The same work varied this much from round to round: something else uses the cores.
@@ -349,9 +363,10 @@ def report(setup: Setup, rows: list[Row]) -> None:
     log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
     log.info("%5s %3s %7s %7s %7s %7s", "micro", "m", "ours", "torch", "ideal", "theory")
     for row in rows:
-        bubble = [1 - row.compute / (STAGES * t) for t in (row.ours, row.torch, row.ideal)]
+        bubble = [1 - row.compute / (STAGES * t) for t in (row.ours, row.theirs, row.ideal)]
         theory = (STAGES - 1) / (row.micro_batches + STAGES - 1)
         log.info("%5d %3d %7.2f %7.2f %7.2f %7.2f", row.micro_batch_size, row.micro_batches, *bubble, theory)
+    log.info("theory assumes equal stages; the heavier last stage (head + loss) adds to ideal's bubble")
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -372,7 +387,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--micro-batch-sizes", default="1,2", help="comma-separated micro-batch sizes to compare")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per schedule; the median is reported")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per schedule; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per schedule first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

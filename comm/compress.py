@@ -59,3 +59,52 @@ class Codec:
         low = (packed & 0xF).to(torch.int16) - 8
         q = torch.stack((high, low), dim=-1).flatten(-2)  # re-interleave: even, odd, even, ...
         return (q.float() * scale).to(dtype)
+
+
+DP_METHODS = ("none", "fp16", "int8", "topk")
+_INT8_CHUNK = 1024  # values sharing one scale in int8 gradient compression
+
+
+class GradientCompressor:
+    """Sends less than fp32 for the data-parallel gradient sum, with error feedback: what one
+    step's compression drops is added to the next step's gradient, so it is delayed, not lost.
+
+    ``encode`` gives this replica's payload (a few tensors of sizes fixed by the gradient's
+    length); the replicas' payloads are all-gathered and ``decode_sum`` adds them up in fp32.
+    """
+
+    def __init__(self, method: str, topk_ratio: float = 0.01) -> None:
+        if method not in DP_METHODS or method == "none":
+            raise ValueError(f"unknown gradient compression {method!r}; choose one of {DP_METHODS}")
+        self.method = method
+        self.topk_ratio = topk_ratio
+        self.residual: torch.Tensor | None = None
+
+    def encode(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        x = flat.float() + (self.residual if self.residual is not None else 0)
+        if self.method == "fp16":
+            payload = [x.to(torch.float16)]
+        elif self.method == "int8":
+            pad = (-x.numel()) % _INT8_CHUNK
+            chunks = torch.nn.functional.pad(x, (0, pad)).view(-1, _INT8_CHUNK)
+            scale = chunks.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+            payload = [torch.round(chunks / scale).to(torch.int8), scale]
+        else:
+            k = max(1, int(x.numel() * self.topk_ratio))
+            index = x.abs().topk(k).indices.to(torch.int32)
+            payload = [x[index.long()], index]
+        self.residual = x - self.decode_sum([payload], x.numel())  # what this step did not send
+        return payload
+
+    def decode_sum(self, payloads: list[list[torch.Tensor]], numel: int) -> torch.Tensor:
+        total = torch.zeros(numel, dtype=torch.float32)
+        for payload in payloads:
+            if self.method == "fp16":
+                total += payload[0].float()
+            elif self.method == "int8":
+                q, scale = payload
+                total += (q.float() * scale).reshape(-1)[:numel]
+            else:
+                values, index = payload
+                total.index_add_(0, index.long(), values.float())
+        return total

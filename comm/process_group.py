@@ -103,6 +103,7 @@ class Communicator:
         self.grad_codec = Codec(cfg.pp_compress_grad)
         self.link = (cfg.link_bandwidth_mbps, cfg.link_latency_ms) if cfg.emulates_link else None
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
+        self.dp_bytes_sent = 0  # and bytes of data-parallel collectives
         self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
@@ -292,6 +293,19 @@ class Communicator:
         if self._data_group is not None:
             with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
                 dist.all_reduce(tensor, group=self._data_group)
+            # a ring all-reduce sends 2(n-1)/n of the buffer from each rank
+            self.dp_bytes_sent += 2 * (self.topo.data_size - 1) * tensor.nbytes // self.topo.data_size
+
+    def all_gather_data(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Every replica's ``tensors`` (same shapes everywhere), by replica."""
+        if self._data_group is None:
+            return [tensors]
+        gathered = [[torch.empty_like(t) for t in tensors] for _ in range(self.topo.data_size)]
+        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-gather"):
+            for i, tensor in enumerate(tensors):
+                dist.all_gather([g[i] for g in gathered], tensor.contiguous(), group=self._data_group)
+        self.dp_bytes_sent += (self.topo.data_size - 1) * sum(t.nbytes for t in tensors)
+        return gathered
 
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from comm.compress import CODECS
+from comm.compress import CODECS, DP_METHODS
 from comm.process_group import CommConfig
 from comm.topology import Topology
 from trainer.config import (
     BatchConfig,
     CheckpointConfig,
     DataConfig,
+    DataParallelConfig,
     EvalConfig,
     ModelConfig,
     OptimConfig,
@@ -105,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--net-interface", default=None, help="network interface Gloo/NCCL bind to, e.g. eth0")
     t.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None, help="pipeline backend")
     t.add_argument("--dp-backend", choices=("gloo", "nccl"), default=None, help="data-parallel backend")
-    t.add_argument("--dp-mode", choices=("allreduce",), default="allreduce", help="gradient sync across replicas")
+    t.add_argument(
+        "--dp-mode",
+        choices=("allreduce", "local"),
+        default="allreduce",
+        help="allreduce: sum gradients every step; local: replicas step alone and average "
+        "their weights every --sync-every steps (for slow links between replicas)",
+    )
+    t.add_argument("--sync-every", type=int, default=8, help="--dp-mode local: steps between weight averages")
+    t.add_argument(
+        "--dp-compress",
+        choices=DP_METHODS,
+        default="none",
+        help="gradient sum across replicas in fp16, int8 or top-k, with error feedback",
+    )
+    t.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
     t.add_argument(
         "--pp-mode",
         choices=("gpipe", "1f1b"),
@@ -262,6 +277,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         log_level=args.log_level,
         log_interval=args.log_interval,
         pp_mode=args.pp_mode,
+        dp=DataParallelConfig(args.dp_mode, args.sync_every, args.dp_compress, args.dp_topk_ratio),
         profiling=args.profiling,
         log_backend=args.train_log_backend,
         project_name=args.project_name,

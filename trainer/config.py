@@ -102,6 +102,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DataParallelConfig:
+    mode: str = "allreduce"  # | local: replicas step alone and average weights every sync_every steps
+    sync_every: int = 1
+    compress: str = "none"  # gradient sum: none | fp16 | int8 | topk (error feedback)
+    topk_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1 or not 0 < self.topk_ratio <= 1:
+            raise ValueError("--sync-every must be >= 1 and --dp-topk-ratio in (0, 1]")
+        if self.mode == "local" and self.compress != "none":
+            raise ValueError("--dp-compress applies to --dp-mode allreduce; local mode sends no gradients")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     path: Path | None = None
     every_steps: int = 0  # 0: only after the last step
@@ -127,6 +141,7 @@ class RunConfig:
     optim: OptimConfig
     checkpoint: CheckpointConfig
     evaluation: EvalConfig = EvalConfig()
+    dp: DataParallelConfig = DataParallelConfig()
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
@@ -135,14 +150,20 @@ class RunConfig:
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
 
-    def __post_init__(self) -> None:
-        if self.log_interval < 1:
-            raise ValueError("--log-interval must be at least 1")
-
     @property
     def global_batch_sequences(self) -> int:
         """Sequences per optimizer step, over all replicas and accumulation rounds."""
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError("--log-interval must be at least 1")
+        if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
+            # checkpoints hold replica 0's weights: only right after a sync are they everyone's
+            raise ValueError(
+                f"--checkpoint-steps {self.checkpoint.every_steps} must be a multiple of --sync-every "
+                f"{self.dp.sync_every} in --dp-mode local"
+            )
 
     def summary(self) -> dict:
         """The run's settings for experiment trackers: no paths beyond the model's, no secrets."""
@@ -165,6 +186,7 @@ class RunConfig:
             "dist_url": self.comm.dist_url,
             "backends": [self.comm.backend, self.comm.dp_backend],
             "pipeline": [self.pp_mode, self.comm.pp_compress, self.comm.pp_compress_grad],
+            "data_parallel": asdict(self.dp),
             # Paths may differ between nodes; what they hold and how it is used may not.
             "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
             "data": [

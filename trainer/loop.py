@@ -9,6 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from comm.compress import GradientCompressor
 from comm.process_group import Communicator
 from comm.topology import Topology
 from convert.layout import latest_step
@@ -61,6 +62,8 @@ class Trainer:
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
         self.scaler: LossScaler | None = None
+        self.compressor: GradientCompressor | None = None
+        self._dp_bytes_reported = 0
         self.nonfinite_run = 0  # consecutive steps skipped for non-finite gradients
 
     def setup(self) -> None:
@@ -77,6 +80,8 @@ class Trainer:
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg.optim, self.params)
         self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
+        compress = cfg.dp.compress != "none" and topo.data_size > 1
+        self.compressor = GradientCompressor(cfg.dp.compress, cfg.dp.topk_ratio) if compress else None
         if self.has_data:
             from transformers import AutoTokenizer
 
@@ -141,7 +146,7 @@ class Trainer:
         torch.manual_seed(cfg.data.seed * 1_000_003 + step * 10_007 + self.topo.rank)
         # The loss is the mean over every trained token of the global batch, so each
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
-        normalizer = max(1, batch.loss_tokens()) if batch is not None else 1
+        normalizer = max(1, self._loss_tokens(batch)) if batch is not None else 1
         bytes_before = self.comm.bytes_sent
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad(set_to_none=False)
@@ -153,15 +158,8 @@ class Trainer:
         if tied is not None:
             self.comm.all_reduce_ends(tied.grad)
 
-        # data parallel: one flat buffer of all gradients (and the loss) per step
         grads = [p.grad for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.to(grads[0]).reshape(1)])
-        self.comm.all_reduce_data(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        loss = flat[-1].detach().cpu() / scale
+        loss = self._sum_over_replicas(grads, loss) / scale
         if scale != 1.0:
             for g in grads:
                 g.div_(scale)
@@ -170,11 +168,14 @@ class Trainer:
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
         counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
         sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum().cpu()
-        # with it, the bytes this pipeline's ranks sent between stages this step
-        sums = torch.stack([sq.double(), torch.tensor(float(self.comm.bytes_sent - bytes_before), dtype=torch.float64)])
+        # with it, the bytes this pipeline's ranks sent between stages this step, and to other
+        # replicas since the last row (local SGD's weight average comes after this point)
+        sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
+        self._dp_bytes_reported = self.comm.dp_bytes_sent
+        sums = torch.tensor([float(sq), *map(float, sent)], dtype=torch.float64)
         self.comm.all_reduce_pipeline(sums)
         grad_norm = float(sums[0].sqrt())
-        comm_bytes = int(sums[1])
+        comm_bytes, dp_bytes = int(sums[1]), int(sums[2])
         finite = math.isfinite(grad_norm)
         lr = cfg.optim.lr_at(step)
         if finite:
@@ -187,6 +188,8 @@ class Trainer:
             with self.comm.tracer.span("optimizer step"):
                 self.optimizer.step()
         self._after_step(step, finite)
+        if self.local_sync_due(step):
+            self._average_weights()  # local SGD: the replicas meet again
         self.step = step
         elapsed = time.perf_counter() - started
         tokens = cfg.global_batch_sequences * cfg.data.seq_length
@@ -198,12 +201,63 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
             "comm_bytes": comm_bytes,
+            "dp_bytes": dp_bytes,
         }
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:
             row["loss_scale"] = scale
         return row
+
+    def _loss_tokens(self, batch: Batch) -> int:
+        """Tokens the loss is averaged over: the whole global batch, or in local mode (where
+        each replica steps on its own) this replica's slices."""
+        if self.cfg.dp.mode != "local":
+            return batch.loss_tokens()
+        size, topo = self.cfg.batch.batch_size, self.topo
+        rounds = range(self.cfg.batch.accumulate_steps)
+        starts = [(a * topo.data_size + topo.replica) * size for a in rounds]
+        return sum(int((batch.labels[s : s + size, 1:] != IGNORE_INDEX).sum()) for s in starts)
+
+    def _sum_over_replicas(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Sum gradients (all modes but local) and the loss over the data-parallel replicas."""
+        dp = self.cfg.dp
+        if dp.mode == "local":  # replicas step on their own gradients; only the loss is shared
+            total = loss.reshape(1).clone()
+            self.comm.all_reduce_data(total)
+            return total[0].detach().cpu() / self.topo.data_size  # the mean of the replicas' losses
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.compressor is None:
+            # one flat buffer of all gradients and the loss: one message per step
+            flat = torch.cat([flat, loss.to(flat).reshape(1)])
+            self.comm.all_reduce_data(flat)
+            summed, total = flat[:-1], flat[-1]
+        else:
+            payloads = self.comm.all_gather_data(self.compressor.encode(flat))
+            summed = self.compressor.decode_sum(payloads, flat.numel()).to(flat)
+            total = loss.reshape(1).clone()
+            self.comm.all_reduce_data(total)
+            total = total[0]
+        offset = 0
+        for g in grads:
+            g.copy_(summed[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return total.detach().cpu()
+
+    def local_sync_due(self, step: int) -> bool:
+        dp = self.cfg.dp
+        return dp.mode == "local" and (step % dp.sync_every == 0 or step == self.cfg.optim.total_steps)
+
+    def _average_weights(self) -> None:
+        """Local SGD's outer step: every replica takes the mean of the replicas' weights."""
+        with torch.no_grad():
+            flat = torch.cat([p.reshape(-1) for p in self.params])
+            self.comm.all_reduce_data(flat)
+            flat /= self.topo.data_size
+            offset = 0
+            for p in self.params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def _after_step(self, step: int, finite: bool) -> None:
         """fp16 adapts its loss scale; fp32/bf16 give up after too many non-finite steps in a row."""

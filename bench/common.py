@@ -1,0 +1,46 @@
+"""Shared by the benchmarks: a small GPT-NeoX built offline, and a run of real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from convert.from_hf import convert_from_hf
+from convert.tiny_model import read_texts, tiny_config, train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_model(folder: Path, corpus: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(read_texts(corpus), vocab_size=1024)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gptneox", len(tokenizer), num_layers=4, hidden=256, heads=8))
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    return convert_from_hf(folder / "hf", folder / "shards")
+
+
+def run(shards: Path, corpus: Path, out: Path, steps: int, flags: list[str]) -> list[dict]:
+    """Train with ``flags`` (which set the topology; 2 ranks unless they say otherwise) and
+    return metrics.jsonl."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    common = ["--model-name", str(shards), "--task-name", str(corpus),
+              "--seq-length", "256", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+              "--total-steps", str(steps), "--checkpoint-path", str(out), "--checkpoint-steps", "1000",
+              "--dist-url", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING", *flags]  # fmt: skip
+    world = int(flags[flags.index("--pipeline-group-size") + 1]) if "--pipeline-group-size" in flags else 1
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(r), *common],
+                              cwd=ROOT, env=env) for r in range(world)]  # fmt: skip
+    if any(p.wait() for p in procs):
+        raise RuntimeError(f"a rank failed with flags {flags}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

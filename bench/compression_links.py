@@ -1,0 +1,64 @@
+"""Step time and loss per compression setting over emulated slow links, side by side.
+
+    python bench/compression_links.py [--bandwidths 1000,100,10] [--steps 8]
+
+Trains a small GPT-NeoX (hidden 256) with 2 pipeline stages on this machine, once per
+(link bandwidth, compression) pair, holding every send to the bandwidth with
+--link-bandwidth-mbps (and 5 ms latency). Prints the median step time, its ratio to fp32 at
+the same bandwidth, the final loss, and beside them the two limits: the step time of compute
+alone (no emulated link) and the time the bytes alone need at that bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import build_model, run  # noqa: E402
+
+log = logging.getLogger("bench.compression_links")
+SETTINGS = {
+    "fp32": [],
+    "fp16": ["--pp-compress", "fp16", "--pp-compress-grad", "fp16"],
+    "int8": ["--pp-compress", "int8", "--pp-compress-grad", "int8"],
+    "int4": ["--pp-compress", "int4", "--pp-compress-grad", "int8"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bandwidths", default="1000,100,10", help="emulated link rates in Mbit/s")
+    parser.add_argument("--steps", type=int, default=8, help="steps per setting (the first is not timed)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shards = build_model(folder, corpus)
+        compute = run(shards, corpus, folder / "compute", args.steps, ["--pipeline-group-size", "2"])
+        compute_s = statistics.median(r["step_time_s"] for r in compute[1:])
+        log.info("compute alone (no emulated link): %.3f s/step\n", compute_s)
+        log.info("%8s %6s %10s %9s %9s %10s %10s", "Mbit/s", "codec", "step s", "vs fp32", "loss", "bytes s",
+                 "bytes/step")  # fmt: skip
+        for mbps in (float(b) for b in args.bandwidths.split(",")):
+            base = None
+            for name, flags in SETTINGS.items():
+                link = ["--link-bandwidth-mbps", str(mbps), "--link-latency-ms", "5"]
+                rows = run(shards, corpus, folder / f"{name}-{mbps:g}", args.steps,
+                           ["--pipeline-group-size", "2", *flags, *link])  # fmt: skip
+                step_s = statistics.median(r["step_time_s"] for r in rows[1:])
+                base = base or step_s
+                wire_s = rows[-1]["comm_bytes"] * 8 / (mbps * 1e6)
+                log.info("%8g %6s %10.3f %8.2fx %9.4f %10.3f %10d", mbps, name, step_s, base / step_s,
+                         rows[-1]["loss"], wire_s, rows[-1]["comm_bytes"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

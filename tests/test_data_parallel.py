@@ -1,0 +1,100 @@
+"""Data-parallel options for slow links between replicas: compressed gradient sums, local SGD."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comm.compress import GradientCompressor
+from tests.helpers import SEED, SEQ, assert_all_ok, assert_same_state, launch, load_hf_state, read_metrics, train_args
+
+
+def dp2_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]:
+    return [*train_args(shards, tasks, ckpt, pp=1, dp=2, batch=4, micro=2, accum=1), *extra]
+
+
+def test_error_feedback_sends_what_was_dropped_later() -> None:
+    grad = torch.randn(5000)
+    for method in ("fp16", "int8", "topk"):
+        compressor = GradientCompressor(method, topk_ratio=0.05)
+        sent = torch.zeros_like(grad)
+        for _ in range(60):  # the same gradient every step: what is sent must add up to it
+            sent += compressor.decode_sum([compressor.encode(grad)], grad.numel())
+        if method != "topk":  # the residual left is at most one step's rounding, spread over 60 steps
+            assert torch.allclose(sent / 60, grad, atol=5e-4), method
+        assert torch.allclose(sent + compressor.residual, 60 * grad, atol=1e-3)  # nothing lost, only delayed
+
+
+@pytest.fixture(scope="module")
+def model_numel(tiny_shards: Path) -> int:
+    return sum(t.numel() for p in tiny_shards.glob("*.safetensors") for t in load_file(p).values())
+
+
+def test_compressed_gradient_sums(tiny_shards: Path, two_tasks: str, tmp_path: Path, model_numel: int) -> None:
+    runs = {}
+    for method in ("none", "fp16", "int8", "topk"):
+        folder = tmp_path / method
+        folder.mkdir()
+        assert_all_ok(launch(dp2_args(tiny_shards, two_tasks, folder / "ckpt", "--dp-compress", method), 2, folder))
+        runs[method] = read_metrics(folder / "ckpt")
+    n = model_numel
+    expected = {
+        "none": (n + 1) * 4,  # ring all-reduce of n fp32 gradients and the loss: 2(n-1)/n of it, n=2
+        "fp16": n * 2 + 4,  # all-gather of fp16 from the other replica, plus the loss
+        "int8": math.ceil(n / 1024) * (1024 + 4) + 4,  # int8 values padded to whole chunks, a scale each
+        "topk": int(n * 0.01) * 8 + 4,  # fp32 values and int32 indices
+    }
+    for method, rows in runs.items():
+        assert {r["dp_bytes"] for r in rows} == {expected[method]}, method
+    plain = [r["loss"] for r in runs["none"]]
+    for method in ("fp16", "int8"):
+        assert [r["loss"] for r in runs[method]] == pytest.approx(plain, rel=0.01), method
+    topk = [r["loss"] for r in runs["topk"]]
+    assert topk[-1] < topk[0] - 0.1  # 1% of the gradient per step, the rest fed back: it still learns
+
+
+def test_local_sgd_matches_replicas_averaged_every_h_steps(
+    tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from tests.helpers import LR, STEPS, WARMUP
+    from trainer.data import TokenStream, parse_task_names
+
+    ckpt = tmp_path / "ckpt"
+    args = dp2_args(tiny_shards, two_tasks, ckpt, "--dp-mode", "local", "--sync-every", "3", "--checkpoint-steps", "3")
+    assert_all_ok(launch(args, 2, tmp_path))
+
+    # Oracle: two HF models, each training on its replica's slices alone, averaged every 3 steps.
+    models = [AutoModelForCausalLM.from_pretrained(tiny_hf, attn_implementation="sdpa").train() for _ in range(2)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0) for m in models]
+    schedulers = [get_linear_schedule_with_warmup(o, WARMUP, STEPS) for o in optimizers]
+    stream = TokenStream(parse_task_names(two_tasks), AutoTokenizer.from_pretrained(tiny_hf), SEQ, SEED)
+    for step in range(1, STEPS + 1):
+        batch = stream.next_batch(8)
+        for r, (model, optimizer, scheduler) in enumerate(zip(models, optimizers, schedulers, strict=True)):
+            mine = slice(4 * r, 4 * r + 4)
+            model(input_ids=batch.input_ids[mine], labels=batch.labels[mine]).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if step % 3 == 0 or step == STEPS:
+            with torch.no_grad():
+                for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+                    mean = (a + b) / 2
+                    a.copy_(mean)
+                    b.copy_(mean)
+    from convert.to_hf import convert_to_hf
+
+    assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), models[0].state_dict())
+
+
+def test_local_mode_checkpoints_only_after_a_sync(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    args = dp2_args(tiny_shards, two_tasks, tmp_path / "ckpt", "--dp-mode", "local", "--sync-every", "4")
+    (result,) = launch(args, 2, tmp_path, ranks=[0])  # --checkpoint-steps 5 is no multiple of 4
+    assert result.returncode != 0 and "--checkpoint-steps 5 must be a multiple of --sync-every 4" in result.output
