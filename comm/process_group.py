@@ -47,6 +47,14 @@ class CommConfig:
     def __post_init__(self) -> None:
         for name in (self.pp_compress, self.pp_compress_grad):
             Codec(name)  # raises on an unknown name
+        if self.net_interface:
+            import psutil
+
+            interfaces = psutil.net_if_addrs()
+            if self.net_interface not in interfaces:
+                raise ValueError(
+                    f"--net-interface {self.net_interface!r} does not exist here; choose one of {sorted(interfaces)}"
+                )
         if self.link_bandwidth_mbps < 0 or self.link_latency_ms < 0:
             raise ValueError("--link-bandwidth-mbps and --link-latency-ms must be >= 0")
         if not self.dist_url.startswith(("tcp://", "env://", "file://")):
@@ -81,12 +89,7 @@ def restart_attempt(dist_url: str) -> str | None:
 
 
 def bind_interface(name: str) -> None:
-    """Make Gloo and NCCL open their sockets on interface ``name`` (checked to exist)."""
-    import psutil
-
-    interfaces = psutil.net_if_addrs()
-    if name not in interfaces:
-        raise ValueError(f"--net-interface {name!r} does not exist here; choose one of {sorted(interfaces)}")
+    """Make Gloo and NCCL open their sockets on interface ``name`` (CommConfig checked it exists)."""
     os.environ["GLOO_SOCKET_IFNAME"] = name
     os.environ["NCCL_SOCKET_IFNAME"] = name
 
