@@ -46,15 +46,10 @@ from comm.topology import Topology
 from convert.tiny_model import tiny_config
 from modules import family_for
 from pipeline.partition import split_layers
-from pipeline.schedule import LossFn, MicroBatch, gpipe_step
+from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step
 from pipeline.stage import Stage
 from trainer.loop import token_loss
 from trainer.startup import part_sizes
-
-try:  # pipeline.schedule is moving a step's shared arguments into a StepSpec; time either form
-    from pipeline.schedule import StepSpec
-except ImportError:
-    StepSpec = None
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
@@ -234,11 +229,11 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
     ]  # fmt: skip
     schedule = torch_schedule(stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
+    # As Trainer._run_rounds builds it in fp32: activations travel as the weights' dtype, no autocast.
+    spec = StepSpec(hidden_shape, torch.float32, loss_fn, train=True, compute_dtype=None)
+
     def run_ours() -> torch.Tensor:
-        # as Trainer._run_rounds calls it in fp32: activations travel as the weights' dtype
-        if StepSpec is not None:
-            return gpipe_step(stage, comm, micro, StepSpec(hidden_shape, torch.float32, loss_fn, True, None))
-        return gpipe_step(stage, comm, micro, hidden_shape, torch.float32, loss_fn, True, None)
+        return gpipe_step(stage, comm, micro, spec)
 
     def run_torch() -> torch.Tensor:
         # step() cuts the whole batch into the same contiguous micro-batches (dim 0);
@@ -349,10 +344,9 @@ def report(setup: Setup, rows: list[Row]) -> None:
             "compute per step, micro %d (ms): %s; heaviest / lightest stage %.2f",
             row.micro_batch_size, stages, max(per_stage) / min(per_stage),
         )  # fmt: skip
-    log.info(
-        "ours and torch agree on loss and gradients within %.1g (checked before timing)",
-        max(row.max_diff for row in rows),
-    )
+    worst = max(row.max_diff for row in rows)
+    agree = "exactly" if worst == 0 else f"within {worst:.1g}"
+    log.info("ours and torch agree on loss and gradients %s (checked before timing)", agree)
     noisy = [row for row in rows if row.compute_spread > 0.1]
     if noisy:
         # The same work varied this much from round to round: something else uses the cores.
@@ -392,6 +386,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = tuple(int(s) for s in args.micro_batch_sizes.split(","))
+    if args.steps < 2 or args.warmup < 0:
+        parser.error("--steps must be at least 2 (medians and spreads need them) and --warmup at least 0")
     if any(size < 1 or args.batch_size % size for size in sizes):
         parser.error(f"every micro-batch size must divide --batch-size {args.batch_size}")
     if len(os.sched_getaffinity(0)) < STAGES:
