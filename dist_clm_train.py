@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
     except (StartupError, ConnectionError, ValueError, OSError, ArithmeticError) as err:
         logging.getLogger("dist_clm_train").error("%s", err)
-        sys.exit(1)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        # Leave now: interpreter shutdown would tear down process groups, which can wait on a
+        # dead or frozen peer. Checkpoints and metrics are already on disk (written atomically).
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ class GradientCompressor:
         self.method = method
         self.topk_ratio = topk_ratio
         self.residual: torch.Tensor | None = None
+        self._before: torch.Tensor | None = None  # the residual before the last encode
 
     def encode(self, flat: torch.Tensor) -> list[torch.Tensor]:
         x = flat.float() + (self.residual if self.residual is not None else 0)
@@ -93,11 +94,16 @@ class GradientCompressor:
             k = max(1, int(x.numel() * self.topk_ratio))
             index = x.abs().topk(k).indices.to(torch.int32)
             payload = [x[index.long()], index]
+        self._before = self.residual
         self.residual = x - self.decode_sum([payload], x.numel())  # what this step did not send
         return payload
 
+    def rollback(self) -> None:
+        """Forget the last encode (its step was skipped, e.g. for non-finite gradients)."""
+        self.residual = self._before
+
     def decode_sum(self, payloads: list[list[torch.Tensor]], numel: int) -> torch.Tensor:
-        total = torch.zeros(numel, dtype=torch.float32)
+        total = torch.zeros(numel, dtype=torch.float32, device=payloads[0][0].device)
         for payload in payloads:
             if self.method == "fp16":
                 total += payload[0].float()

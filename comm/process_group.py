@@ -335,19 +335,21 @@ class Communicator:
         """Rank 0's clock minus ours, from the fastest of a few ping-pongs with rank 0
         (half the round trip is assumed each way). Rank 0 answers each peer in turn."""
         best_rtt, offset = float("inf"), 0.0
-        for peer in range(1, self.topo.world_size):
-            for _ in range(rounds):
-                if self.topo.rank == 0:
-                    dist.recv(torch.zeros(1, dtype=torch.float64), src=peer)
-                    dist.send(torch.tensor([now_us()], dtype=torch.float64), dst=peer)
-                elif self.topo.rank == peer:
-                    sent = now_us()
-                    dist.send(torch.tensor([sent], dtype=torch.float64), dst=0)
-                    theirs = torch.zeros(1, dtype=torch.float64)
-                    dist.recv(theirs, src=0)
-                    back = now_us()
-                    if back - sent < best_rtt:
-                        best_rtt, offset = back - sent, float(theirs) - (sent + back) / 2
+        group = self._control_group  # CPU tensors: Gloo, whatever the pipeline's backend
+        with self._guard("clock synchronisation with rank 0", 0 if self.topo.rank else None):
+            for peer in range(1, self.topo.world_size):
+                for _ in range(rounds):
+                    if self.topo.rank == 0:
+                        dist.recv(torch.zeros(1, dtype=torch.float64), src=peer, group=group)
+                        dist.send(torch.tensor([now_us()], dtype=torch.float64), dst=peer, group=group)
+                    elif self.topo.rank == peer:
+                        sent = now_us()
+                        dist.send(torch.tensor([sent], dtype=torch.float64), dst=0, group=group)
+                        theirs = torch.zeros(1, dtype=torch.float64)
+                        dist.recv(theirs, src=0, group=group)
+                        back = now_us()
+                        if back - sent < best_rtt:
+                            best_rtt, offset = back - sent, float(theirs) - (sent + back) / 2
         return offset
 
     def all_gather_object(self, obj: object) -> list[object]:
@@ -362,8 +364,9 @@ class Communicator:
         others still use); after an error, tell the others why and go."""
         if self.heartbeat is not None:
             self.heartbeat.stop("done" if error is None else error)
-        if error is None:
-            with self._guard("final barrier"):
-                dist.barrier(group=self._control_group)
+        if error is not None:
+            return  # tearing down groups can wait on a frozen peer; the process is about to exit
+        with self._guard("final barrier"):
+            dist.barrier(group=self._control_group)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,7 +2,7 @@
 
 Used by the quickstart and the tests: no hub, a fraction of a second.
 
-    python convert/tiny_model.py --save-dir /tmp/tiny-neox --corpus example_scripts/data/tiny.jsonl
+    python convert/tiny_model.py --save-dir tiny-neox --corpus example_scripts/data/tiny.jsonl
 """
 
 from __future__ import annotations

@@ -17,9 +17,18 @@ cd "$(dirname "$0")/.."
 CKPT=${CKPT:-model_checkpoints/$(basename "$MODEL")-ft}
 PORT=${PORT:-7033}
 NET_IF=${NET_IF:-eth0}                          # the interface that reaches the other nodes
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 PP=${PP:-8}
 DP=${DP:-1}
+WORLD=$((PP * DP))
+GPUS_PER_NODE=${GPUS_PER_NODE:-$((WORLD < 8 ? WORLD : 8))}
+if ((WORLD % GPUS_PER_NODE)); then
+    echo "launch_node.sh: PP x DP = $WORLD ranks do not fill nodes of GPUS_PER_NODE=$GPUS_PER_NODE" >&2
+    exit 2
+fi
+if ((NODE_RANK >= WORLD / GPUS_PER_NODE)); then
+    echo "launch_node.sh: NODE_RANK=$NODE_RANK but the job has only $((WORLD / GPUS_PER_NODE)) nodes" >&2
+    exit 2
+fi
 SEQ=${SEQ:-2048}
 LR=${LR:-1e-5}
 
@@ -32,7 +41,7 @@ for ((gpu = 0; gpu < GPUS_PER_NODE; gpu++)); do
     python dist_clm_train.py --rank "$rank" --cuda-id "$gpu" \
         --model-name "$MODEL" --tokenizer-name "$MODEL" --task-name "$DATA" \
         --dist-url "tcp://$MASTER:$PORT" --net-interface "$NET_IF" \
-        --world-size $((PP * DP)) --pipeline-group-size "$PP" --data-group-size "$DP" \
+        --world-size "$WORLD" --pipeline-group-size "$PP" --data-group-size "$DP" \
         --seq-length "$SEQ" --batch-size 32 --micro-batch-size 1 --gradient-accumulate-step 1 \
         --lr "$LR" --warmup-steps 10 --total-steps 2000 --fp16 \
         --checkpoint-path "$CKPT" --checkpoint-steps 100 --load-checkpoint true "$@" &

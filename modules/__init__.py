@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part
+from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part, part_generator
 from modules.gpt2 import FAMILY as GPT2
 from modules.gptj import FAMILY as GPTJ
 from modules.gptneox import FAMILY as GPTNEOX
@@ -23,6 +23,7 @@ __all__ = [
     "init_weights",
     "layer_part",
     "load_config",
+    "part_generator",
 ]
 
 

@@ -29,12 +29,17 @@ def layer_part(index: int) -> str:
     return f"layer_{index}"
 
 
+def part_generator(seed: int, part: str) -> torch.Generator:
+    """The random stream a part is initialised from: the seed and the part's name, nothing else."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part.encode()))
+
+
 def init_weights(module: nn.Module, std: float, seed: int, part: str) -> None:
     """Fresh weights as HF's causal LMs initialise them, from ``seed`` and the part's name only,
 
     so a model trained from scratch starts the same under every topology.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part.encode()))
+    generator = part_generator(seed, part)
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)) or type(sub).__name__ == "Conv1D":
             with torch.no_grad():
@@ -94,6 +99,8 @@ class Family:
     # (key in the embedding part, key in the head part) of the weights HF ties when
     # ``config.tie_word_embeddings`` is set.
     tied_keys: tuple[str, str]
+    # Learned position embeddings end at config.max_position_embeddings (rotary ones do not).
+    learned_positions: bool = False
 
     def hf_to_shard(self, hf_key: str) -> tuple[str, str]:
         for rule in self.key_rules:

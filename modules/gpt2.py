@@ -33,4 +33,5 @@ FAMILY = Family(
         KeyRule(hf="lm_head.", part=HEAD_PART, local="lm_head."),
     ),
     tied_keys=("wte.weight", "lm_head.weight"),
+    learned_positions=True,
 )

@@ -64,7 +64,7 @@ class _Runner:
             y = self.stage(x)
             if micro.labels is not None:
                 y = spec.loss_fn(y, micro.labels)
-                self.loss_total += y.detach().float()
+                self.loss_total = self.loss_total.to(y.device) + y.detach().float()
         return x, y
 
     def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:

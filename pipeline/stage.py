@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from convert.layout import load_part
-from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part
+from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 
 
 class Stage(nn.Module):
@@ -49,6 +49,12 @@ class Stage(nn.Module):
         """Random weights for training from scratch, independent of how layers are split."""
         for part, module in self.parts().items():
             init_weights(module, std, seed, part)
+        if self.tied_keys and self.head is not None:
+            # a tied output weight (this stage's copy, or the one tensor it shares with the
+            # embedding) starts as the embedding does: the first tensor of the embedding's stream
+            weight = self.head.get_parameter(self.tied_keys[1])
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=part_generator(seed, EMBEDDING_PART)) * std)
 
     def load_parts(self, model_dir: str) -> None:
         """Load every part of this stage from a layer-sharded directory (strict: no silent gaps)."""

@@ -98,3 +98,27 @@ def test_local_mode_checkpoints_only_after_a_sync(tiny_shards: Path, two_tasks: 
     args = dp2_args(tiny_shards, two_tasks, tmp_path / "ckpt", "--dp-mode", "local", "--sync-every", "4")
     (result,) = launch(args, 2, tmp_path, ranks=[0])  # --checkpoint-steps 5 is no multiple of 4
     assert result.returncode != 0 and "--checkpoint-steps 5 must be a multiple of --sync-every 4" in result.output
+
+
+def test_rollback_forgets_a_skipped_step() -> None:
+    compressor = GradientCompressor("int8")
+    compressor.encode(torch.randn(3000))
+    kept = compressor.residual.clone()
+    compressor.encode(torch.full((3000,), float("inf")))  # an overflowed step
+    compressor.rollback()
+    assert torch.equal(compressor.residual, kept)
+
+
+def test_tied_copies_stay_equal_under_compressed_sums(two_tasks: str, tmp_path: Path) -> None:
+    from convert.from_hf import convert_from_hf
+    from convert.tiny_model import build_tiny_model
+    from tests.helpers import bundled_texts
+
+    hf = build_tiny_model(tmp_path / "hf", bundled_texts(), "gpt2", num_layers=4, seed=2)
+    shards = convert_from_hf(hf, tmp_path / "shards")
+    ckpt = tmp_path / "ckpt"
+    args = [*train_args(shards, two_tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=1), "--dp-compress", "int8"]
+    assert_all_ok(launch(args, 4, tmp_path))
+    embedding = load_file(ckpt / "checkpoint_10" / "embs.safetensors")["wte.weight"]
+    head = load_file(ckpt / "checkpoint_10" / "lm_head.safetensors")["lm_head.weight"]
+    assert torch.equal(embedding, head)

@@ -76,3 +76,22 @@ def test_llama_tied_pp2_dp2_matches_hf(
     ckpt = tmp_path / "ckpt"
     assert_all_ok(launch(train_args(shards, two_tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=1), 4, tmp_path))
     compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gptneox", "llama", "gpt2"])
+def test_random_init_ignores_the_split_and_ties_both_ends(family: str) -> None:
+    from convert.tiny_model import tiny_config
+
+    config = tiny_config(family, 100, num_layers=4)
+    config._attn_implementation = "sdpa"
+    spec = family_for(family)
+    split = [Stage(spec, config, range(0, 1), True, False), Stage(spec, config, range(1, 4), False, True)]
+    whole = Stage(spec, config, range(0, 4), True, True)
+    for stage in (*split, whole):
+        stage.init_parts(0.02, seed=5)
+    pieces = {**split[0].state_dict(), **split[1].state_dict()}
+    assert pieces.keys() == whole.state_dict().keys()
+    assert all(torch.equal(pieces[k], v) for k, v in whole.state_dict().items())
+    if config.tie_word_embeddings:
+        embedding_key, head_key = spec.tied_keys
+        assert torch.equal(split[0].embedding.get_parameter(embedding_key), split[1].head.get_parameter(head_key))

@@ -1,6 +1,6 @@
 """Training checkpoints keyed by global layer: any pp x dp can resume any checkpoint.
 
-    <root>/checkpoint_<step>.tmp/    being written; never read, removed by the next attempt
+    <root>/checkpoint_<step>.tmp/    being written; never read, removed when that step is saved again
     <root>/checkpoint_<step>/        complete: renamed from .tmp after every stage has written
         (a layer-sharded model directory: config.json, tokenizer, embs/layer_<i>/lm_head), plus
         optim_<part>.safetensors     AdamW moments and step count of that part's parameters
@@ -77,7 +77,10 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module,
                 # A 0-d int64 was a plain int counter (bitsandbytes' step); torch's own optimizers
                 # keep counters as float tensors, which stay tensors.
                 plain = value.dim() == 0 and value.dtype == torch.int64
-                state[key[len(prefix) :]] = int(value) if plain else value.to(param.device)
+                # 0-d counters stay on the CPU, where torch's optimizers keep their step
+                state[key[len(prefix) :]] = (
+                    int(value) if plain else value if value.dim() == 0 else value.to(param.device)
+                )
         if state:
             optimizer.state[param] = state
 
@@ -137,7 +140,9 @@ def save_checkpoint(
         atomic_write_text(root / "latest", f"{step}\n")
         log.info("saved checkpoint %s", final)
         if keep > 0:
-            for old in complete_steps(root)[:-keep]:
+            steps = complete_steps(root)
+            # oldest first, and never a step newer than this one (left from before latest was rewound)
+            for old in [s for s in steps if s < step][: max(0, len(steps) - keep)]:
                 shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
 
 

@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
 
     d = p.add_argument_group("data")
-    d.add_argument("--task-name", required=True, help="path[:weight],... of jsonl files with a 'text' field")
+    d.add_argument(
+        "--task-name",
+        required=True,
+        help="path[:weight],... of .jsonl, .jsonl.zst, .csv files or "
+        "datasets folders; records hold 'text', or 'prompt' with 'completion'/'generation'/'response'",
+    )
     d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
     d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
     d.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed records, not stop")
@@ -181,8 +186,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if known.config:
         import yaml
 
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(known.config) as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as err:
+            parser.error(f"--config {known.config}: {str(err).splitlines()[0]}")
         if not isinstance(values, dict):
             parser.error(f"--config {known.config}: expected a mapping of flag names to values")
         actions = {a.dest: a for a in parser._actions}
@@ -192,7 +200,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if dest not in actions or dest in ("help", "config"):
                 parser.error(f"--config {known.config}: unknown flag {key!r}")
             action = actions[dest]
-            defaults[dest] = action.type(str(value)) if action.type and not isinstance(value, bool) else value
+            try:
+                value = action.type(str(value)) if action.type and not isinstance(value, bool) else value
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                parser.error(f"--config {known.config}: {key}: {err}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"--config {known.config}: {key} {value!r} is not one of {list(action.choices)}")
+            defaults[dest] = value
             action.required = False  # given by the file; the command line may still override it
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)

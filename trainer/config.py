@@ -187,6 +187,7 @@ class RunConfig:
             "backends": [self.comm.backend, self.comm.dp_backend],
             "pipeline": [self.pp_mode, self.comm.pp_compress, self.comm.pp_compress_grad],
             "data_parallel": asdict(self.dp),
+            "profiling": self.profiling,
             # Paths may differ between nodes; what they hold and how it is used may not.
             "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
             "data": [

@@ -35,6 +35,14 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: int) -> t
     return loss / normalizer
 
 
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` back into ``tensors``."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def make_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (``adam`` is its alias) or bitsandbytes' 8-bit AdamW, imported only when asked for."""
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
@@ -131,7 +139,7 @@ class Trainer:
         travel = compute or next(self.stage.parameters()).dtype  # activations cross links at compute precision
         spec = StepSpec(shape, travel, lambda out, lab: token_loss(out, lab, normalizer), train, compute)
         schedule = SCHEDULES[cfg.pp_mode]
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for round_index in range(rounds):
             total += schedule(self.stage, self.comm, self._micro_batches(batch, round_index), spec)
         return total
@@ -159,24 +167,26 @@ class Trainer:
             self.comm.all_reduce_ends(tied.grad)
 
         grads = [p.grad for p in self.params]
-        loss = self._sum_over_replicas(grads, loss) / scale
-        if scale != 1.0:
+        if scale != 1.0:  # back to true units before anything else sees them (compression included)
             for g in grads:
                 g.div_(scale)
+        loss = self._sum_over_replicas(tied, loss) / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
         counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
-        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum().cpu()
+        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum()
         # with it, the bytes this pipeline's ranks sent between stages this step, and to other
         # replicas since the last row (local SGD's weight average comes after this point)
         sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
         self._dp_bytes_reported = self.comm.dp_bytes_sent
-        sums = torch.tensor([float(sq), *map(float, sent)], dtype=torch.float64)
+        sums = torch.tensor([float(sq), *map(float, sent)], dtype=torch.float64, device=self.device)
         self.comm.all_reduce_pipeline(sums)
         grad_norm = float(sums[0].sqrt())
         comm_bytes, dp_bytes = int(sums[1]), int(sums[2])
         finite = math.isfinite(grad_norm)
+        if not finite and self.compressor is not None:
+            self.compressor.rollback()  # a skipped step must not poison the error feedback
         lr = cfg.optim.lr_at(step)
         if finite:
             if cfg.optim.max_grad_norm > 0:
@@ -219,30 +229,24 @@ class Trainer:
         starts = [(a * topo.data_size + topo.replica) * size for a in rounds]
         return sum(int((batch.labels[s : s + size, 1:] != IGNORE_INDEX).sum()) for s in starts)
 
-    def _sum_over_replicas(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    def _sum_over_replicas(self, tied: torch.nn.Parameter | None, loss: torch.Tensor) -> torch.Tensor:
         """Sum gradients (all modes but local) and the loss over the data-parallel replicas."""
         dp = self.cfg.dp
+        loss = loss.to(self.device).reshape(1)
         if dp.mode == "local":  # replicas step on their own gradients; only the loss is shared
-            total = loss.reshape(1).clone()
-            self.comm.all_reduce_data(total)
-            return total[0].detach().cpu() / self.topo.data_size  # the mean of the replicas' losses
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if self.compressor is None:
-            # one flat buffer of all gradients and the loss: one message per step
-            flat = torch.cat([flat, loss.to(flat).reshape(1)])
-            self.comm.all_reduce_data(flat)
-            summed, total = flat[:-1], flat[-1]
-        else:
-            payloads = self.comm.all_gather_data(self.compressor.encode(flat))
-            summed = self.compressor.decode_sum(payloads, flat.numel()).to(flat)
-            total = loss.reshape(1).clone()
-            self.comm.all_reduce_data(total)
-            total = total[0]
-        offset = 0
-        for g in grads:
-            g.copy_(summed[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return total.detach().cpu()
+            self.comm.all_reduce_data(loss)
+            return loss[0].detach().cpu() / self.topo.data_size  # the mean of the replicas' losses
+        # A tied copy's gradient is summed exactly: compressed, the two ends would round it apart.
+        exact = [p.grad for p in self.params if self.compressor is None or p is tied]
+        flat = torch.cat([*(g.reshape(-1) for g in exact), loss.to(exact[0] if exact else loss)])
+        self.comm.all_reduce_data(flat)  # one message: the exact gradients and the loss
+        _unflatten(flat[:-1], exact)
+        if self.compressor is not None:
+            rest = [p.grad for p in self.params if p is not tied]
+            packed = torch.cat([g.reshape(-1) for g in rest])
+            payloads = self.comm.all_gather_data(self.compressor.encode(packed))
+            _unflatten(self.compressor.decode_sum(payloads, packed.numel()).to(packed), rest)
+        return flat[-1].detach().cpu()
 
     def local_sync_due(self, step: int) -> bool:
         dp = self.cfg.dp
@@ -253,11 +257,7 @@ class Trainer:
         with torch.no_grad():
             flat = torch.cat([p.reshape(-1) for p in self.params])
             self.comm.all_reduce_data(flat)
-            flat /= self.topo.data_size
-            offset = 0
-            for p in self.params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            _unflatten(flat / self.topo.data_size, list(self.params))
 
     def _after_step(self, step: int, finite: bool) -> None:
         """fp16 adapts its loss scale; fp32/bf16 give up after too many non-finite steps in a row."""
@@ -287,7 +287,7 @@ class Trainer:
         if self.has_data:
             tasks = parse_task_names(str(cfg.evaluation.path))
             stream = TokenStream(tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines)
-        totals = torch.zeros(2, dtype=torch.float64)  # summed loss, loss tokens
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * topo.data_size) if stream is not None else None

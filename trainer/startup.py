@@ -41,6 +41,12 @@ def plan_stage(cfg: RunConfig) -> Plan:
             f"--embedding-dim {cfg.model.embedding_dim} != hidden size {model_config.hidden_size} in config.json; "
             "drop the flag or fix it"
         )
+    limit = model_config.max_position_embeddings
+    if family.learned_positions and cfg.data.seq_length > limit:
+        raise ValueError(
+            f"--seq-length {cfg.data.seq_length} is longer than the {limit} positions this {family.name} model "
+            f"learned; use --seq-length {limit} or less"
+        )
     embedding, layer, head = part_sizes(family, model_config)
     split = split_layers(
         model_config.num_hidden_layers,
