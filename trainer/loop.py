@@ -26,8 +26,9 @@ from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 log = logging.getLogger(__name__)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """Summed next-token cross-entropy of a micro-batch, divided by ``normalizer``."""
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Summed next-token cross-entropy of a micro-batch, divided by ``normalizer`` (the global
+    batch's trained-token count; over fp16's loss scale, which multiplies the loss)."""
     vocab = logits.shape[-1]
     shifted_logits = logits[:, :-1].reshape(-1, vocab).float()  # position t predicts token t+1
     shifted_labels = labels[:, 1:].reshape(-1)
