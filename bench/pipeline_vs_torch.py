@@ -1,23 +1,25 @@
-"""Our GPipe step next to torch.distributed.pipelining's ScheduleGPipe, on the same model and data.
+"""Our GPipe and 1F1B steps next to torch.distributed.pipelining's ScheduleGPipe and Schedule1F1B.
 
     python bench/pipeline_vs_torch.py [--micro-batch-sizes 1,2] [--steps 30] [--seq-length 32]
 
 Starts 2 ranks itself (Gloo on CPU, each pinned to its own core with one thread). Both ranks
 build the same tiny GPT-NeoX (convert.tiny_model.tiny_config, random weights from a seed) and
 hold one ``Stage`` each: stage 0 = embedding + first layers, stage 1 = the rest + head, split as
-the trainer splits them. For every micro-batch size, each round runs, on the same stage objects
-and the same batch, with gradients zeroed after each (outside the timing):
+the trainer splits them. For every schedule (GPipe, 1F1B) and micro-batch size, each round runs,
+on the same stage objects and the same batch, with gradients zeroed after each (outside the timing):
 
-  ours     pipeline.schedule.gpipe_step over Communicator.connect, as trainer/loop.py calls it
-  torch    torch.distributed.pipelining: PipelineStage (wrapping the same Stage) + ScheduleGPipe
+  ours     pipeline.schedule.gpipe_step / one_f_one_b_step over Communicator.connect, as
+           trainer/loop.py calls them
+  torch    torch.distributed.pipelining: PipelineStage (wrapping the same Stage) + ScheduleGPipe /
+           Schedule1F1B
   compute  each stage's forwards and backwards alone on its core, one stage at a time, no links
 
 Rounds alternate the order of ours and torch so both see the same noise; the table gives
 medians over rounds, and ours/torch is the median of the per-round ratios. "compute" is the
-sum over stages (the work one core would do alone); "ideal" is the GPipe step that the measured
-per-micro-batch compute allows when links cost nothing: the limit both schedules chase. Before
-timing, both schedules must give the same loss and gradients, so they are timed doing the same
-work. Other processes on the same cores show up as a warning about noisy figures.
+sum over stages (the work one core would do alone); "ideal" is the step of the schedule that the
+measured per-micro-batch compute allows when links cost nothing: the limit ours and torch chase.
+Before timing, ours and torch (and for 1F1B, our GPipe) must give the same loss and gradients, so
+they are timed doing the same work. Other processes on the same cores show up as a warning about noisy figures.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from comm.process_group import CommConfig, Communicator
 from comm.topology import Topology
 from convert.tiny_model import tiny_config
 from modules import family_for
 from pipeline.partition import split_layers
-from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step
+from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
 from pipeline.stage import Stage
 from trainer.loop import token_loss
 from trainer.startup import part_sizes
@@ -54,6 +56,8 @@ from trainer.startup import part_sizes
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
 SEED = 0
+# Table name -> (our step, torch's schedule class): the same schedule on both sides.
+SCHEDULES = {"GPipe": (gpipe_step, ScheduleGPipe), "1F1B": (one_f_one_b_step, Schedule1F1B)}
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ class Setup:
 
 @dataclass(frozen=True)
 class Row:
-    """Medians over the timed rounds of one micro-batch size, in seconds."""
+    """Medians over the timed rounds of one schedule and micro-batch size, in seconds."""
 
+    schedule: str  # a key of SCHEDULES
     micro_batch_size: int
     micro_batches: int
     ours: float
@@ -83,9 +88,9 @@ class Row:
     ratio: float  # median over rounds of ours / torch within the round (both saw the same noise)
     compute: float  # sum over stages: one core doing all the work
     compute_spread: float  # 90th / 10th percentile of compute over rounds, minus 1: the noise
-    ideal: float  # GPipe with free links, from the measured per-micro-batch compute
+    ideal: float  # the schedule with free links, from the measured per-micro-batch compute
     stage_compute: tuple[tuple[float, float], ...]  # per stage: forwards, backwards of a step
-    max_diff: float  # largest loss or gradient difference between the two schedules
+    max_diff: float  # largest loss or gradient difference between ours, torch (and our GPipe)
 
 
 # -- what one rank runs ---------------------------------------------------------------------------
@@ -111,9 +116,9 @@ def make_batch(setup: Setup) -> torch.Tensor:
 
 
 def torch_schedule(
-    stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: LossFn
-) -> ScheduleGPipe:
-    """torch's GPipe over our stage, with shapes given up front (static metadata).
+    name: str, stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: LossFn
+) -> ScheduleGPipe | Schedule1F1B:
+    """torch's schedule ``name`` over our stage, with shapes given up front (static metadata).
 
     With inputs and outputs described at construction, the schedule skips its first-step
     shape inference (a real forward/backward plus object sends). The examples live on the
@@ -134,9 +139,9 @@ def torch_schedule(
         output_args=logits if topo.is_last_stage else hidden,
     )
     # scale_grads=False: our loss is already divided by the whole batch's token count, so
-    # gradients are summed over micro-batches, as gpipe_step does (the default divides by m).
-    return ScheduleGPipe(pipe_stage, n_microbatches=setup.batch_size // micro_shape[0], loss_fn=loss_fn,
-                         scale_grads=False)  # fmt: skip
+    # gradients are summed over micro-batches, as our steps do (the default divides by m).
+    return SCHEDULES[name][1](pipe_stage, n_microbatches=setup.batch_size // micro_shape[0], loss_fn=loss_fn,
+                              scale_grads=False)  # fmt: skip
 
 
 def compute_only(
@@ -168,18 +173,14 @@ def compute_only(
     return fwd, bwd
 
 
-def check_same_work(
-    stage: Stage, topo: Topology, run_ours: Callable[[], torch.Tensor], run_torch: Callable[[], torch.Tensor]
-) -> float:
-    """Largest difference between the two schedules' losses and gradients, over both ranks."""
+def check_same_work(stage: Stage, topo: Topology, runs: list[Callable[[], torch.Tensor]]) -> float:
+    """Largest difference of the later runs' losses and gradients from the first's, over both ranks."""
+    results: list[list[torch.Tensor]] = []  # per run: loss, then every gradient
+    for run in runs:
+        stage.zero_grad(set_to_none=False)
+        results.append([run(), *(p.grad.clone() for p in stage.parameters())])
     stage.zero_grad(set_to_none=False)
-    loss_ours = run_ours()
-    grads_ours = [p.grad.clone() for p in stage.parameters()]
-    stage.zero_grad(set_to_none=False)
-    loss_torch = run_torch()
-    diffs = [(a - p.grad).abs().max() for a, p in zip(grads_ours, stage.parameters(), strict=True)]
-    diffs.append((loss_ours - loss_torch).abs())
-    stage.zero_grad(set_to_none=False)
+    diffs = [(a - b).abs().max() for later in results[1:] for a, b in zip(results[0], later, strict=True)]
     worst = torch.stack(diffs).max().reshape(1)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst)
@@ -195,26 +196,39 @@ def timed(run: Callable[[], object], stage: Stage) -> float:
     return elapsed
 
 
-def ideal_gpipe(fwd: list[list[float]], bwd: list[list[float]]) -> float:
-    """End of a GPipe step whose links are free: fwd[s][i] / bwd[s][i] are the compute seconds
-    of micro-batch i on stage s; each waits for its predecessor on the same stage and for the
-    neighbouring stage's output (forward: from s-1, backward: from s+1)."""
-    p, m = len(fwd), len(fwd[0])
-    f_end = [[0.0] * m for _ in range(p)]
-    for s in range(p):
-        for i in range(m):
-            ready = max(f_end[s][i - 1] if i else 0.0, f_end[s - 1][i] if s else 0.0)
-            f_end[s][i] = ready + fwd[s][i]
-    b_end = [[0.0] * m for _ in range(p)]
-    for s in reversed(range(p)):
-        for i in range(m):
-            ready = max(b_end[s][i - 1] if i else f_end[s][m - 1], b_end[s + 1][i] if s < p - 1 else 0.0)
-            b_end[s][i] = ready + bwd[s][i]
-    return max(row[-1] for row in b_end)
+def stage_order(schedule: str, stage: int, m: int) -> list[tuple[str, int]]:
+    """The order in which ``stage`` runs forwards ("F", i) and backwards ("B", i) under ``schedule``."""
+    if schedule == "GPipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warmup = min(STAGES - 1 - stage, m)  # 1F1B: warm-up forwards, then one forward, one backward
+    order = [("F", i) for i in range(warmup)]
+    for i in range(warmup, m):
+        order += [("F", i), ("B", i - warmup)]
+    return order + [("B", i) for i in range(m - warmup, m)]
 
 
-def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> Row | None:
-    """Time ours, torch's and compute-only for one micro-batch size; rank 0 gets the row."""
+def ideal_step(schedule: str, fwd: list[list[float]], bwd: list[list[float]]) -> float:
+    """End of a step whose links are free: fwd[s][i] / bwd[s][i] are the compute seconds of
+    micro-batch i on stage s; each runs in its stage's order, after the one before it and after
+    the neighbouring stage's output (forward: from s-1, backward: from s+1)."""
+    orders = [stage_order(schedule, s, len(fwd[0])) for s in range(len(fwd))]  # what is left to run
+    clock = [0.0] * len(fwd)  # when each stage's latest op ended
+    end: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> when it ended
+    while any(orders):
+        for s, order in enumerate(orders):  # run each stage as far as its inputs allow
+            while order:
+                kind, i = order[0]
+                source = (kind, s - 1 if kind == "F" else s + 1, i)
+                if 0 <= source[1] < len(fwd) and source not in end:
+                    break  # waits for the neighbour's output
+                order.pop(0)
+                clock[s] = max(clock[s], end.get(source, 0.0)) + (fwd if kind == "F" else bwd)[s][i]
+                end[kind, s, i] = clock[s]
+    return max(clock)
+
+
+def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_size: int) -> Row | None:
+    """Time ours, torch's and compute-only for one schedule and micro-batch size; rank 0 gets the row."""
     topo = comm.topo
     ids = make_batch(setup)
     m = setup.batch_size // micro_size
@@ -227,17 +241,18 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
                    ids[i : i + micro_size] if topo.is_last_stage else None)
         for i in range(0, setup.batch_size, micro_size)
     ]  # fmt: skip
-    schedule = torch_schedule(stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
+    our_step = SCHEDULES[name][0]
+    schedule = torch_schedule(name, stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
     # As Trainer._run_rounds builds it in fp32: activations travel as the weights' dtype, no autocast.
     spec = StepSpec(hidden_shape, torch.float32, loss_fn, train=True, compute_dtype=None)
 
     def run_ours() -> torch.Tensor:
-        return gpipe_step(stage, comm, micro, spec)
+        return our_step(stage, comm, micro, spec)
 
     def run_torch() -> torch.Tensor:
         # step() cuts the whole batch into the same contiguous micro-batches (dim 0);
-        # return_outputs=False spares concatenating the logits, which gpipe_step never does.
+        # return_outputs=False spares concatenating the logits, which our steps never do.
         losses: list[torch.Tensor] = []
         args = (ids,) if topo.is_first_stage else ()
         target = ids if topo.is_last_stage else None
@@ -259,9 +274,11 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
             dist.barrier()
 
     # The first torch step also runs its warm-up vote between the stages; do it untimed.
-    worst = check_same_work(stage, topo, run_ours, run_torch)
+    # Every schedule must reproduce our GPipe's loss and gradients (1F1B only reorders the work).
+    reference = [] if our_step is gpipe_step else [functools.partial(gpipe_step, stage, comm, micro, spec)]
+    worst = check_same_work(stage, topo, [run_ours, run_torch, *reference])
     if worst > 1e-5:
-        raise RuntimeError(f"the schedules disagree by {worst:.3g} on loss or gradients; timing them means nothing")
+        raise RuntimeError(f"{name}: the runs disagree by {worst:.3g} on loss or gradients; timing them means nothing")
     ours: list[float] = []
     theirs: list[float] = []
     for round_index in range(setup.warmup + setup.steps):
@@ -285,6 +302,7 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
     totals = compute.sum(dim=3).tolist()  # [stage][forward, backward][round]: seconds per step
     stage_compute = tuple((statistics.median(f), statistics.median(b)) for f, b in totals)
     return Row(
+        schedule=name,
         micro_batch_size=micro_size,
         micro_batches=m,
         ours=statistics.median(steps[0].tolist()),
@@ -292,16 +310,16 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, micro_size: int) -> 
         ratio=statistics.median((steps[0] / steps[1]).tolist()),
         compute=statistics.median(sums),
         compute_spread=deciles[-1] / deciles[0] - 1,
-        ideal=statistics.median(ideal_gpipe(c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
+        ideal=statistics.median(ideal_step(name, c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
         stage_compute=stage_compute,
         max_diff=worst,
     )
 
 
 def worker(rank: int, setup: Setup) -> None:
-    """One rank: pin to a core, join the job, measure every micro-batch size, rank 0 reports."""
+    """One rank: pin to a core, join the job, measure every schedule and micro-batch size, rank 0 reports."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)  # "Using ScheduleGPipe"
+    logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)  # "Using Schedule1F1B"
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[rank % len(cores)]})  # one core per rank, as on separate GPUs
     torch.set_num_threads(1)
@@ -310,7 +328,7 @@ def worker(rank: int, setup: Setup) -> None:
     comm = Communicator.connect(topo, CommConfig(f"tcp://127.0.0.1:{setup.port}", timeout_s=120.0), torch.device("cpu"))
     try:
         stage = build_stage(setup, topo)
-        rows = [measure(setup, comm, stage, size) for size in setup.micro_batch_sizes]
+        rows = [measure(setup, comm, stage, name, size) for name in SCHEDULES for size in setup.micro_batch_sizes]
     except BaseException as err:
         comm.close(error=f"{type(err).__name__}: {err}")
         raise
@@ -332,12 +350,12 @@ def report(setup: Setup, rows: list[Row]) -> None:
     for row in rows:
         log.info(
             "%-9s %5d %3d %8.1f %9.1f %10.2f %9.1f %11.1f",
-            "GPipe", row.micro_batch_size, row.micro_batches, 1e3 * row.ours, 1e3 * row.theirs,
+            row.schedule, row.micro_batch_size, row.micro_batches, 1e3 * row.ours, 1e3 * row.theirs,
             row.ratio, 1e3 * row.ideal, 1e3 * row.compute,
         )  # fmt: skip
     log.info("ours/torch: median of the per-round ratios (a round times both back to back)")
-    log.info("ideal: GPipe with free links from the measured compute; compute: both stages' work, summed")
-    for row in rows:
+    log.info("ideal: the schedule with free links from the measured compute; compute: both stages' work, summed")
+    for row in rows[: len(setup.micro_batch_sizes)]:  # the same work under every schedule: show it once
         stages = ", ".join(f"stage {s} F {1e3 * f:.1f} + B {1e3 * b:.1f}" for s, (f, b) in enumerate(row.stage_compute))
         per_stage = [f + b for f, b in row.stage_compute]
         log.info(
@@ -346,7 +364,7 @@ def report(setup: Setup, rows: list[Row]) -> None:
         )  # fmt: skip
     worst = max(row.max_diff for row in rows)
     agree = "exactly" if worst == 0 else f"within {worst:.1g}"
-    log.info("ours and torch agree on loss and gradients %s (checked before timing)", agree)
+    log.info("ours and torch (and 1F1B with our GPipe) agree on loss and gradients %s (checked before timing)", agree)
     noisy = [row for row in rows if row.compute_spread > 0.1]
     if noisy:
         # The same work varied this much from round to round: something else uses the cores.
@@ -355,11 +373,12 @@ def report(setup: Setup, rows: list[Row]) -> None:
             100 * max(row.compute_spread for row in noisy),
         )
     log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
-    log.info("%5s %3s %7s %7s %7s %7s", "micro", "m", "ours", "torch", "ideal", "theory")
+    log.info("%-9s %5s %3s %7s %7s %7s %7s", "schedule", "micro", "m", "ours", "torch", "ideal", "theory")
     for row in rows:
         bubble = [1 - row.compute / (STAGES * t) for t in (row.ours, row.theirs, row.ideal)]
         theory = (STAGES - 1) / (row.micro_batches + STAGES - 1)
-        log.info("%5d %3d %7.2f %7.2f %7.2f %7.2f", row.micro_batch_size, row.micro_batches, *bubble, theory)
+        log.info("%-9s %5d %3d %7.2f %7.2f %7.2f %7.2f", row.schedule, row.micro_batch_size, row.micro_batches,
+                 *bubble, theory)  # fmt: skip
     log.info("theory assumes equal stages; the heavier last stage (head + loss) adds to ideal's bubble")
 
 
