@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.netns import NetHosts
 from convert.from_hf import convert_from_hf
 from convert.tiny_model import read_texts, tiny_config, train_tokenizer
 
@@ -27,20 +28,28 @@ def build_model(folder: Path, corpus: Path) -> Path:
     return convert_from_hf(folder / "hf", folder / "shards")
 
 
-def run(shards: Path, corpus: Path, out: Path, steps: int, flags: list[str]) -> list[dict]:
-    """Train with ``flags`` (which set the topology; 2 ranks unless they say otherwise) and
-    return metrics.jsonl."""
+def run(
+    shards: Path, corpus: Path, out: Path, steps: int, flags: list[str], hosts: NetHosts | None = None
+) -> list[dict]:
+    """Train with ``flags`` (which set the topology; one rank unless they say otherwise) and
+    return metrics.jsonl. With ``hosts``, rank r runs on test host "ab"[r] over its veth."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    master = hosts.address("a") if hosts else "127.0.0.1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     common = ["--model-name", str(shards), "--task-name", str(corpus),
               "--seq-length", "256", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
               "--total-steps", str(steps), "--checkpoint-path", str(out), "--checkpoint-steps", "1000",
-              "--dist-url", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING", *flags]  # fmt: skip
+              "--dist-url", f"tcp://{master}:{port}", "--log-level", "WARNING", *flags]  # fmt: skip
     world = int(flags[flags.index("--pipeline-group-size") + 1]) if "--pipeline-group-size" in flags else 1
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(r), *common],
-                              cwd=ROOT, env=env) for r in range(world)]  # fmt: skip
+    procs = []
+    for rank in range(world):
+        argv = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank), *common]
+        if hosts is not None:
+            host = "ab"[rank]
+            argv = hosts.command(host, [*argv, "--net-interface", hosts.interface(host)])
+        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env))
     if any(p.wait() for p in procs):
         raise RuntimeError(f"a rank failed with flags {flags}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

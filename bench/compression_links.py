@@ -4,9 +4,11 @@
 
 Trains a small GPT-NeoX (hidden 256) with 2 pipeline stages on this machine, once per
 (link bandwidth, compression) pair, holding every send to the bandwidth with
---link-bandwidth-mbps (and 5 ms latency). Prints the median step time, its ratio to fp32 at
-the same bandwidth, the final loss, and beside them the two limits: the step time of compute
-alone (no emulated link) and the time the bytes alone need at that bandwidth.
+--link-bandwidth-mbps (and 5 ms latency), or with --real-link over two network namespaces
+whose veth pair the kernel shapes to the bandwidth (tc tbf; needs root). Prints the median
+step time, its ratio to fp32 at the same bandwidth, the final loss, and beside them the two
+limits: the step time of compute alone (no emulated link) and the time the bytes alone need
+at that bandwidth.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import build_model, run  # noqa: E402
+from bench.netns import NetHosts, two_hosts  # noqa: E402
 
 log = logging.getLogger("bench.compression_links")
 SETTINGS = {
@@ -36,6 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bandwidths", default="1000,100,10", help="emulated link rates in Mbit/s")
     parser.add_argument("--steps", type=int, default=8, help="steps per setting (the first is not timed)")
+    parser.add_argument(
+        "--real-link",
+        action="store_true",
+        help="run the ranks on two network namespaces shaped by tc tbf (root) instead of emulating",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
@@ -48,16 +56,26 @@ def main() -> None:
         log.info("%8s %6s %10s %9s %9s %10s %10s", "Mbit/s", "codec", "step s", "vs fp32", "loss", "bytes s",
                  "bytes/step")  # fmt: skip
         for mbps in (float(b) for b in args.bandwidths.split(",")):
-            base = None
-            for name, flags in SETTINGS.items():
+            if args.real_link:  # two namespaces, the kernel shaping the veth to the rate
+                with two_hosts(rate_mbps=mbps) as hosts:
+                    measure_rates(shards, corpus, folder, args.steps, mbps, [], hosts)
+            else:
                 link = ["--link-bandwidth-mbps", str(mbps), "--link-latency-ms", "5"]
-                rows = run(shards, corpus, folder / f"{name}-{mbps:g}", args.steps,
-                           ["--pipeline-group-size", "2", *flags, *link])  # fmt: skip
-                step_s = statistics.median(r["step_time_s"] for r in rows[1:])
-                base = base or step_s
-                wire_s = rows[-1]["comm_bytes"] * 8 / (mbps * 1e6)
-                log.info("%8g %6s %10.3f %8.2fx %9.4f %10.3f %10d", mbps, name, step_s, base / step_s,
-                         rows[-1]["loss"], wire_s, rows[-1]["comm_bytes"])  # fmt: skip
+                measure_rates(shards, corpus, folder, args.steps, mbps, link, None)
+
+
+def measure_rates(
+    shards: Path, corpus: Path, folder: Path, steps: int, mbps: float, link: list[str], hosts: NetHosts | None
+) -> None:
+    base = None
+    for name, flags in SETTINGS.items():
+        rows = run(shards, corpus, folder / f"{name}-{mbps:g}", steps, ["--pipeline-group-size", "2", *flags, *link],
+                   hosts)  # fmt: skip
+        step_s = statistics.median(r["step_time_s"] for r in rows[1:])
+        base = base or step_s
+        wire_s = rows[-1]["comm_bytes"] * 8 / (mbps * 1e6)
+        log.info("%8g %6s %10.3f %8.2fx %9.4f %10.3f %10d", mbps, name, step_s, base / step_s,
+                 rows[-1]["loss"], wire_s, rows[-1]["comm_bytes"])  # fmt: skip
 
 
 if __name__ == "__main__":
