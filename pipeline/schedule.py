@@ -99,7 +99,8 @@ def gpipe_step(
 def one_f_one_b_step(
     stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
-    """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches."""
+    """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches.
+    Warm-up and cool-down sends stay in flight while the next micro-batch computes."""
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
     run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
@@ -109,7 +110,7 @@ def one_f_one_b_step(
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
         x, y = run.forward(i, micro_batches[i], comm.recv_forward(shape, dtype))
-        comm.send_forward(run.sendable(y))
+        comm.send_forward(run.sendable(y), wait=False)  # travels while the next forward computes
         held.append((x, y))
     # steady state: one forward, one backward; sends and receives paired with each neighbour
     x_next = comm.recv_forward(shape, dtype) if warmup < m else None
@@ -120,14 +121,15 @@ def one_f_one_b_step(
         x_old, y_old = held.pop(0)
         grad_in = run.backward(k, x_old, y_old, grad)
         if i == m - 1:
-            comm.send_backward(grad_in)
+            comm.send_backward(grad_in, wait=False)
         else:
             x_next = comm.send_backward_recv_forward(grad_in, shape, dtype)
     # cool-down: the backwards left
     for k in range(m - warmup, m):
         x_old, y_old = held.pop(0)
         grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
-        comm.send_backward(grad_in)
+        comm.send_backward(grad_in, wait=False)
+    comm.flush()
     return run.loss_total
 
 
