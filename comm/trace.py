@@ -29,8 +29,6 @@ LANES = (
 class Tracer:
     """Collects spans of this rank in microseconds of its own monotonic clock."""
 
-    enabled = True
-
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.events: list[dict] = []
@@ -54,8 +52,6 @@ class Tracer:
 
 class NullTracer:
     """Profiling off: spans do nothing."""
-
-    enabled = False
 
     def span(self, lane: str, name: str | None = None, **args: object) -> nullcontext:
         return nullcontext()

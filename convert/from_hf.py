@@ -14,8 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convert.layout import save_part
 from modules import family_for
+from modules.layout import save_part
 
 log = logging.getLogger("convert.from_hf")
 

@@ -19,8 +19,8 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import torch
 
-from convert.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
 from modules import EMBEDDING_PART, HEAD_PART, family_for, layer_part, load_config
+from modules.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
 
 log = logging.getLogger("convert.to_hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convert.layout import load_part
 from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
+from modules.layout import load_part
 
 
 class Stage(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from convert.from_hf import convert_from_hf
-from convert.layout import copy_model_files, layer_indices, load_part
 from convert.to_hf import convert_to_hf
 from modules import EMBEDDING_PART, HEAD_PART, KeyRule, family_for, layer_part, load_config
+from modules.layout import copy_model_files, layer_indices, load_part
 from pipeline.stage import Stage
 
 NUM_LAYERS = 5  # the tiny_hf fixture

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from comm.process_group import Communicator
-from convert.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
+from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)

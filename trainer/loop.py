@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from comm.compress import GradientCompressor
 from comm.process_group import Communicator
 from comm.topology import Topology
-from convert.layout import latest_step
+from modules.layout import latest_step
 from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -117,15 +117,21 @@ class Trainer:
 
     # -- one pass of the pipeline over some rounds of a global batch ----------------------------
 
+    def _rows(self, round_index: int) -> slice:
+        """This replica's sequences in round ``round_index`` of a step (batch x dp per round):
+        replica r takes the r-th contiguous slice."""
+        size = self.cfg.batch.batch_size
+        start = (round_index * self.topo.data_size + self.topo.replica) * size
+        return slice(start, start + size)
+
     def _micro_batches(self, batch: Batch | None, round_index: int) -> list[MicroBatch]:
-        """This replica's micro-batches of round ``round_index`` (batch x dp sequences per round)."""
+        """This replica's micro-batches of round ``round_index``."""
         cfg, topo = self.cfg, self.topo
         m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
         if batch is None:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
-        start = (round_index * topo.data_size + topo.replica) * size  # replica r: contiguous slice
-        ids = batch.input_ids[start : start + size].to(self.device)
-        labels = batch.labels[start : start + size].to(self.device)
+        ids = batch.input_ids[self._rows(round_index)].to(self.device)
+        labels = batch.labels[self._rows(round_index)].to(self.device)
         return [
             MicroBatch(
                 ids[i : i + m] if topo.is_first_stage else None, labels[i : i + m] if topo.is_last_stage else None
@@ -225,10 +231,8 @@ class Trainer:
         each replica steps on its own) this replica's slices."""
         if self.cfg.dp.mode != "local":
             return batch.loss_tokens()
-        size, topo = self.cfg.batch.batch_size, self.topo
         rounds = range(self.cfg.batch.accumulate_steps)
-        starts = [(a * topo.data_size + topo.replica) * size for a in rounds]
-        return sum(int((batch.labels[s : s + size, 1:] != IGNORE_INDEX).sum()) for s in starts)
+        return sum(int((batch.labels[self._rows(a), 1:] != IGNORE_INDEX).sum()) for a in rounds)
 
     def _sum_over_replicas(self, tied: torch.nn.Parameter | None, loss: torch.Tensor) -> torch.Tensor:
         """Sum gradients (all modes but local) and the loss over the data-parallel replicas."""
@@ -294,8 +298,7 @@ class Trainer:
             batch = stream.next_batch(cfg.batch.batch_size * topo.data_size) if stream is not None else None
             totals[0] += float(self._run_rounds(batch, 1, normalizer=1, train=False))
             if batch is not None and topo.is_last_stage:
-                mine = batch.labels[topo.replica * cfg.batch.batch_size : (topo.replica + 1) * cfg.batch.batch_size]
-                totals[1] += int((mine[:, 1:] != IGNORE_INDEX).sum())
+                totals[1] += int((batch.labels[self._rows(0), 1:] != IGNORE_INDEX).sum())
         self.stage.train()
         self.comm.all_reduce_data(totals)
         if not self.is_reporter:

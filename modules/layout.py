@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules import EMBEDDING_PART, HEAD_PART
+from modules.family import EMBEDDING_PART, HEAD_PART
 
 _LEGACY = {EMBEDDING_PART: "pytorch_embs.pt", HEAD_PART: "pytorch_lm_head.pt"}
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors|pytorch_(\d+)\.pt")
