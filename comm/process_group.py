@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -92,6 +92,31 @@ def bind_interface(name: str) -> None:
     """Make Gloo and NCCL open their sockets on interface ``name`` (CommConfig checked it exists)."""
     os.environ["GLOO_SOCKET_IFNAME"] = name
     os.environ["NCCL_SOCKET_IFNAME"] = name
+
+
+@dataclass
+class PendingRecv:
+    """A posted receive; ``wait()`` returns the decoded tensor (None for a pipeline end)."""
+
+    comm: Communicator | None
+    lane: str = ""
+    what: str = ""
+    peer: int = -1
+    works: list = field(default_factory=list)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    codec: Codec | None = None
+    dtype: torch.dtype | None = None
+
+    def wait(self) -> torch.Tensor | None:
+        if self.comm is None:
+            return None
+        with self.comm.tracer.span(self.lane), self.comm._guard(self.what, self.peer):
+            for work in self.works:
+                work.wait()
+        return self.codec.decode(self.buffers, self.dtype)
+
+
+NOTHING = PendingRecv(None)  # what a pipeline end receives from beyond itself
 
 
 class Communicator:
@@ -204,38 +229,30 @@ class Communicator:
             bandwidth_mbps, latency_ms = self.link
             time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
 
-    def _exchange(
-        self,
-        lane: str,
-        what: str,
-        peer: int,
-        send: tuple[torch.Tensor, Codec] | None = None,
-        recv: tuple[tuple[int, ...], torch.dtype, Codec] | None = None,
-        wait: bool = True,
-    ) -> torch.Tensor | None:
-        """Send and/or receive with one peer in one batch (both sides post both at once, so
-        Gloo's blocking sends cannot deadlock). ``wait=False`` leaves a send in flight until
-        ``flush()``, so moving one micro-batch overlaps computing the next."""
-        ops, buffers = [], []
-        if send is not None:
-            tensor, codec = send
-            wire = codec.encode(tensor.detach())
-            ops += [dist.P2POp(dist.isend, w, peer) for w in wire]
-            sent = sum(w.nbytes for w in wire)
-            self.bytes_sent += sent
-            self._hold_link(sent)
-        if recv is not None:
-            shape, dtype, codec = recv
-            buffers = [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
-            ops += [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+    def _send(self, lane: str, what: str, peer: int, tensor: torch.Tensor, codec: Codec, wait: bool) -> None:
+        """Send to one peer. ``wait=False`` leaves the send in flight until ``flush()``, so moving
+        one micro-batch overlaps computing the next."""
+        wire = codec.encode(tensor.detach())
+        sent = sum(w.nbytes for w in wire)
+        self.bytes_sent += sent
+        self._hold_link(sent)
         with self.tracer.span(lane), self._guard(what, peer):
-            works = dist.batch_isend_irecv(ops)
-            if wait or recv is not None:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, w, peer) for w in wire])
+            if wait:
                 for work in works:
                     work.wait()
             else:
-                self._in_flight.append((works, ops))
-        return recv[2].decode(buffers, recv[1]) if recv is not None else None
+                self._in_flight.append((works, wire))
+
+    def _post_recv(
+        self, lane: str, what: str, peer: int, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec
+    ) -> PendingRecv:
+        """Post a receive now and wait for it later: the transport (Gloo included) moves the
+        data only once a receive is posted, so posting before a compute overlaps the two."""
+        buffers = [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
+        with self._guard(what, peer):
+            works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in buffers])
+        return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -245,49 +262,35 @@ class Communicator:
                     work.wait()
         self._in_flight.clear()
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> PendingRecv:
+        """The previous stage's activations (``wait()`` gives None on the first stage)."""
         if self.topo.is_first_stage:
-            return None
-        return self._exchange("forward recv", "receive of activations", self.topo.rank - 1,
-                              recv=(shape, dtype, self.act_codec))  # fmt: skip
+            return NOTHING
+        return self._post_recv("forward recv", "receive of activations", self.topo.rank - 1, shape, dtype,
+                               self.act_codec)  # fmt: skip
+
+    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> PendingRecv:
+        """The gradient of our output from the next stage (``wait()`` gives None on the last stage)."""
+        if self.topo.is_last_stage:
+            return NOTHING
+        return self._post_recv("backward recv", "receive of gradients", self.topo.rank + 1, shape, dtype,
+                               self.grad_codec)  # fmt: skip
+
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.post_recv_forward(shape, dtype).wait()
+
+    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.post_recv_backward(shape, dtype).wait()
 
     def send_forward(self, tensor: torch.Tensor, wait: bool = True) -> None:
         if not self.topo.is_last_stage:
-            self._exchange("forward send", "send of activations", self.topo.rank + 1,
-                           send=(tensor, self.act_codec), wait=wait)  # fmt: skip
-
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        if self.topo.is_last_stage:
-            return None
-        return self._exchange("backward recv", "receive of gradients", self.topo.rank + 1,
-                              recv=(shape, dtype, self.grad_codec))  # fmt: skip
+            self._send("forward send", "send of activations", self.topo.rank + 1, tensor, self.act_codec, wait)
 
     def send_backward(self, tensor: torch.Tensor | None, wait: bool = True) -> None:
         if not self.topo.is_first_stage:
             if tensor is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
-            self._exchange("backward send", "send of gradients", self.topo.rank - 1,
-                           send=(tensor, self.grad_codec), wait=wait)  # fmt: skip
-
-    def send_forward_recv_backward(
-        self, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """1F1B steady state: our activations out and their gradient in, with the next stage."""
-        if self.topo.is_last_stage:
-            return None
-        return self._exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
-                              send=(tensor, self.act_codec), recv=(shape, dtype, self.grad_codec))  # fmt: skip
-
-    def send_backward_recv_forward(
-        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """1F1B steady state: our input's gradient out and the next activations in."""
-        if self.topo.is_first_stage:
-            return None
-        if tensor is None:
-            raise RuntimeError("no gradient to send back: the stage input did not require grad")
-        return self._exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
-                              send=(tensor, self.grad_codec), recv=(shape, dtype, self.act_codec))  # fmt: skip
+            self._send("backward send", "send of gradients", self.topo.rank - 1, tensor, self.grad_codec, wait)
 
     # -- collectives --------------------------------------------------------------------------
 

@@ -81,17 +81,27 @@ def gpipe_step(
     stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
     """All forwards, then all backwards; gradients accumulate in ``stage``. Returns the sum of
-    the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere."""
+    the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere.
+    Each receive is posted one micro-batch ahead, so its data moves while this one computes."""
     run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
+    m = len(micro_batches)
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    incoming = comm.post_recv_forward(shape, dtype)
     for i, micro in enumerate(micro_batches):
-        x, y = run.forward(i, micro, comm.recv_forward(shape, dtype))
+        x_in = incoming.wait()
+        if i + 1 < m:
+            incoming = comm.post_recv_forward(shape, dtype)
+        x, y = run.forward(i, micro, x_in)
         comm.send_forward(run.sendable(y), wait=False)  # travels while the next micro-batch computes
         if spec.train:
             held.append((x, y))
+    if held:
+        incoming = comm.post_recv_backward(shape, dtype)
     for i, (x, y) in enumerate(held):
-        grad_in = run.backward(i, x, y, comm.recv_backward(shape, dtype))
-        comm.send_backward(grad_in, wait=False)
+        grad = incoming.wait()
+        if i + 1 < m:
+            incoming = comm.post_recv_backward(shape, dtype)
+        comm.send_backward(run.backward(i, x, y, grad), wait=False)
     comm.flush()
     return run.loss_total
 
@@ -100,35 +110,41 @@ def one_f_one_b_step(
     stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
     """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches.
-    Warm-up and cool-down sends stay in flight while the next micro-batch computes."""
+    Sends stay in flight and receives are posted before the compute they wait behind, so
+    moving data overlaps computing in every phase."""
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
     run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
     topo, m = comm.topo, len(micro_batches)
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    incoming = comm.post_recv_forward(shape, dtype)
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
-        x, y = run.forward(i, micro_batches[i], comm.recv_forward(shape, dtype))
-        comm.send_forward(run.sendable(y), wait=False)  # travels while the next forward computes
-        held.append((x, y))
-    # steady state: one forward, one backward; sends and receives paired with each neighbour
-    x_next = comm.recv_forward(shape, dtype) if warmup < m else None
+        x_in = incoming.wait()
+        if i + 1 < m:
+            incoming = comm.post_recv_forward(shape, dtype)
+        held.append(run.forward(i, micro_batches[i], x_in))
+        comm.send_forward(run.sendable(held[-1][1]), wait=False)
+    # steady state: one forward, one backward
     for k, i in enumerate(range(warmup, m)):
-        x, y = run.forward(i, micro_batches[i], x_next)
-        held.append((x, y))
-        grad = comm.send_forward_recv_backward(run.sendable(y), shape, dtype)
+        grad_incoming = comm.post_recv_backward(shape, dtype)  # lands while we compute the forward
+        x_in = incoming.wait()
+        if i + 1 < m:
+            incoming = comm.post_recv_forward(shape, dtype)  # lands while we compute the backward
+        held.append(run.forward(i, micro_batches[i], x_in))
+        comm.send_forward(run.sendable(held[-1][1]), wait=False)
         x_old, y_old = held.pop(0)
-        grad_in = run.backward(k, x_old, y_old, grad)
-        if i == m - 1:
-            comm.send_backward(grad_in, wait=False)
-        else:
-            x_next = comm.send_backward_recv_forward(grad_in, shape, dtype)
+        comm.send_backward(run.backward(k, x_old, y_old, grad_incoming.wait()), wait=False)
     # cool-down: the backwards left
+    if warmup:
+        grad_incoming = comm.post_recv_backward(shape, dtype)
     for k in range(m - warmup, m):
+        grad = grad_incoming.wait()
+        if k + 1 < m:
+            grad_incoming = comm.post_recv_backward(shape, dtype)
         x_old, y_old = held.pop(0)
-        grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
-        comm.send_backward(grad_in, wait=False)
+        comm.send_backward(run.backward(k, x_old, y_old, grad), wait=False)
     comm.flush()
     return run.loss_total
 

@@ -17,6 +17,14 @@ from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metr
 HIDDEN, SEQ = 8, 4
 
 
+class Posted:
+    def __init__(self, tensor: torch.Tensor | None) -> None:
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor | None:
+        return self.tensor
+
+
 class LoopbackComm:
     """Stands in for one stage's neighbours: every receive yields a fresh tensor."""
 
@@ -27,17 +35,11 @@ class LoopbackComm:
     def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool) -> torch.Tensor | None:
         return None if skip else torch.randn(shape, dtype=dtype)
 
-    def recv_forward(self, shape, dtype):
-        return self._fresh(shape, dtype, self.topo.is_first_stage)
+    def post_recv_forward(self, shape, dtype):
+        return Posted(self._fresh(shape, dtype, self.topo.is_first_stage))
 
-    def recv_backward(self, shape, dtype):
-        return self._fresh(shape, dtype, self.topo.is_last_stage)
-
-    def send_forward_recv_backward(self, tensor, shape, dtype):
-        return self.recv_backward(shape, dtype)
-
-    def send_backward_recv_forward(self, tensor, shape, dtype):
-        return self.recv_forward(shape, dtype)
+    def post_recv_backward(self, shape, dtype):
+        return Posted(self._fresh(shape, dtype, self.topo.is_last_stage))
 
     def send_forward(self, tensor, wait=True) -> None:
         pass
