@@ -5,6 +5,11 @@
 ``--ckpt-path`` may be a layer-sharded model directory, one ``checkpoint_<step>`` directory,
 or a ``--checkpoint-path`` directory (its ``latest`` step is used). The layout says how many
 layers there are; the training topology does not matter.
+
+A LoRA checkpoint holds adapters only; its ``lora.json`` names the base model directory
+(``--base-model`` overrides it). ``--lora-export merged`` writes the base with the adapters
+folded in; ``--lora-export adapter`` writes a folder ``PeftModel.from_pretrained`` loads onto
+HF's base model.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from modules import EMBEDDING_PART, HEAD_PART, family_for, layer_part, load_config
 from modules.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
+from modules.lora import LoraSpec, adapter_part, hf_block_path, load_adapter_state
 
 log = logging.getLogger("convert.to_hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,14 +49,9 @@ def sharded_state_dict(model_dir: str | Path) -> tuple[object, dict[str, torch.T
     return config, state
 
 
-def convert_to_hf(ckpt_path: str | Path, save_path: str | Path, dtype: str | None = None) -> Path:
+def _hf_model(config: object, state: dict[str, torch.Tensor], model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model_dir = resolve_model_dir(ckpt_path)
-    save_path = Path(save_path)
-    if save_path.exists() and any(save_path.iterdir()):
-        raise FileExistsError(f"--save-path {save_path} is not empty; choose a new directory (nothing was written)")
-    config, state = sharded_state_dict(model_dir)
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied output weights appear once in our shards; any other gap is a broken checkpoint.
@@ -58,6 +59,62 @@ def convert_to_hf(ckpt_path: str | Path, save_path: str | Path, dtype: str | Non
     missing = [k for k in missing if not (config.tie_word_embeddings and k in tied)]
     if missing or unexpected:
         raise KeyError(f"{model_dir}: weights missing {missing[:4]} / unexpected {unexpected[:4]}")
+    return model
+
+
+def _with_adapters(model_dir: Path, spec: LoraSpec, base_dir: Path) -> torch.nn.Module:
+    """HF's model of the base, wrapped by PEFT and holding the checkpoint's adapters."""
+    from peft import get_peft_model
+
+    config, state = sharded_state_dict(base_dir)
+    family = family_for(config.model_type)
+    model = _hf_model(config, state, base_dir)
+    peft_model = get_peft_model(model, spec.peft_config(model))
+    adapters = {}
+    for i in range(config.num_hidden_layers):
+        for local, tensor in load_part(model_dir, adapter_part(layer_part(i))).items():
+            adapters[f"base_model.model.{hf_block_path(family, i)}.{local}"] = tensor
+    load_adapter_state(peft_model, adapters, str(model_dir))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    return peft_model
+
+
+def convert_to_hf(
+    ckpt_path: str | Path,
+    save_path: str | Path,
+    dtype: str | None = None,
+    lora_export: str | None = None,
+    base_model: str | Path | None = None,
+) -> Path:
+    """Write a plain HF model; from a LoRA checkpoint, its base with the adapters merged in
+    (``lora_export="merged"``, the default) or a PEFT adapter folder (``"adapter"``)."""
+    model_dir = resolve_model_dir(ckpt_path)
+    save_path = Path(save_path)
+    if save_path.exists() and any(save_path.iterdir()):
+        raise FileExistsError(f"--save-path {save_path} is not empty; choose a new directory (nothing was written)")
+    lora = LoraSpec.read(model_dir)
+    if lora is None:
+        if lora_export is not None or base_model is not None:
+            raise ValueError(f"{model_dir} holds full weights, not LoRA adapters: drop --lora-export/--base-model")
+        config, state = sharded_state_dict(model_dir)
+        model = _hf_model(config, state, model_dir)
+    else:
+        spec, recorded_base = lora
+        base = Path(base_model or recorded_base)
+        if not (base / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
+                "pass --base-model with the --model-name they were trained on"
+            )
+        model = _with_adapters(model_dir, spec, base)
+        if (lora_export or "merged") == "adapter":
+            if dtype is not None:
+                model = model.to(DTYPES[dtype])
+            model.save_pretrained(save_path)  # adapter_config.json + adapter_model.safetensors
+            copy_model_files(model_dir, save_path, config=False)
+            log.info("wrote PEFT adapter from %s (base %s) to %s", model_dir, base, save_path)
+            return save_path
+        model = model.merge_and_unload()
     if dtype is not None:
         model = model.to(DTYPES[dtype])
     model.save_pretrained(save_path)
@@ -72,13 +129,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-path", required=True, help="sharded model, checkpoint_<step> or checkpoint root")
     parser.add_argument("--save-path", required=True, help="new, empty folder for the HF model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument(
+        "--lora-export",
+        choices=("merged", "adapter"),
+        default=None,
+        help="LoRA checkpoints: merged = base with adapters folded in, a plain HF model (default); "
+        "adapter = a PEFT adapter folder for PeftModel.from_pretrained",
+    )
+    parser.add_argument(
+        "--base-model", default=None, help="LoRA checkpoints: the layer-sharded base (default: as recorded)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per conversion is enough
     try:
-        convert_to_hf(args.ckpt_path, args.save_path, args.dtype)
+        convert_to_hf(args.ckpt_path, args.save_path, args.dtype, args.lora_export, args.base_model)
     except (OSError, ValueError, KeyError) as err:
         sys.exit(f"to_hf: {err}")
 

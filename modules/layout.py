@@ -86,10 +86,11 @@ def layer_indices(model_dir: str | Path) -> list[int]:
     return sorted(found)
 
 
-def copy_model_files(src: str | Path, dst: str | Path) -> list[Path]:
-    """Copy config.json and tokenizer files (whichever exist) from ``src`` to ``dst``."""
+def copy_model_files(src: str | Path, dst: str | Path, config: bool = True) -> list[Path]:
+    """Copy config.json (unless ``config`` is false) and tokenizer files, whichever exist,
+    from ``src`` to ``dst``."""
     copied = []
-    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+    for name in (*(("config.json", "generation_config.json") if config else ()), *TOKENIZER_FILES):
         if (Path(src) / name).is_file():
             copied.append(Path(shutil.copyfile(Path(src) / name, Path(dst) / name)))
     return copied

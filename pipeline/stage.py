@@ -7,6 +7,7 @@ from torch import nn
 
 from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 from modules.layout import load_part
+from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is_adapter_parameter, load_adapter_state
 
 
 class Stage(nn.Module):
@@ -20,6 +21,8 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
         self.head = family.head(config) if is_last else None
         self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
+        self.family = family
+        self.lora: LoraSpec | None = None  # set by add_lora: base frozen, adapters trained
         if self.tied_keys and self.embedding is not None and self.head is not None:
             # One stage holds both ends: one tensor, as in the HF model.
             owner, _, name = self.tied_keys[1].rpartition(".")
@@ -31,8 +34,10 @@ class Stage(nn.Module):
         if self.tied_keys is None or (self.embedding is None) == (self.head is None):
             return None
         if self.embedding is not None:
-            return self.embedding.get_parameter(self.tied_keys[0])
-        return self.head.get_parameter(self.tied_keys[1])
+            weight = self.embedding.get_parameter(self.tied_keys[0])
+        else:
+            weight = self.head.get_parameter(self.tied_keys[1])
+        return weight if weight.requires_grad else None  # frozen under LoRA: nothing to sum
 
     def parts(self) -> dict[str, nn.Module]:
         """The pieces of this stage by shard name: how they are stored, whatever the topology."""
@@ -66,6 +71,36 @@ class Stage(nn.Module):
                     f"shard {part} in {model_dir} does not fit the model: missing {missing[:3]}, "
                     f"unexpected {unexpected[:3]}; was it converted for another --model-type?"
                 )
+
+    def add_lora(self, spec: LoraSpec, seed: int) -> LoraSpec:
+        """Adapters on every block of this stage (after the base weights are loaded); every
+        base weight is frozen. Returns the spec with its targets resolved."""
+        first_block = self.layers[str(self.layer_ids[0])]
+        spec = spec.resolved(first_block, self.family)
+        for i in self.layer_ids:
+            add_adapters(self.layers[str(i)], spec, seed, layer_part(i))
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_adapter_parameter(name))
+        self.lora = spec
+        return spec
+
+    def saved_parts(self) -> dict[str, nn.Module]:
+        """What a checkpoint of this stage holds, by shard name: every part, or under LoRA the
+        adapters of each block only (``lora_layer_<i>``); the base stays where it was loaded from."""
+        if self.lora is None:
+            return self.parts()
+        return {adapter_part(layer_part(i)): self.layers[str(i)] for i in self.layer_ids}
+
+    def saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return module.state_dict() if self.lora is None else adapter_state(module)
+
+    def load_saved(self, directory: str) -> None:
+        """Load what ``saved_parts`` names from a checkpoint directory."""
+        if self.lora is None:
+            self.load_parts(directory)
+            return
+        for part, module in self.saved_parts().items():
+            load_adapter_state(module, load_part(directory, part), f"{directory}/{part}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)

@@ -112,34 +112,61 @@ def read_metrics(checkpoint_path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def peft_reference_model(hf_dir: Path, spec: object, seed: int) -> torch.nn.Module:
+    """HF's model wrapped by PEFT itself, its adapters started as our stages start theirs."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from modules import family_for, layer_part
+    from modules.lora import hf_block_path, init_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa")
+    family = family_for(model.config.model_type)
+    model = get_peft_model(model, spec.peft_config(model))
+    for i in range(model.config.num_hidden_layers):
+        init_adapters(model.base_model.model.get_submodule(hf_block_path(family, i)), seed, layer_part(i))
+    return model
+
+
 def hf_reference_training(
     hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
-    lr: float, warmup: int, max_grad_norm: float = 1.0,
+    lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None,
 ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:  # fmt: skip
     """Train HF's own model in one process on the same global batches; the oracle for every test.
 
-    Returns the loss and the (pre-clipping) gradient norm of every step, and the final weights.
+    With ``lora`` (a resolved ``LoraSpec``) the model is PEFT's LoRA model of it, and only the
+    adapters train. Returns the loss and the (pre-clipping) gradient norm of every step, and
+    the final weights (with LoRA: the adapters, as PEFT saves them).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
     from trainer.data import TokenStream, parse_task_names
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").train()
+    if lora is None:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa")
+    else:
+        model = peft_reference_model(hf_dir, lora, seed)
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
     stream = TokenStream(parse_task_names(task_spec), AutoTokenizer.from_pretrained(hf_dir), seq_length, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     losses, norms = [], []
     for _ in range(steps):
         batch = stream.next_batch(per_step)
         loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm if max_grad_norm > 0 else float("inf"))
         norms.append(norm.item())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    if lora is not None:
+        from peft import get_peft_model_state_dict
+
+        return losses, norms, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -189,8 +216,11 @@ def compare_to_reference(hf_dir: Path, tasks: str, ckpt: Path, per_step: int, tm
     return state
 
 
-def resume_elsewhere(shards: Path, tasks: str, ckpt: Path, final_state: dict, tmp: Path) -> None:
-    """Resume the step-5 checkpoint of ``ckpt`` in one process; it must end where the run ended."""
+def resume_elsewhere(
+    shards: Path, tasks: str, ckpt: Path, final_state: dict, tmp: Path, extra: tuple[str, ...] = ()
+) -> None:
+    """Resume the step-5 checkpoint of ``ckpt`` in one process (with the run's ``extra`` flags);
+    it must end where the run ended: the same losses and the same final HF weights."""
     import shutil
 
     from convert.to_hf import convert_to_hf
@@ -198,7 +228,8 @@ def resume_elsewhere(shards: Path, tasks: str, ckpt: Path, final_state: dict, tm
     tmp.mkdir()
     shutil.copytree(ckpt / "checkpoint_5", tmp / "ckpt" / "checkpoint_5")
     (tmp / "ckpt" / "latest").write_text("5\n")
-    assert_all_ok(launch(train_args(shards, tasks, tmp / "ckpt", pp=1, dp=1, batch=4, micro=4, accum=1), 1, tmp))
+    args = train_args(shards, tasks, tmp / "ckpt", pp=1, dp=1, batch=4, micro=4, accum=1)
+    assert_all_ok(launch([*args, *extra], 1, tmp))
     rows = [r for r in read_metrics(tmp / "ckpt") if "loss" in r]
     assert [r["step"] for r in rows] == list(range(6, STEPS + 1))
     expected = [r["loss"] for r in read_metrics(ckpt) if "loss" in r][5:]

@@ -4,6 +4,8 @@
     <root>/checkpoint_<step>/        complete: renamed from .tmp after every stage has written
         (a layer-sharded model directory: config.json, tokenizer, embs/layer_<i>/lm_head), plus
         optim_<part>.safetensors     AdamW moments and step count of that part's parameters
+        (under LoRA: lora_layer_<i> adapters instead of the parts, and lora.json naming the
+        spec and the base model directory the adapters belong to)
         trainer_state.json           step, data stream position, loss scale
         manifest_stage<s>.json       bytes and sha256 of every file stage s wrote
     <root>/latest                    the newest complete step, written last
@@ -27,6 +29,7 @@ from torch import nn
 
 from comm.process_group import Communicator
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
+from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -119,12 +122,15 @@ def save_checkpoint(
     comm.barrier_pipeline()
 
     written: list[Path] = []
-    for part, module in stage.parts().items():
-        written.append(save_part(tmp, part, module.state_dict()))
+    for part, module in stage.saved_parts().items():
+        written.append(save_part(tmp, part, stage.saved_state(module)))
         written.append(save_part(tmp, OPTIM_PREFIX + part, _optimizer_tensors(optimizer, module)))
     if trainer_state is not None:
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
         written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
+        if stage.lora is not None:
+            atomic_write_text(tmp / ADAPTER_CONFIG, stage.lora.to_json(str(Path(source_dir).resolve())))
+            written.append(tmp / ADAPTER_CONFIG)
     manifest = {}
     for path in written:
         _fsync(path)
@@ -168,6 +174,29 @@ def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
             raise CheckpointError(f"{path} is damaged (size or checksum differs from the manifest); {fallback}")
 
 
+def _check_same_kind(directory: Path, lora: LoraSpec | None) -> None:
+    """A LoRA run resumes LoRA adapters of the same shape; a full run, full weights."""
+    try:
+        saved = LoraSpec.read(directory)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if saved is None and lora is not None:
+        raise CheckpointError(
+            f"{directory} holds full fine-tuning weights, not LoRA adapters; drop the --lora-* flags "
+            "to resume it, or choose a new --checkpoint-path for a LoRA run"
+        )
+    if saved is not None and lora is None:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters (rank {saved[0].rank}); pass the same --lora-* flags to resume "
+            "it, or choose a new --checkpoint-path for full fine-tuning"
+        )
+    if saved is not None and saved[0] != lora:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters of {saved[0]}, but this run asks for {lora}; "
+            "pass the same --lora-* flags or choose a new --checkpoint-path"
+        )
+
+
 def load_checkpoint(root: Path, stage: Stage, optimizer: torch.optim.Optimizer) -> tuple[int, dict] | None:
     """Restore weights and optimizer state from ``<root>/latest``; None when there is none."""
     step = latest_step(root)
@@ -176,11 +205,12 @@ def load_checkpoint(root: Path, stage: Stage, optimizer: torch.optim.Optimizer) 
     directory = checkpoint_dir(root, step)
     if not directory.is_dir():
         raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
-    parts = list(stage.parts())
+    _check_same_kind(directory, stage.lora)
+    parts = list(stage.saved_parts())
     names = [f"{p}.safetensors" for p in parts] + [f"{OPTIM_PREFIX}{p}.safetensors" for p in parts] + [TRAINER_STATE]
-    _verify(directory, names, root, step)
-    stage.load_parts(str(directory))
-    for part, module in stage.parts().items():
+    _verify(directory, names + ([ADAPTER_CONFIG] if stage.lora else []), root, step)
+    stage.load_saved(str(directory))
+    for part, module in stage.saved_parts().items():
         _load_optimizer_tensors(optimizer, module, load_part(directory, OPTIM_PREFIX + part))
     state = json.loads((directory / TRAINER_STATE).read_text())
     return step, state

@@ -11,6 +11,7 @@ import torch
 from comm.compress import CODECS, DP_METHODS
 from comm.process_group import CommConfig
 from comm.topology import Topology
+from modules.lora import LoraSpec
 from trainer.config import (
     BatchConfig,
     CheckpointConfig,
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: balanced by parameter count)",
     )
     m.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
+
+    lo = p.add_argument_group("LoRA (base weights frozen, adapters trained, saved and synced)")
+    lo.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters (0: full fine-tuning)")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha/rank (default: 2 x rank)")
+    lo.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    lo.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        help="linear layers of each block to adapt, by name, e.g. q_proj v_proj (comma-separated works too; "
+        "default: every linear layer of a block)",
+    )
 
     d = p.add_argument_group("data")
     d.add_argument(
@@ -230,6 +243,20 @@ def eval_path(path: str | None) -> Path | None:
     return tasks[0].path
 
 
+def lora_spec(args: argparse.Namespace) -> LoraSpec | None:
+    if args.lora_rank == 0:
+        given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-target-modules",
+                 args.lora_target_modules)) if value is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{' and '.join(given)} need --lora-rank R (> 0) to turn LoRA on")
+        return None
+    items = args.lora_target_modules or ()
+    items = [items] if isinstance(items, str) else items  # a --config file may give one string
+    targets = tuple(name for item in items for name in str(item).split(",") if name)
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    return LoraSpec(args.lora_rank, alpha, args.lora_dropout, targets)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Check the flags together and build the run's configs; raises ValueError with a hint."""
     rank = args.rank if args.rank is not None else _env_int("RANK")
@@ -295,4 +322,5 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         profiling=args.profiling,
         log_backend=args.train_log_backend,
         project_name=args.project_name,
+        lora=lora_spec(args),
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from comm.process_group import CommConfig
 from comm.topology import Topology
+from modules.lora import LoraSpec
 from trainer.data import TaskSpec
 
 
@@ -142,6 +143,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     evaluation: EvalConfig = EvalConfig()
     dp: DataParallelConfig = DataParallelConfig()
+    lora: LoraSpec | None = None  # adapters on every block, base frozen
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
@@ -156,6 +158,8 @@ class RunConfig:
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
 
     def __post_init__(self) -> None:
+        if self.lora is not None and not self.model.load_pretrained:
+            raise ValueError("LoRA adapts pretrained weights: drop --load-pretrained-model false or --lora-rank")
         if self.log_interval < 1:
             raise ValueError("--log-interval must be at least 1")
         if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
@@ -176,6 +180,7 @@ class RunConfig:
             "micro_batch_size": self.batch.micro_batch_size,
             "tasks": {str(t.path.name): t.weight for t in self.data.tasks},
             **{k: v for k, v in asdict(self.optim).items()},
+            **({f"lora_{k}": v for k, v in asdict(self.lora).items()} if self.lora else {}),
         }
 
     def fingerprint(self) -> str:
@@ -200,5 +205,6 @@ class RunConfig:
             "batch": asdict(self.batch),
             "optim": asdict(self.optim),
             "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume],
+            "lora": asdict(self.lora) if self.lora else None,
         }
         return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:16]

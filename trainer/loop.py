@@ -85,8 +85,17 @@ class Trainer:
             self.stage.load_parts(cfg.model.model_name)
         else:
             self.stage.init_parts(getattr(self.plan.model_config, "initializer_range", 0.02), cfg.data.seed)
+        if cfg.lora is not None:
+            spec = self.stage.add_lora(cfg.lora, cfg.data.seed)
+            log.info("LoRA rank %d alpha %g dropout %g on %s", spec.rank, spec.alpha, spec.dropout,
+                     " ".join(spec.target_modules))  # fmt: skip
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        # a tied output weight on the last stage copies the embedding's: count it once
+        tied = self.stage.tied_copy()
+        self.trainable = sum(p.numel() for p in self.params if not (p is tied and self.topo.is_last_stage))
+        log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
+                 sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
         self.optimizer = make_optimizer(cfg.optim, self.params)
         self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         compress = cfg.dp.compress != "none" and topo.data_size > 1
@@ -187,10 +196,10 @@ class Trainer:
         # replicas since the last row (local SGD's weight average comes after this point)
         sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
         self._dp_bytes_reported = self.comm.dp_bytes_sent
-        sums = torch.tensor([float(sq), *map(float, sent)], dtype=torch.float64, device=self.device)
+        sums = torch.tensor([float(sq), *map(float, sent), self.trainable], dtype=torch.float64, device=self.device)
         self.comm.all_reduce_pipeline(sums)
         grad_norm = float(sums[0].sqrt())
-        comm_bytes, dp_bytes = int(sums[1]), int(sums[2])
+        comm_bytes, dp_bytes, trainable = int(sums[1]), int(sums[2]), int(sums[3])
         finite = math.isfinite(grad_norm)
         if not finite and self.compressor is not None:
             self.compressor.rollback()  # a skipped step must not poison the error feedback
@@ -219,6 +228,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "comm_bytes": comm_bytes,
             "dp_bytes": dp_bytes,
+            "trainable_params": trainable,
         }
         if not finite:
             row["skipped"] = True

@@ -62,3 +62,5 @@ def setup_logging(topo: Topology, level: str) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # bitsandbytes (optional, imported by peft when installed) reports missing CPU kernels at import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
