@@ -224,7 +224,8 @@ class Communicator:
     # -- pipeline point-to-point; no-ops at the ends ------------------------------------------
 
     def _hold_link(self, nbytes: int) -> None:
-        """Link emulation: hold this rank's sends to --link-bandwidth-mbps and --link-latency-ms."""
+        """Link emulation: hold what this rank sends (to the next or previous stage, or to other
+        replicas) to --link-bandwidth-mbps and --link-latency-ms; one latency per message or collective."""
         if self.link is not None and nbytes:
             bandwidth_mbps, latency_ms = self.link
             time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
@@ -297,20 +298,24 @@ class Communicator:
     def all_reduce_data(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over this stage's data-parallel replicas."""
         if self._data_group is not None:
-            with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
-                dist.all_reduce(tensor, group=self._data_group)
             # a ring all-reduce sends 2(n-1)/n of the buffer from each rank
-            self.dp_bytes_sent += 2 * (self.topo.data_size - 1) * tensor.nbytes // self.topo.data_size
+            sent = 2 * (self.topo.data_size - 1) * tensor.nbytes // self.topo.data_size
+            self.dp_bytes_sent += sent
+            with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
+                self._hold_link(sent)
+                dist.all_reduce(tensor, group=self._data_group)
 
     def all_gather_data(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Every replica's ``tensors`` (same shapes everywhere), by replica."""
         if self._data_group is None:
             return [tensors]
         gathered = [[torch.empty_like(t) for t in tensors] for _ in range(self.topo.data_size)]
+        sent = (self.topo.data_size - 1) * sum(t.nbytes for t in tensors)
+        self.dp_bytes_sent += sent
         with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-gather"):
+            self._hold_link(sent)
             for i, tensor in enumerate(tensors):
                 dist.all_gather([g[i] for g in gathered], tensor.contiguous(), group=self._data_group)
-        self.dp_bytes_sent += (self.topo.data_size - 1) * sum(t.nbytes for t in tensors)
         return gathered
 
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:

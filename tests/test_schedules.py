@@ -142,3 +142,14 @@ def test_link_emulation_holds_sends_to_the_rate(tiny_shards: Path, two_tasks: st
         # stage 0 sends half the bytes, one message per micro-batch, before stage 1 can finish
         floor = (row["comm_bytes"] / 2) * 8 / 2e6 + 2 * 0.020
         assert row["step_time_s"] >= floor, row
+
+
+def test_link_emulation_holds_replica_traffic_too(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = [*train_args(tiny_shards, two_tasks, ckpt, pp=1, dp=2, batch=2, micro=2, accum=1),
+            "--link-bandwidth-mbps", "8", "--link-latency-ms", "20", "--total-steps", "3"]  # fmt: skip
+    assert_all_ok(launch(args, 2, tmp_path))
+    for row in read_metrics(ckpt):
+        # the gradient sum (the whole model in fp32) leaves each replica at 8 Mbit/s
+        assert row["dp_bytes"] > 200_000
+        assert row["step_time_s"] >= row["dp_bytes"] * 8 / 8e6 + 0.020, row
