@@ -32,7 +32,7 @@ def run(
     shards: Path, corpus: Path, out: Path, steps: int, flags: list[str], hosts: NetHosts | None = None
 ) -> list[dict]:
     """Train with ``flags`` (which set the topology; one rank unless they say otherwise) and
-    return metrics.jsonl. With ``hosts``, rank r runs on test host "ab"[r] over its veth."""
+    return metrics.jsonl. With ``hosts`` (two ranks), rank r runs on test host "ab"[r] over its veth."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -42,7 +42,9 @@ def run(
               "--seq-length", "256", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
               "--total-steps", str(steps), "--checkpoint-path", str(out), "--checkpoint-steps", "1000",
               "--dist-url", f"tcp://{master}:{port}", "--log-level", "WARNING", *flags]  # fmt: skip
-    world = int(flags[flags.index("--pipeline-group-size") + 1]) if "--pipeline-group-size" in flags else 1
+    world = 1
+    for size in ("--pipeline-group-size", "--data-group-size"):
+        world *= int(flags[flags.index(size) + 1]) if size in flags else 1
     procs = []
     for rank in range(world):
         argv = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank), *common]

@@ -128,19 +128,18 @@ def lora_run(tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path_factory:
     return ckpt
 
 
-def test_lora_pipeline_matches_single_process_peft(
-    lora_run: Path, tiny_hf: Path, tiny_shards: Path, two_tasks: str
-) -> None:
-    spec = LoraSpec.read(lora_run / "checkpoint_10")[0]
-    assert (spec.rank, spec.alpha, spec.dropout) == (RANK, ALPHA, 0.0)
-    losses, norms, adapters = hf_reference_training(tiny_hf, two_tasks, SEQ, SEED, 4, STEPS, LR, WARMUP, lora=spec)
-    rows = [r for r in read_metrics(lora_run) if "loss" in r]
+def compare_to_peft(hf: Path, tasks: str, ckpt: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Losses, gradient norms and final adapters of a finished LoRA run equal PEFT's in one
+    process; the checkpoint holds adapters (and their AdamW moments) only. Returns the rows
+    and the adapters."""
+    spec = LoraSpec.read(ckpt / "checkpoint_10")[0]
+    losses, norms, adapters = hf_reference_training(hf, tasks, SEQ, SEED, 4, STEPS, LR, WARMUP, lora=spec)
+    rows = [r for r in read_metrics(ckpt) if "loss" in r]
     assert [r["loss"] for r in rows] == pytest.approx(losses, abs=LOSS_ATOL, rel=0)
     assert losses[-1] < losses[0]
     assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
 
-    # the checkpoint holds adapters (and their AdamW moments) only: no base weights
-    step_dir = lora_run / "checkpoint_10"
+    step_dir = ckpt / "checkpoint_10"
     config = load_config(step_dir)
     family = family_for(config.model_type)
     assert not list(step_dir.glob("embs*")) and not list(step_dir.glob("layer_*")) and not list(step_dir.glob("lm_*"))
@@ -153,6 +152,13 @@ def test_lora_pipeline_matches_single_process_peft(
     assert ours.keys() == adapters.keys()
     for key, value in adapters.items():
         torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=key)
+    return rows, adapters
+
+
+def test_lora_pipeline_matches_single_process_peft(lora_run: Path, tiny_hf: Path, two_tasks: str) -> None:
+    spec = LoraSpec.read(lora_run / "checkpoint_10")[0]
+    assert (spec.rank, spec.alpha, spec.dropout) == (RANK, ALPHA, 0.0)
+    rows, adapters = compare_to_peft(tiny_hf, two_tasks, lora_run)
 
     # metrics: trainable parameters are the adapters; replicas exchange only their gradients
     trainable = sum(v.numel() for v in adapters.values())
@@ -162,6 +168,18 @@ def test_lora_pipeline_matches_single_process_peft(
     assert {r["dp_bytes"] for r in rows} == {(trainable + 2) * 4}
     # (rank 4 on hidden 32 is ~12% of the model; on a 4096-wide model rank 8 would be ~0.3%)
     assert trainable < sum(p.numel() for p in load_file(tiny_hf / "model.safetensors").values()) / 5
+
+
+def test_lora_tied_llama_1f1b_matches_peft(two_tasks: str, tmp_path: Path) -> None:
+    """Tied embeddings stay frozen at both ends (no sum between them); 1F1B; chosen targets."""
+    hf = build_tiny_model(tmp_path / "hf", bundled_texts(), "llama", num_layers=4, seed=1)
+    shards = convert_from_hf(hf, tmp_path / "shards")
+    ckpt = tmp_path / "ckpt"
+    args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=1, accum=1)
+    assert_all_ok(launch([*args, *LORA_FLAGS, "--pp-mode", "1f1b", "--lora-target-modules", "q_proj", "v_proj"],
+                         2, tmp_path))  # fmt: skip
+    assert LoraSpec.read(ckpt / "checkpoint_10")[0].target_modules == ("q_proj", "v_proj")
+    compare_to_peft(hf, two_tasks, ckpt)
 
 
 def test_lora_export_adapter_and_merged_give_our_logits(lora_run: Path, tiny_hf: Path, tiny_shards: Path,
