@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tests.helpers import (
     resume_elsewhere,
     train_args,
 )
+from trainer.checkpoint import _check_same_kind
 
 RANK, ALPHA = 4, 8.0
 ALL_LINEAR = {  # the default targets: every linear layer of a block
@@ -223,7 +225,7 @@ def test_lora_resumes_exactly_in_another_topology(
 
 
 def test_lora_checkpoint_refuses_other_flags(lora_run: Path, tiny_shards: Path, two_tasks: str,
-                                             tmp_path: Path) -> None:  # fmt: skip
+                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     ckpt = tmp_path / "ckpt"
     shutil.copytree(lora_run / "checkpoint_5", ckpt / "checkpoint_5")
     (ckpt / "latest").write_text("5\n")
@@ -235,6 +237,14 @@ def test_lora_checkpoint_refuses_other_flags(lora_run: Path, tiny_shards: Path, 
         (result,) = launch([*args, *extra], 1, tmp_path)
         assert result.returncode != 0 and expected in result.output, result.output[-2000:]
     assert (ckpt / "latest").read_text() == "5\n"  # nothing was overwritten
+
+    # the same adapters over another base folder: allowed (paths differ between nodes), but said
+    spec = LoraSpec.read(ckpt / "checkpoint_5")[0]
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        _check_same_kind(ckpt / "checkpoint_5", spec, str(tiny_shards))
+        assert not caplog.records
+        _check_same_kind(ckpt / "checkpoint_5", spec, str(tmp_path / "elsewhere"))
+    assert "they must be the same model" in caplog.text
 
 
 def test_lora_bad_input_is_one_clear_line(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
             raise CheckpointError(f"{path} is damaged (size or checksum differs from the manifest); {fallback}")
 
 
-def _check_same_kind(directory: Path, lora: LoraSpec | None) -> None:
+def _check_same_kind(directory: Path, lora: LoraSpec | None, base_model: str | None) -> None:
     """A LoRA run resumes LoRA adapters of the same shape; a full run, full weights."""
     try:
         saved = LoraSpec.read(directory)
@@ -195,17 +195,24 @@ def _check_same_kind(directory: Path, lora: LoraSpec | None) -> None:
             f"{directory} holds LoRA adapters of {saved[0]}, but this run asks for {lora}; "
             "pass the same --lora-* flags or choose a new --checkpoint-path"
         )
+    if saved is not None and base_model is not None and Path(saved[1]) != Path(base_model).resolve():
+        # paths may differ between nodes of one job, so this is a warning, not a refusal
+        log.warning("%s: adapters trained on base %s now resume on --model-name %s; they must be the same model",
+                    directory, saved[1], base_model)  # fmt: skip
 
 
-def load_checkpoint(root: Path, stage: Stage, optimizer: torch.optim.Optimizer) -> tuple[int, dict] | None:
-    """Restore weights and optimizer state from ``<root>/latest``; None when there is none."""
+def load_checkpoint(
+    root: Path, stage: Stage, optimizer: torch.optim.Optimizer, base_model: str | None = None
+) -> tuple[int, dict] | None:
+    """Restore weights (under LoRA: adapters over ``base_model``, already loaded) and optimizer
+    state from ``<root>/latest``; None when there is none."""
     step = latest_step(root)
     if step is None:
         return None
     directory = checkpoint_dir(root, step)
     if not directory.is_dir():
         raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
-    _check_same_kind(directory, stage.lora)
+    _check_same_kind(directory, stage.lora, base_model)
     parts = list(stage.saved_parts())
     names = [f"{p}.safetensors" for p in parts] + [f"{OPTIM_PREFIX}{p}.safetensors" for p in parts] + [TRAINER_STATE]
     _verify(directory, names + ([ADAPTER_CONFIG] if stage.lora else []), root, step)

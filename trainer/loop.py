@@ -113,7 +113,9 @@ class Trainer:
                 f"{cfg.checkpoint.path} already holds checkpoints and --load-checkpoint is false; "
                 "resume with --load-checkpoint true or choose a new --checkpoint-path (nothing was overwritten)"
             )
-        resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer) if cfg.checkpoint.resume else None
+        resumed = None
+        if cfg.checkpoint.resume:
+            resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name)
         if resumed is not None:
             self.step, state = resumed
             if self.scaler is not None and "loss_scale" in state:
