@@ -217,6 +217,23 @@ def test_lora_export_adapter_and_merged_give_our_logits(lora_run: Path, tiny_hf:
         assert torch.equal(merged_state[key], value) != adapted, key
 
 
+def test_lora_resume_in_the_same_topology_is_bit_exact(
+    lora_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(lora_run / "checkpoint_5", ckpt / "checkpoint_5")
+    (ckpt / "latest").write_text("5\n")
+    args = train_args(tiny_shards, two_tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=1)
+    assert_all_ok(launch([*args, *LORA_FLAGS], 4, tmp_path))
+    resumed = {r["step"]: r["loss"] for r in read_metrics(ckpt) if "loss" in r}
+    assert resumed == {r["step"]: r["loss"] for r in read_metrics(lora_run) if "loss" in r and r["step"] > 5}
+    names = [p.name for p in (lora_run / "checkpoint_10").glob("*lora_layer_*.safetensors")]
+    assert len(names) == 2 * 5  # adapters and their AdamW state, for each of the 5 layers
+    for name in names:
+        ours, theirs = load_file(ckpt / "checkpoint_10" / name), load_file(lora_run / "checkpoint_10" / name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
 def test_lora_resumes_exactly_in_another_topology(
     lora_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
