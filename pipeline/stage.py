@@ -72,15 +72,24 @@ class Stage(nn.Module):
                     f"unexpected {unexpected[:3]}; was it converted for another --model-type?"
                 )
 
-    def add_lora(self, spec: LoraSpec, seed: int) -> LoraSpec:
+    def add_lora(self, spec: LoraSpec, seed: int, frozen_dtype: torch.dtype | None = None) -> LoraSpec:
         """Adapters on every block of this stage (after the base weights are loaded); every
-        base weight is frozen. Returns the spec with its targets resolved."""
+        base weight is frozen. Returns the spec with its targets resolved.
+
+        ``frozen_dtype`` (the fp16/bf16 autocast dtype) stores the blocks' frozen linear layers
+        in that dtype: autocast rounds them to it at every use anyway, so results are the same
+        bit for bit while their memory halves. Norms, embedding and head keep their dtype."""
         first_block = self.layers[str(self.layer_ids[0])]
         spec = spec.resolved(first_block, self.family)
         for i in self.layer_ids:
             add_adapters(self.layers[str(i)], spec, seed, layer_part(i))
         for name, param in self.named_parameters():
             param.requires_grad_(is_adapter_parameter(name))
+        if frozen_dtype is not None:
+            for name, module in self.layers.named_modules():
+                linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+                if linear and ".lora_" not in name:
+                    module.to(frozen_dtype)
         self.lora = spec
         return spec
 

@@ -120,6 +120,35 @@ def test_lora_stages_equal_peft_logits_and_train_adapters_only(family: str, targ
         assert torch.equal(now, old) != (".lora_" in name), name
 
 
+@pytest.mark.parametrize("family", ["gptneox", "gptj", "llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_frozen_weights_in_half_precision_change_nothing_but_memory(family: str, dtype: torch.dtype) -> None:
+    from convert.tiny_model import tiny_config
+
+    config = tiny_config(family, 100, num_layers=2)
+    config._attn_implementation = "sdpa"
+    results = []
+    for frozen in (None, dtype):
+        stage = Stage(family_for(family), config, range(2), is_first=True, is_last=True)
+        stage.init_parts(0.02, SEED)
+        stage.add_lora(LoraSpec(RANK, ALPHA, 0.0), SEED, frozen_dtype=frozen)
+        with torch.no_grad():
+            for name, param in stage.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=dtype):
+            logits = stage(ids)
+        logits.float().logsumexp(-1).sum().backward()
+        grads = {n: p.grad for n, p in stage.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in grads.values())  # adapters keep fp32 weights and grads
+        results.append((logits.detach(), grads, sum(p.numel() * p.element_size() for p in stage.parameters())))
+    (full_logits, full_grads, full_bytes), (half_logits, half_grads, half_bytes) = results
+    assert torch.equal(full_logits, half_logits)
+    assert full_grads.keys() == half_grads.keys() and all(torch.equal(full_grads[k], half_grads[k]) for k in full_grads)
+    assert half_bytes < 0.8 * full_bytes
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pp=2 x dp=2 LoRA run of the tiny GPT-NeoX: 10 steps, checkpoints at 5 and 10."""

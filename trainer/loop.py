@@ -86,9 +86,10 @@ class Trainer:
         else:
             self.stage.init_parts(getattr(self.plan.model_config, "initializer_range", 0.02), cfg.data.seed)
         if cfg.lora is not None:
-            spec = self.stage.add_lora(cfg.lora, cfg.data.seed)
-            log.info("LoRA rank %d alpha %g dropout %g on %s", spec.rank, spec.alpha, spec.dropout,
-                     " ".join(spec.target_modules))  # fmt: skip
+            frozen = compute_dtype(cfg.optim.precision)  # frozen linear weights need no fp32 master copy
+            spec = self.stage.add_lora(cfg.lora, cfg.data.seed, frozen)
+            log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
+                     spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         # a tied output weight on the last stage copies the embedding's: count it once
