@@ -45,7 +45,7 @@ class LoraSpec:
     rank: int
     alpha: float
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()  # empty: every linear layer of a block
+    target_modules: tuple[str, ...] = ()  # empty (or "all-linear"): every linear layer of a block
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -58,7 +58,8 @@ class LoraSpec:
     def resolved(self, block: nn.Module, family: Family) -> LoraSpec:
         """This spec with its targets checked against (and defaulted from) a real block."""
         available = linear_names(block)
-        targets = self.target_modules or tuple(available)
+        everything = not self.target_modules or self.target_modules == ("all-linear",)  # PEFT's spelling
+        targets = tuple(available) if everything else self.target_modules
         unknown = [t for t in targets if t not in available]
         if unknown:
             raise ValueError(

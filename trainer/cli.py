@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="linear layers of each block to adapt, by name, e.g. q_proj v_proj (comma-separated works too; "
-        "default: every linear layer of a block)",
+        "default, or all-linear: every linear layer of a block)",
     )
 
     d = p.add_argument_group("data")
