@@ -230,13 +230,21 @@ class Communicator:
             bandwidth_mbps, latency_ms = self.link
             time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
 
-    def _send(self, lane: str, what: str, peer: int, tensor: torch.Tensor, codec: Codec, wait: bool) -> None:
-        """Send to one peer. ``wait=False`` leaves the send in flight until ``flush()``, so moving
-        one micro-batch overlaps computing the next."""
+    def _outgoing(self, tensor: torch.Tensor, codec: Codec) -> list[torch.Tensor]:
+        """``tensor`` as wire tensors, counted and (under link emulation) held to the link's rate."""
         wire = codec.encode(tensor.detach())
         sent = sum(w.nbytes for w in wire)
         self.bytes_sent += sent
         self._hold_link(sent)
+        return wire
+
+    def _incoming(self, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec) -> list[torch.Tensor]:
+        return [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
+
+    def _send(self, lane: str, what: str, peer: int, tensor: torch.Tensor, codec: Codec, wait: bool) -> None:
+        """Send to one peer. ``wait=False`` leaves the send in flight until ``flush()``, so moving
+        one micro-batch overlaps computing the next."""
+        wire = self._outgoing(tensor, codec)
         with self.tracer.span(lane), self._guard(what, peer):
             works = dist.batch_isend_irecv([dist.P2POp(dist.isend, w, peer) for w in wire])
             if wait:
@@ -250,10 +258,24 @@ class Communicator:
     ) -> PendingRecv:
         """Post a receive now and wait for it later: the transport (Gloo included) moves the
         data only once a receive is posted, so posting before a compute overlaps the two."""
-        buffers = [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
+        buffers = self._incoming(shape, dtype, codec)
         with self._guard(what, peer):
             works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in buffers])
         return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype)
+
+    def _exchange(
+        self, lane: str, what: str, peer: int, tensor: torch.Tensor, send_codec: Codec,
+        shape: tuple[int, ...], dtype: torch.dtype, recv_codec: Codec,
+    ) -> torch.Tensor:  # fmt: skip
+        """Send to and receive from one peer in one batch, and wait for both. NCCL runs the
+        operations between two ranks in order on one stream: a send and a receive in opposite
+        directions posted apart could each wait behind the other side's (a deadlock)."""
+        wire, buffers = self._outgoing(tensor, send_codec), self._incoming(shape, dtype, recv_codec)
+        ops = [dist.P2POp(dist.isend, w, peer) for w in wire] + [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+        with self.tracer.span(lane), self._guard(what, peer):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return recv_codec.decode(buffers, dtype)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -292,6 +314,26 @@ class Communicator:
             if tensor is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
             self._send("backward send", "send of gradients", self.topo.rank - 1, tensor, self.grad_codec, wait)
+
+    def send_forward_recv_backward(
+        self, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """1F1B steady state: our activations out and their gradient in, with the next stage."""
+        if self.topo.is_last_stage:
+            return None
+        return self._exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
+                              tensor, self.act_codec, shape, dtype, self.grad_codec)  # fmt: skip
+
+    def send_backward_recv_forward(
+        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """1F1B steady state: our input's gradient out and the next activations in."""
+        if self.topo.is_first_stage:
+            return None
+        if tensor is None:
+            raise RuntimeError("no gradient to send back: the stage input did not require grad")
+        return self._exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
+                              tensor, self.grad_codec, shape, dtype, self.act_codec)  # fmt: skip
 
     # -- collectives --------------------------------------------------------------------------
 

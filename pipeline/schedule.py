@@ -110,41 +110,37 @@ def one_f_one_b_step(
     stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
     """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches.
-    Sends stay in flight and receives are posted before the compute they wait behind, so
-    moving data overlaps computing in every phase."""
+    Warm-up and cool-down sends stay in flight while the next micro-batch computes. In the
+    steady state a stage sends and receives in both directions with each neighbour; each such
+    pair is posted as one batch (``send_*_recv_*``), which NCCL needs to avoid a deadlock."""
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
     run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
     topo, m = comm.topo, len(micro_batches)
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
-    incoming = comm.post_recv_forward(shape, dtype)
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
-        x_in = incoming.wait()
-        if i + 1 < m:
-            incoming = comm.post_recv_forward(shape, dtype)
-        held.append(run.forward(i, micro_batches[i], x_in))
-        comm.send_forward(run.sendable(held[-1][1]), wait=False)
-    # steady state: one forward, one backward
+        x, y = run.forward(i, micro_batches[i], comm.recv_forward(shape, dtype))
+        comm.send_forward(run.sendable(y), wait=False)  # travels while the next forward computes
+        held.append((x, y))
+    # steady state: one forward, one backward; sends and receives paired with each neighbour
+    x_next = comm.recv_forward(shape, dtype) if warmup < m else None
     for k, i in enumerate(range(warmup, m)):
-        grad_incoming = comm.post_recv_backward(shape, dtype)  # lands while we compute the forward
-        x_in = incoming.wait()
-        if i + 1 < m:
-            incoming = comm.post_recv_forward(shape, dtype)  # lands while we compute the backward
-        held.append(run.forward(i, micro_batches[i], x_in))
-        comm.send_forward(run.sendable(held[-1][1]), wait=False)
+        x, y = run.forward(i, micro_batches[i], x_next)
+        held.append((x, y))
+        grad = comm.send_forward_recv_backward(run.sendable(y), shape, dtype)
         x_old, y_old = held.pop(0)
-        comm.send_backward(run.backward(k, x_old, y_old, grad_incoming.wait()), wait=False)
+        grad_in = run.backward(k, x_old, y_old, grad)
+        if i == m - 1:
+            comm.send_backward(grad_in, wait=False)
+        else:
+            x_next = comm.send_backward_recv_forward(grad_in, shape, dtype)
     # cool-down: the backwards left
-    if warmup:
-        grad_incoming = comm.post_recv_backward(shape, dtype)
     for k in range(m - warmup, m):
-        grad = grad_incoming.wait()
-        if k + 1 < m:
-            grad_incoming = comm.post_recv_backward(shape, dtype)
         x_old, y_old = held.pop(0)
-        comm.send_backward(run.backward(k, x_old, y_old, grad), wait=False)
+        grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
+        comm.send_backward(grad_in, wait=False)
     comm.flush()
     return run.loss_total
 

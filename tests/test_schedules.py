@@ -41,6 +41,18 @@ class LoopbackComm:
     def post_recv_backward(self, shape, dtype):
         return Posted(self._fresh(shape, dtype, self.topo.is_last_stage))
 
+    def recv_forward(self, shape, dtype):
+        return self.post_recv_forward(shape, dtype).wait()
+
+    def recv_backward(self, shape, dtype):
+        return self.post_recv_backward(shape, dtype).wait()
+
+    def send_forward_recv_backward(self, tensor, shape, dtype):
+        return self.recv_backward(shape, dtype)
+
+    def send_backward_recv_forward(self, tensor, shape, dtype):
+        return self.recv_forward(shape, dtype)
+
     def send_forward(self, tensor, wait=True) -> None:
         pass
 
