@@ -84,21 +84,151 @@ class CountingStage(nn.Module):
         self.live -= 1
 
 
+TOY_SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
+
+
+def toy_micro_batches(stage: int, stages: int, micro: int) -> list[MicroBatch]:
+    """Token ids on the first stage, labels on the last, as the trainer hands them out."""
+    first, last = stage == 0, stage == stages - 1
+    return [MicroBatch(torch.randint(0, 16, (1, SEQ)) if first else None,
+                       torch.randint(0, 16, (1, SEQ)) if last else None) for _ in range(micro)]  # fmt: skip
+
+
 @pytest.mark.parametrize("stages,micro", [(4, 8), (3, 6), (2, 1)])
 def test_1f1b_holds_at_most_p_minus_s_micro_batches(stages: int, micro: int) -> None:
     for s in range(stages):
         peaks = {}
         for name, schedule in (("gpipe", gpipe_step), ("1f1b", one_f_one_b_step)):
             stage = CountingStage(first=s == 0)
-            last = s == stages - 1
-            batches = [MicroBatch(torch.randint(0, 16, (1, SEQ)) if s == 0 else None,
-                                  torch.randint(0, 16, (1, SEQ)) if last else None) for _ in range(micro)]  # fmt: skip
-            spec = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
-            schedule(stage, LoopbackComm(s, stages), batches, spec)
+            schedule(stage, LoopbackComm(s, stages), toy_micro_batches(s, stages, micro), TOY_SPEC)
             assert stage.live == 0  # every forward was backpropagated
             peaks[name] = stage.peak
         assert peaks["gpipe"] == micro
         assert peaks["1f1b"] == min(stages - s, micro), (s, peaks)
+
+
+class RecordingComm(LoopbackComm):
+    """Records what one stage posts on each link and when it waits, as a program to replay."""
+
+    def __init__(self, stage: int, stages: int) -> None:
+        super().__init__(stage, stages)
+        self.program: list[tuple] = []  # ("post", group, peer, ("send" | "recv", ...)) | ("wait", group)
+        self._unflushed: list[int] = []
+
+    def _post(self, peer: int, ops: tuple[str, ...]) -> int:
+        group = len([e for e in self.program if e[0] == "post"])
+        self.program.append(("post", group, peer, ops))
+        return group
+
+    def _recv(self, peer: int, shape, dtype) -> Posted:
+        group = self._post(peer, ("recv",))
+        tensor = torch.randn(shape, dtype=dtype)
+        return RecordedWait(self.program, group, tensor)
+
+    def post_recv_forward(self, shape, dtype):
+        return Posted(None) if self.topo.is_first_stage else self._recv(self.topo.stage - 1, shape, dtype)
+
+    def post_recv_backward(self, shape, dtype):
+        return Posted(None) if self.topo.is_last_stage else self._recv(self.topo.stage + 1, shape, dtype)
+
+    def _send(self, peer: int, wait: bool) -> None:
+        group = self._post(peer, ("send",))
+        if wait:
+            self.program.append(("wait", group))
+        else:
+            self._unflushed.append(group)
+
+    def send_forward(self, tensor, wait=True) -> None:
+        if not self.topo.is_last_stage:
+            self._send(self.topo.stage + 1, wait)
+
+    def send_backward(self, tensor, wait=True) -> None:
+        if not self.topo.is_first_stage:
+            self._send(self.topo.stage - 1, wait)
+
+    def _exchange(self, peer: int, shape, dtype) -> torch.Tensor:
+        self.program.append(("wait", self._post(peer, ("send", "recv"))))
+        return torch.randn(shape, dtype=dtype)
+
+    def send_forward_recv_backward(self, tensor, shape, dtype):
+        return None if self.topo.is_last_stage else self._exchange(self.topo.stage + 1, shape, dtype)
+
+    def send_backward_recv_forward(self, tensor, shape, dtype):
+        return None if self.topo.is_first_stage else self._exchange(self.topo.stage - 1, shape, dtype)
+
+    def flush(self) -> None:
+        self.program += [("wait", group) for group in self._unflushed]
+        self._unflushed.clear()
+
+
+class RecordedWait(Posted):
+    def __init__(self, program: list[tuple], group: int, tensor: torch.Tensor) -> None:
+        super().__init__(tensor)
+        self.program, self.group = program, group
+
+    def wait(self) -> torch.Tensor:
+        self.program.append(("wait", self.group))
+        return self.tensor
+
+
+def replay_in_order(programs: list[list[tuple]]) -> None:
+    """Run every stage's program by NCCL's rules, or fail naming the deadlock: the operations
+    between two ranks run in the order posted (one stream per pair); the operations of one
+    group run together; the k-th send from a to b meets the k-th receive at b from a."""
+    n = len(programs)
+    streams: dict[tuple[int, int], list[int]] = {}  # (rank, peer) -> groups not yet complete, in order
+    ops: dict[tuple[int, int], list[list]] = {}  # (rank, group) -> [kind, message index, done]
+    sent: dict[tuple[int, int], int] = {}  # messages posted per direction (a, b)
+    complete: set[tuple[int, int]] = set()
+    at = [0] * n
+    while True:
+        moved = False
+        for r in range(n):  # each rank runs until it waits for a group that has not completed
+            while at[r] < len(programs[r]):
+                event = programs[r][at[r]]
+                if event[0] == "wait" and (r, event[1]) not in complete:
+                    break
+                if event[0] == "post":
+                    _, group, peer, kinds = event
+                    entries = []
+                    for kind in kinds:
+                        direction = (r, peer) if kind == "send" else (peer, r)
+                        entries.append([kind, sent.get((direction, kind), 0), False])
+                        sent[(direction, kind)] = sent.get((direction, kind), 0) + 1
+                    ops[r, group] = entries
+                    streams.setdefault((r, peer), []).append(group)
+                at[r] += 1
+                moved = True
+        for (a, b), queue in streams.items():  # heads of the two streams of a pair meet
+            if not queue or not streams.get((b, a)):
+                continue
+            mine, theirs = ops[a, queue[0]], ops[b, streams[b, a][0]]
+            for op in mine:
+                partner = "recv" if op[0] == "send" else "send"
+                for other in theirs:
+                    if other[0] == partner and other[1] == op[1]:
+                        op[2] = other[2] = True
+        for (a, _), queue in streams.items():
+            while queue and all(op[2] for op in ops[a, queue[0]]):
+                complete.add((a, queue.pop(0)))
+                moved = True
+        if all(at[r] == len(programs[r]) for r in range(n)):
+            return
+        if not moved:
+            stuck = {r: programs[r][at[r]] for r in range(n) if at[r] < len(programs[r])}
+            raise AssertionError(f"deadlock under in-order links: ranks wait at {stuck}")
+
+
+@pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step])
+@pytest.mark.parametrize("stages,micro", [(2, 1), (2, 4), (3, 2), (3, 6), (4, 3), (4, 8)])
+def test_schedules_cannot_deadlock_on_in_order_links(schedule, stages: int, micro: int) -> None:
+    programs = []
+    for s in range(stages):
+        comm = RecordingComm(s, stages)
+        schedule(CountingStage(first=s == 0), comm, toy_micro_batches(s, stages, micro), TOY_SPEC)
+        assert not comm._unflushed
+        programs.append(comm.program)
+    replay_in_order(programs)
 
 
 def test_codecs_round_trip_within_their_precision() -> None:
