@@ -369,7 +369,10 @@ class Communicator:
     def all_reduce_ends(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place between the first and last stage of this pipeline."""
         if self._ends_group is not None:
+            sent = tensor.nbytes  # two ranks: each sends its copy once; it crosses the pipeline's links
+            self.bytes_sent += sent
             with self._guard("tied-weight all-reduce"):
+                self._hold_link(sent)
                 dist.all_reduce(tensor, group=self._ends_group)
 
     def barrier_pipeline(self) -> None:

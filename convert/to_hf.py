@@ -62,7 +62,7 @@ def _hf_model(config: object, state: dict[str, torch.Tensor], model_dir: Path) -
     return model
 
 
-def _with_adapters(model_dir: Path, spec: LoraSpec, base_dir: Path) -> torch.nn.Module:
+def _with_adapters(model_dir: Path, spec: LoraSpec, base_dir: Path, base_hf_name: str | None) -> torch.nn.Module:
     """HF's model of the base, wrapped by PEFT and holding the checkpoint's adapters."""
     from peft import get_peft_model
 
@@ -75,7 +75,8 @@ def _with_adapters(model_dir: Path, spec: LoraSpec, base_dir: Path) -> torch.nn.
         for local, tensor in load_part(model_dir, adapter_part(layer_part(i))).items():
             adapters[f"base_model.model.{hf_block_path(family, i)}.{local}"] = tensor
     load_adapter_state(peft_model, adapters, str(model_dir))
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    # what AutoPeftModelForCausalLM loads the base from: an HF name or folder, never our shards
+    peft_model.peft_config["default"].base_model_name_or_path = base_hf_name
     return peft_model
 
 
@@ -85,6 +86,7 @@ def convert_to_hf(
     dtype: str | None = None,
     lora_export: str | None = None,
     base_model: str | Path | None = None,
+    base_hf_name: str | None = None,
 ) -> Path:
     """Write a plain HF model; from a LoRA checkpoint, its base with the adapters merged in
     (``lora_export="merged"``, the default) or a PEFT adapter folder (``"adapter"``)."""
@@ -94,8 +96,10 @@ def convert_to_hf(
         raise FileExistsError(f"--save-path {save_path} is not empty; choose a new directory (nothing was written)")
     lora = LoraSpec.read(model_dir)
     if lora is None:
-        if lora_export is not None or base_model is not None:
-            raise ValueError(f"{model_dir} holds full weights, not LoRA adapters: drop --lora-export/--base-model")
+        if lora_export is not None or base_model is not None or base_hf_name is not None:
+            raise ValueError(
+                f"{model_dir} holds full weights, not LoRA adapters: drop --lora-export/--base-model/--base-hf-name"
+            )
         config, state = sharded_state_dict(model_dir)
         model = _hf_model(config, state, model_dir)
     else:
@@ -106,7 +110,7 @@ def convert_to_hf(
                 f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
                 "pass --base-model with the --model-name they were trained on"
             )
-        model = _with_adapters(model_dir, spec, base)
+        model = _with_adapters(model_dir, spec, base, base_hf_name)
         if (lora_export or "merged") == "adapter":
             if dtype is not None:
                 model = model.to(DTYPES[dtype])
@@ -139,13 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--base-model", default=None, help="LoRA checkpoints: the layer-sharded base (default: as recorded)"
     )
+    parser.add_argument(
+        "--base-hf-name",
+        default=None,
+        help="--lora-export adapter: the HF name or folder of the base, recorded as base_model_name_or_path "
+        "so AutoPeftModelForCausalLM.from_pretrained(<adapter folder>) finds it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per conversion is enough
     try:
-        convert_to_hf(args.ckpt_path, args.save_path, args.dtype, args.lora_export, args.base_model)
+        convert_to_hf(args.ckpt_path, args.save_path, args.dtype, args.lora_export, args.base_model, args.base_hf_name)
     except (OSError, ValueError, KeyError) as err:
         sys.exit(f"to_hf: {err}")
 

@@ -66,7 +66,8 @@ class LoraSpec:
                 f"--lora-target-modules {' '.join(unknown)}: no such linear layer in a {family.name} block; "
                 f"choose from {' '.join(available)}"
             )
-        return LoraSpec(self.rank, self.alpha, self.dropout, tuple(targets))
+        # sorted: the same layers named in another order are the same adapters (and resume)
+        return LoraSpec(self.rank, self.alpha, self.dropout, tuple(sorted(set(targets))))
 
     def peft_config(self, model: nn.Module) -> object:
         """PEFT's config of these adapters for ``model`` (a block or a whole HF model)."""

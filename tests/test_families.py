@@ -13,7 +13,16 @@ from convert.tiny_model import build_tiny_model
 from convert.to_hf import convert_to_hf
 from modules import family_for, load_config
 from pipeline.stage import Stage
-from tests.helpers import assert_all_ok, bundled_texts, compare_to_reference, launch, resume_elsewhere, train_args
+from tests.helpers import (
+    SEQ,
+    assert_all_ok,
+    bundled_texts,
+    compare_to_reference,
+    launch,
+    read_metrics,
+    resume_elsewhere,
+    train_args,
+)
 
 FAMILIES = ("gptj", "llama", "gpt2")
 
@@ -57,6 +66,10 @@ def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tm
     ckpt = tmp_path / "ckpt"
     assert_all_ok(launch(train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=2, accum=1), 2, tmp_path))
     state = compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+    config = load_config(shards)
+    activations = 2 * 2 * (2 * SEQ * config.hidden_size * 4)  # 2 micro-batches of 2 x SEQ, there and back
+    tied = 2 * config.vocab_size * config.hidden_size * 4 if config.tie_word_embeddings else 0  # each end's copy
+    assert {r["comm_bytes"] for r in read_metrics(ckpt) if "loss" in r} == {activations + tied}
     if family in ("llama", "gpt2"):  # tied: the two stages' copies stayed one tensor
         embedding = load_file(ckpt / "checkpoint_10" / "embs.safetensors")
         head = load_file(ckpt / "checkpoint_10" / "lm_head.safetensors")
