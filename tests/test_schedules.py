@@ -275,23 +275,24 @@ def test_compressed_activations_cut_bytes_and_keep_the_loss(tiny_shards: Path, t
         assert losses != [r["loss"] for r in runs["none"]]  # really compressed
 
 
+def run_on_emulated_link(shards: Path, tasks: str, tmp: Path, pp: int, dp: int, batch: int, mbps: int) -> list[dict]:
+    """Metrics of a 3-step run whose ranks hold their sends to ``mbps`` with 20 ms latency."""
+    ckpt = tmp / "ckpt"
+    args = [*train_args(shards, tasks, ckpt, pp=pp, dp=dp, batch=batch, micro=2, accum=1),
+            "--link-bandwidth-mbps", str(mbps), "--link-latency-ms", "20", "--total-steps", "3"]  # fmt: skip
+    assert_all_ok(launch(args, pp * dp, tmp))
+    return read_metrics(ckpt)
+
+
 def test_link_emulation_holds_sends_to_the_rate(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    args = [*train_args(tiny_shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=2, accum=1),
-            "--link-bandwidth-mbps", "2", "--link-latency-ms", "20", "--total-steps", "3"]  # fmt: skip
-    assert_all_ok(launch(args, 2, tmp_path))
-    for row in read_metrics(ckpt):
+    for row in run_on_emulated_link(tiny_shards, two_tasks, tmp_path, pp=2, dp=1, batch=4, mbps=2):
         # stage 0 sends half the bytes, one message per micro-batch, before stage 1 can finish
         floor = (row["comm_bytes"] / 2) * 8 / 2e6 + 2 * 0.020
         assert row["step_time_s"] >= floor, row
 
 
 def test_link_emulation_holds_replica_traffic_too(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    args = [*train_args(tiny_shards, two_tasks, ckpt, pp=1, dp=2, batch=2, micro=2, accum=1),
-            "--link-bandwidth-mbps", "8", "--link-latency-ms", "20", "--total-steps", "3"]  # fmt: skip
-    assert_all_ok(launch(args, 2, tmp_path))
-    for row in read_metrics(ckpt):
+    for row in run_on_emulated_link(tiny_shards, two_tasks, tmp_path, pp=1, dp=2, batch=2, mbps=8):
         # the gradient sum (the whole model in fp32) leaves each replica at 8 Mbit/s
         assert row["dp_bytes"] > 200_000
         assert row["step_time_s"] >= row["dp_bytes"] * 8 / 8e6 + 0.020, row

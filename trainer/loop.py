@@ -92,9 +92,7 @@ class Trainer:
                      spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        # a tied output weight on the last stage copies the embedding's: count it once
-        tied = self.stage.tied_copy()
-        self.trainable = sum(p.numel() for p in self.params if not (p is tied and self.topo.is_last_stage))
+        self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
         self.optimizer = make_optimizer(cfg.optim, self.params)
@@ -193,8 +191,7 @@ class Trainer:
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
-        counted = [p.grad for p in self.params if not (p is tied and self.topo.is_last_stage)]  # tied: count once
-        sq = torch.stack([torch.linalg.vector_norm(g.float()) for g in counted]).pow(2).sum()
+        sq = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self._counted_once(tied)]).pow(2).sum()
         # with it, the bytes this pipeline's ranks sent between stages this step, and to other
         # replicas since the last row (local SGD's weight average comes after this point)
         sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
@@ -238,6 +235,11 @@ class Trainer:
         if self.scaler is not None:
             row["loss_scale"] = scale
         return row
+
+    def _counted_once(self, tied: torch.nn.Parameter | None) -> list[torch.nn.Parameter]:
+        """This stage's trained parameters for sums over the pipeline (gradient norm, parameter
+        count): a tied output weight on the last stage copies the embedding's, counted there."""
+        return [p for p in self.params if not (p is tied and self.topo.is_last_stage)]
 
     def _loss_tokens(self, batch: Batch) -> int:
         """Tokens the loss is averaged over: the whole global batch, or in local mode (where
