@@ -1,26 +1,31 @@
-"""The only place that calls ``torch.distributed``.
+"""The process groups of one rank and every tensor it exchanges (with ``rendezvous.py``, the
+only code that calls ``torch.distributed``).
 
 Point-to-point helpers do nothing at the ends of the pipeline (the first stage receives no
-activations, the last sends none), so one schedule loop serves every stage.
+activations, the last sends none), so one schedule loop serves every stage. Each pipeline's
+point-to-point traffic runs on that pipeline's own group and each stage's gradient sums on its
+data-parallel group; with CUDA compute over Gloo their tensors go through pinned host buffers
+(``devices.Placement``), over NCCL they stay on the GPU.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
 from comm.compress import Codec
+from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat
+from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
 from comm.topology import Topology
 from comm.trace import NULL_TRACER, NullTracer, Tracer
 
@@ -39,6 +44,9 @@ class CommConfig:
     pp_compress_grad: str = "none"  # their gradients, coming back
     link_bandwidth_mbps: float = 0.0  # emulated link (0: not held)
     link_latency_ms: float = 0.0
+    # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
+    # CUDA compute over Gloo takes, for tests on machines without a GPU. Not a flag.
+    host_staging: bool = False
 
     @property
     def emulates_link(self) -> bool:
@@ -72,28 +80,6 @@ class PeerLostError(ConnectionError):
     """A collective or point-to-point call failed because a peer died, hung or dropped off."""
 
 
-def store_address(dist_url: str) -> tuple[str, int] | None:
-    """Host and port of the rendezvous store behind ``dist_url`` (None for file://)."""
-    if dist_url.startswith("tcp://"):
-        parsed = urlparse(dist_url)
-        return parsed.hostname, parsed.port
-    if dist_url.startswith("env://"):
-        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    return None
-
-
-def restart_attempt(dist_url: str) -> str | None:
-    """``attempt_<n>/`` under torchrun (which restarts failed jobs with one store), else None."""
-    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    return f"attempt_{count}/" if dist_url == "env://" and count is not None else None
-
-
-def bind_interface(name: str) -> None:
-    """Make Gloo and NCCL open their sockets on interface ``name`` (CommConfig checked it exists)."""
-    os.environ["GLOO_SOCKET_IFNAME"] = name
-    os.environ["NCCL_SOCKET_IFNAME"] = name
-
-
 @dataclass
 class PendingRecv:
     """A posted receive; ``wait()`` returns the decoded tensor (None for a pipeline end)."""
@@ -108,12 +94,15 @@ class PendingRecv:
     dtype: torch.dtype | None = None
 
     def wait(self) -> torch.Tensor | None:
+        """Under NCCL ``work.wait()`` only orders the compute stream after the transfer (the
+        CPU goes on); under Gloo it blocks until the data is here."""
         if self.comm is None:
             return None
         with self.comm.tracer.span(self.lane), self.comm._guard(self.what, self.peer):
             for work in self.works:
                 work.wait()
-        return self.codec.decode(self.buffers, self.dtype)
+        place = self.comm.pp_place
+        return self.codec.decode([place.incoming(b) for b in self.buffers], self.dtype)
 
 
 NOTHING = PendingRecv(None)  # what a pipeline end receives from beyond itself
@@ -133,6 +122,13 @@ class Communicator:
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
         self.dp_bytes_sent = 0  # and bytes of data-parallel collectives
         self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
+        # Gloo moves CPU tensors only: with CUDA compute its groups' tensors go through host buffers.
+        stage_gloo = device.type != "cpu" or cfg.host_staging
+        self.pp_place = Placement(device, staged=cfg.backend == "gloo" and stage_gloo)
+        self.dp_place = Placement(device, staged=cfg.dp_backend == "gloo" and stage_gloo)
+        self._barrier_devices = [device.index] if cfg.backend == "nccl" else None  # NCCL's barrier needs it
+        if "nccl" in (cfg.backend, cfg.dp_backend):
+            self._check_one_gpu_per_rank()
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
@@ -154,13 +150,32 @@ class Communicator:
                 group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
                 if stage == topo.stage:
                     self._data_group = group
-        # Control messages (start-up checks) always go over Gloo on the CPU.
-        self._control_group = None if cfg.backend == "gloo" else dist.new_group(timeout=timeout, backend="gloo")
+        # NCCL makes a group's communicator at its first call, and a batch of point-to-point
+        # operations must then involve every rank of the group; a first all-reduce by all
+        # members, group by group in the order made above (so no two ranks wait on each other
+        # crosswise), makes them now. A failure here is then a start-up error, not a mid-step one.
+        for group, backend in ((self._ends_group, cfg.backend), (self._pipeline_group, cfg.backend),
+                               (self._data_group, cfg.dp_backend)):  # fmt: skip
+            if group is not None and backend == "nccl":
+                with self._guard("creation of the NCCL communicators"):
+                    dist.all_reduce(torch.zeros(1, device=device), group=group)
+        # Control messages (start-up checks, clock sync, the final barrier) use the default
+        # group, which is Gloo on the CPU whatever the pipeline's backend.
         address = store_address(cfg.dist_url)
         # Dead or frozen peers are caught by their missing heartbeats well before the timeout.
+        # Under NCCL this is also how a lost peer is noticed at all: NCCL's waits return at once
+        # and its errors surface later, in its own watchdog thread.
         dead_after = min(30.0, cfg.timeout_s)
         prefix = restart_attempt(cfg.dist_url) or ""
         self.heartbeat = Heartbeat(*address, topo, dead_after, key_prefix=prefix) if address else None
+
+    def _check_one_gpu_per_rank(self) -> None:
+        """Before any NCCL group: every rank says which GPU it has; a shared one stops all ranks."""
+        mine = (device_identity(self.device), f"{self.device} on {socket.gethostname()}")
+        everyone: list = [None] * self.topo.world_size
+        with self._guard("start-up exchange of devices"):
+            dist.all_gather_object(everyone, mine)
+        check_one_gpu_per_rank([e[0] for e in everyone], [e[1] for e in everyone], self.topo.describe)
 
     @classmethod
     def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
@@ -171,33 +186,9 @@ class Communicator:
         """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
-        timeout = timedelta(seconds=cfg.timeout_s)
-        try:
-            attempt = restart_attempt(cfg.dist_url)
-            if attempt is None:
-                dist.init_process_group(
-                    backend=cfg.backend, init_method=cfg.dist_url, world_size=topo.world_size, rank=topo.rank,
-                    timeout=timeout,
-                )  # fmt: skip
-            else:
-                # torchrun keeps one store across restarts: a new attempt must not read the
-                # addresses the failed one left there, so each attempt gets its own key space.
-                host, port = store_address(cfg.dist_url)
-                hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-                store = dist.TCPStore(
-                    host, port, topo.world_size, is_master=not hosted_by_agent and topo.rank == 0, timeout=timeout
-                )
-                dist.init_process_group(
-                    backend=cfg.backend, store=dist.PrefixStore(attempt, store), world_size=topo.world_size,
-                    rank=topo.rank, timeout=timeout,
-                )  # fmt: skip
-        except (RuntimeError, ValueError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConnectionError(
-                f"{topo.describe(topo.rank)} could not join the job at {cfg.dist_url} within {cfg.timeout_s:g}s "
-                f"({first_line}); check that rank 0 is running, --dist-url is reachable from every node "
-                f"and --world-size {topo.world_size} ranks were started"
-            ) from None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL makes its communicators on the current device
+        join_job(topo, cfg.dist_url, cfg.timeout_s)
         return cls(topo, cfg, device, link_ends)
 
     @contextmanager
@@ -231,22 +222,27 @@ class Communicator:
             time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
 
     def _outgoing(self, tensor: torch.Tensor, codec: Codec) -> list[torch.Tensor]:
-        """``tensor`` as wire tensors, counted and (under link emulation) held to the link's rate."""
+        """``tensor`` as wire tensors where the pipeline's backend reads them, counted and
+        (under link emulation) held to the link's rate. Encoding runs on the compute device."""
         wire = codec.encode(tensor.detach())
         sent = sum(w.nbytes for w in wire)
         self.bytes_sent += sent
         self._hold_link(sent)
-        return wire
+        return self.pp_place.outgoing(wire)
 
     def _incoming(self, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec) -> list[torch.Tensor]:
-        return [torch.empty(s, dtype=d, device=self.device) for s, d in codec.wire(shape, dtype)]
+        return [self.pp_place.buffer(s, d) for s, d in codec.wire(shape, dtype)]
+
+    def _p2p(self, op: Callable, tensor: torch.Tensor, peer: int) -> dist.P2POp:
+        """On the pipeline's own group: under NCCL its communicator holds this pipeline's ranks only."""
+        return dist.P2POp(op, tensor, peer, group=self._pipeline_group)
 
     def _send(self, lane: str, what: str, peer: int, tensor: torch.Tensor, codec: Codec, wait: bool) -> None:
         """Send to one peer. ``wait=False`` leaves the send in flight until ``flush()``, so moving
         one micro-batch overlaps computing the next."""
         wire = self._outgoing(tensor, codec)
         with self.tracer.span(lane), self._guard(what, peer):
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, w, peer) for w in wire])
+            works = dist.batch_isend_irecv([self._p2p(dist.isend, w, peer) for w in wire])
             if wait:
                 for work in works:
                     work.wait()
@@ -260,7 +256,7 @@ class Communicator:
         data only once a receive is posted, so posting before a compute overlaps the two."""
         buffers = self._incoming(shape, dtype, codec)
         with self._guard(what, peer):
-            works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in buffers])
+            works = dist.batch_isend_irecv([self._p2p(dist.irecv, b, peer) for b in buffers])
         return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype)
 
     def _exchange(
@@ -271,11 +267,11 @@ class Communicator:
         operations between two ranks in order on one stream: a send and a receive in opposite
         directions posted apart could each wait behind the other side's (a deadlock)."""
         wire, buffers = self._outgoing(tensor, send_codec), self._incoming(shape, dtype, recv_codec)
-        ops = [dist.P2POp(dist.isend, w, peer) for w in wire] + [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+        ops = [self._p2p(dist.isend, w, peer) for w in wire] + [self._p2p(dist.irecv, b, peer) for b in buffers]
         with self.tracer.span(lane), self._guard(what, peer):
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        return recv_codec.decode(buffers, dtype)
+        return recv_codec.decode([self.pp_place.incoming(b) for b in buffers], dtype)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -337,6 +333,13 @@ class Communicator:
 
     # -- collectives --------------------------------------------------------------------------
 
+    def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, place: Placement) -> None:
+        """Sum ``tensor`` in place over ``group``, through host buffers where ``place`` says so."""
+        (wire,) = place.outgoing([tensor])
+        dist.all_reduce(wire, group=group)
+        if wire is not tensor:
+            tensor.copy_(place.incoming(wire))
+
     def all_reduce_data(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over this stage's data-parallel replicas."""
         if self._data_group is not None:
@@ -345,26 +348,28 @@ class Communicator:
             self.dp_bytes_sent += sent
             with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
                 self._hold_link(sent)
-                dist.all_reduce(tensor, group=self._data_group)
+                self._all_reduce(tensor, self._data_group, self.dp_place)
 
     def all_gather_data(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Every replica's ``tensors`` (same shapes everywhere), by replica."""
         if self._data_group is None:
             return [tensors]
-        gathered = [[torch.empty_like(t) for t in tensors] for _ in range(self.topo.data_size)]
+        place = self.dp_place
+        wire = place.outgoing([t.contiguous() for t in tensors])
+        gathered = [[place.buffer(t.shape, t.dtype) for t in tensors] for _ in range(self.topo.data_size)]
         sent = (self.topo.data_size - 1) * sum(t.nbytes for t in tensors)
         self.dp_bytes_sent += sent
         with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-gather"):
             self._hold_link(sent)
-            for i, tensor in enumerate(tensors):
-                dist.all_gather([g[i] for g in gathered], tensor.contiguous(), group=self._data_group)
-        return gathered
+            for i, tensor in enumerate(wire):
+                dist.all_gather([g[i] for g in gathered], tensor, group=self._data_group)
+        return [[place.incoming(t) for t in replica] for replica in gathered]
 
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""
         if self._pipeline_group is not None:
             with self._guard("pipeline all-reduce"):
-                dist.all_reduce(tensor, group=self._pipeline_group)
+                self._all_reduce(tensor, self._pipeline_group, self.pp_place)
 
     def all_reduce_ends(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place between the first and last stage of this pipeline."""
@@ -373,33 +378,33 @@ class Communicator:
             self.bytes_sent += sent
             with self._guard("tied-weight all-reduce"):
                 self._hold_link(sent)
-                dist.all_reduce(tensor, group=self._ends_group)
+                self._all_reduce(tensor, self._ends_group, self.pp_place)
 
     def barrier_pipeline(self) -> None:
+        """Every stage of this pipeline is here (blocks the CPU under NCCL too)."""
         if self._pipeline_group is not None:
             with self._guard("pipeline barrier"):
-                dist.barrier(group=self._pipeline_group)
+                dist.barrier(group=self._pipeline_group, device_ids=self._barrier_devices)
 
     def barrier_all(self) -> None:
         with self._guard("barrier"):
-            dist.barrier(group=self._control_group)
+            dist.barrier()
 
     def clock_offset_us(self, now_us: Callable[[], float], rounds: int = 5) -> float:
         """Rank 0's clock minus ours, from the fastest of a few ping-pongs with rank 0
         (half the round trip is assumed each way). Rank 0 answers each peer in turn."""
         best_rtt, offset = float("inf"), 0.0
-        group = self._control_group  # CPU tensors: Gloo, whatever the pipeline's backend
         with self._guard("clock synchronisation with rank 0", 0 if self.topo.rank else None):
             for peer in range(1, self.topo.world_size):
                 for _ in range(rounds):
                     if self.topo.rank == 0:
-                        dist.recv(torch.zeros(1, dtype=torch.float64), src=peer, group=group)
-                        dist.send(torch.tensor([now_us()], dtype=torch.float64), dst=peer, group=group)
+                        dist.recv(torch.zeros(1, dtype=torch.float64), src=peer)
+                        dist.send(torch.tensor([now_us()], dtype=torch.float64), dst=peer)
                     elif self.topo.rank == peer:
                         sent = now_us()
-                        dist.send(torch.tensor([sent], dtype=torch.float64), dst=0, group=group)
+                        dist.send(torch.tensor([sent], dtype=torch.float64), dst=0)
                         theirs = torch.zeros(1, dtype=torch.float64)
-                        dist.recv(theirs, src=0, group=group)
+                        dist.recv(theirs, src=0)
                         back = now_us()
                         if back - sent < best_rtt:
                             best_rtt, offset = back - sent, float(theirs) - (sent + back) / 2
@@ -409,7 +414,7 @@ class Communicator:
         """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""
         gathered: list[object] = [None] * self.topo.world_size
         with self._guard("start-up exchange"):
-            dist.all_gather_object(gathered, obj, group=self._control_group)
+            dist.all_gather_object(gathered, obj)
         return gathered
 
     def close(self, error: str | None = None) -> None:
@@ -420,6 +425,6 @@ class Communicator:
         if error is not None:
             return  # tearing down groups can wait on a frozen peer; the process is about to exit
         with self._guard("final barrier"):
-            dist.barrier(group=self._control_group)
+            dist.barrier()
         if dist.is_initialized():
             dist.destroy_process_group()

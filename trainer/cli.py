@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from comm.compress import CODECS, DP_METHODS
+from comm.devices import choose_device
 from comm.process_group import CommConfig
 from comm.topology import Topology
 from modules.lora import LoraSpec
@@ -112,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast, fp32 master weights")
     o.add_argument("--loss-scale-init", type=float, default=2.0**16, help="fp16: first loss scale")
     o.add_argument(
-        "--max-nonfinite-steps", type=int, default=3, help="fp32/bf16: stop after N non-finite steps in a row"
+        "--max-nonfinite-steps",
+        type=int,
+        default=3,
+        help="stop after N non-finite steps in a row (fp16: N overflows at the smallest loss scale)",
     )
 
     t = p.add_argument_group("distributed")
@@ -168,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = p.add_argument_group("device")
     h.add_argument("--use-cuda", type=str2bool, default=None, help="train on CUDA (default: if available)")
-    h.add_argument("--cuda-id", type=int, default=0, help="CUDA device index on this node")
+    h.add_argument(
+        "--cuda-id",
+        type=int,
+        default=None,
+        help="CUDA device index on this node (default: $LOCAL_RANK under torchrun, else 0)",
+    )
 
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
@@ -270,9 +279,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             f"--data-group-size {topo.data_size} = {topo.world_size}; make them agree"
         )
     use_cuda = torch.cuda.is_available() if args.use_cuda is None else args.use_cuda
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--use-cuda true but no CUDA device is visible; use --use-cuda false to train on CPU")
+    device = choose_device(use_cuda, args.cuda_id, _env_int("LOCAL_RANK"), torch.cuda.device_count())
     default_backend = "nccl" if use_cuda else "gloo"
+    for flag, backend in (("--dist-backend", args.dist_backend), ("--dp-backend", args.dp_backend)):
+        if backend == "nccl" and not use_cuda:
+            raise ValueError(f"{flag} nccl moves CUDA tensors only; add --use-cuda true or use {flag} gloo")
     dist_url = args.dist_url or ("env://" if "MASTER_ADDR" in os.environ else DEFAULT_DIST_URL)
     comm = CommConfig(
         dist_url=dist_url,
@@ -314,7 +325,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         checkpoint=CheckpointConfig(
             Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint, args.keep_checkpoints
         ),
-        device=f"cuda:{args.cuda_id}" if use_cuda else "cpu",
+        device=device,
         log_level=args.log_level,
         log_interval=args.log_interval,
         pp_mode=args.pp_mode,

@@ -1,0 +1,70 @@
+"""Joining the job: the rendezvous store, torchrun's restarts and the network interface.
+
+The default process group made here is Gloo on the CPU whatever the training backend: it carries
+control messages (start-up checks, clock sync, the final barrier), while NCCL, where chosen,
+gets groups of its own (see ``Communicator``), so no NCCL communicator spans ranks that never
+exchange tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import torch.distributed as dist
+
+from comm.topology import Topology
+
+
+def store_address(dist_url: str) -> tuple[str, int] | None:
+    """Host and port of the rendezvous store behind ``dist_url`` (None for file://)."""
+    if dist_url.startswith("tcp://"):
+        parsed = urlparse(dist_url)
+        return parsed.hostname, parsed.port
+    if dist_url.startswith("env://"):
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    return None
+
+
+def restart_attempt(dist_url: str) -> str | None:
+    """``attempt_<n>/`` under torchrun (which restarts failed jobs with one store), else None."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return f"attempt_{count}/" if dist_url == "env://" and count is not None else None
+
+
+def bind_interface(name: str) -> None:
+    """Make Gloo and NCCL open their sockets on interface ``name`` (CommConfig checked it exists)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    os.environ["NCCL_SOCKET_IFNAME"] = name
+
+
+def join_job(topo: Topology, dist_url: str, timeout_s: float) -> None:
+    """Make the default (Gloo) process group; an unreachable master is a one-line error."""
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        attempt = restart_attempt(dist_url)
+        if attempt is None:
+            dist.init_process_group(
+                backend="gloo", init_method=dist_url, world_size=topo.world_size, rank=topo.rank,
+                timeout=timeout,
+            )  # fmt: skip
+        else:
+            # torchrun keeps one store across restarts: a new attempt must not read the
+            # addresses the failed one left there, so each attempt gets its own key space.
+            host, port = store_address(dist_url)
+            hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(
+                host, port, topo.world_size, is_master=not hosted_by_agent and topo.rank == 0, timeout=timeout
+            )
+            dist.init_process_group(
+                backend="gloo", store=dist.PrefixStore(attempt, store), world_size=topo.world_size,
+                rank=topo.rank, timeout=timeout,
+            )  # fmt: skip
+    except (RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConnectionError(
+            f"{topo.describe(topo.rank)} could not join the job at {dist_url} within {timeout_s:g}s "
+            f"({first_line}); check that rank 0 is running, --dist-url is reachable from every node "
+            f"and --world-size {topo.world_size} ranks were started"
+        ) from None
