@@ -43,6 +43,10 @@ class StepSpec:
     loss_fn: LossFn
     train: bool = True  # False: forwards only, without autograd (evaluation)
     compute_dtype: torch.dtype | None = None  # fp16/bf16 autocast over fp32 weights
+    # The residual stream's dtype inside a stage. Under autocast a single model carries it in
+    # fp32 (each block adds its 16-bit output to an fp32 stream); a received activation goes
+    # back to it, so only the link carries 16 bits, not every later block.
+    carry_dtype: torch.dtype = torch.float32
 
 
 class _Runner:
@@ -57,8 +61,9 @@ class _Runner:
         spec = self.spec
         if x is None:
             x = micro.input_ids
-        elif spec.train:
-            x.requires_grad_(True)
+        else:
+            x = x.to(spec.carry_dtype)  # (micro, seq, hidden)
+            x.requires_grad_(spec.train)
         autocast = torch.autocast(x.device.type, dtype=spec.compute_dtype, enabled=spec.compute_dtype is not None)
         with self.comm.tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(spec.train), autocast:
             y = self.stage(x)
@@ -68,10 +73,10 @@ class _Runner:
         return x, y
 
     def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """Returns the gradient of the stage input (None on the first stage)."""
+        """Returns the gradient of the stage input as it travels (None on the first stage)."""
         with self.comm.tracer.span("backward compute", f"B{i}"):
             torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
-        return x.grad if x.requires_grad else None
+        return self.sendable(x.grad) if x.requires_grad else None
 
     def sendable(self, y: torch.Tensor) -> torch.Tensor:
         return y.detach().to(self.spec.activation_dtype)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +78,17 @@ def launch(
     timeout: float = 300.0,
     ranks: list[int] | None = None,
     env: dict[str, str] | None = None,
+    rank_args: Callable[[int], list[str]] | None = None,
 ) -> list[RankResult]:
-    """Start ``dist_clm_train.py`` once per rank (as users do) and wait for all of them."""
+    """Start ``dist_clm_train.py`` once per rank (as users do) and wait for all of them.
+    ``rank_args(rank)`` adds flags that differ between ranks (such as ``--cuda-id``)."""
     port = free_port()
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in ranks if ranks is not None else range(world):
         log = open(tmp / f"rank{rank}.log", "w+")
         cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
-               "--dist-url", f"tcp://127.0.0.1:{port}", *args]  # fmt: skip
+               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(rank_args(rank) if rank_args else [])]  # fmt: skip
         procs.append((rank, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     results = []
     try:
@@ -130,13 +133,14 @@ def peft_reference_model(hf_dir: Path, spec: object, seed: int) -> torch.nn.Modu
 
 def hf_reference_training(
     hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
-    lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None,
+    lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None, autocast: torch.dtype | None = None,
 ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:  # fmt: skip
     """Train HF's own model in one process on the same global batches; the oracle for every test.
 
     With ``lora`` (a resolved ``LoraSpec``) the model is PEFT's LoRA model of it, and only the
-    adapters train. Returns the loss and the (pre-clipping) gradient norm of every step, and
-    the final weights (with LoRA: the adapters, as PEFT saves them).
+    adapters train. With ``autocast`` (bf16/fp16) the forward and loss run under CPU autocast
+    over fp32 weights, as ``--bf16``/``--fp16`` do. Returns the loss and the (pre-clipping)
+    gradient norm of every step, and the final weights (with LoRA: the adapters, as PEFT saves them).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -155,7 +159,8 @@ def hf_reference_training(
     losses, norms = [], []
     for _ in range(steps):
         batch = stream.next_batch(per_step)
-        loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm if max_grad_norm > 0 else float("inf"))
         norms.append(norm.item())

@@ -64,7 +64,7 @@ class OptimConfig:
     optimizer: str = "adamw"
     precision: str = "fp32"  # fp32 | fp16 | bf16
     loss_scale: float = 2.0**16  # fp16's first loss scale
-    max_nonfinite_steps: int = 3  # fp32/bf16: consecutive non-finite steps before stopping
+    max_nonfinite_steps: int = 3  # consecutive non-finite steps before stopping (fp16: at the scale's floor)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16"):

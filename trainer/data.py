@@ -162,9 +162,10 @@ class Prefetcher:
     the GIL, so the thread really overlaps with the step.)
     """
 
-    def __init__(self, stream: TokenStream, per_step: int, depth: int = 2) -> None:
+    def __init__(self, stream: TokenStream, per_step: int, depth: int = 2, pin_memory: bool = False) -> None:
         self._stream = stream
         self._per_step = per_step
+        self._pin = pin_memory  # for a CUDA device: page-locked batches copy to it asynchronously
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="data-prefetch", daemon=True)
@@ -173,7 +174,10 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             while not self._stop.is_set():
-                item = (self._stream.next_batch(self._per_step), copy.deepcopy(self._stream.state_dict()))
+                batch = self._stream.next_batch(self._per_step)
+                if self._pin:
+                    batch = Batch(batch.input_ids.pin_memory(), batch.labels.pin_memory(), batch.tasks)
+                item = (batch, copy.deepcopy(self._stream.state_dict()))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

@@ -19,7 +19,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
 from trainer.metrics import MetricsWriter, Progress
-from trainer.precision import LossScaler, compute_dtype
+from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
 from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
@@ -73,7 +73,8 @@ class Trainer:
         self.scaler: LossScaler | None = None
         self.compressor: GradientCompressor | None = None
         self._dp_bytes_reported = 0
-        self.nonfinite_run = 0  # consecutive steps skipped for non-finite gradients
+        # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
+        self.nonfinite_run = 0
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
@@ -140,8 +141,8 @@ class Trainer:
         m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
         if batch is None:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
-        ids = batch.input_ids[self._rows(round_index)].to(self.device)
-        labels = batch.labels[self._rows(round_index)].to(self.device)
+        ids = self._to_device(batch.input_ids[self._rows(round_index)])
+        labels = self._to_device(batch.labels[self._rows(round_index)])
         return [
             MicroBatch(
                 ids[i : i + m] if topo.is_first_stage else None, labels[i : i + m] if topo.is_last_stage else None
@@ -149,12 +150,17 @@ class Trainer:
             for i in range(0, size, m)
         ]
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch slice on the compute device; from pinned memory (the prefetcher pins batches
+        for CUDA) the copy is asynchronous and the step's first kernels queue behind it."""
+        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+
     def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: float, train: bool) -> torch.Tensor:
         cfg = self.cfg
         shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
         compute = compute_dtype(cfg.optim.precision)
-        travel = compute or next(self.stage.parameters()).dtype  # activations cross links at compute precision
-        spec = StepSpec(shape, travel, lambda out, lab: token_loss(out, lab, normalizer), train, compute)
+        travel = compute or MASTER_DTYPE  # activations cross links at compute precision
+        spec = StepSpec(shape, travel, lambda out, lab: token_loss(out, lab, normalizer), train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for round_index in range(rounds):
@@ -213,7 +219,7 @@ class Trainer:
                 group["lr"] = lr
             with self.comm.tracer.span("optimizer step"):
                 self.optimizer.step()
-        self._after_step(step, finite)
+        self._after_step(step, finite, scale)
         if self.local_sync_due(step):
             self._average_weights()  # local SGD: the replicas meet again
         self.step = step
@@ -279,19 +285,30 @@ class Trainer:
             self.comm.all_reduce_data(flat)
             _unflatten(flat / self.topo.data_size, list(self.params))
 
-    def _after_step(self, step: int, finite: bool) -> None:
-        """fp16 adapts its loss scale; fp32/bf16 give up after too many non-finite steps in a row."""
+    def _after_step(self, step: int, finite: bool, scale: float) -> None:
+        """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
+        up after --max-nonfinite-steps non-finite steps in a row that no smaller scale could help
+        (fp32/bf16: any; fp16: those already at the scale's floor, where halving is over)."""
+        limit = self.cfg.optim.max_nonfinite_steps
         if self.scaler is not None:
+            hopeless = not finite and scale <= self.scaler.floor
             self.scaler.update(finite)
+            self.nonfinite_run = self.nonfinite_run + 1 if hopeless else 0
             if not finite:
                 log.warning(
                     "step %d: gradients overflowed in fp16; skipped, loss scale now %g", step, self.scaler.scale
+                )
+            if self.nonfinite_run >= limit:
+                raise FloatingPointError(
+                    f"fp16 cannot make progress: {self.nonfinite_run} steps in a row (up to step {step}) overflowed "
+                    f"at the smallest loss scale ({self.scaler.floor:g}), so the values themselves exceed fp16's "
+                    "range; train with --bf16 (or in fp32), or lower --lr; the last checkpoint is intact"
                 )
             return
         self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
         if not finite:
             log.warning("step %d: non-finite gradients; step skipped (%d in a row)", step, self.nonfinite_run)
-        if self.nonfinite_run >= self.cfg.optim.max_nonfinite_steps:
+        if self.nonfinite_run >= limit:
             raise FloatingPointError(
                 f"{self.nonfinite_run} steps in a row (up to step {step}) had non-finite loss or gradients; "
                 "lower --lr, check the data, or try --bf16; the last checkpoint is intact"
@@ -346,7 +363,10 @@ class Trainer:
             metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl", cfg.log_backend, cfg.project_name,
                                     cfg.summary())  # fmt: skip
             progress = Progress(total, self.step)
-        prefetch = Prefetcher(self.stream, cfg.global_batch_sequences) if self.stream is not None else None
+        pin = self.device.type == "cuda"
+        prefetch = (
+            Prefetcher(self.stream, cfg.global_batch_sequences, pin_memory=pin) if self.stream is not None else None
+        )
         profiler = Profiler(cfg, self.comm)
         try:
             while self.step < total:

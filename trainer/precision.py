@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MASTER_DTYPE = torch.float32  # weights, gradients, optimizer state and the residual stream
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:
@@ -29,10 +30,11 @@ class LossScaler:
     scale: float = 2.0**16
     growth_interval: int = 1000
     good_steps: int = 0
+    floor: float = 1.0  # below 1 the scale would shrink gradients instead of lifting them
 
     def update(self, finite: bool) -> None:
         if not finite:
-            self.scale = max(1.0, self.scale / 2)
+            self.scale = max(self.floor, self.scale / 2)
             self.good_steps = 0
             return
         self.good_steps += 1

@@ -132,7 +132,7 @@ class Profiler:
         self.offset_us = 0.0
         self.torch_profiler = None
         if cfg.profiling == "tidy_profiling":
-            comm.tracer = Tracer(comm.topo.rank)
+            comm.tracer = Tracer(comm.topo.rank, comm.device)
             self.offset_us = comm.clock_offset_us(comm.tracer.now_us)
         elif cfg.profiling == "pytorch_profiling":
             import torch
