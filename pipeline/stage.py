@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 from modules.layout import load_part
@@ -13,9 +14,14 @@ from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is
 class Stage(nn.Module):
     """A plain module; ``forward`` maps token ids or hidden states to hidden states or logits."""
 
-    def __init__(self, family: Family, config: object, layers: range, is_first: bool, is_last: bool) -> None:
+    def __init__(
+        self, family: Family, config: object, layers: range, is_first: bool, is_last: bool, recompute: bool = False
+    ) -> None:
         super().__init__()
         self.layer_ids = list(layers)
+        # Activation recomputation: a block keeps only its input for the backward and runs its
+        # forward again there, so a held micro-batch costs one hidden state per block.
+        self.recompute = recompute
         self.embedding = family.embedding(config) if is_first else None
         self.context = family.context(config)
         self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
@@ -115,5 +121,10 @@ class Stage(nn.Module):
         hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)
         ctx = self.context(hidden)
         for layer in self.layers.values():
-            hidden = layer(hidden, **ctx)
+            if self.recompute and torch.is_grad_enabled():
+                # Non-reentrant: kwargs pass through and only what the backward needs is kept.
+                # The RNG state is saved and restored, so dropout draws the same masks again.
+                hidden = checkpoint(layer, hidden, use_reentrant=False, preserve_rng_state=True, **ctx)
+            else:
+                hidden = layer(hidden, **ctx)
         return self.head(hidden) if self.head is not None else hidden

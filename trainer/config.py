@@ -148,6 +148,7 @@ class RunConfig:
     log_level: str = "INFO"
     log_interval: int = 10
     pp_mode: str = "gpipe"  # | 1f1b
+    activation_checkpointing: str = "none"  # | full: every block recomputes its forward in the backward
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
@@ -158,6 +159,8 @@ class RunConfig:
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
 
     def __post_init__(self) -> None:
+        if self.activation_checkpointing not in ("none", "full"):
+            raise ValueError(f"--activation-checkpointing {self.activation_checkpointing!r} is not none or full")
         if self.lora is not None and not self.model.load_pretrained:
             raise ValueError("LoRA adapts pretrained weights: drop --load-pretrained-model false or --lora-rank")
         if self.log_interval < 1:

@@ -18,6 +18,7 @@ from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
+from trainer.memory import PeakMemory, static_bytes
 from trainer.metrics import MetricsWriter, Progress
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
@@ -75,12 +76,19 @@ class Trainer:
         self._dp_bytes_reported = 0
         # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
         self.nonfinite_run = 0
+        self.memory = PeakMemory(self.device)
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
         cfg, topo = self.cfg, self.topo
+        recompute = cfg.activation_checkpointing == "full"
         self.stage = Stage(
-            self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage
+            self.plan.family,
+            self.plan.model_config,
+            self.plan.layers,
+            topo.is_first_stage,
+            topo.is_last_stage,
+            recompute,
         )
         if cfg.model.load_pretrained:
             self.stage.load_parts(cfg.model.model_name)
@@ -97,6 +105,9 @@ class Trainer:
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
         self.optimizer = make_optimizer(cfg.optim, self.params)
+        held = static_bytes(self.stage, self.params, cfg.optim.optimizer)
+        log.info("memory before activations: %s, %.3g GB in all (peak_mem_bytes in metrics.jsonl adds the rest)",
+                 ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in held.items()), sum(held.values()) / 1e9)  # fmt: skip
         self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         compress = cfg.dp.compress != "none" and topo.data_size > 1
         self.compressor = GradientCompressor(cfg.dp.compress, cfg.dp.topk_ratio) if compress else None
@@ -202,10 +213,17 @@ class Trainer:
         # replicas since the last row (local SGD's weight average comes after this point)
         sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
         self._dp_bytes_reported = self.comm.dp_bytes_sent
-        sums = torch.tensor([float(sq), *map(float, sent), self.trainable], dtype=torch.float64, device=self.device)
+        # and each stage's peak memory since the previous step's exchange (so its optimizer
+        # update counts too) in a slot of its own: the sum is then a gather
+        peaks = [0.0] * self.topo.pipeline_size
+        peaks[self.topo.stage] = float(self.memory.peak_bytes())
+        self.memory.reset()
+        values = [float(sq), *map(float, sent), self.trainable, *peaks]
+        sums = torch.tensor(values, dtype=torch.float64, device=self.device)
         self.comm.all_reduce_pipeline(sums)
         grad_norm = float(sums[0].sqrt())
         comm_bytes, dp_bytes, trainable = int(sums[1]), int(sums[2]), int(sums[3])
+        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(sums[4:].tolist())}
         finite = math.isfinite(grad_norm)
         if not finite and self.compressor is not None:
             self.compressor.rollback()  # a skipped step must not poison the error feedback
@@ -235,6 +253,8 @@ class Trainer:
             "comm_bytes": comm_bytes,
             "dp_bytes": dp_bytes,
             "trainable_params": trainable,
+            "peak_mem_bytes": max(stage_peaks.values()),
+            **stage_peaks,
         }
         if not finite:
             row["skipped"] = True
@@ -368,6 +388,7 @@ class Trainer:
             Prefetcher(self.stream, cfg.global_batch_sequences, pin_memory=pin) if self.stream is not None else None
         )
         profiler = Profiler(cfg, self.comm)
+        self.memory.reset()
         try:
             while self.step < total:
                 with self.comm.tracer.span("step", f"step {self.step + 1}"):

@@ -1,0 +1,100 @@
+"""Memory tools: activation recomputation gives the same gradients and really recomputes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convert.tiny_model import tiny_config
+from modules import family_for
+from pipeline.stage import Stage
+from tests.helpers import assert_all_ok, launch, read_metrics, train_args
+from trainer.memory import PeakMemory
+
+VOCAB = 384
+
+
+def two_stages(family: str, recompute: bool, dropout: float) -> tuple[Stage, Stage, object]:
+    config = tiny_config(family, VOCAB, num_layers=4)
+    for name in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, dropout)
+    fam = family_for(family)
+    first = Stage(fam, config, range(0, 2), is_first=True, is_last=False, recompute=recompute)
+    last = Stage(fam, config, range(2, 4), is_first=False, is_last=True, recompute=recompute)
+    for stage in (first, last):
+        stage.init_parts(0.02, seed=5)
+        stage.train()
+    return first, last, config
+
+
+def gradients(family: str, recompute: bool, dropout: float) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient and the gradient crossing the stage boundary, for one step of
+    two chained stages (the second receives the first's output as a pipeline stage does)."""
+    first, last, _ = two_stages(family, recompute, dropout)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)  # dropout masks: the same draws in both runs
+    hidden = first(ids)
+    received = hidden.detach().requires_grad_(True)
+    logits = last(received)
+    F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    hidden.backward(received.grad)
+    grads = {f"first.{n}": p.grad for n, p in first.named_parameters()}
+    grads |= {f"last.{n}": p.grad for n, p in last.named_parameters()}
+    return grads | {"boundary": received.grad}
+
+
+@pytest.mark.parametrize("family", ["gptneox", "gptj", "llama", "gpt2"])  # llama and gpt2 are tied
+def test_recomputation_gives_identical_gradients(family: str) -> None:
+    dropout = 0.1 if family in ("gptneox", "gpt2") else 0.0  # recomputed dropout must redraw the same masks
+    plain, recomputed = gradients(family, False, dropout), gradients(family, True, dropout)
+    assert plain.keys() == recomputed.keys()
+    for name, grad in plain.items():
+        assert grad is not None and torch.equal(grad, recomputed[name]), name
+    if dropout:  # the masks mattered: without dropout the gradients differ
+        assert not torch.equal(plain["boundary"], gradients(family, False, 0.0)["boundary"])
+
+
+def test_recomputation_runs_each_block_again_in_the_backward() -> None:
+    for recompute, expected in ((False, 1), (True, 2)):
+        first, _, _ = two_stages("gptneox", recompute, 0.0)
+        calls = {i: 0 for i in first.layer_ids}
+        for i in first.layer_ids:
+            # a pre-hook: the recomputation stops as soon as it has what the backward needs
+            first.layers[str(i)].register_forward_pre_hook(lambda *_, i=i, calls=calls: calls.update({i: calls[i] + 1}))
+        first(torch.randint(0, VOCAB, (1, 16))).sum().backward()
+        assert calls == {i: expected for i in first.layer_ids}
+        with torch.no_grad():  # evaluation never recomputes
+            first(torch.randint(0, VOCAB, (1, 16)))
+        assert calls == {i: expected + 1 for i in first.layer_ids}
+
+
+def test_recomputed_pipeline_trains_as_the_plain_one(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    """pp=2, 1F1B, 10 steps: the flag reaches every stage and changes no loss (bit for bit);
+    every row reports each stage's peak memory."""
+    losses = {}
+    for mode in ("none", "full"):
+        ckpt = tmp_path / mode
+        args = train_args(tiny_shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=1, accum=1)
+        assert_all_ok(launch([*args, "--pp-mode", "1f1b", "--activation-checkpointing", mode], 2, tmp_path))
+        rows = [r for r in read_metrics(ckpt) if "loss" in r]
+        losses[mode] = [r["loss"] for r in rows]
+        for row in rows:
+            stages = [row["peak_mem_bytes_stage0"], row["peak_mem_bytes_stage1"]]
+            assert min(stages) > 50e6 and row["peak_mem_bytes"] == max(stages)  # a process with torch loaded
+    assert len(losses["none"]) == 10 and losses["none"] == losses["full"]
+
+
+def test_peak_memory_window_resets() -> None:
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before = memory.peak_bytes()
+    big = torch.ones(50_000_000)  # 200 MB, every page touched
+    del big
+    high = memory.peak_bytes()
+    assert high - before >= 190e6
+    memory.reset()  # freed memory went back to the system: the new window starts low again
+    assert memory.peak_bytes() < high - 150e6
