@@ -31,6 +31,8 @@ def choose_device(use_cuda: bool, cuda_id: int | None, local_rank: int | None, d
         raise ValueError("--use-cuda true but no CUDA device is visible; use --use-cuda false to train on CPU")
     if cuda_id is not None:
         index, source = cuda_id, f"--cuda-id {cuda_id}"
+    elif local_rank is not None and device_count == 1:
+        index, source = 0, "the only visible device"  # a launcher gave each process its own GPU
     elif local_rank is not None:
         index, source = local_rank, f"LOCAL_RANK {local_rank} (set by torchrun)"
     else:
@@ -54,15 +56,23 @@ def device_identity(device: torch.device) -> str | None:
 
 
 def check_one_gpu_per_rank(
-    identities: Sequence[str | None], devices: Sequence[str], name: Callable[[int], str]
+    identities: Sequence[str | None],
+    devices: Sequence[str],
+    name: Callable[[int], str],
+    groups: Sequence[Sequence[int]],
 ) -> None:
-    """Raise a one-line ValueError naming the first two ranks that share a GPU (NCCL cannot
-    run two ranks on one device). ``identities[r]`` and ``devices[r]`` describe rank r."""
-    owner: dict[str, int] = {}
-    for rank, identity in enumerate(identities):
-        if identity is None:
-            continue
-        if identity in owner:
+    """Raise a one-line ValueError naming the first two ranks of one of ``groups`` (the NCCL
+    groups) that share a GPU: NCCL cannot run two members of a communicator on one device.
+    ``identities[r]`` and ``devices[r]`` describe rank r."""
+    for group in groups:
+        owner: dict[str, int] = {}
+        for rank in group:
+            identity = identities[rank]
+            if identity is None:
+                continue
+            if identity not in owner:
+                owner[identity] = rank
+                continue
             first = owner[identity]
             raise ValueError(
                 f"{name(first)} on {devices[first]} and {name(rank)} on {devices[rank]} use the same GPU "
@@ -70,7 +80,6 @@ def check_one_gpu_per_rank(
                 "(or launch with torchrun --nproc-per-node and no --cuda-id), or use --dist-backend gloo "
                 "--dp-backend gloo to share a GPU"
             )
-        owner[identity] = rank
 
 
 class Placement:
@@ -114,6 +123,13 @@ class Placement:
             return tensor
         self._count(tensor)
         return tensor.to(self.device, non_blocking=self.pin, copy=True)
+
+    def copy_back(self, dest: torch.Tensor, wire: torch.Tensor) -> None:
+        """Write a received ``wire`` tensor into ``dest`` on the compute device (in-place collectives)."""
+        if wire is dest:
+            return
+        self._count(wire)
+        dest.copy_(wire, non_blocking=self.pin)
 
     def _count(self, tensor: torch.Tensor) -> None:
         self.copies += 1

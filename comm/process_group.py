@@ -80,6 +80,16 @@ class PeerLostError(ConnectionError):
     """A collective or point-to-point call failed because a peer died, hung or dropped off."""
 
 
+def nccl_groups(topo: Topology, backend: str, dp_backend: str) -> list[list[int]]:
+    """The ranks of every NCCL group of two or more that ``Communicator`` makes."""
+    groups = []
+    if backend == "nccl" and topo.pipeline_size > 1:
+        groups += [topo.pipeline_ranks(r) for r in range(topo.data_size)]  # the tied ends lie within these
+    if dp_backend == "nccl" and topo.data_size > 1:
+        groups += [topo.data_ranks(s) for s in range(topo.pipeline_size)]
+    return groups
+
+
 @dataclass
 class PendingRecv:
     """A posted receive; ``wait()`` returns the decoded tensor (None for a pipeline end)."""
@@ -115,6 +125,7 @@ class Communicator:
         self.topo = topo
         self.device = device
         self.timeout_s = cfg.timeout_s
+        self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
         self.act_codec = Codec(cfg.pp_compress)
         self.grad_codec = Codec(cfg.pp_compress_grad)
@@ -127,8 +138,7 @@ class Communicator:
         self.pp_place = Placement(device, staged=cfg.backend == "gloo" and stage_gloo)
         self.dp_place = Placement(device, staged=cfg.dp_backend == "gloo" and stage_gloo)
         self._barrier_devices = [device.index] if cfg.backend == "nccl" else None  # NCCL's barrier needs it
-        if "nccl" in (cfg.backend, cfg.dp_backend):
-            self._check_one_gpu_per_rank()
+        self._check_one_gpu_per_rank(nccl_groups(topo, cfg.backend, cfg.dp_backend))
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
         self._pipeline_group = None
@@ -169,13 +179,16 @@ class Communicator:
         prefix = restart_attempt(cfg.dist_url) or ""
         self.heartbeat = Heartbeat(*address, topo, dead_after, key_prefix=prefix) if address else None
 
-    def _check_one_gpu_per_rank(self) -> None:
-        """Before any NCCL group: every rank says which GPU it has; a shared one stops all ranks."""
+    def _check_one_gpu_per_rank(self, groups: list[list[int]]) -> None:
+        """Before any NCCL group: every rank says which GPU it has, and two members of one NCCL
+        group on one GPU stop every rank (ranks in Gloo groups only may share a GPU)."""
+        if not groups:
+            return
         mine = (device_identity(self.device), f"{self.device} on {socket.gethostname()}")
         everyone: list = [None] * self.topo.world_size
         with self._guard("start-up exchange of devices"):
             dist.all_gather_object(everyone, mine)
-        check_one_gpu_per_rank([e[0] for e in everyone], [e[1] for e in everyone], self.topo.describe)
+        check_one_gpu_per_rank([e[0] for e in everyone], [e[1] for e in everyone], self.topo.describe, groups)
 
     @classmethod
     def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
@@ -337,8 +350,7 @@ class Communicator:
         """Sum ``tensor`` in place over ``group``, through host buffers where ``place`` says so."""
         (wire,) = place.outgoing([tensor])
         dist.all_reduce(wire, group=group)
-        if wire is not tensor:
-            tensor.copy_(place.incoming(wire))
+        place.copy_back(tensor, wire)
 
     def all_reduce_data(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over this stage's data-parallel replicas."""

@@ -43,7 +43,9 @@ class Tracer:
 
     def _settle(self) -> None:
         if self._device is not None:
-            torch.cuda.synchronize(self._device)
+            # this stream only: work.wait() has already ordered it after the transfers a span
+            # covers, while a transfer posted ahead (NCCL's own streams) must not be waited for
+            torch.cuda.current_stream(self._device).synchronize()
 
     def now_us(self) -> float:
         return (time.perf_counter_ns() - self.origin_ns) / 1000

@@ -140,12 +140,15 @@ class Smoke:
         return done.stdout + done.stderr
 
     def _check_devices(self, run: Run, outputs: list[str]) -> None:
-        """Each rank logs its device at start; NCCL ranks must each hold their own GPU."""
-        devices = [d for out in outputs for d in re.findall(r"threads, (cuda:\d+)", out)]
-        if len(devices) != run.pp * run.dp:
-            raise RuntimeError(f"expected {run.pp * run.dp} ranks to log a CUDA device, found {devices}")
-        if run.backend == "nccl" and len(set(devices)) != len(devices):
-            raise RuntimeError(f"NCCL ranks share a GPU: {sorted(devices)}")
+        """Each rank logs its device at start: rank r must be on cuda:(r mod GPUs), which is
+        its --cuda-id here and its LOCAL_RANK under torchrun (one node: rank = local rank)."""
+        found = {}
+        for out in outputs:
+            for stage, replica, device in re.findall(r"\[stage (\d+) \| replica (\d+)\].*threads, (cuda:\d+)", out):
+                found[int(replica) * run.pp + int(stage)] = device
+        expected = {rank: f"cuda:{rank % max(1, self.gpus)}" for rank in range(run.pp * run.dp)}
+        if found != expected:
+            raise RuntimeError(f"ranks logged devices {found}, expected {expected}")
 
     def check(self, case: Case) -> tuple[bool, str]:
         ours, reference = self.train(case.run), self.train(case.reference)

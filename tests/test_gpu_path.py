@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from comm.devices import Placement, check_one_gpu_per_rank, choose_device
+from comm.process_group import nccl_groups
 from comm.topology import Topology
 from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
 from tests.helpers import (
@@ -48,6 +49,7 @@ def test_device_choice_follows_cuda_id_then_local_rank() -> None:
     assert choose_device(True, None, 5, 8) == "cuda:5"  # torchrun --nproc-per-node 8: process 5
     assert choose_device(True, 2, 5, 8) == "cuda:2"  # an explicit --cuda-id wins
     assert choose_device(True, None, None, 8) == "cuda:0"
+    assert choose_device(True, None, 3, 1) == "cuda:0"  # each process was given its own GPU
     with pytest.raises(ValueError, match=r"LOCAL_RANK 4 .* asks for cuda:4, but this process sees 4 CUDA"):
         choose_device(True, None, 4, 4)
     with pytest.raises(ValueError, match=r"--cuda-id 9 asks for cuda:9.*--cuda-id 0..1"):
@@ -56,16 +58,29 @@ def test_device_choice_follows_cuda_id_then_local_rank() -> None:
         choose_device(True, None, 0, 0)
 
 
-def test_two_ranks_on_one_gpu_are_named_together() -> None:
+def test_two_ranks_of_one_nccl_group_on_one_gpu_are_named_together() -> None:
     topo = Topology(0, 2, 2)
     devices = ["cuda:0 on a", "cuda:1 on a", "cuda:0 on b", "cuda:0 on b"]
-    check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", None], devices, topo.describe)  # CPU ranks share freely
+    pipelines = [[0, 1], [2, 3]]
+    check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", None], devices, topo.describe, pipelines)  # CPU: free
+    # ranks 1 and 3 share a GPU but no NCCL group: only the data-parallel groups would hold both
+    check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", "GPU-a1"], devices, topo.describe, pipelines)
+    with pytest.raises(ValueError, match=r"rank 1 .* and rank 3 .* use the same GPU"):
+        check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", "GPU-a1"], devices, topo.describe, [[0, 2], [1, 3]])
     with pytest.raises(ValueError) as err:
-        check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", "GPU-b0"], devices, topo.describe)
+        check_one_gpu_per_rank(["GPU-a0", "GPU-a1", "GPU-b0", "GPU-b0"], devices, topo.describe, pipelines)
     message = str(err.value)
     assert "\n" not in message
     assert "rank 2 (stage 0, replica 1) on cuda:0 on b and rank 3 (stage 1, replica 1) on cuda:0 on b" in message
     assert "--cuda-id" in message and "--dist-backend gloo" in message
+
+
+def test_nccl_groups_are_those_made_over_nccl() -> None:
+    topo = Topology(0, 2, 2)
+    assert nccl_groups(topo, "gloo", "gloo") == []  # several ranks may share a GPU over Gloo
+    assert nccl_groups(topo, "gloo", "nccl") == [[0, 2], [1, 3]]
+    assert nccl_groups(topo, "nccl", "gloo") == [[0, 1], [2, 3]]
+    assert nccl_groups(Topology(0, 4, 1), "nccl", "nccl") == [[0, 1, 2, 3]]
 
 
 def test_nccl_without_cuda_is_refused_by_the_flags(two_tasks: str) -> None:
@@ -113,7 +128,7 @@ def _staged_rank(rank: int, port: int, out: str) -> None:
     # Ranks 0 and 2 claim one GPU: every rank must refuse, naming both, before any NCCL group.
     process_group.device_identity = lambda device: "GPU-shared" if topo.stage == 0 else f"GPU-{rank}"
     try:
-        comm._check_one_gpu_per_rank()
+        comm._check_one_gpu_per_rank([[0, 2], [1, 3]])  # as if the data-parallel groups were NCCL's
     except ValueError as err:
         seen["shared_gpu"] = str(err)
     comm.close()
