@@ -1,46 +1,133 @@
 """Hugging Face model -> layer-sharded checkpoint (one safetensors file per part).
 
 python convert/from_hf.py --model-name EleutherAI/pythia-410m --save-dir pretrained/pythia-410m
+
+A local folder of safetensors files (one ``model.safetensors`` or shards with their index) is
+streamed: each part's tensors are read from the files' memory maps and written before the next
+part is read, so converting needs about one part of memory, not one model. Anything else (a hub
+id, ``pytorch_model.bin``) goes through ``from_pretrained`` and holds the whole model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules import family_for
+import torch
+
+from modules import EMBEDDING_PART, HEAD_PART, Family, family_for, layer_part
 from modules.layout import save_part
 
 log = logging.getLogger("convert.from_hf")
 
 
-def convert_from_hf(model_name: str, save_dir: str | Path, model_type: str | None = None) -> Path:
-    """Write ``model_name`` (a local HF folder or a hub id) as shards into ``save_dir``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# Buffers older files saved beside the weights (masks, rotary tables); the blocks rebuild them.
+_STALE_BUFFERS = ("attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 
-    save_dir = Path(save_dir)
-    if save_dir.exists() and any(save_dir.iterdir()):
-        raise FileExistsError(f"--save-dir {save_dir} is not empty; choose a new directory (nothing was written)")
-    config = AutoConfig.from_pretrained(model_name)
-    family = family_for(model_type or config.model_type)
+
+def safetensors_files(folder: Path) -> list[Path] | None:
+    """The safetensors files of an HF folder (from its index when sharded), or None."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def expected_keys(family: Family, config: object) -> dict[str, set[str]]:
+    """The keys each kind of part holds (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        pieces = {
+            EMBEDDING_PART: family.embedding(config),
+            "block": family.block(config, 0),
+            HEAD_PART: family.head(config),
+        }
+    return {name: set(module.state_dict()) for name, module in pieces.items()}
+
+
+def stream_parts(folder: Path, files: list[Path], family: Family, config: object) -> Iterator[tuple[str, dict]]:
+    """Each part's tensors in turn, read tensor by tensor from ``files``; checked against the
+    keys the part must hold (a tied output weight absent from the files is the embedding's)."""
+    from safetensors import safe_open
+
+    where: dict[str, dict[str, tuple[Path, str]]] = defaultdict(dict)  # part -> local key -> (file, key)
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                try:
+                    part, local = family.hf_to_shard(key, on_disk=True)
+                except KeyError:
+                    if key.endswith(_STALE_BUFFERS):
+                        continue
+                    raise
+                where[part][local] = (file, key)
+    expected = expected_keys(family, config)
+    tied = getattr(config, "tie_word_embeddings", False)
+    embedding_key, head_key = family.tied_keys
+    if tied and head_key not in where[HEAD_PART] and embedding_key in where[EMBEDDING_PART]:
+        where[HEAD_PART][head_key] = where[EMBEDDING_PART][embedding_key]
+    parts = [EMBEDDING_PART, *(layer_part(i) for i in range(config.num_hidden_layers)), HEAD_PART]
+    for part in parts:
+        wanted = expected["block" if part.startswith("layer_") else part]
+        found = {k: v for k, v in where.pop(part, {}).items() if k in wanted or not k.endswith(_STALE_BUFFERS)}
+        if found.keys() != wanted:
+            missing, unexpected = sorted(wanted - found.keys()), sorted(found.keys() - wanted)
+            raise KeyError(
+                f"{folder}: part {part} has missing weights {missing[:4]} and unexpected ones {unexpected[:4]}; "
+                "is the folder complete and --model-type right?"
+            )
+        tensors = {}
+        for file in sorted({file for file, _ in found.values()}):
+            with safe_open(str(file), "pt") as f:
+                tensors |= {local: f.get_tensor(key) for local, (path, key) in found.items() if path == file}
+        yield part, tensors
+    if where:
+        raise KeyError(f"{folder}: weights for parts the config does not have: {sorted(where)[:4]}")
+
+
+def _whole_model_parts(model_name: str, family: Family) -> Iterator[tuple[str, dict]]:
+    from transformers import AutoModelForCausalLM
+
+    log.info("%s has no safetensors files here: loading the whole model to convert it", model_name)
     # from_pretrained maps old and new on-disk key names to the in-memory ones we key on.
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype="auto")
     parts: dict[str, dict] = defaultdict(dict)
     for hf_key, tensor in model.state_dict().items():
         part, local = family.hf_to_shard(hf_key)
         parts[part][local] = tensor
+    yield from parts.items()
+
+
+def convert_from_hf(model_name: str, save_dir: str | Path, model_type: str | None = None) -> Path:
+    """Write ``model_name`` (a local HF folder or a hub id) as shards into ``save_dir``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    save_dir = Path(save_dir)
+    if save_dir.exists() and any(save_dir.iterdir()):
+        raise FileExistsError(f"--save-dir {save_dir} is not empty; choose a new directory (nothing was written)")
+    config = AutoConfig.from_pretrained(model_name)
+    family = family_for(model_type or config.model_type)
+    files = safetensors_files(Path(model_name)) if Path(model_name).is_dir() else None
+    if files is not None:
+        parts = stream_parts(Path(model_name), files, family, config)
+    else:
+        parts = _whole_model_parts(model_name, family)
     save_dir.mkdir(parents=True, exist_ok=True)
-    for part, tensors in parts.items():
+    count = 0
+    for part, tensors in parts:
         save_part(save_dir, part, tensors)
-    model.config.save_pretrained(save_dir)
+        count += 1
+    config.save_pretrained(save_dir)
     AutoTokenizer.from_pretrained(model_name).save_pretrained(save_dir)
-    log.info("wrote %d shards of %s (%s) to %s", len(parts), model_name, family.name, save_dir)
+    log.info("wrote %d shards of %s (%s) to %s", count, model_name, family.name, save_dir)
     return save_dir
 
 

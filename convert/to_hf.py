@@ -6,6 +6,10 @@
 or a ``--checkpoint-path`` directory (its ``latest`` step is used). The layout says how many
 layers there are; the training topology does not matter.
 
+Full weights are written part by part into HF's sharded safetensors layout
+(``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``; one
+``model.safetensors`` when it fits in ``--max-shard-gb``), holding one part in memory at a time.
+
 A LoRA checkpoint holds adapters only; its ``lora.json`` names the base model directory
 (``--base-model`` overrides it). ``--lora-export merged`` writes the base with the adapters
 folded in; ``--lora-export adapter`` writes a folder ``PeftModel.from_pretrained`` loads onto
@@ -15,6 +19,7 @@ HF's base model.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,29 +29,87 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import torch
 
+from convert.safetensors_stream import Entry, ShardWriter, part_layout
 from modules import EMBEDDING_PART, HEAD_PART, family_for, layer_part, load_config
 from modules.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
 from modules.lora import LoraSpec, adapter_part, hf_block_path, load_adapter_state
 
 log = logging.getLogger("convert.to_hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES |= {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the trainer's spelling
+DEFAULT_SHARD_GB = 5.0  # as save_pretrained's default max_shard_size
 
 
-def sharded_state_dict(model_dir: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
-    """The HF config and the HF-named state dict gathered from every part of ``model_dir``."""
+def model_parts(model_dir: str | Path) -> tuple[object, list[str]]:
+    """The HF config and every part of ``model_dir`` in order, checked complete."""
     config = load_config(model_dir)
-    family = family_for(config.model_type)
     layers = layer_indices(model_dir)
     if layers != list(range(config.num_hidden_layers)):
         raise FileNotFoundError(
             f"{model_dir} holds layers {layers} but config.json says {config.num_hidden_layers}; "
             "the checkpoint is incomplete (were all stages' files gathered here?)"
         )
+    return config, [EMBEDDING_PART, *(layer_part(i) for i in layers), HEAD_PART]
+
+
+def sharded_state_dict(model_dir: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """The HF config and the HF-named state dict gathered from every part of ``model_dir``."""
+    config, parts = model_parts(model_dir)
+    family = family_for(config.model_type)
     state: dict[str, torch.Tensor] = {}
-    for part in (EMBEDDING_PART, *(layer_part(i) for i in layers), HEAD_PART):
+    for part in parts:
         for local, tensor in load_part(model_dir, part).items():
             state[family.shard_to_hf(part, local)] = tensor
     return config, state
+
+
+def write_hf_shards(
+    model_dir: Path, save_path: Path, dtype: torch.dtype | None, max_shard_bytes: int
+) -> tuple[object, int, torch.dtype]:
+    """Write the parts of ``model_dir`` as HF safetensors shards, holding one part at a time
+    (the shards' headers come from the parts' headers). Returns the config, the bytes written
+    and the dtype of the weights. A tied output weight is written once, as the embedding (as
+    HF writes it); names are those of HF's own files."""
+    config, parts = model_parts(model_dir)
+    family = family_for(config.model_type)
+    skip = (HEAD_PART, family.tied_keys[1]) if getattr(config, "tie_word_embeddings", False) else None
+    plan: list[tuple[str, str, Entry]] = []  # (part, key in the part, what is written)
+    for part in parts:
+        for local, (shape, stored) in part_layout(model_dir, part).items():
+            if (part, local) != skip:
+                name = family.shard_to_hf(part, local, on_disk=True)
+                plan.append((part, local, Entry(name, shape, dtype if dtype is not None else stored)))
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for _, _, entry in plan:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    shard_of = {entry.name: k for k, entries in enumerate(shards) for entry in entries}
+
+    save_path.mkdir(parents=True, exist_ok=True)
+    writer, open_shard = None, -1
+    for part in parts:
+        tensors = load_part(model_dir, part)
+        for _, local, entry in (item for item in plan if item[0] == part):
+            if shard_of[entry.name] != open_shard:  # shards follow the plan's order: one open at a time
+                if writer is not None:
+                    writer.close()
+                open_shard = shard_of[entry.name]
+                writer = ShardWriter(save_path / files[open_shard], shards[open_shard], {"format": "pt"})
+            writer.write(entry.name, tensors[local].to(entry.dtype))
+        del tensors
+    writer.close()
+    total = sum(entry.nbytes for _, _, entry in plan)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {e.name: files[shard_of[e.name]] for _, _, e in plan}}
+        (save_path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    floating = [e.dtype for _, _, e in plan if e.dtype.is_floating_point]
+    return config, total, floating[0] if floating else torch.float32
 
 
 def _hf_model(config: object, state: dict[str, torch.Tensor], model_dir: Path) -> torch.nn.Module:
@@ -87,6 +150,7 @@ def convert_to_hf(
     lora_export: str | None = None,
     base_model: str | Path | None = None,
     base_hf_name: str | None = None,
+    max_shard_gb: float = DEFAULT_SHARD_GB,
 ) -> Path:
     """Write a plain HF model; from a LoRA checkpoint, its base with the adapters merged in
     (``lora_export="merged"``, the default) or a PEFT adapter folder (``"adapter"``)."""
@@ -95,32 +159,35 @@ def convert_to_hf(
     if save_path.exists() and any(save_path.iterdir()):
         raise FileExistsError(f"--save-path {save_path} is not empty; choose a new directory (nothing was written)")
     lora = LoraSpec.read(model_dir)
+    cast = DTYPES[dtype] if dtype not in (None, "auto") else None
     if lora is None:
         if lora_export is not None or base_model is not None or base_hf_name is not None:
             raise ValueError(
                 f"{model_dir} holds full weights, not LoRA adapters: drop --lora-export/--base-model/--base-hf-name"
             )
-        config, state = sharded_state_dict(model_dir)
-        model = _hf_model(config, state, model_dir)
-    else:
-        spec, recorded_base = lora
-        base = Path(base_model or recorded_base)
-        if not (base / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
-                "pass --base-model with the --model-name they were trained on"
-            )
-        model = _with_adapters(model_dir, spec, base, base_hf_name)
-        if (lora_export or "merged") == "adapter":
-            if dtype is not None:
-                model = model.to(DTYPES[dtype])
-            model.save_pretrained(save_path)  # adapter_config.json + adapter_model.safetensors
-            copy_model_files(model_dir, save_path, config=False)
-            log.info("wrote PEFT adapter from %s (base %s) to %s", model_dir, base, save_path)
-            return save_path
-        model = model.merge_and_unload()
-    if dtype is not None:
-        model = model.to(DTYPES[dtype])
+        config, total, config.dtype = write_hf_shards(model_dir, save_path, cast, int(max_shard_gb * 1e9))
+        copy_model_files(model_dir, save_path)
+        config.save_pretrained(save_path)  # after the copy: records the dtype written
+        log.info("wrote HF model (%.3g GB) from %s to %s", total / 1e9, model_dir, save_path)
+        return save_path
+    spec, recorded_base = lora
+    base = Path(base_model or recorded_base)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
+            "pass --base-model with the --model-name they were trained on"
+        )
+    model = _with_adapters(model_dir, spec, base, base_hf_name)
+    if (lora_export or "merged") == "adapter":
+        if cast is not None:
+            model = model.to(cast)
+        model.save_pretrained(save_path)  # adapter_config.json + adapter_model.safetensors
+        copy_model_files(model_dir, save_path, config=False)
+        log.info("wrote PEFT adapter from %s (base %s) to %s", model_dir, base, save_path)
+        return save_path
+    model = model.merge_and_unload()  # merged: the base with the adapters folded in, a plain HF model
+    if cast is not None:
+        model = model.to(cast)
     model.save_pretrained(save_path)
     copy_model_files(model_dir, save_path)
     model.config.save_pretrained(save_path)  # after the copy: records the dtype written
@@ -132,7 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt-path", required=True, help="sharded model, checkpoint_<step> or checkpoint root")
     parser.add_argument("--save-path", required=True, help="new, empty folder for the HF model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="cast weights (auto: as stored)"
+    )
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=DEFAULT_SHARD_GB, help="largest safetensors shard written, in GB"
+    )
     parser.add_argument(
         "--lora-export",
         choices=("merged", "adapter"),
@@ -155,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()  # one line per conversion is enough
     try:
-        convert_to_hf(args.ckpt_path, args.save_path, args.dtype, args.lora_export, args.base_model, args.base_hf_name)
+        convert_to_hf(args.ckpt_path, args.save_path, args.dtype, args.lora_export, args.base_model,
+                      args.base_hf_name, args.max_shard_gb)  # fmt: skip
     except (OSError, ValueError, KeyError) as err:
         sys.exit(f"to_hf: {err}")
 

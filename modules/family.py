@@ -101,17 +101,25 @@ class Family:
     tied_keys: tuple[str, str]
     # Learned position embeddings end at config.max_position_embeddings (rotary ones do not).
     learned_positions: bool = False
+    # Names HF's files use where they differ from the in-memory ones: read and written.
+    disk_rules: tuple[KeyRule, ...] = ()
+    # Names of older files, still read, never written.
+    legacy_rules: tuple[KeyRule, ...] = ()
 
-    def hf_to_shard(self, hf_key: str) -> tuple[str, str]:
-        for rule in self.key_rules:
+    def hf_to_shard(self, hf_key: str, on_disk: bool = False) -> tuple[str, str]:
+        """Part and key inside it of an HF weight; ``on_disk``: a name read from an HF file."""
+        rules = self.key_rules + (self.disk_rules + self.legacy_rules if on_disk else ())
+        for rule in rules:
             found = rule.to_shard(hf_key)
             if found is not None:
                 return found
         raise KeyError(f"{self.name}: no shard for HF weight {hf_key!r}; is this the right --model-type?")
 
-    def shard_to_hf(self, part: str, local_key: str) -> str:
+    def shard_to_hf(self, part: str, local_key: str, on_disk: bool = False) -> str:
+        """The HF name of a shard weight: in memory, or ``on_disk`` as HF's files spell it."""
         # Longest local prefix first, so "final_layer_norm." wins over "" within one part.
-        for rule in sorted(self.key_rules, key=lambda r: len(r.local), reverse=True):
+        rules = (self.disk_rules if on_disk else ()) + self.key_rules
+        for rule in sorted(rules, key=lambda r: len(r.local), reverse=True):
             found = rule.to_hf(part, local_key)
             if found is not None:
                 return found

@@ -33,5 +33,12 @@ FAMILY = Family(
         KeyRule(hf="lm_head.", part=HEAD_PART, local="lm_head."),
     ),
     tied_keys=("wte.weight", "lm_head.weight"),
+    # the original GPT-2 files name the transformer's weights without their module's prefix
+    legacy_rules=(
+        KeyRule(hf="wte.", part=EMBEDDING_PART, local="wte."),
+        KeyRule(hf="wpe.", part=EMBEDDING_PART, local="wpe."),
+        KeyRule(hf="h.{layer}.", part="layer_{layer}"),
+        KeyRule(hf="ln_f.", part=HEAD_PART, local="ln_f."),
+    ),
     learned_positions=True,
 )
