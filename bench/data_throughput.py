@@ -71,6 +71,7 @@ def time_trainer(vocab: int, seq: int, batch: int, repeats: int) -> float:
     config = tiny_config("gptneox", vocab, num_layers=4)
     config._attn_implementation = "sdpa"
     stage = Stage(family_for("gptneox"), config, range(4), is_first=True, is_last=True)
+    stage.init_parts(0.02, seed=0)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq))
     rates = []

@@ -15,22 +15,37 @@ class Stage(nn.Module):
     """A plain module; ``forward`` maps token ids or hidden states to hidden states or logits."""
 
     def __init__(
-        self, family: Family, config: object, layers: range, is_first: bool, is_last: bool, recompute: bool = False
+        self,
+        family: Family,
+        config: object,
+        layers: range,
+        is_first: bool,
+        is_last: bool,
+        recompute: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """The parts are built on the meta device and then given uninitialised memory on
+        ``device``: no layer of another stage is ever allocated, and no random initialisation
+        runs that ``load_parts`` or ``init_parts`` (one of which must follow) would overwrite."""
         super().__init__()
         self.layer_ids = list(layers)
         # Activation recomputation: a block keeps only its input for the backward and runs its
         # forward again there, so a held micro-batch costs one hidden state per block.
         self.recompute = recompute
-        self.embedding = family.embedding(config) if is_first else None
-        self.context = family.context(config)
-        self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
-        self.head = family.head(config) if is_last else None
+        with torch.device("meta"):
+            self.embedding = family.embedding(config) if is_first else None
+            self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
+            self.head = family.head(config) if is_last else None
+        for part in self.parts().values():
+            part.to_empty(device=device)
+        # The context's tables (rotary frequencies) are computed, not loaded: built for real.
+        self.context = family.context(config).to(device)
         self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
         self.family = family
         self.lora: LoraSpec | None = None  # set by add_lora: base frozen, adapters trained
         if self.tied_keys and self.embedding is not None and self.head is not None:
-            # One stage holds both ends: one tensor, as in the HF model.
+            # One stage holds both ends: one tensor, as in the HF model (tied after to_empty,
+            # which gives each module's parameters new tensors).
             owner, _, name = self.tied_keys[1].rpartition(".")
             setattr(self.head.get_submodule(owner), name, self.embedding.get_parameter(self.tied_keys[0]))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from convert.tiny_model import tiny_config
-from modules import family_for
+from modules import family_for, init_weights
 from pipeline.stage import Stage
 from tests.helpers import assert_all_ok, launch, read_metrics, train_args
 from trainer.memory import PeakMemory
@@ -98,3 +98,24 @@ def test_peak_memory_window_resets() -> None:
     assert high - before >= 190e6
     memory.reset()  # freed memory went back to the system: the new window starts low again
     assert memory.peak_bytes() < high - 150e6
+
+
+@pytest.mark.parametrize("family", ["gptneox", "gptj", "llama", "gpt2"])
+def test_stage_built_on_meta_is_initialised_everywhere(family: str) -> None:
+    """A stage's parts get uninitialised memory; init_parts must then write every value. The
+    same pieces built the ordinary way (HF's own initialisation first) and given init_parts
+    must come out equal: a value it skipped would differ."""
+    config = tiny_config(family, VOCAB, num_layers=3)
+    fam = family_for(family)
+    stage = Stage(fam, config, range(3), is_first=True, is_last=True)
+    stage.init_parts(0.02, seed=9)
+    for part, module in stage.parts().items():
+        kind = fam.embedding(config) if part == "embs" else fam.head(config) if part == "lm_head" else None
+        ordinary = kind if kind is not None else fam.block(config, int(part.removeprefix("layer_")))
+        init_weights(ordinary, 0.02, 9, part)
+        if part == "lm_head" and stage.tied_keys:
+            continue  # the tied output weight is the embedding's: checked there
+        expected = ordinary.state_dict()
+        assert module.state_dict().keys() == expected.keys(), part
+        for key, value in expected.items():
+            assert torch.equal(module.state_dict()[key], value), f"{part}/{key}"

@@ -83,13 +83,9 @@ class Trainer:
         cfg, topo = self.cfg, self.topo
         recompute = cfg.activation_checkpointing == "full"
         self.stage = Stage(
-            self.plan.family,
-            self.plan.model_config,
-            self.plan.layers,
-            topo.is_first_stage,
-            topo.is_last_stage,
-            recompute,
-        )
+            self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage,
+            recompute, self.device,
+        )  # fmt: skip
         if cfg.model.load_pretrained:
             self.stage.load_parts(cfg.model.model_name)
         else:
