@@ -31,7 +31,7 @@ from convert.tiny_model import tiny_config, train_tokenizer
 from modules import family_for
 from pipeline.stage import Stage
 from trainer.data import TokenStream, parse_task_names
-from trainer.loop import token_loss
+from trainer.loss import token_loss
 
 log = logging.getLogger("bench.data_throughput")
 

@@ -50,7 +50,7 @@ from modules import family_for
 from pipeline.partition import split_layers
 from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
 from pipeline.stage import Stage
-from trainer.loop import token_loss
+from trainer.loss import token_loss
 from trainer.startup import part_sizes
 
 log = logging.getLogger("bench.pipeline_vs_torch")

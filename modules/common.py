@@ -57,8 +57,11 @@ class Head(nn.Module):
     def output(self) -> nn.Linear:
         return getattr(self, self.out_name)
 
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.norm_name)(hidden)  # (micro, seq, hidden)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.output(getattr(self, self.norm_name)(hidden))  # (micro, seq, vocab)
+        return self.output(self.normed(hidden))  # (micro, seq, vocab)
 
 
 class RotaryContext(nn.Module):

@@ -32,6 +32,9 @@ class Stage(nn.Module):
         # Activation recomputation: a block keeps only its input for the backward and runs its
         # forward again there, so a held micro-batch costs one hidden state per block.
         self.recompute = recompute
+        # False: the last stage returns the final norm's output and the loss applies the output
+        # layer chunk by chunk (trainer.loss.chunked_token_loss), never holding all the logits.
+        self.project_logits = True
         with torch.device("meta"):
             self.embedding = family.embedding(config) if is_first else None
             self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
@@ -142,4 +145,6 @@ class Stage(nn.Module):
                 hidden = checkpoint(layer, hidden, use_reentrant=False, preserve_rng_state=True, **ctx)
             else:
                 hidden = layer(hidden, **ctx)
-        return self.head(hidden) if self.head is not None else hidden
+        if self.head is None:
+            return hidden
+        return self.head(hidden) if self.project_logits else self.head.normed(hidden)

@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from convert.tiny_model import tiny_config
 from modules import family_for, init_weights
 from pipeline.stage import Stage
 from tests.helpers import assert_all_ok, launch, read_metrics, train_args
+from trainer.data import IGNORE_INDEX
+from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import PeakMemory
 
 VOCAB = 384
@@ -119,3 +122,58 @@ def test_stage_built_on_meta_is_initialised_everywhere(family: str) -> None:
         assert module.state_dict().keys() == expected.keys(), part
         for key, value in expected.items():
             assert torch.equal(module.state_dict()[key], value), f"{part}/{key}"
+
+
+# -- the loss without the vocabulary-sized logits -----------------------------------------------
+
+
+def loss_and_grads(chunk: int, bias: bool, frozen: bool, autocast: torch.dtype | None = None) -> dict:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    output = nn.Linear(16, 50, bias=bias)
+    output.weight.requires_grad_(not frozen)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, 2:5] = IGNORE_INDEX  # prompt tokens: not trained
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        if chunk:
+            loss = chunked_token_loss(hidden, output, labels, normalizer=7.0, chunk=chunk)
+        else:
+            loss = token_loss(output(hidden), labels, normalizer=7.0)
+    loss.backward()
+    grads = {"loss": loss.detach(), "hidden": hidden.grad, "weight": output.weight.grad}
+    return grads | ({"bias": output.bias.grad} if bias else {})
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 24, 1000])
+@pytest.mark.parametrize(("bias", "frozen"), [(True, False), (False, False), (False, True)])
+def test_chunked_loss_equals_the_plain_one(chunk: int, bias: bool, frozen: bool) -> None:
+    plain, chunked = loss_and_grads(0, bias, frozen), loss_and_grads(chunk, bias, frozen)
+    assert plain.keys() == chunked.keys()
+    for name, value in plain.items():
+        if value is None:  # a frozen output layer gets no gradient either way
+            assert chunked[name] is None, name
+            continue
+        torch.testing.assert_close(chunked[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close() -> None:
+    plain, chunked = loss_and_grads(0, True, False, torch.bfloat16), loss_and_grads(5, True, False, torch.bfloat16)
+    for name, value in plain.items():
+        torch.testing.assert_close(chunked[name], value, atol=2e-2, rtol=2e-2, msg=name)  # bf16's 3 digits
+
+
+def test_chunked_loss_keeps_no_logits_for_the_backward() -> None:
+    """What the loss keeps for the backward, beyond the parameters: nothing of tokens x vocab."""
+    hidden = torch.randn(2, 64, 16, requires_grad=True)
+    output = nn.Linear(16, 500, bias=False)
+    labels = torch.randint(0, 500, (2, 64))
+    params = {output.weight.data_ptr()}
+    for chunk, holds_logits in ((0, True), (32, False)):
+        kept = []
+        pack = lambda t, kept=kept: kept.append(t.numel() if t.data_ptr() not in params else 0) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if chunk:
+                chunked_token_loss(hidden, output, labels, 1.0, chunk)
+            else:
+                token_loss(output(hidden), labels, 1.0)
+        assert (max(kept) >= 2 * 63 * 500) == holds_logits, kept

@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(activation memory per held micro-batch falls to one hidden state per block; about 1/3 more compute)",
     )
     t.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=1024,
+        help="the loss projects this many tokens to the vocabulary at a time and keeps no logits for the "
+        "backward, which projects them again (0: the whole micro-batch's logits, kept)",
+    )
+    t.add_argument(
         "--pp-compress",
         choices=CODECS,
         default="none",
@@ -337,6 +344,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         log_interval=args.log_interval,
         pp_mode=args.pp_mode,
         activation_checkpointing=args.activation_checkpointing,
+        loss_chunk_tokens=args.loss_chunk_tokens,
         dp=DataParallelConfig(args.dp_mode, args.sync_every, args.dp_compress, args.dp_topk_ratio),
         profiling=args.profiling,
         log_backend=args.train_log_backend,

@@ -149,6 +149,7 @@ class RunConfig:
     log_interval: int = 10
     pp_mode: str = "gpipe"  # | 1f1b
     activation_checkpointing: str = "none"  # | full: every block recomputes its forward in the backward
+    loss_chunk_tokens: int = 1024  # tokens projected to the vocabulary at a time by the loss (0: all logits)
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
@@ -159,6 +160,8 @@ class RunConfig:
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("--loss-chunk-tokens must be >= 0 (0: compute all logits at once)")
         if self.activation_checkpointing not in ("none", "full"):
             raise ValueError(f"--activation-checkpointing {self.activation_checkpointing!r} is not none or full")
         if self.lora is not None and not self.model.load_pretrained:

@@ -7,7 +7,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from comm.compress import GradientCompressor
 from comm.process_group import Communicator
@@ -18,6 +17,7 @@ from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
+from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import PeakMemory, static_bytes
 from trainer.metrics import MetricsWriter, Progress
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
@@ -25,16 +25,6 @@ from trainer.profiling import Profiler
 from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
 log = logging.getLogger(__name__)
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """Summed next-token cross-entropy of a micro-batch, divided by ``normalizer`` (the global
-    batch's trained-token count; over fp16's loss scale, which multiplies the loss)."""
-    vocab = logits.shape[-1]
-    shifted_logits = logits[:, :-1].reshape(-1, vocab).float()  # position t predicts token t+1
-    shifted_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / normalizer
 
 
 def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -95,6 +85,7 @@ class Trainer:
             spec = self.stage.add_lora(cfg.lora, cfg.data.seed, frozen)
             log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
                      spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
+        self.stage.project_logits = cfg.loss_chunk_tokens == 0
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
@@ -167,7 +158,17 @@ class Trainer:
         shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
-        spec = StepSpec(shape, travel, lambda out, lab: token_loss(out, lab, normalizer), train, compute, MASTER_DTYPE)
+        if cfg.loss_chunk_tokens:  # the last stage hands over the final norm's output, not logits
+            head = self.stage.head
+
+            def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return chunked_token_loss(out, head.output, labels, normalizer, cfg.loss_chunk_tokens)
+        else:
+
+            def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return token_loss(out, labels, normalizer)
+
+        spec = StepSpec(shape, travel, loss_fn, train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for round_index in range(rounds):

@@ -1,0 +1,102 @@
+"""Next-token cross-entropy of a micro-batch, with or without the vocabulary-sized logits.
+
+``token_loss`` takes the logits: the head computed them, autograd keeps them (and the
+log-softmax) for the backward, micro x seq x vocab values each. ``chunked_token_loss`` takes the
+final norm's output and the head's output layer instead, and projects a chunk of tokens at a
+time: the forward keeps only the hidden states and one log-sum-exp per token, and the backward
+projects each chunk again to form its gradient. On a 50k vocabulary that is a few MB per
+micro-batch instead of hundreds, for one more head matmul in the backward.
+
+Both return the summed loss over the trained tokens divided by ``normalizer`` (the global
+batch's trained-token count; over fp16's loss scale, which multiplies the loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data import IGNORE_INDEX
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    shifted_logits = logits[:, :-1].reshape(-1, vocab).float()  # position t predicts token t+1
+    shifted_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / normalizer
+
+
+def chunked_token_loss(
+    hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor, normalizer: float, chunk: int
+) -> torch.Tensor:
+    """``token_loss(output(hidden), labels, normalizer)`` with ``chunk`` tokens' logits at a time."""
+    dim = hidden.shape[-1]
+    shifted = hidden[:, :-1].reshape(-1, dim)  # (tokens, hidden): position t predicts token t+1
+    targets = labels[:, 1:].reshape(-1)
+    return _ChunkedHeadLoss.apply(shifted, output.weight, output.bias, targets, float(normalizer), chunk)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss of ``hidden @ weight.T + bias`` against ``targets``, chunk by chunk both ways."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        normalizer: float,
+        chunk: int,
+    ) -> torch.Tensor:
+        # under autocast the projection runs in its dtype (as nn.Linear would); the rest in fp32
+        ctx.compute_dtype = _autocast_dtype(hidden.device.type)
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp_min(0)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float()  # (chunk, vocab)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[rows, None]).squeeze(1)
+            total += ((lse[rows] - picked) * valid[rows]).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.normalizer, ctx.chunk = normalizer, chunk
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        valid = targets != IGNORE_INDEX
+        scale = grad_out.float() / ctx.normalizer
+        device = hidden.device.type
+        autocast = torch.autocast(device, dtype=ctx.compute_dtype, enabled=ctx.compute_dtype is not None)
+        for start in range(0, targets.numel(), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            with autocast:
+                logits = F.linear(hidden[rows], weight, bias).float()  # the forward's values again
+            # d(lse - logit[target]) / d logits = softmax - one-hot, for trained tokens only
+            grad_logits = torch.exp(logits - lse[rows, None])
+            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows].clamp_min(0)] -= 1
+            grad_logits *= (valid[rows] * scale)[:, None]  # (chunk, vocab)
+            with autocast:
+                if need_hidden:
+                    grad_hidden[rows] = grad_logits @ weight
+                if need_weight:
+                    grad_weight += (grad_logits.T @ hidden[rows]).float()
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        weight_grad = grad_weight.to(weight.dtype) if need_weight else None
+        bias_grad = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, weight_grad, bias_grad, None, None, None
