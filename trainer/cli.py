@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--loss-chunk-tokens",
         type=int,
-        default=1024,
+        default=256,
         help="the loss projects this many tokens to the vocabulary at a time and keeps no logits for the "
         "backward, which projects them again (0: the whole micro-batch's logits, kept)",
     )

@@ -149,7 +149,7 @@ class RunConfig:
     log_interval: int = 10
     pp_mode: str = "gpipe"  # | 1f1b
     activation_checkpointing: str = "none"  # | full: every block recomputes its forward in the backward
-    loss_chunk_tokens: int = 1024  # tokens projected to the vocabulary at a time by the loss (0: all logits)
+    loss_chunk_tokens: int = 256  # tokens projected to the vocabulary at a time by the loss (0: all logits)
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"

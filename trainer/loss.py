@@ -86,15 +86,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk)
             with autocast:
                 logits = F.linear(hidden[rows], weight, bias).float()  # the forward's values again
-            # d(lse - logit[target]) / d logits = softmax - one-hot, for trained tokens only
-            grad_logits = torch.exp(logits - lse[rows, None])
+            # d(lse - logit[target]) / d logits = softmax - one-hot, for trained tokens only; in
+            # place, so a chunk costs one (chunk, vocab) buffer
+            grad_logits = logits.sub_(lse[rows, None]).exp_()
             grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows].clamp_min(0)] -= 1
-            grad_logits *= (valid[rows] * scale)[:, None]  # (chunk, vocab)
+            grad_logits.mul_((valid[rows] * scale)[:, None])  # (chunk, vocab)
             with autocast:
                 if need_hidden:
                     grad_hidden[rows] = grad_logits @ weight
-                if need_weight:
-                    grad_weight += (grad_logits.T @ hidden[rows]).float()
+                if need_weight and ctx.compute_dtype is None:
+                    grad_weight.addmm_(grad_logits.T, hidden[rows])  # no (vocab, hidden) temporary
+                elif need_weight:
+                    grad_weight += grad_logits.T @ hidden[rows]
             if need_bias:
                 grad_bias += grad_logits.sum(0)
         weight_grad = grad_weight.to(weight.dtype) if need_weight else None
