@@ -1,0 +1,129 @@
+"""Memory at a real model size: the converters' peak, and activation recomputation's effect.
+
+    python bench/memory.py [--skip-training]
+
+Builds a GPT-NeoX of Pythia-410m's shape (405M parameters, random weights, no download), then
+1. runs convert/from_hf.py and convert/to_hf.py and prints each one's peak resident memory
+   beside the bound 0.6 GB + 2 x the largest part;
+2. trains it 2 steps at pp=2 (GPipe, seq 1024, micro-batch 1, m=4): as before this round's
+   changes (full logits kept by the loss, no recomputation), with the chunked loss, and with
+   the chunked loss and --activation-checkpointing full. For each stage it prints the peak of
+   step 1 (forwards and backwards only: AdamW's moments do not exist yet) less the bare process
+   and the weights and gradients, which is the activation share, and the peak of step 2 (which
+   also spans step 1's optimizer update) beside the weights, gradients and AdamW moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import run  # noqa: E402
+from convert.tiny_model import read_texts, train_tokenizer  # noqa: E402
+
+log = logging.getLogger("bench.memory")
+CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"
+_PEAK = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+if sys.argv:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    import torch, transformers, trainer.loop  # what a rank imports before it builds anything
+print("peak-kB", [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1])
+"""
+
+
+def peak_gb(args: list[str]) -> float:
+    done = subprocess.run([sys.executable, "-c", _PEAK, *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(done.stdout.split("peak-kB")[-1].split()[0]) * 1024 / 1e9
+
+
+def build_410m(folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = GPTNeoXConfig(
+        vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        rotary_pct=0.25, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    train_tokenizer(read_texts(CORPUS), vocab_size=1024).save_pretrained(folder)
+    return folder
+
+
+def stage_values(shards: Path, stage: int) -> int:
+    """Parameters of one stage of pp=2 (as the trainer splits them)."""
+    from modules import family_for, load_config
+    from pipeline.partition import split_layers
+    from trainer.startup import part_sizes
+
+    config = load_config(shards)
+    family = family_for(config.model_type)
+    embedding, layer, head = part_sizes(family, config)
+    layers = split_layers(config.num_hidden_layers, 2, None, layer_cost=layer, first_extra=embedding, last_extra=head)
+    return layer * len(layers[stage]) + (embedding if stage == 0 else head)
+
+
+def main() -> None:
+    # Freed memory goes back to the system at once (glibc keeps small freed blocks otherwise), so
+    # a rank's resident set follows what it holds, not what loading its weights once needed.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-training", action="store_true", help="measure the converters only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hf = build_410m(tmp / "hf")
+        shards, out = tmp / "shards", tmp / "out"
+        from_hf = peak_gb(["convert/from_hf.py", "--model-name", str(hf), "--save-dir", str(shards)])
+        to_hf = peak_gb(["convert/to_hf.py", "--ckpt-path", str(shards), "--save-path", str(out)])
+        largest = max(p.stat().st_size for p in shards.glob("*.safetensors")) / 1e9
+        model = sum(p.stat().st_size for p in hf.glob("*.safetensors")) / 1e9
+        bound = 0.6 + 2 * largest
+        log.info("model %.2f GB, largest part %.2f GB, bound 0.6 + 2 x part = %.2f GB", model, largest, bound)
+        log.info("from_hf peak %.2f GB, to_hf peak %.2f GB", from_hf, to_hf)
+        if args.skip_training:
+            return
+        bare = peak_gb([])
+        log.info("a bare rank process (imports only): %.2f GB", bare)
+        log.info("%-24s %5s %12s %12s %12s %12s", "run", "stage", "step-1 peak", "activations", "step-2 peak",
+                 "+AdamW GB")  # fmt: skip
+        share = {}
+        runs = {
+            "logits kept (before)": ["--loss-chunk-tokens", "0"],
+            "chunked loss": [],
+            "chunked + recompute": ["--activation-checkpointing", "full"],
+        }
+        for name, extra in runs.items():
+            flags = ["--pipeline-group-size", "2", "--seq-length", "1024", "--batch-size", "4",
+                     "--micro-batch-size", "1", *extra]  # fmt: skip
+            rows = run(shards, CORPUS, tmp / name.replace(" ", "-"), 2, flags)
+            for stage in (0, 1):
+                values = stage_values(shards, stage)
+                first, second = (rows[i][f"peak_mem_bytes_stage{stage}"] / 1e9 for i in (0, 1))
+                share[(name, stage)] = first - bare - 8 * values / 1e9  # fp32 weights and gradients
+                log.info("%-24s %5d %12.2f %12.2f %12.2f %12.2f", name, stage, first, share[(name, stage)], second,
+                         16 * values / 1e9)  # fmt: skip
+        for stage in (0, 1):
+            before = share[("logits kept (before)", stage)]
+            log.info(
+                "stage %d: activation share %.1fx smaller with the chunked loss, %.1fx with recomputation too",
+                stage,
+                before / share[("chunked loss", stage)],
+                before / share[("chunked + recompute", stage)],
+            )
+
+
+if __name__ == "__main__":
+    main()
