@@ -74,8 +74,9 @@ def stream_parts(folder: Path, files: list[Path], family: Family, config: object
     embedding_key, head_key = family.tied_keys
     if tied and head_key not in where[HEAD_PART] and embedding_key in where[EMBEDDING_PART]:
         where[HEAD_PART][head_key] = where[EMBEDDING_PART][embedding_key]
-    parts = [EMBEDDING_PART, *(layer_part(i) for i in range(config.num_hidden_layers)), HEAD_PART]
-    for part in parts:
+    # every part is checked before the first is read, so a bad folder leaves nothing written
+    plan = {}
+    for part in [EMBEDDING_PART, *(layer_part(i) for i in range(config.num_hidden_layers)), HEAD_PART]:
         wanted = expected["block" if part.startswith("layer_") else part]
         found = {k: v for k, v in where.pop(part, {}).items() if k in wanted or not k.endswith(_STALE_BUFFERS)}
         if found.keys() != wanted:
@@ -84,13 +85,15 @@ def stream_parts(folder: Path, files: list[Path], family: Family, config: object
                 f"{folder}: part {part} has missing weights {missing[:4]} and unexpected ones {unexpected[:4]}; "
                 "is the folder complete and --model-type right?"
             )
+        plan[part] = found
+    if where:
+        raise KeyError(f"{folder}: weights for parts the config does not have: {sorted(where)[:4]}")
+    for part, found in plan.items():
         tensors = {}
         for file in sorted({file for file, _ in found.values()}):
             with safe_open(str(file), "pt") as f:
                 tensors |= {local: f.get_tensor(key) for local, (path, key) in found.items() if path == file}
         yield part, tensors
-    if where:
-        raise KeyError(f"{folder}: weights for parts the config does not have: {sorted(where)[:4]}")
 
 
 def _whole_model_parts(model_name: str, family: Family) -> Iterator[tuple[str, dict]]:
