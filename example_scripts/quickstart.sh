@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole workflow on one CPU machine, offline, in about half a minute:
+# The whole workflow on one CPU machine, offline, in about a minute and a half (2 cores):
 #   1. build a tiny GPT-NeoX and its tokenizer (random weights, no hub)
 #   2. convert it to a layer-sharded checkpoint
 #   3. fine-tune it on the bundled jsonl with 4 local ranks: 2 pipeline stages x 2 replicas, Gloo
