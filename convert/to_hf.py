@@ -73,15 +73,17 @@ def write_hf_shards(
     config, parts = model_parts(model_dir)
     family = family_for(config.model_type)
     skip = (HEAD_PART, family.tied_keys[1]) if getattr(config, "tie_word_embeddings", False) else None
-    plan: list[tuple[str, str, Entry]] = []  # (part, key in the part, what is written)
+    plan: dict[str, list[tuple[str, Entry]]] = {}  # part -> (key in the part, what is written)
     for part in parts:
-        for local, (shape, stored) in part_layout(model_dir, part).items():
-            if (part, local) != skip:
-                name = family.shard_to_hf(part, local, on_disk=True)
-                plan.append((part, local, Entry(name, shape, dtype if dtype is not None else stored)))
+        plan[part] = [
+            (local, Entry(family.shard_to_hf(part, local, on_disk=True), shape, dtype or stored))
+            for local, (shape, stored) in part_layout(model_dir, part).items()
+            if (part, local) != skip
+        ]
+    entries = [entry for part_entries in plan.values() for _, entry in part_entries]
     shards: list[list[Entry]] = [[]]
     size = 0
-    for _, _, entry in plan:
+    for entry in entries:
         if shards[-1] and size + entry.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -93,9 +95,9 @@ def write_hf_shards(
 
     save_path.mkdir(parents=True, exist_ok=True)
     writer, open_shard = None, -1
-    for part in parts:
+    for part, part_entries in plan.items():
         tensors = load_part(model_dir, part)
-        for _, local, entry in (item for item in plan if item[0] == part):
+        for local, entry in part_entries:
             if shard_of[entry.name] != open_shard:  # shards follow the plan's order: one open at a time
                 if writer is not None:
                     writer.close()
@@ -104,11 +106,11 @@ def write_hf_shards(
             writer.write(entry.name, tensors[local].to(entry.dtype))
         del tensors
     writer.close()
-    total = sum(entry.nbytes for _, _, entry in plan)
+    total = sum(entry.nbytes for entry in entries)
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {e.name: files[shard_of[e.name]] for _, _, e in plan}}
+        index = {"metadata": {"total_size": total}, "weight_map": {e.name: files[shard_of[e.name]] for e in entries}}
         (save_path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    floating = [e.dtype for _, _, e in plan if e.dtype.is_floating_point]
+    floating = [e.dtype for e in entries if e.dtype.is_floating_point]
     return config, total, floating[0] if floating else torch.float32
 
 

@@ -158,15 +158,12 @@ class Trainer:
         shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
-        if cfg.loss_chunk_tokens:  # the last stage hands over the final norm's output, not logits
-            head = self.stage.head
+        chunk, head = cfg.loss_chunk_tokens, self.stage.head
 
-            def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                return chunked_token_loss(out, head.output, labels, normalizer, cfg.loss_chunk_tokens)
-        else:
-
-            def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                return token_loss(out, labels, normalizer)
+        def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if chunk:  # the last stage handed over the final norm's output, not logits
+                return chunked_token_loss(out, head.output, labels, normalizer, chunk)
+            return token_loss(out, labels, normalizer)
 
         spec = StepSpec(shape, travel, loss_fn, train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
