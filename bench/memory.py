@@ -1,4 +1,4 @@
-"""Memory at a real model size: the converters' peak, and activation recomputation's effect.
+"""Memory at a real model size: converters, recomputation, the sharded optimizer, the estimate.
 
     python bench/memory.py [--skip-training]
 
@@ -10,7 +10,11 @@ Builds a GPT-NeoX of Pythia-410m's shape (405M parameters, random weights, no do
    the chunked loss and --activation-checkpointing full. For each stage it prints the peak of
    step 1 (forwards and backwards only: AdamW's moments do not exist yet) less the bare process
    and the weights and gradients, which is the activation share, and the peak of step 2 (which
-   also spans step 1's optimizer update) beside the weights, gradients and AdamW moments.
+   also spans step 1's optimizer update) beside the weights, gradients and AdamW moments;
+3. trains it 2 steps at pp=2 x dp=2 (seq 256, 4 ranks) without and with --shard-optimizer and
+   prints each stage's step-2 peak in both;
+4. for every run above, prints each stage's measured step-2 peak beside the start-up estimate
+   the trainer writes into metrics.jsonl (peak_mem_estimate_bytes_stage<s>).
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def main() -> None:
         log.info("a bare rank process (imports only): %.2f GB", bare)
         log.info("%-24s %5s %12s %12s %12s %12s", "run", "stage", "step-1 peak", "activations", "step-2 peak",
                  "+AdamW GB")  # fmt: skip
-        share = {}
+        share, estimates = {}, {}
         runs = {
             "logits kept (before)": ["--loss-chunk-tokens", "0"],
             "chunked loss": [],
@@ -110,6 +114,8 @@ def main() -> None:
                      "--micro-batch-size", "1", *extra]  # fmt: skip
             rows = run(shards, CORPUS, tmp / name.replace(" ", "-"), 2, flags)
             for stage in (0, 1):
+                estimates[(name, stage)] = (rows[1][f"peak_mem_bytes_stage{stage}"] / 1e9,
+                                            rows[1][f"peak_mem_estimate_bytes_stage{stage}"] / 1e9)  # fmt: skip
                 values = stage_values(shards, stage)
                 first, second = (rows[i][f"peak_mem_bytes_stage{stage}"] / 1e9 for i in (0, 1))
                 share[(name, stage)] = first - bare - 8 * values / 1e9  # fp32 weights and gradients
@@ -123,6 +129,33 @@ def main() -> None:
                 before / share[("chunked loss", stage)],
                 before / share[("chunked + recompute", stage)],
             )
+        log.info("measured peak of step 2 (it spans step 1's update) beside the start-up estimate:")
+        for (name, stage), (measured, estimate) in estimates.items():
+            log.info("%-34s stage %d: measured %5.2f GB, estimate %5.2f GB, off by %+5.1f%%", name, stage, measured,
+                     estimate, 100 * (estimate - measured) / measured)  # fmt: skip
+        sharding(shards, tmp, estimates)
+
+
+def sharding(shards: Path, tmp: Path, estimates: dict) -> None:
+    """pp=2 x dp=2 (4 ranks) with and without --shard-optimizer: each rank's step-2 peak."""
+    flags = ["--pipeline-group-size", "2", "--data-group-size", "2", "--seq-length", "256", "--batch-size", "2",
+             "--micro-batch-size", "1"]  # fmt: skip
+    peaks = {}
+    for name, extra in (("pp2 x dp2", []), ("pp2 x dp2 --shard-optimizer", ["--shard-optimizer"])):
+        rows = run(shards, CORPUS, tmp / name.replace(" ", "-"), 2, [*flags, *extra])
+        for stage in (0, 1):
+            peaks[(name, stage)] = rows[1][f"peak_mem_bytes_stage{stage}"] / 1e9
+            estimates[(name, stage)] = (peaks[(name, stage)], rows[1][f"peak_mem_estimate_bytes_stage{stage}"] / 1e9)
+    for stage in (0, 1):
+        values = stage_values(shards, stage)
+        plain, sharded = peaks[("pp2 x dp2", stage)], peaks[("pp2 x dp2 --shard-optimizer", stage)]
+        log.info("stage %d: step-2 peak %.2f GB unsharded, %.2f GB sharded: %.2f GB less (AdamW moments of half "
+                 "the stage: %.2f GB)", stage, plain, sharded, plain - sharded, 4 * values / 1e9)  # fmt: skip
+    for name in ("pp2 x dp2", "pp2 x dp2 --shard-optimizer"):
+        for stage in (0, 1):
+            measured, estimate = estimates[(name, stage)]
+            log.info("%-34s stage %d: measured %5.2f GB, estimate %5.2f GB, off by %+5.1f%%", name, stage, measured,
+                     estimate, 100 * (estimate - measured) / measured)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -362,6 +362,33 @@ class Communicator:
                 self._hold_link(sent)
                 self._all_reduce(tensor, self._data_group, self.dp_place)
 
+    def reduce_scatter_data(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over this stage's replicas and keep this replica's equal slice of the
+        sum in ``output`` (replica r: the r-th of ``data_size`` slices; it may be that slice of
+        ``tensor`` itself). A ring sends (n-1)/n of the buffer from each rank: half an all-reduce."""
+        sent = (self.topo.data_size - 1) * tensor.nbytes // self.topo.data_size
+        self._into(dist.reduce_scatter_single, output, tensor, sent, "data-parallel reduce-scatter")
+
+    def all_gather_data_into(self, output: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Every replica's ``tensor`` laid end to end in replica order, written into ``output``
+        (the other half of an all-reduce: what reduce_scatter_data split, put back together)."""
+        sent = (self.topo.data_size - 1) * tensor.nbytes
+        self._into(dist.all_gather_single, output, tensor, sent, "data-parallel all-gather")
+
+    def _into(self, collective: Callable, output: torch.Tensor, tensor: torch.Tensor, sent: int, what: str) -> None:
+        """Run a data-parallel ``collective(output, input)``, through host buffers where needed."""
+        if self._data_group is None:
+            output.copy_(tensor)  # one replica: its slice is the whole
+            return
+        self.dp_bytes_sent += sent
+        place = self.dp_place
+        (wire,) = place.outgoing([tensor])
+        received = output if not place.staged else place.buffer(output.shape, output.dtype)
+        with self.tracer.span("data-parallel comm"), self._guard(what):
+            self._hold_link(sent)
+            collective(received, wire, group=self._data_group)
+        place.copy_back(output, received)
+
     def all_gather_data(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Every replica's ``tensors`` (same shapes everywhere), by replica."""
         if self._data_group is None:

@@ -12,8 +12,9 @@ Full weights are written part by part into HF's sharded safetensors layout
 
 A LoRA checkpoint holds adapters only; its ``lora.json`` names the base model directory
 (``--base-model`` overrides it). ``--lora-export merged`` writes the base with the adapters
-folded in; ``--lora-export adapter`` writes a folder ``PeftModel.from_pretrained`` loads onto
-HF's base model.
+folded in, streamed as above (PEFT merges each block on its own); ``--lora-export adapter``
+writes a folder ``PeftModel.from_pretrained`` loads onto HF's base model (it builds the base
+model in memory to do so).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
@@ -32,7 +34,7 @@ import torch
 from convert.safetensors_stream import Entry, ShardWriter, part_layout
 from modules import EMBEDDING_PART, HEAD_PART, family_for, layer_part, load_config
 from modules.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
-from modules.lora import LoraSpec, adapter_part, hf_block_path, load_adapter_state
+from modules.lora import LoraSpec, adapter_part, add_adapters, hf_block_path, is_adapter_parameter, load_adapter_state
 
 log = logging.getLogger("convert.to_hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,13 +65,18 @@ def sharded_state_dict(model_dir: str | Path) -> tuple[object, dict[str, torch.T
     return config, state
 
 
+PartTransform = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def write_hf_shards(
-    model_dir: Path, save_path: Path, dtype: torch.dtype | None, max_shard_bytes: int
-) -> tuple[object, int, torch.dtype]:
+    model_dir: Path, save_path: Path, dtype: torch.dtype | None, max_shard_bytes: int,
+    transform: PartTransform | None = None,
+) -> tuple[object, int, torch.dtype]:  # fmt: skip
     """Write the parts of ``model_dir`` as HF safetensors shards, holding one part at a time
     (the shards' headers come from the parts' headers). Returns the config, the bytes written
     and the dtype of the weights. A tied output weight is written once, as the embedding (as
-    HF writes it); names are those of HF's own files."""
+    HF writes it); names are those of HF's own files. ``transform(part, tensors)`` may change
+    each part's values as it is read (same names, shapes and dtypes)."""
     config, parts = model_parts(model_dir)
     family = family_for(config.model_type)
     skip = (HEAD_PART, family.tied_keys[1]) if getattr(config, "tie_word_embeddings", False) else None
@@ -97,6 +104,8 @@ def write_hf_shards(
     writer, open_shard = None, -1
     for part, part_entries in plan.items():
         tensors = load_part(model_dir, part)
+        if transform is not None:
+            tensors = transform(part, tensors)
         for local, entry in part_entries:
             if shard_of[entry.name] != open_shard:  # shards follow the plan's order: one open at a time
                 if writer is not None:
@@ -125,6 +134,41 @@ def _hf_model(config: object, state: dict[str, torch.Tensor], model_dir: Path) -
     if missing or unexpected:
         raise KeyError(f"{model_dir}: weights missing {missing[:4]} / unexpected {unexpected[:4]}")
     return model
+
+
+def merge_adapters(base_dir: Path, adapter_dir: Path, spec: LoraSpec) -> PartTransform:
+    """For ``write_hf_shards`` over the base: each layer's weights with its adapters merged in
+    by PEFT itself, one block at a time (never the whole model)."""
+    from peft.tuners.lora import LoraLayer
+
+    config = load_config(base_dir)
+    family = family_for(config.model_type)
+    layers = {layer_part(i): i for i in range(config.num_hidden_layers)}
+
+    def merged(part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if part not in layers:
+            return tensors  # embedding and head: LoRA adapts blocks only
+        with torch.device("meta"):
+            block = family.block(config, layers[part])
+        block.to_empty(device="cpu")
+        block.load_state_dict(tensors, strict=True)
+        add_adapters(block, spec, seed=0, part=part)  # their values are loaded next
+        load_adapter_state(block, load_part(adapter_dir, adapter_part(part)), str(adapter_dir / adapter_part(part)))
+        for module in block.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        # PEFT renamed each adapted weight to <layer>.base_layer.weight: back to the base's names
+        out = {
+            name.replace(".base_layer.", "."): value.detach()
+            for name, value in block.state_dict().items()
+            if not is_adapter_parameter(name)
+        }
+        if out.keys() != tensors.keys():
+            odd = sorted(out.keys() ^ tensors.keys())[:3]
+            raise KeyError(f"{part}: the merged block's weights are not the base's ({odd}); is --base-model right?")
+        return {name: value.to(tensors[name].dtype) for name, value in out.items()}
+
+    return merged
 
 
 def _with_adapters(model_dir: Path, spec: LoraSpec, base_dir: Path, base_hf_name: str | None) -> torch.nn.Module:
@@ -162,38 +206,34 @@ def convert_to_hf(
         raise FileExistsError(f"--save-path {save_path} is not empty; choose a new directory (nothing was written)")
     lora = LoraSpec.read(model_dir)
     cast = DTYPES[dtype] if dtype not in (None, "auto") else None
+    merge, source = None, model_dir
     if lora is None:
         if lora_export is not None or base_model is not None or base_hf_name is not None:
             raise ValueError(
                 f"{model_dir} holds full weights, not LoRA adapters: drop --lora-export/--base-model/--base-hf-name"
             )
-        config, total, config.dtype = write_hf_shards(model_dir, save_path, cast, int(max_shard_gb * 1e9))
-        copy_model_files(model_dir, save_path)
-        config.save_pretrained(save_path)  # after the copy: records the dtype written
-        log.info("wrote HF model (%.3g GB) from %s to %s", total / 1e9, model_dir, save_path)
-        return save_path
-    spec, recorded_base = lora
-    base = Path(base_model or recorded_base)
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
-            "pass --base-model with the --model-name they were trained on"
-        )
-    model = _with_adapters(model_dir, spec, base, base_hf_name)
-    if (lora_export or "merged") == "adapter":
-        if cast is not None:
-            model = model.to(cast)
-        model.save_pretrained(save_path)  # adapter_config.json + adapter_model.safetensors
-        copy_model_files(model_dir, save_path, config=False)
-        log.info("wrote PEFT adapter from %s (base %s) to %s", model_dir, base, save_path)
-        return save_path
-    model = model.merge_and_unload()  # merged: the base with the adapters folded in, a plain HF model
-    if cast is not None:
-        model = model.to(cast)
-    model.save_pretrained(save_path)
+    else:
+        spec, recorded_base = lora
+        base = Path(base_model or recorded_base)
+        if not (base / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the base model of these adapters, {base}, is not a layer-sharded model directory; "
+                "pass --base-model with the --model-name they were trained on"
+            )
+        if (lora_export or "merged") == "adapter":
+            model = _with_adapters(model_dir, spec, base, base_hf_name)
+            if cast is not None:
+                model = model.to(cast)
+            model.save_pretrained(save_path)  # adapter_config.json + adapter_model.safetensors
+            copy_model_files(model_dir, save_path, config=False)
+            log.info("wrote PEFT adapter from %s (base %s) to %s", model_dir, base, save_path)
+            return save_path
+        # merged: the base's parts, each layer with its adapters folded in, a plain HF model
+        merge, source = merge_adapters(base, model_dir, spec), base
+    config, total, config.dtype = write_hf_shards(source, save_path, cast, int(max_shard_gb * 1e9), merge)
     copy_model_files(model_dir, save_path)
-    model.config.save_pretrained(save_path)  # after the copy: records the dtype written
-    log.info("wrote HF model from %s to %s", model_dir, save_path)
+    config.save_pretrained(save_path)  # after the copy: records the dtype written
+    log.info("wrote HF model (%.3g GB) from %s to %s", total / 1e9, model_dir, save_path)
     return save_path
 
 

@@ -122,9 +122,55 @@ def wide_model(folder: Path, layers: int) -> Path:
     return folder
 
 
+def lora_checkpoint(shards: Path, out: Path, targets: tuple[str, ...] = ()) -> Path:
+    """A LoRA checkpoint folder over ``shards`` with random adapters on every layer (B is not
+    zero, so merging changes every adapted weight), built one layer at a time."""
+    from modules import family_for, layer_part, load_config
+    from modules.layout import copy_model_files, save_part
+    from modules.lora import ADAPTER_CONFIG, LoraSpec, adapter_part
+    from pipeline.stage import Stage
+
+    config = load_config(shards)
+    family = family_for(config.model_type)
+    out.mkdir()
+    copy_model_files(shards, out)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(config.num_hidden_layers):
+        stage = Stage(family, config, range(i, i + 1), is_first=False, is_last=False)
+        stage.load_parts(str(shards))
+        spec = stage.add_lora(LoraSpec(4, 8.0, 0.0, targets), seed=i)
+        block = stage.layers[str(i)]
+        with torch.no_grad():
+            for name, param in block.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        save_part(out, adapter_part(layer_part(i)), stage.saved_state(block))
+    (out / ADAPTER_CONFIG).write_text(spec.to_json(str(shards)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj"])  # gpt2: Conv1D keeps its weights transposed
+def test_lora_merged_export_streams_what_peft_merges(family: str, tmp_path: Path) -> None:
+    from convert.to_hf import _with_adapters
+    from modules.lora import LoraSpec
+
+    hf = build_tiny_model(tmp_path / "hf", bundled_texts(), family, num_layers=3, seed=2)
+    shards = convert_from_hf(hf, tmp_path / "shards")
+    ckpt = lora_checkpoint(shards, tmp_path / "lora")
+    spec = LoraSpec.read(ckpt)[0]
+    ours = load_hf_state(convert_to_hf(ckpt, tmp_path / "merged"))
+    # PEFT's own merge over the whole HF model, the way the export worked before it streamed
+    reference = _with_adapters(ckpt, spec, shards, None).merge_and_unload().state_dict()
+    base = load_hf_state(hf)
+    changed = [k for k in ours if not torch.equal(ours[k], base[k])]
+    assert changed and all(".h." in k or ".layers." in k for k in changed)  # blocks only, and they moved
+    for key, value in ours.items():
+        torch.testing.assert_close(value, reference[key], atol=1e-6, rtol=0, msg=key)
+
+
 def test_converters_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
-    """64 more layers (200 MB more weights) cost a streaming converter (almost) no more memory;
-    converting the whole model at once costs at least the model's size more."""
+    """64 more layers (200 MB more weights) cost a streaming converter (almost) no more memory:
+    from_hf, to_hf, and to_hf merging LoRA adapters into the base."""
     peaks = {}
     for layers in (4, 68):
         hf = wide_model(tmp_path / f"hf{layers}", layers)
@@ -134,7 +180,11 @@ def test_converters_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
         )
         to_hf = ["convert/to_hf.py", "--ckpt-path", str(shards), "--save-path", str(out)]  # one 200 MB shard
         peaks[("to_hf", layers)] = peak_rss(to_hf)
-    grown = {tool: (peaks[(tool, 68)] - peaks[(tool, 4)]) / 1e6 for tool in ("from_hf", "to_hf")}
+        lora = lora_checkpoint(shards, tmp_path / f"lora{layers}")
+        merged = ["convert/to_hf.py", "--ckpt-path", str(lora), "--save-path", str(tmp_path / f"merged{layers}")]
+        peaks[("to_hf merged LoRA", layers)] = peak_rss(merged)
+    tools = ("from_hf", "to_hf", "to_hf merged LoRA")
+    grown = {tool: (peaks[(tool, 68)] - peaks[(tool, 4)]) / 1e6 for tool in tools}
     model_mb = sum(p.stat().st_size for p in (tmp_path / "hf68").glob("*.safetensors")) / 1e6
     assert model_mb > 200
     assert all(mb < 50 for mb in grown.values()), (grown, model_mb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,38 @@ def test_chunked_loss_keeps_no_logits_for_the_backward() -> None:
             else:
                 token_loss(output(hidden), labels, 1.0)
         assert (max(kept) >= 2 * 63 * 500) == holds_logits, kept
+
+
+_PROBE = """
+import json, torch
+from convert.tiny_model import tiny_config
+from modules import family_for
+from pipeline.stage import Stage
+from trainer.memory import probe_micro_batch, resident_bytes
+torch.manual_seed(0)
+config = tiny_config("gptneox", 384, num_layers=3, hidden=256, heads=4)
+stage = Stage(family_for("gptneox"), config, range(0, 3), is_first=False, is_last=False)
+stage.init_parts(0.02, seed=0)
+stage.train()
+inputs = [torch.randn(2, 512, 256, requires_grad=True) for _ in range(5)]
+stage(inputs[0]).sum().backward()  # first use: kernels and allocator settle
+start = resident_bytes()
+held, blocks = probe_micro_batch(stage, lambda: stage(inputs[0]))
+before = resident_bytes()
+outputs = [stage(x) for x in inputs[1:]]  # four micro-batches' graphs, held as a schedule holds them
+print(json.dumps([held, blocks, (resident_bytes() - before) / 4, before - start]))
+"""
+
+
+def test_probe_counts_what_a_held_micro_batch_occupies() -> None:
+    # A fresh process whose freed memory goes back to the system, so its resident set follows
+    # what it holds (in this one, earlier tests leave memory that malloc hands out again).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    held, blocks, grown, left = json.loads(done.stdout.splitlines()[-1])
+    assert left < 0.05 * held  # the probe's own graph is gone once it returns
+    assert grown > 50e6  # activations of 2 x 512 tokens through 3 blocks: the measure is not noise
+    assert abs(held - grown) < 0.1 * grown, (held, grown)
+    # each block's share is about a third: the blocks are alike; what is left is the output
+    assert len(blocks) == 3 and max(blocks) < 1.05 * min(blocks)
+    assert held - sum(blocks) == 2 * 512 * 256 * 4

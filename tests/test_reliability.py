@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from modules import family_for, load_config
 from pipeline.stage import Stage
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
 from trainer.checkpoint import CheckpointError, complete_steps, load_checkpoint
+from trainer.config import OptimConfig
+from trainer.optimizer import ReplicatedOptimizer
 
 STEPS = 24
 
@@ -96,10 +99,12 @@ def test_sigkill_then_relaunch_equals_uninterrupted(
     assert all(torch.equal(ours[k], reference[k]) for k in reference), f"resumed from step {killed_at}"
 
 
-def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Stage, torch.optim.Optimizer]:
+def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Stage, ReplicatedOptimizer]:
     config = load_config(shards)
     stage = Stage(family_for(config.model_type), config, layers, first, last)
-    return stage, torch.optim.AdamW(stage.parameters())
+    one_rank = SimpleNamespace(topo=SimpleNamespace(data_size=1))  # loading communicates nothing
+    params = list(stage.parameters())
+    return stage, ReplicatedOptimizer(OptimConfig(1e-3, 10), params, one_rank, torch.device("cpu"), "allreduce", None)
 
 
 def test_damaged_checkpoint_names_the_file_and_the_fallback(

@@ -10,8 +10,9 @@
         manifest_stage<s>.json       bytes and sha256 of every file stage s wrote
     <root>/latest                    the newest complete step, written last
 
-Replica 0 of every stage writes; the folder must be one that every rank reaches (a shared
-file system, or a single machine): start-up checks this.
+Replica 0 of every stage writes (under --shard-optimizer the replicas first gather each part's
+optimizer state, so the files are the same as without sharding); the folder must be one that
+every rank reaches (a shared file system, or a single machine): start-up checks this.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from comm.process_group import Communicator
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
+from trainer.optimizer import StageOptimizer
 
 log = logging.getLogger(__name__)
 OPTIM_PREFIX = "optim_"
@@ -59,35 +58,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors, seen = {}, set()
-    for name, param in module.named_parameters():
-        for key, value in optimizer.state.get(param, {}).items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            if tensor.numel() and tensor.data_ptr() in seen:
-                tensor = tensor.clone()  # shared between parameters (bitsandbytes' qmaps): safetensors wants copies
-            seen.add(tensor.data_ptr())
-            tensors[f"{name}.{key}"] = tensor
-    return tensors
-
-
-def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module, tensors: dict) -> None:
-    for name, param in module.named_parameters():
-        prefix = f"{name}."
-        state: dict[str, object] = {}
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                # A 0-d int64 was a plain int counter (bitsandbytes' step); torch's own optimizers
-                # keep counters as float tensors, which stay tensors.
-                plain = value.dim() == 0 and value.dtype == torch.int64
-                # 0-d counters stay on the CPU, where torch's optimizers keep their step
-                state[key[len(prefix) :]] = (
-                    int(value) if plain else value if value.dim() == 0 else value.to(param.device)
-                )
-        if state:
-            optimizer.state[param] = state
-
-
 def complete_steps(root: Path) -> list[int]:
     """Steps of the finished (renamed, with a manifest) checkpoints under ``root``, ascending."""
     if not root.is_dir():
@@ -104,7 +74,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     stage: Stage,
-    optimizer: torch.optim.Optimizer,
+    optimizer: StageOptimizer,
     comm: Communicator,
     trainer_state: dict | None,
     source_dir: str,
@@ -113,8 +83,11 @@ def save_checkpoint(
     """Write this stage's parts into ``checkpoint_<step>.tmp``; rank 0 renames it into place
     and moves ``latest`` once every stage has written. ``keep`` > 0 prunes older checkpoints."""
     topo = comm.topo
-    if topo.replica != 0:
-        return  # other replicas hold the same weights
+    if topo.replica != 0:  # other replicas hold the same weights
+        if optimizer.sharded:  # but their shards of the optimizer state are gathered part by part
+            for module in stage.saved_parts().values():
+                optimizer.state_tensors(module)
+        return
     tmp = root / f"checkpoint_{step}.tmp"
     if topo.is_first_stage:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files with ours
@@ -124,7 +97,7 @@ def save_checkpoint(
     written: list[Path] = []
     for part, module in stage.saved_parts().items():
         written.append(save_part(tmp, part, stage.saved_state(module)))
-        written.append(save_part(tmp, OPTIM_PREFIX + part, _optimizer_tensors(optimizer, module)))
+        written.append(save_part(tmp, OPTIM_PREFIX + part, optimizer.state_tensors(module)))
     if trainer_state is not None:
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
         written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
@@ -202,7 +175,7 @@ def _check_same_kind(directory: Path, lora: LoraSpec | None, base_model: str | N
 
 
 def load_checkpoint(
-    root: Path, stage: Stage, optimizer: torch.optim.Optimizer, base_model: str | None = None
+    root: Path, stage: Stage, optimizer: StageOptimizer, base_model: str | None = None
 ) -> tuple[int, dict] | None:
     """Restore weights (under LoRA: adapters over ``base_model``, already loaded) and optimizer
     state from ``<root>/latest``; None when there is none."""
@@ -218,6 +191,9 @@ def load_checkpoint(
     _verify(directory, names + ([ADAPTER_CONFIG] if stage.lora else []), root, step)
     stage.load_saved(str(directory))
     for part, module in stage.saved_parts().items():
-        _load_optimizer_tensors(optimizer, module, load_part(directory, OPTIM_PREFIX + part))
+        try:
+            optimizer.load_state_tensors(module, load_part(directory, OPTIM_PREFIX + part))
+        except ValueError as err:
+            raise CheckpointError(f"{directory / (OPTIM_PREFIX + part)}.safetensors: {err}") from None
     state = json.loads((directory / TRAINER_STATE).read_text())
     return step, state

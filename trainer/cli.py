@@ -144,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
     t.add_argument(
+        "--shard-optimizer",
+        action="store_true",
+        help="ZeRO stage 1: each data-parallel replica keeps AdamW state for 1/dp of its stage's values; "
+        "gradients are reduce-scattered and weights all-gathered (the bytes of one all-reduce)",
+    )
+    t.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1 is --shard-optimizer; 0 (default) keeps the whole optimizer state on every replica",
+    )
+    t.add_argument(
         "--pp-mode",
         choices=("gpipe", "1f1b"),
         default="gpipe",
@@ -345,7 +358,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pp_mode=args.pp_mode,
         activation_checkpointing=args.activation_checkpointing,
         loss_chunk_tokens=args.loss_chunk_tokens,
-        dp=DataParallelConfig(args.dp_mode, args.sync_every, args.dp_compress, args.dp_topk_ratio),
+        dp=DataParallelConfig(
+            args.dp_mode,
+            args.sync_every,
+            args.dp_compress,
+            args.dp_topk_ratio,
+            args.shard_optimizer or args.zero_stage == 1,
+        ),
         profiling=args.profiling,
         log_backend=args.train_log_backend,
         project_name=args.project_name,

@@ -108,12 +108,23 @@ class DataParallelConfig:
     sync_every: int = 1
     compress: str = "none"  # gradient sum: none | fp16 | int8 | topk (error feedback)
     topk_ratio: float = 0.01
+    shard_optimizer: bool = False  # ZeRO-1: AdamW state split over the replicas of a stage
 
     def __post_init__(self) -> None:
         if self.sync_every < 1 or not 0 < self.topk_ratio <= 1:
             raise ValueError("--sync-every must be >= 1 and --dp-topk-ratio in (0, 1]")
         if self.mode == "local" and self.compress != "none":
             raise ValueError("--dp-compress applies to --dp-mode allreduce; local mode sends no gradients")
+        if self.shard_optimizer and self.mode == "local":
+            raise ValueError(
+                "--shard-optimizer needs --dp-mode allreduce: in local mode each replica steps its own "
+                "weights, so each needs the whole optimizer state"
+            )
+        if self.shard_optimizer and self.compress != "none":
+            raise ValueError(
+                "--shard-optimizer cannot be combined with --dp-compress: sharding all-gathers full fp32 "
+                "weights every step, more bytes than compressing the gradients saves; drop one of the two"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,11 @@ class RunConfig:
             raise ValueError("LoRA adapts pretrained weights: drop --load-pretrained-model false or --lora-rank")
         if self.log_interval < 1:
             raise ValueError("--log-interval must be at least 1")
+        if self.dp.shard_optimizer and self.optim.optimizer == "8bit-adam":
+            raise ValueError(
+                "--shard-optimizer keeps fp32 AdamW moments; 8-bit AdamW's block-quantized state cannot be "
+                "split and resumed across topologies: use --optimizer adamw, or drop --shard-optimizer"
+            )
         if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
             # checkpoints hold replica 0's weights: only right after a sync are they everyone's
             raise ValueError(
@@ -184,6 +200,7 @@ class RunConfig:
             "seq_length": self.data.seq_length,
             "global_batch_sequences": self.global_batch_sequences,
             "micro_batch_size": self.batch.micro_batch_size,
+            "shard_optimizer": self.dp.shard_optimizer,
             "tasks": {str(t.path.name): t.weight for t in self.data.tasks},
             **{k: v for k, v in asdict(self.optim).items()},
             **({f"lora_{k}": v for k, v in asdict(self.lora).items()} if self.lora else {}),

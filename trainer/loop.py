@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,36 +16,17 @@ from modules.layout import latest_step
 from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import OptimConfig, RunConfig
+from trainer.config import RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
 from trainer.loss import chunked_token_loss, token_loss
-from trainer.memory import PeakMemory, static_bytes
+from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import MetricsWriter, Progress
+from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
 from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
 
 log = logging.getLogger(__name__)
-
-
-def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copy consecutive pieces of ``flat`` back into ``tensors``."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def make_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW (``adam`` is its alias) or bitsandbytes' 8-bit AdamW, imported only when asked for."""
-    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
-    if cfg.optimizer != "8bit-adam":
-        return torch.optim.AdamW(params, **kwargs)
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ValueError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-    return bitsandbytes.optim.AdamW8bit(params, **kwargs)
 
 
 class Trainer:
@@ -62,15 +44,17 @@ class Trainer:
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
         self.scaler: LossScaler | None = None
-        self.compressor: GradientCompressor | None = None
+        self.optimizer: StageOptimizer | None = None
         self._dp_bytes_reported = 0
         # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
         self.nonfinite_run = 0
         self.memory = PeakMemory(self.device)
+        self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
         cfg, topo = self.cfg, self.topo
+        process = resident_bytes() if self.device.type == "cpu" else 0  # CUDA's peak counts tensors only
         recompute = cfg.activation_checkpointing == "full"
         self.stage = Stage(
             self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage,
@@ -91,13 +75,17 @@ class Trainer:
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
-        self.optimizer = make_optimizer(cfg.optim, self.params)
-        held = static_bytes(self.stage, self.params, cfg.optim.optimizer)
-        log.info("memory before activations: %s, %.3g GB in all (peak_mem_bytes in metrics.jsonl adds the rest)",
-                 ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in held.items()), sum(held.values()) / 1e9)  # fmt: skip
-        self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         compress = cfg.dp.compress != "none" and topo.data_size > 1
-        self.compressor = GradientCompressor(cfg.dp.compress, cfg.dp.topk_ratio) if compress else None
+        if cfg.dp.shard_optimizer:
+            self.optimizer = ShardedOptimizer(cfg.optim, self.params, self.comm, self.device)
+        else:
+            compressor = GradientCompressor(cfg.dp.compress, cfg.dp.topk_ratio) if compress else None
+            self.optimizer = ReplicatedOptimizer(
+                cfg.optim, self.params, self.comm, self.device, cfg.dp.mode, compressor
+            )
+        self.estimate = self._estimate_memory(process)
+        log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe())
+        self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         if self.has_data:
             from transformers import AutoTokenizer
 
@@ -153,19 +141,64 @@ class Trainer:
         for CUDA) the copy is asynchronous and the step's first kernels queue behind it."""
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
-    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: float, train: bool) -> torch.Tensor:
-        cfg = self.cfg
-        shape = (cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size)
-        compute = compute_dtype(cfg.optim.precision)
-        travel = compute or MASTER_DTYPE  # activations cross links at compute precision
-        chunk, head = cfg.loss_chunk_tokens, self.stage.head
+    def _loss_fn(self, normalizer: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        chunk, head = self.cfg.loss_chunk_tokens, self.stage.head
 
         def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if chunk:  # the last stage handed over the final norm's output, not logits
                 return chunked_token_loss(out, head.output, labels, normalizer, chunk)
             return token_loss(out, labels, normalizer)
 
-        spec = StepSpec(shape, travel, loss_fn, train, compute, MASTER_DTYPE)
+        return loss_fn
+
+    def _activation_shape(self) -> tuple[int, int, int]:
+        cfg = self.cfg
+        return cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size
+
+    def _estimate_memory(self, process: int) -> MemoryEstimate:
+        """The start-up estimate of this stage's peak: what it holds, and one micro-batch's
+        forward probed on random input (its dropout draws are reseeded by the first step)."""
+        cfg, topo, stage = self.cfg, self.topo, self.stage
+        shape, vocab = self._activation_shape(), self.plan.model_config.vocab_size
+        if topo.is_first_stage:
+            x = torch.randint(vocab, shape[:2], device=self.device)
+        else:
+            x = torch.randn(shape, dtype=MASTER_DTYPE, device=self.device, requires_grad=True)
+        labels = torch.randint(vocab, shape[:2], device=self.device) if topo.is_last_stage else None
+        loss_fn, compute = self._loss_fn(1.0), compute_dtype(cfg.optim.precision)
+
+        def forward() -> torch.Tensor:
+            with torch.enable_grad(), torch.autocast(self.device.type, compute, enabled=compute is not None):
+                out = stage(x)
+                return loss_fn(out, labels) if labels is not None else out
+
+        recompute, stage.recompute = stage.recompute, False
+        try:
+            held, blocks = probe_micro_batch(stage, forward)
+        finally:
+            stage.recompute = recompute
+        ends, block = held - sum(blocks), max(blocks, default=0)
+        if recompute:  # each block keeps its fp32 input; its backward recomputes the rest
+            held = ends + len(blocks) * math.prod(shape) * MASTER_DTYPE.itemsize
+            block *= 2
+        m = cfg.batch.micro_batches
+        in_flight = m if cfg.pp_mode == "gpipe" else min(m, topo.pipeline_size - topo.stage)
+        return MemoryEstimate(
+            process=process,
+            parameters=sum(p.nbytes for p in stage.parameters()),
+            gradients=sum(p.nbytes for p in self.params),
+            optimizer=self.optimizer.state_bytes,
+            per_micro_batch=held,
+            in_flight=in_flight,
+            workspace=max(block, ends),  # the backward's gradients of one block's (or the loss's) activations
+            update=self.optimizer.update_bytes,
+        )
+
+    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: float, train: bool) -> torch.Tensor:
+        cfg = self.cfg
+        compute = compute_dtype(cfg.optim.precision)
+        travel = compute or MASTER_DTYPE  # activations cross links at compute precision
+        spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for round_index in range(rounds):
@@ -185,7 +218,7 @@ class Trainer:
         normalizer = max(1, self._loss_tokens(batch)) if batch is not None else 1
         bytes_before = self.comm.bytes_sent
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         with self.comm.tracer.span("pipeline", f"step {step}"):
             loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer / scale, train=True)
 
@@ -194,43 +227,45 @@ class Trainer:
         if tied is not None:
             self.comm.all_reduce_ends(tied.grad)
 
-        grads = [p.grad for p in self.params]
         if scale != 1.0:  # back to true units before anything else sees them (compression included)
-            for g in grads:
-                g.div_(scale)
-        loss = self._sum_over_replicas(tied, loss) / scale
+            for p in self.params:
+                p.grad.div_(scale)
+        # the sum over replicas, and this stage's squared gradient norm; a tied output weight on
+        # the last stage copies the embedding's and is counted there
+        skip = next((i for i, p in enumerate(self.params) if p is tied), None) if self.topo.is_last_stage else None
+        loss, sq = self.optimizer.reduce(loss, tied, skip)
+        loss = loss / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
-        # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together
-        sq = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self._counted_once(tied)]).pow(2).sum()
+        # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
         # with it, the bytes this pipeline's ranks sent between stages this step, and to other
         # replicas since the last row (local SGD's weight average comes after this point)
         sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
         self._dp_bytes_reported = self.comm.dp_bytes_sent
         # and each stage's peak memory since the previous step's exchange (so its optimizer
         # update counts too) in a slot of its own: the sum is then a gather
-        peaks = [0.0] * self.topo.pipeline_size
+        pp = self.topo.pipeline_size
+        peaks, estimates = [0.0] * pp, [0.0] * pp
         peaks[self.topo.stage] = float(self.memory.peak_bytes())
+        estimates[self.topo.stage] = float(self.estimate.total)
         self.memory.reset()
-        values = [float(sq), *map(float, sent), self.trainable, *peaks]
+        values = [float(sq), *map(float, sent), self.trainable, *peaks, *estimates]
         sums = torch.tensor(values, dtype=torch.float64, device=self.device)
         self.comm.all_reduce_pipeline(sums)
         grad_norm = float(sums[0].sqrt())
         comm_bytes, dp_bytes, trainable = int(sums[1]), int(sums[2]), int(sums[3])
-        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(sums[4:].tolist())}
+        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(sums[4 : 4 + pp].tolist())}
+        stage_estimates = {f"peak_mem_estimate_bytes_stage{i}": int(v) for i, v in enumerate(sums[4 + pp :].tolist())}
         finite = math.isfinite(grad_norm)
-        if not finite and self.compressor is not None:
-            self.compressor.rollback()  # a skipped step must not poison the error feedback
+        if not finite:
+            self.optimizer.rollback()
         lr = cfg.optim.lr_at(step)
         if finite:
+            clip = None
             if cfg.optim.max_grad_norm > 0:
-                coef = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
-                for g in grads:
-                    g.mul_(coef)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                clip = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
             with self.comm.tracer.span("optimizer step"):
-                self.optimizer.step()
+                self.optimizer.step(lr, clip)
         self._after_step(step, finite, scale)
         if self.local_sync_due(step):
             self._average_weights()  # local SGD: the replicas meet again
@@ -249,6 +284,7 @@ class Trainer:
             "trainable_params": trainable,
             "peak_mem_bytes": max(stage_peaks.values()),
             **stage_peaks,
+            **stage_estimates,
         }
         if not finite:
             row["skipped"] = True
@@ -269,25 +305,6 @@ class Trainer:
         rounds = range(self.cfg.batch.accumulate_steps)
         return sum(int((batch.labels[self._rows(a), 1:] != IGNORE_INDEX).sum()) for a in rounds)
 
-    def _sum_over_replicas(self, tied: torch.nn.Parameter | None, loss: torch.Tensor) -> torch.Tensor:
-        """Sum gradients (all modes but local) and the loss over the data-parallel replicas."""
-        dp = self.cfg.dp
-        loss = loss.to(self.device).reshape(1)
-        if dp.mode == "local":  # replicas step on their own gradients; only the loss is shared
-            self.comm.all_reduce_data(loss)
-            return loss[0].detach().cpu() / self.topo.data_size  # the mean of the replicas' losses
-        # A tied copy's gradient is summed exactly: compressed, the two ends would round it apart.
-        exact = [p.grad for p in self.params if self.compressor is None or p is tied]
-        flat = torch.cat([*(g.reshape(-1) for g in exact), loss.to(exact[0] if exact else loss)])
-        self.comm.all_reduce_data(flat)  # one message: the exact gradients and the loss
-        _unflatten(flat[:-1], exact)
-        if self.compressor is not None:
-            rest = [p.grad for p in self.params if p is not tied]
-            packed = torch.cat([g.reshape(-1) for g in rest])
-            payloads = self.comm.all_gather_data(self.compressor.encode(packed))
-            _unflatten(self.compressor.decode_sum(payloads, packed.numel()).to(packed), rest)
-        return flat[-1].detach().cpu()
-
     def local_sync_due(self, step: int) -> bool:
         dp = self.cfg.dp
         return dp.mode == "local" and (step % dp.sync_every == 0 or step == self.cfg.optim.total_steps)
@@ -297,7 +314,7 @@ class Trainer:
         with torch.no_grad():
             flat = torch.cat([p.reshape(-1) for p in self.params])
             self.comm.all_reduce_data(flat)
-            _unflatten(flat / self.topo.data_size, list(self.params))
+            unflatten(flat / self.topo.data_size, list(self.params))
 
     def _after_step(self, step: int, finite: bool, scale: float) -> None:
         """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
@@ -383,6 +400,7 @@ class Trainer:
         )
         profiler = Profiler(cfg, self.comm)
         self.memory.reset()
+        first_step = self.step + 1
         try:
             while self.step < total:
                 with self.comm.tracer.span("step", f"step {self.step + 1}"):
@@ -390,6 +408,9 @@ class Trainer:
                     if prefetch is not None:
                         batch, self.data_state = prefetch.next()
                     row = self.train_step(batch)
+                if self.step == first_step:  # the optimizer's state exists from its first update
+                    log.info("optimizer state held on this rank: %.3g GB (%d bytes)",
+                             self.optimizer.held_bytes() / 1e9, self.optimizer.held_bytes())  # fmt: skip
                 profiler.stepped()
                 if metrics is not None:
                     metrics.write(row)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,12 +48,98 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def static_bytes(stage: torch.nn.Module, trained: list[torch.nn.Parameter], optimizer: str) -> dict[str, int]:
-    """What a stage holds before any activation: weights, gradients and optimizer state (AdamW
-    keeps two fp32 moments per trained value; bitsandbytes' 8-bit AdamW two bytes)."""
-    moment_bytes = 2 if optimizer == "8bit-adam" else 8
+def static_bytes(stage: torch.nn.Module, trained: list[torch.nn.Parameter], optimizer_bytes: int) -> dict[str, int]:
+    """What a stage holds before any activation: weights, gradients and the optimizer's state
+    (``optimizer_bytes``: AdamW's two fp32 moments per value it steps, 8-bit AdamW's two bytes;
+    sharded, those of its shard and the shard's summed gradient)."""
     return {
         "parameters": sum(p.nbytes for p in stage.parameters()),
         "gradients": sum(p.nbytes for p in trained),
-        "optimizer": moment_bytes * sum(p.numel() for p in trained),
+        "optimizer": optimizer_bytes,
     }
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (CPU); 0 where /proc is not there."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _no_backward(_: None) -> torch.Tensor:
+    raise RuntimeError("a probed forward keeps nothing for a backward")
+
+
+def probe_micro_batch(stage: torch.nn.Module, run_forward: Callable[[], torch.Tensor]) -> tuple[int, list[int]]:
+    """What one micro-batch's forward leaves held for its backward, measured on a real forward
+    (``run_forward``, without recomputation): the bytes of every tensor autograd saves (weights
+    excluded, each storage once) plus the stage's output; and each block's share of them. The
+    graph keeps nothing: it cannot be run backward, and it is freed as soon as it is dropped."""
+    weights = {p.untyped_storage().data_ptr() for p in stage.parameters()}
+    seen: dict[int, int] = {}
+    kept: list[torch.Tensor] = []  # alive until the end, so no address is reused and counted twice
+
+    def pack(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        # Detached, and nothing handed to autograd: a saved output packed as itself would tie
+        # the tensor and its own graph node in a cycle that is never freed.
+        kept.append(tensor.detach())
+
+    marks: list[int] = []
+    handles = []
+    for layer in stage.layers.values():
+        handles.append(layer.register_forward_pre_hook(lambda *_: marks.append(sum(seen.values()))))
+        handles.append(layer.register_forward_hook(lambda *_: marks.append(sum(seen.values()))))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _no_backward):
+            out = run_forward()
+        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    finally:
+        for handle in handles:
+            handle.remove()
+        kept.clear()
+    blocks = [after - before for before, after in zip(marks[::2], marks[1::2], strict=True)]
+    return sum(seen.values()), blocks
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A stage's peak memory, estimated at start-up from what it holds and one probed micro-batch.
+
+    Peak = process + weights + gradients + optimizer state + the larger of two phases:
+    the pipeline pass (``in_flight`` micro-batches' held activations plus the ``workspace`` of
+    one block's backward) and the update (``update``: the gradient sum's buffer and AdamW's
+    temporaries, after the activations are freed).
+    """
+
+    process: int  # the bare process: CPU resident set before the stage was built; 0 on CUDA
+    parameters: int
+    gradients: int
+    optimizer: int
+    per_micro_batch: int
+    in_flight: int
+    workspace: int
+    update: int
+
+    @property
+    def activations(self) -> int:
+        return self.in_flight * self.per_micro_batch + self.workspace
+
+    @property
+    def total(self) -> int:
+        return self.process + self.parameters + self.gradients + self.optimizer + max(self.activations, self.update)
+
+    def describe(self) -> str:
+        gb = lambda n: f"{n / 1e9:.3g} GB"  # noqa: E731
+        return (
+            f"process {gb(self.process)}, parameters {gb(self.parameters)}, gradients {gb(self.gradients)}, "
+            f"optimizer {gb(self.optimizer)}, activations {gb(self.activations)} ({self.in_flight} micro-batches "
+            f"of {gb(self.per_micro_batch)} + {gb(self.workspace)} backward workspace), update {gb(self.update)}: "
+            f"peak about {gb(self.total)}"
+        )

@@ -1,0 +1,362 @@
+"""A stage's optimizer and how its gradients meet the other replicas' gradients.
+
+Replicated (the default): every replica sums the full gradients (all-reduce, or the compressed
+all-gather of --dp-compress) and runs the same AdamW over all of its stage's parameters.
+
+Sharded (--shard-optimizer, ZeRO stage 1): the trained parameters are views into one flat
+buffer, padded and cut into dp equal shards. Gradients are reduce-scattered, so each replica
+holds the sum for its own shard only; it keeps AdamW's moments for that shard alone (1/dp of
+them) and steps it; the updated shards are all-gathered back into every replica's weights.
+A reduce-scatter and an all-gather move the bytes of one all-reduce.
+
+Both measure the gradient norm the same way: one float64 norm per piece of a fixed cut of the
+flat layout (each parameter cut at block boundaries that do not depend on dp), squared and
+summed in a fixed order. The shards hold whole blocks, so a sharded replica computes exactly
+the norms of its pieces, and the clipping coefficient, hence every weight, is the same bit for
+bit as without sharding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from itertools import accumulate
+
+import torch
+
+from comm.compress import GradientCompressor
+from comm.process_group import Communicator
+from trainer.config import OptimConfig
+from trainer.precision import MASTER_DTYPE
+
+log = logging.getLogger(__name__)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-value state, beside one step count
+
+
+def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` back into ``tensors``."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def make_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (``adam`` is its alias) or bitsandbytes' 8-bit AdamW, imported only when asked for."""
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    if cfg.optimizer != "8bit-adam":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+
+
+class FlatLayout:
+    """Trained parameters end to end in one flat index space, cut into norm pieces and shards.
+
+    The block size depends on the parameter count only (not on dp), so the pieces are the same
+    in every topology of a stage; a shard is a whole number of blocks.
+    """
+
+    def __init__(self, sizes: list[int], shards: int) -> None:
+        self.sizes = sizes
+        self.offsets = [0, *accumulate(sizes)][:-1]
+        self.total = sum(sizes)
+        # ~64 blocks on a small stage, 2^20 values each (4 MB) on a large one: few pieces to
+        # norm, and at most a block of padding per shard
+        self.block = min(2**20, max(2**10, 1 << max(0, math.ceil(self.total / 64) - 1).bit_length()))
+        blocks = max(1, math.ceil(self.total / self.block))
+        self.shard_size = math.ceil(blocks / shards) * self.block
+        self.padded = self.shard_size * shards
+        self.pieces: list[tuple[int, int, int]] = []  # (parameter index, start, stop) in the flat space
+        for index, (offset, size) in enumerate(zip(self.offsets, sizes, strict=True)):
+            start = offset
+            while start < offset + size:
+                stop = min(offset + size, (start // self.block + 1) * self.block)
+                self.pieces.append((index, start, stop))
+                start = stop
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, (shard + 1) * self.shard_size
+
+
+def piece_norm(values: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(values, dtype=torch.float64)
+
+
+def squared_norm(norms: torch.Tensor, layout: FlatLayout, skip: int | None) -> torch.Tensor:
+    """Sum of the pieces' squared norms, in piece order, leaving out parameter ``skip``."""
+    keep = [k for k, (index, _, _) in enumerate(layout.pieces) if index != skip]
+    return norms[keep].pow(2).sum()
+
+
+def adamw_temporaries(device: torch.device, sizes: list[int]) -> int:
+    """Bytes AdamW allocates for a moment while it steps parameters of ``sizes`` bytes: on CUDA
+    torch's multi-tensor kernels take a square-root copy of every moment at once; elsewhere it
+    steps one tensor at a time with two of that tensor's size."""
+    if not sizes:
+        return 0
+    return sum(sizes) if device.type == "cuda" else 2 * max(sizes)
+
+
+class StageOptimizer:
+    """What the trainer and checkpoints use of either kind below."""
+
+    sharded: bool
+    inner: torch.optim.Optimizer
+    state_bytes: int  # the state it will hold once stepped, by its own count
+    update_bytes: int  # what the gradient sum and the update allocate for a moment, by its own count
+
+    def held_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds now, counted tensor by tensor."""
+        return sum(v.nbytes for state in self.inner.state.values() for v in state.values() if torch.is_tensor(v))
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+
+
+class ReplicatedOptimizer(StageOptimizer):
+    """Every replica holds the whole optimizer state of its stage (module docstring)."""
+
+    sharded = False
+
+    def __init__(self, cfg: OptimConfig, params: list[torch.nn.Parameter], comm: Communicator,
+                 device: torch.device, mode: str, compressor: GradientCompressor | None) -> None:  # fmt: skip
+        self.params = params
+        self.device = device
+        self.comm = comm
+        self.mode = mode
+        self.compressor = compressor
+        self.layout = FlatLayout([p.numel() for p in params], 1)
+        self.inner = make_optimizer(cfg, params)
+        moment_bytes = 2 if cfg.optimizer == "8bit-adam" else 8
+        self.state_bytes = moment_bytes * self.layout.total
+        summed = comm.topo.data_size > 1 and mode != "local"  # the gradients go out as one flat copy
+        trained = 4 * self.layout.total
+        self.update_bytes = max(trained if summed else 0, adamw_temporaries(device, [p.nbytes for p in params]))
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=False)
+
+    def reduce(
+        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the gradients (all modes but local) and the loss over the replicas; returns the
+        summed loss and this stage's squared gradient norm without parameter ``skip``."""
+        comm, device = self.comm, self.device
+        loss = loss.to(device).reshape(1)
+        if comm.topo.data_size == 1:  # nothing to sum: no copy of the gradients either
+            summed = loss[0].detach()
+        elif self.mode == "local":  # replicas step on their own gradients; only the loss is shared
+            comm.all_reduce_data(loss)
+            summed = loss[0].detach() / comm.topo.data_size  # the mean of the replicas' losses
+        else:
+            # A tied copy's gradient is summed exactly: compressed, the two ends would round it apart.
+            exact = [p.grad for p in self.params if self.compressor is None or p is tied]
+            flat = torch.cat([*(g.reshape(-1) for g in exact), loss.to(exact[0] if exact else loss)])
+            comm.all_reduce_data(flat)  # one message: the exact gradients and the loss
+            unflatten(flat[:-1], exact)
+            if self.compressor is not None:
+                rest = [p.grad for p in self.params if p is not tied]
+                packed = torch.cat([g.reshape(-1) for g in rest])
+                payloads = comm.all_gather_data(self.compressor.encode(packed))
+                unflatten(self.compressor.decode_sum(payloads, packed.numel()).to(packed), rest)
+            summed = flat[-1].detach()
+        grads = [p.grad.reshape(-1) for p in self.params]
+        offsets = self.layout.offsets
+        norms = [piece_norm(grads[i][a - offsets[i] : b - offsets[i]]) for i, a, b in self.layout.pieces]
+        norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=device)
+        return summed.cpu(), squared_norm(norms, self.layout, skip)
+
+    def rollback(self) -> None:
+        if self.compressor is not None:
+            self.compressor.rollback()  # a skipped step must not poison the error feedback
+
+    def step(self, lr: float, clip: float | None) -> None:
+        if clip is not None:
+            for p in self.params:
+                p.grad.mul_(clip)
+        self._set_lr(lr)
+        self.inner.step()
+
+    def state_tensors(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        tensors, seen = {}, set()
+        for name, param in module.named_parameters():
+            for key, value in self.inner.state.get(param, {}).items():
+                tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                if tensor.numel() and tensor.data_ptr() in seen:
+                    tensor = tensor.clone()  # shared between parameters (bitsandbytes' qmaps): safetensors wants copies
+                seen.add(tensor.data_ptr())
+                tensors[f"{name}.{key}"] = tensor
+        return tensors
+
+    def load_state_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        for name, param in module.named_parameters():
+            prefix = f"{name}."
+            state: dict[str, object] = {}
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    # A 0-d int64 was a plain int counter (bitsandbytes' step); torch's own optimizers
+                    # keep counters as float tensors, which stay tensors.
+                    plain = value.dim() == 0 and value.dtype == torch.int64
+                    # 0-d counters stay on the CPU, where torch's optimizers keep their step
+                    state[key[len(prefix) :]] = (
+                        int(value) if plain else value if value.dim() == 0 else value.to(param.device)
+                    )
+            if state:
+                self.inner.state[param] = state
+
+
+class ShardedOptimizer(StageOptimizer):
+    """Each replica holds AdamW's state for 1/dp of its stage's trained values (module docstring)."""
+
+    sharded = True
+    CHUNK = 2**22  # values per parameter AdamW steps: its temporaries are that size, not the shard's
+
+    def __init__(self, cfg: OptimConfig, params: list[torch.nn.Parameter], comm: Communicator,
+                 device: torch.device) -> None:  # fmt: skip
+        if any(p.dtype != MASTER_DTYPE for p in params):
+            raise ValueError("--shard-optimizer needs fp32 trained parameters (the master copy)")
+        self.params = params
+        self.comm = comm
+        self.layout = layout = FlatLayout([p.numel() for p in params], comm.topo.data_size)
+        # The weights and gradients become views into two flat buffers: the reduce-scatter reads
+        # the gradients where backward accumulated them, the all-gather writes the weights in place.
+        self.weights = torch.zeros(layout.padded, dtype=MASTER_DTYPE, device=device)
+        self.grads = torch.zeros(layout.padded, dtype=MASTER_DTYPE, device=device)
+        for p, offset in zip(params, layout.offsets, strict=True):
+            view = self.weights[offset : offset + p.numel()]
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view_as(p)
+            p.grad = self.grads[offset : offset + p.numel()].view_as(p)
+        self.start, self.stop = layout.shard_range(comm.topo.replica)
+        # the reduce-scatter sums in place: this shard's slice of the gradient buffer gets the sum
+        self.shard_grad = self.grads[self.start : self.stop]
+        # AdamW steps the shard as a few parameters of CHUNK values (views of the flat buffers) and
+        # keeps its moments as views of two shard-sized buffers, laid out here so they can be saved
+        # and loaded by flat position
+        self.moments = {key: torch.zeros(layout.shard_size, dtype=MASTER_DTYPE, device=device) for key in MOMENTS}
+        chunk = layout.block * max(1, self.CHUNK // layout.block)
+        self.chunks = []
+        for a in range(0, layout.shard_size, chunk):
+            b = min(layout.shard_size, a + chunk)
+            piece = torch.nn.Parameter(self.weights[self.start + a : self.start + b])
+            piece.grad = self.shard_grad[a:b]
+            self.chunks.append((a, b, piece))
+        self.inner = make_optimizer(cfg, [piece for _, _, piece in self.chunks])
+        for a, b, piece in self.chunks:
+            self.inner.state[piece] = {"step": torch.tensor(0.0), **{k: m[a:b] for k, m in self.moments.items()}}
+        self.state_bytes = 8 * layout.shard_size  # AdamW's two fp32 moments, of this shard only
+        # AdamW's temporaries, then the all-gather's copy of the shard
+        self.update_bytes = max(
+            adamw_temporaries(device, [4 * (b - a) for a, b, _ in self.chunks]), 4 * layout.shard_size
+        )
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self._loaded_step: float | None = None  # set by the first part loaded from a checkpoint
+
+    def zero_grad(self) -> None:
+        self._check_views()
+        self.grads.zero_()
+
+    def _check_views(self) -> None:
+        """Sharding relies on the parameters staying views of the flat buffers."""
+        for p, offset in zip(self.params, self.layout.offsets, strict=True):
+            if (
+                p.data_ptr() != self.weights[offset:].data_ptr()
+                or p.grad is None
+                or (p.grad.data_ptr() != self.grads[offset:].data_ptr())
+            ):
+                raise RuntimeError(
+                    "a trained parameter or its gradient was replaced after --shard-optimizer laid them out; "
+                    "load weights with copy_ (load_state_dict), never by assigning .data or .grad"
+                )
+
+    def _overlap(self, index: int) -> tuple[int, int, int, int]:
+        """Parameter ``index``'s flat range and its overlap with this shard: (begin, end, lo, hi)."""
+        begin = self.layout.offsets[index]
+        end = begin + self.layout.sizes[index]
+        return begin, end, max(begin, self.start), min(end, self.stop)
+
+    def reduce(
+        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduce-scatter the gradients; then one small all-reduce carries the pieces' norms
+        (each filled by the replica owning it, zeros elsewhere: the sum is exact) and the loss."""
+        comm, grad = self.comm, self.shard_grad
+        comm.reduce_scatter_data(grad, self.grads)  # in place (NCCL and Gloo allow it)
+        norms = torch.zeros(len(self.layout.pieces) + 1, dtype=torch.float64, device=grad.device)
+        for k, (_, a, b) in enumerate(self.layout.pieces):
+            if self.start <= a < self.stop:
+                norms[k] = piece_norm(grad[a - self.start : b - self.start])
+        # fp32 loss summed in float64 over two replicas is exact; rounded back, it is the fp32 sum
+        norms[-1] = loss.to(grad.device, torch.float64).reshape(())
+        comm.all_reduce_data(norms)
+        summed = norms[-1].to(torch.float32)
+        return summed.cpu(), squared_norm(norms[:-1], self.layout, skip)
+
+    def rollback(self) -> None:
+        pass  # nothing is compressed: --dp-compress is refused with sharding
+
+    def step(self, lr: float, clip: float | None) -> None:
+        self._check_views()
+        if clip is not None:
+            self.shard_grad.mul_(clip)
+        self._set_lr(lr)
+        self.inner.step()
+        # a copy: the shard is itself a slice of the buffer the all-gather writes
+        self.comm.all_gather_data_into(self.weights, self.weights[self.start : self.stop].clone())
+
+    def _step_count(self) -> torch.Tensor:
+        return self.inner.state[self.chunks[0][2]]["step"]
+
+    def state_tensors(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The state of ``module``'s parameters as if unsharded (a checkpoint any topology can
+        resume). A collective: every replica calls it, part by part in the same order."""
+        entries = [(name, self.index[id(p)]) for name, p in module.named_parameters() if id(p) in self.index]
+        if not entries:
+            return {}
+        total = sum(self.layout.sizes[i] for _, i in entries)
+        gathered = torch.zeros(len(MOMENTS), total, dtype=MASTER_DTYPE, device=self.weights.device)
+        column = 0
+        for _, i in entries:  # each parameter's overlap with this shard; zeros elsewhere
+            begin, end, lo, hi = self._overlap(i)
+            if lo < hi:
+                for row, key in enumerate(MOMENTS):
+                    gathered[row, column + lo - begin : column + hi - begin] = self.moments[key][
+                        lo - self.start : hi - self.start
+                    ]
+            column += end - begin
+        self.comm.all_reduce_data(gathered)  # each value comes from its one owner: the sum is exact
+        tensors, column = {}, 0
+        for name, i in entries:
+            size = self.layout.sizes[i]
+            for row, key in enumerate(MOMENTS):
+                tensors[f"{name}.{key}"] = gathered[row, column : column + size].view_as(self.params[i]).clone()
+            tensors[f"{name}.step"] = self._step_count().clone()
+            column += size
+        return tensors
+
+    def load_state_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Take this shard's slice of ``module``'s saved state (saved by any topology). Every
+        parameter of a stage must be at one step count (an unsharded run steps them together)."""
+        for name, p in module.named_parameters():
+            i = self.index.get(id(p))
+            if i is None or f"{name}.step" not in tensors:
+                continue
+            step = float(tensors[f"{name}.step"])
+            if self._loaded_step is not None and step != self._loaded_step:
+                raise ValueError(
+                    f"optimizer state of {name} is at step {step:g}, others at {self._loaded_step:g}; "
+                    "--shard-optimizer needs one step count per stage: resume without it"
+                )
+            self._loaded_step = step
+            for _, _, piece in self.chunks:
+                self.inner.state[piece]["step"].fill_(step)
+            begin, _, lo, hi = self._overlap(i)
+            if lo < hi:
+                for key in MOMENTS:
+                    saved = tensors[f"{name}.{key}"].reshape(-1)[lo - begin : hi - begin]
+                    self.moments[key][lo - self.start : hi - self.start] = saved
