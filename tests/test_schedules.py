@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from comm.compress import Codec
 from comm.topology import Topology
-from comm.trace import NULL_TRACER
+from comm.trace import LANES, NULL_TRACER
 from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
 
@@ -296,3 +297,27 @@ def test_link_emulation_holds_replica_traffic_too(tiny_shards: Path, two_tasks: 
         # the gradient sum (the whole model in fp32) leaves each replica at 8 Mbit/s
         assert row["dp_bytes"] > 200_000
         assert row["step_time_s"] >= row["dp_bytes"] * 8 / 8e6 + 0.020, row
+
+
+def test_1f1b_accumulates_every_round_in_one_pipeline_pass(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    """--gradient-accumulate-step 2 under 1F1B: the pipeline fills and drains once per step
+    (forwards F0..F3 of one pass), training bit for bit as one round of twice the batch does;
+    GPipe keeps one pass per round (F0, F1 twice), so its held activations stay m micro-batches."""
+    runs = {"1f1b accumulated": (2, 2, "1f1b"), "1f1b one round": (4, 1, "1f1b"), "gpipe accumulated": (2, 2, "gpipe")}
+    forwards = {}
+    for name, (batch, accum, mode) in runs.items():
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        args = train_args(tiny_shards, two_tasks, folder / "ckpt", pp=2, dp=1, batch=batch, micro=1, accum=accum)
+        assert_all_ok(
+            launch([*args, "--pp-mode", mode, "--total-steps", "3", "--profiling", "tidy_profiling"], 2, folder)
+        )
+        events = json.loads((folder / "ckpt" / "trace" / "rank0.json").read_text())["traceEvents"]
+        lane = LANES.index("forward compute")
+        forwards[name] = sorted(e["name"] for e in events if e.get("ph") == "X" and e["tid"] == lane)
+    assert forwards["1f1b accumulated"] == sorted(["F0", "F1", "F2", "F3"] * 3)
+    assert forwards["gpipe accumulated"] == sorted(["F0", "F1"] * 6)
+    one_pass, reference = tmp_path / "1f1b-accumulated" / "ckpt", tmp_path / "1f1b-one-round" / "ckpt"
+    assert [r["loss"] for r in read_metrics(one_pass)] == [r["loss"] for r in read_metrics(reference)]
+    for path in (reference / "checkpoint_3").glob("*.safetensors"):
+        assert (one_pass / "checkpoint_3" / path.name).read_bytes() == path.read_bytes(), path.name

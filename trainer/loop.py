@@ -182,7 +182,8 @@ class Trainer:
             held = ends + len(blocks) * math.prod(shape) * MASTER_DTYPE.itemsize
             block *= 2
         m = cfg.batch.micro_batches
-        in_flight = m if cfg.pp_mode == "gpipe" else min(m, topo.pipeline_size - topo.stage)
+        per_pass = m * len(self._passes(cfg.batch.accumulate_steps)[0])
+        in_flight = per_pass if cfg.pp_mode == "gpipe" else min(per_pass, topo.pipeline_size - topo.stage)
         return MemoryEstimate(
             process=process,
             parameters=sum(p.nbytes for p in stage.parameters()),
@@ -201,9 +202,17 @@ class Trainer:
         spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for round_index in range(rounds):
-            total += schedule(self.stage, self.comm, self._micro_batches(batch, round_index), spec)
+        for rounds_in_pass in self._passes(rounds):
+            micro_batches = [mb for r in rounds_in_pass for mb in self._micro_batches(batch, r)]
+            total += schedule(self.stage, self.comm, micro_batches, spec)
         return total
+
+    def _passes(self, rounds: int) -> list[range]:
+        """Accumulation rounds grouped into pipeline passes. 1F1B holds at most p - s
+        micro-batches however many a pass has, so every round goes through one pass: the
+        pipeline fills and drains once per step, not once per round. GPipe holds every
+        micro-batch of its pass, so it keeps one pass per round (its memory stays m)."""
+        return [range(rounds)] if self.cfg.pp_mode != "gpipe" else [range(r, r + 1) for r in range(rounds)]
 
     # -- training -------------------------------------------------------------------------------
 
