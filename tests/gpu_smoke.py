@@ -13,6 +13,7 @@ global batches:
                              compute, ranks sharing the GPUs there are
     gloo-{gpipe,1f1b}-{bf16,fp16}                           vs one CUDA rank in that precision  5e-3
     gloo-lora-bf16           LoRA rank 4 under bf16         vs one CUDA rank, LoRA bf16         5e-3
+    gloo-sharded-1f1b-fp32   --shard-optimizer              vs the CPU run                      1e-4
     nccl-...                 the same over NCCL, one GPU per rank (2+ GPUs: pp=2 x dp=GPUs//2, at most 2)
     torchrun-nccl-1f1b-fp32  torchrun --nproc-per-node: each rank on cuda:$LOCAL_RANK, checked in its log
 
@@ -52,6 +53,7 @@ class Run:
     precision: str = "fp32"
     pp_mode: str = "gpipe"
     lora: bool = False
+    shard: bool = False
     cuda: bool = True
     torchrun: bool = False
 
@@ -79,6 +81,8 @@ def cases(gpus: int) -> list[Case]:
                 ref = cpu_ref if precision == "fp32" else refs[precision]
                 out.append(Case(run, ref, FP32_TOL if precision == "fp32" else HALF_TOL, needs))
         out.append(Case(Run(f"{backend}-lora-bf16", 2, dp, backend, "bf16", lora=True), lora_ref, HALF_TOL, needs))
+        sharded = Run(f"{backend}-sharded-1f1b-fp32", 2, dp, backend, pp_mode="1f1b", shard=True)
+        out.append(Case(sharded, cpu_ref, FP32_TOL, needs))
     torchrun = Run("torchrun-nccl-1f1b-fp32", 2, nccl_dp, "nccl", pp_mode="1f1b", torchrun=True)
     out.append(Case(torchrun, cpu_ref, FP32_TOL, 2))
     return out
@@ -101,7 +105,7 @@ class Smoke:
         args += ["--pp-mode", run.pp_mode, "--dist-backend", run.backend, "--dp-backend", run.backend]
         args += ["--use-cuda", "true" if run.cuda and not self.cpu else "false", "--checkpoint-steps", "100"]
         args += {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[run.precision]
-        return args + (LORA_FLAGS if run.lora else [])
+        return args + (LORA_FLAGS if run.lora else []) + (["--shard-optimizer"] if run.shard else [])
 
     def train(self, run: Run) -> list[float]:
         """The loss of every step of ``run`` (cached); raises RuntimeError naming a failed rank."""

@@ -178,3 +178,56 @@ def test_sharding_refuses_what_it_cannot_do(two_tasks: str, extra: tuple, messag
     with pytest.raises(ValueError, match=re.escape(message)):
         config_from_args(parse_args([*base, "--zero-stage", "1", *extra]))
     assert config_from_args(parse_args([*base, "--zero-stage", "1"])).dp.shard_optimizer
+
+
+def _collectives_rank(rank: int, port: int, staged: bool, out: str) -> None:
+    import json
+
+    import torch
+
+    import comm.process_group as process_group
+    from comm.process_group import CommConfig, Communicator
+    from comm.topology import Topology
+
+    torch.set_num_threads(1)
+    topo = Topology(rank, 1, 3)  # three replicas of one stage
+    cfg = CommConfig(dist_url=f"tcp://127.0.0.1:{port}", host_staging=staged, timeout_s=60)
+    comm = Communicator.connect(topo, cfg, torch.device("cpu"))
+    size = 13  # values per replica's slice: chunks of 5 leave a short one
+    results = {}
+    for chunk in (process_group.GLOO_CHUNK, 5):
+        process_group.GLOO_CHUNK = chunk
+        before = comm.dp_bytes_sent
+        grads = torch.arange(3 * size, dtype=torch.float32) * (rank + 1)
+        comm.reduce_scatter_data(grads[rank * size : (rank + 1) * size], grads)  # in place, as the optimizer does
+        weights = torch.zeros(3 * size)
+        weights[rank * size : (rank + 1) * size] = torch.arange(size) + 100 * rank
+        comm.all_gather_data_into(weights, weights[rank * size : (rank + 1) * size])
+        mine = grads[rank * size : (rank + 1) * size].tolist()
+        results[chunk] = [mine, weights.tolist(), comm.dp_bytes_sent - before]
+    before = comm.dp_bytes_sent
+    comm.all_reduce_data(torch.zeros(3 * size))
+    results["all-reduce"] = comm.dp_bytes_sent - before
+    comm.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(list(results.values())))
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_reduce_scatter_and_all_gather_in_chunks_and_in_place(staged: bool, tmp_path: Path) -> None:
+    """Gloo gets the collectives in chunks (it copies whatever it is handed): the same sums, the
+    same gathered weights and the same bytes as in one piece, over three replicas, also when
+    the output is the input's own slice and through host buffers."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.start_processes(_collectives_rank, args=(free_port(), staged, str(tmp_path)), nprocs=3, start_method="spawn")
+    for rank in range(3):
+        whole, chunked, all_reduce = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert whole == chunked
+        summed, gathered, sent = whole
+        assert summed == [6.0 * v for v in range(rank * 13, (rank + 1) * 13)]  # 1 + 2 + 3 times each value
+        assert gathered == [float(v % 13 + 100 * (v // 13)) for v in range(39)]
+        assert sent == all_reduce  # together, the bytes of one all-reduce of the buffer

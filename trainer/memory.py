@@ -1,4 +1,5 @@
-"""Peak memory of a rank over one training step, for ``peak_mem_bytes`` in metrics.jsonl.
+"""Peak memory of a rank over one training step, for ``peak_mem_bytes`` in metrics.jsonl, and
+the start-up estimate written beside it.
 
 CUDA: the caching allocator's peak of allocated bytes (``max_memory_allocated``), reset each
 step. CPU: the process's peak resident set (``VmHWM``), which Linux resets when "5" is written to
