@@ -14,6 +14,8 @@ from comm.process_group import CommConfig
 from comm.topology import Topology
 from modules.lora import LoraSpec
 from trainer.config import (
+    AUTO_CHUNK_MIB,
+    AUTO_CHUNK_TOKENS,
     BatchConfig,
     CheckpointConfig,
     DataConfig,
@@ -35,6 +37,11 @@ def str2bool(text: str) -> bool:
     if value in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def chunk_tokens(text: str) -> int | None:
+    """``--loss-chunk-tokens``: a count, or ``auto`` (None: the trainer decides from the logits' size)."""
+    return None if text == "auto" else int(text)
 
 
 def layer_counts(text: str) -> tuple[int, ...]:
@@ -171,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--loss-chunk-tokens",
-        type=int,
-        default=256,
+        type=chunk_tokens,
+        default=None,
         help="the loss projects this many tokens to the vocabulary at a time and keeps no logits for the "
-        "backward, which projects them again (0: the whole micro-batch's logits, kept)",
+        "backward, which projects them again (0: the whole micro-batch's logits, kept); default auto: "
+        f"{AUTO_CHUNK_TOKENS} when a micro-batch's fp32 logits reach {AUTO_CHUNK_MIB} MiB, else 0",
     )
     t.add_argument(
         "--pp-compress",

@@ -12,6 +12,11 @@ from comm.topology import Topology
 from modules.lora import LoraSpec
 from trainer.data import TaskSpec
 
+# --loss-chunk-tokens auto: chunks of this many tokens once a micro-batch's fp32 logits reach
+# AUTO_CHUNK_MIB (measured: on a 490-token vocabulary the chunked loss took 4.6 ms a micro-batch
+# of 128 tokens against 3.0 ms, to save 0.25 MB; on Pythia's 50k at seq 1024 it saves 0.4 GB)
+AUTO_CHUNK_TOKENS, AUTO_CHUNK_MIB = 256, 64
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -160,10 +165,20 @@ class RunConfig:
     log_interval: int = 10
     pp_mode: str = "gpipe"  # | 1f1b
     activation_checkpointing: str = "none"  # | full: every block recomputes its forward in the backward
-    loss_chunk_tokens: int = 256  # tokens projected to the vocabulary at a time by the loss (0: all logits)
+    # tokens projected to the vocabulary at a time by the loss (0: all logits; None: auto, see chunk_tokens_for)
+    loss_chunk_tokens: int | None = None
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
+
+    def chunk_tokens_for(self, vocab_size: int) -> int:
+        """The loss's chunk: as asked, or under auto the chunked loss only where it pays. It saves
+        a micro-batch's logits (twice: logits and log-softmax) for one more output projection in
+        the backward, which on a small vocabulary costs more time than the memory is worth."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        logits = self.batch.micro_batch_size * self.data.seq_length * vocab_size * 4
+        return AUTO_CHUNK_TOKENS if logits >= AUTO_CHUNK_MIB * 2**20 else 0
 
     @property
     def global_batch_sequences(self) -> int:
@@ -171,7 +186,7 @@ class RunConfig:
         return self.batch.batch_size * self.topology.data_size * self.batch.accumulate_steps
 
     def __post_init__(self) -> None:
-        if self.loss_chunk_tokens < 0:
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             raise ValueError("--loss-chunk-tokens must be >= 0 (0: compute all logits at once)")
         if self.activation_checkpointing not in ("none", "full"):
             raise ValueError(f"--activation-checkpointing {self.activation_checkpointing!r} is not none or full")

@@ -50,6 +50,7 @@ class Trainer:
         self.nonfinite_run = 0
         self.memory = PeakMemory(self.device)
         self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
+        self.loss_chunk = 0  # tokens the loss projects at a time (0: all logits), set in setup
 
     def setup(self) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise)."""
@@ -69,7 +70,8 @@ class Trainer:
             spec = self.stage.add_lora(cfg.lora, cfg.data.seed, frozen)
             log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
                      spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
-        self.stage.project_logits = cfg.loss_chunk_tokens == 0
+        self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
+        self.stage.project_logits = self.loss_chunk == 0
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
@@ -142,7 +144,7 @@ class Trainer:
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
     def _loss_fn(self, normalizer: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        chunk, head = self.cfg.loss_chunk_tokens, self.stage.head
+        chunk, head = self.loss_chunk, self.stage.head
 
         def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if chunk:  # the last stage handed over the final norm's output, not logits
