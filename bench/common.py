@@ -28,11 +28,24 @@ def build_model(folder: Path, corpus: Path) -> Path:
     return convert_from_hf(folder / "hf", folder / "shards")
 
 
+def rank_core(rank: int) -> int:
+    """The core that rank ``rank`` of a benchmark is pinned to: one core per rank, as on separate GPUs."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[rank % len(cores)]
+
+
 def run(
-    shards: Path, corpus: Path, out: Path, steps: int, flags: list[str], hosts: NetHosts | None = None
+    shards: Path,
+    corpus: Path,
+    out: Path,
+    steps: int,
+    flags: list[str],
+    hosts: NetHosts | None = None,
+    pin: bool = False,
 ) -> list[dict]:
-    """Train with ``flags`` (which set the topology; one rank unless they say otherwise) and
-    return metrics.jsonl. With ``hosts`` (two ranks), rank r runs on test host "ab"[r] over its veth."""
+    """Train with ``flags`` (which set the topology; one rank unless they say otherwise, and win
+    over the defaults below) and return metrics.jsonl. With ``hosts`` (two ranks), rank r runs on
+    test host "ab"[r] over its veth. With ``pin``, rank r runs on core ``rank_core(r)`` alone."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,6 +61,8 @@ def run(
     procs = []
     for rank in range(world):
         argv = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank), *common]
+        if pin:
+            argv = ["taskset", "-c", str(rank_core(rank)), *argv]
         if hosts is not None:
             host = "ab"[rank]
             argv = hosts.command(host, [*argv, "--net-interface", hosts.interface(host)])

@@ -20,20 +20,34 @@ sum over stages (the work one core would do alone); "ideal" is the step of the s
 measured per-micro-batch compute allows when links cost nothing: the limit ours and torch chase.
 Before timing, ours and torch (and for 1F1B, our GPipe) must give the same loss and gradients, so
 they are timed doing the same work. Other processes on the same cores show up as a warning about noisy figures.
+
+    python bench/pipeline_vs_torch.py --end-to-end [--rounds 3] [--steps 12] [--warmup 2]
+
+times whole training steps instead, on bench/common.py's model (4 layers, hidden 256, 8 heads), seq 128,
+batch 8 in micro-batches of 1, fp32, for GPipe, 1F1B and 1F1B accumulating 4 batches per step:
+
+  ours     dist_clm_train.py (2 ranks, each under taskset on its own core): step_time_s of metrics.jsonl
+  torch    a bare loop as a user would write it: PipelineStage + ScheduleGPipe / Schedule1F1B (called once
+           per accumulated batch), clipping by the norm over both stages (an all_reduce of its square),
+           AdamW, timed on rank 0
+
+Each run trains --steps steps and times all but the first --warmup; rounds alternate who runs first.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,10 +57,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from bench.common import ROOT, build_model, rank_core
+from bench.common import run as run_trainer
 from comm.process_group import CommConfig, Communicator
 from comm.topology import Topology
 from convert.tiny_model import tiny_config
-from modules import family_for
+from modules import family_for, load_config
 from pipeline.partition import split_layers
 from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
 from pipeline.stage import Stage
@@ -96,16 +112,24 @@ class Row:
 # -- what one rank runs ---------------------------------------------------------------------------
 
 
-def build_stage(setup: Setup, topo: Topology) -> Stage:
-    config = tiny_config("gptneox", setup.vocab, setup.layers, hidden=setup.hidden, heads=setup.heads)
-    config._attn_implementation = "sdpa"  # the kernel the trainer uses (modules.load_config)
+def build_stage(setup: Setup, topo: Topology, weights: Path | None = None) -> Stage:
+    """This rank's stage of the tiny GPT-NeoX ``setup`` describes, with random weights; with
+    ``weights`` (a layer-sharded model), that model's config and weights, as the trainer loads them."""
+    if weights is None:
+        config = tiny_config("gptneox", setup.vocab, setup.layers, hidden=setup.hidden, heads=setup.heads)
+        config._attn_implementation = "sdpa"  # the kernel the trainer uses (modules.load_config)
+    else:
+        config = load_config(weights)
     family = family_for("gptneox")
     # The trainer's split: balance parameters, counting the embedding and the head.
     embedding, layer, head = part_sizes(family, config)
-    layers = split_layers(setup.layers, STAGES, layer_cost=layer, first_extra=embedding, last_extra=head)
+    layers = split_layers(config.num_hidden_layers, STAGES, layer_cost=layer, first_extra=embedding, last_extra=head)
     stage = Stage(family, config, layers[topo.stage], topo.is_first_stage, topo.is_last_stage)
-    # Weights depend on the part names and the seed only, so the stages form one model.
-    stage.init_parts(config.initializer_range, SEED)
+    if weights is None:
+        # Weights depend on the part names and the seed only, so the stages form one model.
+        stage.init_parts(config.initializer_range, SEED)
+    else:
+        stage.load_parts(str(weights))
     return stage.train()
 
 
@@ -298,7 +322,6 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_siz
     # Compute figures per round (both stages measured in the same round), then their medians.
     per_round = [compute[:, :, r] for r in range(setup.steps)]
     sums = [float(c.sum()) for c in per_round]
-    deciles = statistics.quantiles(sums, n=10)
     totals = compute.sum(dim=3).tolist()  # [stage][forward, backward][round]: seconds per step
     stage_compute = tuple((statistics.median(f), statistics.median(b)) for f, b in totals)
     return Row(
@@ -309,20 +332,24 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_siz
         theirs=statistics.median(steps[1].tolist()),
         ratio=statistics.median((steps[0] / steps[1]).tolist()),
         compute=statistics.median(sums),
-        compute_spread=deciles[-1] / deciles[0] - 1,
+        compute_spread=spread(sums),
         ideal=statistics.median(ideal_step(name, c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
         stage_compute=stage_compute,
         max_diff=worst,
     )
 
 
-def worker(rank: int, setup: Setup) -> None:
-    """One rank: pin to a core, join the job, measure every schedule and micro-batch size, rank 0 reports."""
+def start_rank(rank: int) -> None:
+    """What every spawned rank does first: log as the parent does, and take one core and one thread."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)  # "Using Schedule1F1B"
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})  # one core per rank, as on separate GPUs
+    os.sched_setaffinity(0, {rank_core(rank)})
     torch.set_num_threads(1)
+
+
+def worker(rank: int, setup: Setup) -> None:
+    """One rank: pin to a core, join the job, measure every schedule and micro-batch size, rank 0 reports."""
+    start_rank(rank)
     topo = Topology(rank, pipeline_size=STAGES, data_size=1)
     # Heartbeats are not started: they guard against lost peers, not part of a step's work.
     comm = Communicator.connect(topo, CommConfig(f"tcp://127.0.0.1:{setup.port}", timeout_s=120.0), torch.device("cpu"))
@@ -335,6 +362,19 @@ def worker(rank: int, setup: Setup) -> None:
     comm.close()
     if rank == 0:
         report(setup, [row for row in rows if row is not None])
+
+
+def spread(seconds: list[float]) -> float:
+    """90th / 10th percentile minus 1: how much timings of the same work vary (inclusive
+    percentiles stay within the data, so a handful of timings cannot overstate it)."""
+    deciles = statistics.quantiles(seconds, n=10, method="inclusive")
+    return deciles[-1] / deciles[0] - 1
+
+
+def warn_if_noisy(worst_spread: float, what: str) -> None:
+    """Warn when the same work varied by more than 10% (``spread``): something else uses the cores."""
+    if worst_spread > 0.1:
+        log.warning("%s varied by up to %.0f%%: other load on these cores, figures are noisy", what, 100 * worst_spread)
 
 
 def report(setup: Setup, rows: list[Row]) -> None:
@@ -365,13 +405,7 @@ def report(setup: Setup, rows: list[Row]) -> None:
     worst = max(row.max_diff for row in rows)
     agree = "exactly" if worst == 0 else f"within {worst:.1g}"
     log.info("ours and torch (and 1F1B with our GPipe) agree on loss and gradients %s (checked before timing)", agree)
-    noisy = [row for row in rows if row.compute_spread > 0.1]
-    if noisy:
-        # The same work varied this much from round to round: something else uses the cores.
-        log.warning(
-            "compute-only time varied by up to %.0f%% between rounds: other load on these cores, figures are noisy",
-            100 * max(row.compute_spread for row in noisy),
-        )
+    warn_if_noisy(max(row.compute_spread for row in rows), "compute-only time between rounds")
     log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
     log.info("%-9s %5s %3s %7s %7s %7s %7s", "schedule", "micro", "m", "ours", "torch", "ideal", "theory")
     for row in rows:
@@ -380,6 +414,137 @@ def report(setup: Setup, rows: list[Row]) -> None:
         log.info("%-9s %5d %3d %7.2f %7.2f %7.2f %7.2f", row.schedule, row.micro_batch_size, row.micro_batches,
                  *bubble, theory)  # fmt: skip
     log.info("theory assumes equal stages; the heavier last stage (head + loss) adds to ideal's bubble")
+
+
+# -- end to end: our trainer against a bare torch.distributed.pipelining loop ---------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One line of the end-to-end table: a schedule, and batches of 8 summed per optimizer step."""
+
+    schedule: str  # a key of SCHEDULES; lower-cased, our --pp-mode
+    accumulate: int
+
+    @property
+    def label(self) -> str:
+        return self.schedule if self.accumulate == 1 else f"{self.schedule} accumulate {self.accumulate}"
+
+
+CASES = (Case("GPipe", 1), Case("1F1B", 1), Case("1F1B", 4))
+END_TO_END_LR = 1e-3
+MAX_GRAD_NORM = 1.0  # the trainer's default --max-grad-norm
+
+
+def torch_loop(rank: int, setup: Setup, case: Case, shards: Path, out: Path) -> None:
+    """One rank of a bare training loop over torch.distributed.pipelining, as a user would write it:
+    schedule steps, clipping by the norm over both stages, AdamW. Rank 0 writes its step times to ``out``."""
+    start_rank(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{setup.port}", rank=rank, world_size=STAGES)
+    try:
+        topo = Topology(rank, pipeline_size=STAGES, data_size=1)
+        stage = build_stage(setup, topo, shards)
+        # The trainer's loss: the mean over every token trained in the optimizer step.
+        normalizer = case.accumulate * setup.batch_size * (setup.seq_length - 1)
+        loss_fn = functools.partial(token_loss, normalizer=normalizer)
+        schedule = torch_schedule(case.schedule, stage, topo, (1, setup.seq_length), setup, loss_fn)
+        # weight_decay=0: the trainer's default --weight-decay (torch's AdamW defaults to 0.01)
+        optimizer = torch.optim.AdamW(stage.parameters(), lr=END_TO_END_LR, weight_decay=0.0)
+        # Random ids, new for every step; the last stage needs the same ones as targets.
+        shape = (setup.steps, case.accumulate, setup.batch_size, setup.seq_length)
+        batches = torch.zeros(shape, dtype=torch.long)
+        if rank == 0:
+            batches = torch.randint(0, setup.vocab, shape, generator=torch.Generator().manual_seed(SEED))
+        dist.broadcast(batches, src=0)
+        times: list[float] = []
+        for step_ids in batches:
+            started = time.perf_counter()
+            for ids in step_ids:  # gradients add up over schedule steps until zero_grad
+                args = (ids,) if topo.is_first_stage else ()
+                schedule.step(*args, target=ids if topo.is_last_stage else None, return_outputs=False)
+            grads = [p.grad for p in stage.parameters()]
+            # Each rank holds one stage: the global norm is the root of the summed squares.
+            squared = torch.nn.utils.get_total_norm(grads) ** 2
+            dist.all_reduce(squared)
+            torch.nn.utils.clip_grads_with_norm_(stage.parameters(), MAX_GRAD_NORM, squared.sqrt())
+            optimizer.step()
+            times.append(time.perf_counter() - started)
+            optimizer.zero_grad()
+        if rank == 0:
+            out.write_text(json.dumps(times[setup.warmup :]))
+    finally:
+        dist.destroy_process_group()
+
+
+def time_torch(setup: Setup, case: Case, shards: Path, out: Path) -> list[float]:
+    """Seconds of each timed step of the torch loop (``setup.steps``, the first ``setup.warmup`` not timed)."""
+    mp.spawn(torch_loop, args=(replace(setup, port=free_port()), case, shards, out), nprocs=STAGES, join=True)
+    return json.loads(out.read_text())
+
+
+def time_ours(setup: Setup, case: Case, shards: Path, corpus: Path, out: Path) -> list[float]:
+    """Seconds of each timed step of our trainer (``step_time_s`` of metrics.jsonl)."""
+    flags = ["--pipeline-group-size", str(STAGES), "--pp-mode", case.schedule.lower(),
+             "--gradient-accumulate-step", str(case.accumulate), "--seq-length", str(setup.seq_length),
+             "--batch-size", str(setup.batch_size), "--micro-batch-size", "1", "--lr", str(END_TO_END_LR),
+             "--max-grad-norm", str(MAX_GRAD_NORM)]  # fmt: skip
+    # Otherwise our defaults, as users run them: the chunked loss projects the logits again in
+    # the backward, work the torch loop (whole logits, plain cross-entropy) does not do.
+    rows = run_trainer(shards, corpus, out, setup.steps, flags, pin=True)
+    return [row["step_time_s"] for row in rows if "step_time_s" in row][setup.warmup :]
+
+
+def end_to_end(steps: int, warmup: int, rounds: int) -> None:
+    """Time whole training steps of our trainer and of the torch loop for every case, in
+    alternating order round after round, and log the table."""
+    corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
+    ours: dict[Case, list[list[float]]] = {case: [] for case in CASES}  # per case: per round, step seconds
+    theirs: dict[Case, list[list[float]]] = {case: [] for case in CASES}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shards = build_model(folder, corpus)
+        config = load_config(shards)  # its vocabulary is the tokenizer's
+        setup = Setup(
+            config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size,
+            seq_length=128, batch_size=8, micro_batch_sizes=(1,), steps=steps, warmup=warmup, port=0,
+        )  # fmt: skip
+        for r in range(rounds):
+            for i, case in enumerate(CASES):
+                # Who goes first alternates (ours, torch, torch, ours, ...): a slow spell hits both alike.
+                for side in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
+                    out = folder / f"{side}-round{r}-case{i}"
+                    if side == "ours":
+                        ours[case].append(time_ours(setup, case, shards, corpus, out))
+                    else:
+                        theirs[case].append(time_torch(setup, case, shards, out))
+                log.info(
+                    "round %d/%d %s: ours %.1f ms, torch %.1f ms", r + 1, rounds, case.label,
+                    1e3 * statistics.median(ours[case][-1]), 1e3 * statistics.median(theirs[case][-1]),
+                )  # fmt: skip
+    report_end_to_end(setup, rounds, ours, theirs)
+
+
+def report_end_to_end(
+    setup: Setup, rounds: int, ours: dict[Case, list[list[float]]], theirs: dict[Case, list[list[float]]]
+) -> None:
+    log.info(
+        "whole training steps: tiny GPT-NeoX (hidden %d, %d layers, %d heads, vocab %d), batch %d x %d tokens, "
+        "micro-batch 1, fp32, AdamW, clipping at %g; %d stages on %d cores, Gloo; %d rounds of %d steps per run, "
+        "the first %d not timed",
+        setup.hidden, setup.layers, setup.heads, setup.vocab, setup.batch_size, setup.seq_length, MAX_GRAD_NORM,
+        STAGES, STAGES, rounds, setup.steps, setup.warmup,
+    )  # fmt: skip
+    log.info("%-18s %8s %9s %10s", "case", "ours ms", "torch ms", "ours/torch")
+    for case in CASES:
+        pooled = [statistics.median(t for run in side[case] for t in run) for side in (ours, theirs)]
+        ratio = statistics.median(
+            statistics.median(a) / statistics.median(b) for a, b in zip(ours[case], theirs[case], strict=True)
+        )
+        log.info("%-18s %8.1f %9.1f %10.2f", case.label, 1e3 * pooled[0], 1e3 * pooled[1], ratio)
+    log.info("ms: median over every timed step; ours/torch: median over rounds of the runs' median ratio")
+    log.info("ours: step_time_s of the trainer; torch: ScheduleGPipe/Schedule1F1B + clipping + AdamW, on rank 0")
+    runs = [run for side in (ours, theirs) for case in CASES for run in side[case]]
+    warn_if_noisy(max(spread(run) for run in runs), "step time within a run")
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -400,22 +565,42 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--micro-batch-sizes", default="1,2", help="comma-separated micro-batch sizes to compare")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per schedule; the median is reported")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per schedule first")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help="timed steps per schedule, the median is reported (default 30); with --end-to-end, steps per "
+        "training run, the first --warmup of them not timed (default 12)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per schedule first (default 3; 2)")
+    parser.add_argument(
+        "--end-to-end", action="store_true",
+        help="whole training steps instead: our trainer (dist_clm_train.py) against a bare loop over "
+        "torch.distributed.pipelining with clipping and AdamW, on bench/common.py's model (4 layers, hidden 256, "
+        "8 heads), seq 128, batch 8 of micro-batch 1; the model flags above do not apply",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="with --end-to-end: rounds of every case")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(os.sched_getaffinity(0)) < STAGES:
+        log.warning("fewer than %d cores available: the ranks will share one and the figures mean little", STAGES)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the ranks (and the trainer's) start with one compute thread each
+    if args.end_to_end:
+        steps = 12 if args.steps is None else args.steps
+        warmup = 2 if args.warmup is None else args.warmup
+        if warmup < 0 or steps - warmup < 2 or args.rounds < 1:
+            parser.error("--end-to-end needs at least 2 timed steps (--steps minus --warmup) and 1 round")
+        end_to_end(steps, warmup, args.rounds)
+        return
+    args.steps = 30 if args.steps is None else args.steps
+    args.warmup = 3 if args.warmup is None else args.warmup
     sizes = tuple(int(s) for s in args.micro_batch_sizes.split(","))
     if args.steps < 2 or args.warmup < 0:
         parser.error("--steps must be at least 2 (medians and spreads need them) and --warmup at least 0")
     if any(size < 1 or args.batch_size % size for size in sizes):
         parser.error(f"every micro-batch size must divide --batch-size {args.batch_size}")
-    if len(os.sched_getaffinity(0)) < STAGES:
-        log.warning("fewer than %d cores available: the ranks will share one and the figures mean little", STAGES)
     setup = Setup(
         args.hidden, args.layers, args.heads, args.vocab, args.seq_length, args.batch_size, sizes,
         args.steps, args.warmup, free_port(),
     )  # fmt: skip
-    os.environ["OMP_NUM_THREADS"] = "1"  # the ranks start with one compute thread each
     mp.spawn(worker, args=(setup,), nprocs=STAGES, join=True)
 
 
