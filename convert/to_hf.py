@@ -144,6 +144,13 @@ def merge_adapters(base_dir: Path, adapter_dir: Path, spec: LoraSpec) -> PartTra
     config = load_config(base_dir)
     family = family_for(config.model_type)
     layers = {layer_part(i): i for i in range(config.num_hidden_layers)}
+    adapters = [adapter_part(part) for part in layers]
+    missing = [name for name in adapters if not (adapter_dir / f"{name}.safetensors").is_file()]
+    if missing:  # checked before the first file is written
+        raise FileNotFoundError(
+            f"{adapter_dir} lacks the adapters {missing[:3]} of its base's layers: the checkpoint is incomplete "
+            "(were all stages' files gathered here?)"
+        )
 
     def merged(part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if part not in layers:

@@ -188,3 +188,12 @@ def test_converters_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
     model_mb = sum(p.stat().st_size for p in (tmp_path / "hf68").glob("*.safetensors")) / 1e6
     assert model_mb > 200
     assert all(mb < 50 for mb in grown.values()), (grown, model_mb)
+
+
+def test_lora_merged_export_names_missing_adapters_before_writing(tiny_shards: Path, tmp_path: Path) -> None:
+    ckpt = lora_checkpoint(tiny_shards, tmp_path / "lora")
+    (ckpt / "lora_layer_3.safetensors").unlink()
+    out = tmp_path / "merged"
+    with pytest.raises(FileNotFoundError, match="lora_layer_3"):
+        convert_to_hf(ckpt, out)
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
