@@ -42,33 +42,25 @@ class PeakMemory:
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        if self._resettable:
-            for line in _STATUS.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        peak = _status_bytes("VmHWM") if self._resettable else None
+        return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def static_bytes(stage: torch.nn.Module, trained: list[torch.nn.Parameter], optimizer_bytes: int) -> dict[str, int]:
-    """What a stage holds before any activation: weights, gradients and the optimizer's state
-    (``optimizer_bytes``: AdamW's two fp32 moments per value it steps, 8-bit AdamW's two bytes;
-    sharded, those of its shard and the shard's summed gradient)."""
-    return {
-        "parameters": sum(p.nbytes for p in stage.parameters()),
-        "gradients": sum(p.nbytes for p in trained),
-        "optimizer": optimizer_bytes,
-    }
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (reported in kB); None where absent."""
+    try:
+        lines = _STATUS.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def resident_bytes() -> int:
     """This process's resident set now (CPU); 0 where /proc is not there."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def _no_backward(_: None) -> torch.Tensor:
