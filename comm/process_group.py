@@ -106,6 +106,7 @@ class PendingRecv:
     buffers: list[torch.Tensor] = field(default_factory=list)
     codec: Codec | None = None
     dtype: torch.dtype | None = None
+    sending: list[torch.Tensor] = field(default_factory=list)  # an exchange's outgoing wire, alive until wait()
 
     def wait(self) -> torch.Tensor | None:
         """Under NCCL ``work.wait()`` only orders the compute stream after the transfer (the
@@ -277,19 +278,18 @@ class Communicator:
             works = dist.batch_isend_irecv([self._p2p(dist.irecv, b, peer) for b in buffers])
         return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype)
 
-    def _exchange(
+    def _post_exchange(
         self, lane: str, what: str, peer: int, tensor: torch.Tensor, send_codec: Codec,
         shape: tuple[int, ...], dtype: torch.dtype, recv_codec: Codec,
-    ) -> torch.Tensor:  # fmt: skip
-        """Send to and receive from one peer in one batch, and wait for both. NCCL runs the
-        operations between two ranks in order on one stream: a send and a receive in opposite
+    ) -> PendingRecv:  # fmt: skip
+        """Send to and receive from one peer in one batch; ``wait()`` waits for both. NCCL runs
+        the operations between two ranks in order on one stream: a send and a receive in opposite
         directions posted apart could each wait behind the other side's (a deadlock)."""
         wire, buffers = self._outgoing(tensor, send_codec), self._incoming(shape, dtype, recv_codec)
         ops = [self._p2p(dist.isend, w, peer) for w in wire] + [self._p2p(dist.irecv, b, peer) for b in buffers]
-        with self.tracer.span(lane), self._guard(what, peer):
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        return recv_codec.decode([self.pp_place.incoming(b) for b in buffers], dtype)
+        with self._guard(what, peer):
+            works = dist.batch_isend_irecv(ops)
+        return PendingRecv(self, lane, what, peer, works, buffers, recv_codec, dtype, sending=wire)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -335,19 +335,26 @@ class Communicator:
         """1F1B steady state: our activations out and their gradient in, with the next stage."""
         if self.topo.is_last_stage:
             return None
-        return self._exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
-                              tensor, self.act_codec, shape, dtype, self.grad_codec)  # fmt: skip
+        return self._post_exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
+                                   tensor, self.act_codec, shape, dtype, self.grad_codec).wait()  # fmt: skip
 
     def send_backward_recv_forward(
         self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor | None:
         """1F1B steady state: our input's gradient out and the next activations in."""
+        return self.post_send_backward_recv_forward(tensor, shape, dtype).wait()
+
+    def post_send_backward_recv_forward(
+        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> PendingRecv:
+        """The same, posted: ``wait()`` gives the activations (None on the first stage), so the
+        zero-bubble schedule computes weight gradients while both travel."""
         if self.topo.is_first_stage:
-            return None
+            return NOTHING
         if tensor is None:
             raise RuntimeError("no gradient to send back: the stage input did not require grad")
-        return self._exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
-                              tensor, self.grad_codec, shape, dtype, self.act_codec)  # fmt: skip
+        return self._post_exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
+                                   tensor, self.grad_codec, shape, dtype, self.act_codec)  # fmt: skip
 
     # -- collectives --------------------------------------------------------------------------
 

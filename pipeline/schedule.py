@@ -12,17 +12,28 @@ holds at most p-s micro-batches' activations; gradients add up in the same order
 
     stage 0:  F0 F1 .  B0 F2 B1 F3 B2 . B3
     stage 1:     F0 B0 F1 B1 F2 B2 F3 B3
+
+zb1 (ZB-H1, Qi et al. 2024): 1F1B with each backward split into B, the input gradient the
+previous stage waits for, and W, the weight gradients nobody waits for; stage s runs each W
+s backwards late. With F, B and W of equal length the bubble is a third of 1F1B's, for the same
+held activations (at most p - s micro-batches, plus s micro-batches' linear inputs and output
+gradients waiting for W) and the same traffic:
+
+    stage 0:  F0 F1 .  B0 W0 F2 B1 W1 F3 B2 W2 B3 W3
+    stage 1:     F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from comm.process_group import Communicator
+from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,13 @@ class StepSpec:
 
 
 class _Runner:
-    """Forward and backward of one micro-batch on this stage; the losses it saw."""
+    """Forward and backward of one micro-batch on this stage; the losses it saw. With
+    ``weights`` a backward is B only, and ``weights(i)`` is micro-batch i's W."""
 
-    def __init__(self, stage: nn.Module, comm: Communicator, spec: StepSpec) -> None:
-        self.stage, self.comm, self.spec = stage, comm, spec
+    def __init__(
+        self, stage: nn.Module, comm: Communicator, spec: StepSpec, weights: DeferredWeightGrads | None = None
+    ) -> None:
+        self.stage, self.comm, self.spec, self.deferred = stage, comm, spec, weights
         self.loss_total = torch.zeros((), dtype=torch.float32)
 
     def forward(self, i: int, micro: MicroBatch, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +88,16 @@ class _Runner:
 
     def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Returns the gradient of the stage input as it travels (None on the first stage)."""
-        with self.comm.tracer.span("backward compute", f"B{i}"):
+        deferring = self.deferred.deferring() if self.deferred is not None else nullcontext()
+        with self.comm.tracer.span("backward compute", f"B{i}"), deferring:
             torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
         return self.sendable(x.grad) if x.requires_grad else None
+
+    def weights(self, i: int) -> None:
+        """W of micro-batch i (the oldest whose W has not run): its linear layers' weight gradients."""
+        if self.deferred is not None:
+            with self.comm.tracer.span("backward compute", f"W{i}"):
+                self.deferred.run_oldest()
 
     def sendable(self, y: torch.Tensor) -> torch.Tensor:
         return y.detach().to(self.spec.activation_dtype)
@@ -114,15 +135,36 @@ def gpipe_step(
 def one_f_one_b_step(
     stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
-    """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches.
-    Warm-up and cool-down sends stay in flight while the next micro-batch computes. In the
-    steady state a stage sends and receives in both directions with each neighbour; each such
-    pair is posted as one batch (``send_*_recv_*``), which NCCL needs to avoid a deadlock."""
+    """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches."""
+    return _one_forward_one_backward(stage, comm, micro_batches, spec, weights=None)
+
+
+def zero_bubble_step(
+    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
+) -> torch.Tensor:
+    """ZB-H1: 1F1B's order and memory, each backward split into B (input gradient, sent at
+    once) and W (weight gradients, ``pipeline.weight_grad``); stage s runs each W s backwards
+    late, so the later stages return gradients sooner and their W fill the cool-down."""
+    return _one_forward_one_backward(stage, comm, micro_batches, spec, weights=deferred_weight_grads(stage))
+
+
+def _one_forward_one_backward(
+    stage: nn.Module,
+    comm: Communicator,
+    micro_batches: Sequence[MicroBatch],
+    spec: StepSpec,
+    weights: DeferredWeightGrads | None,
+) -> torch.Tensor:
+    """1F1B, and with ``weights`` zero-bubble's split backward. Warm-up and cool-down sends stay
+    in flight while the next micro-batch computes. In the steady state a stage sends and
+    receives in both directions with each neighbour; each such pair is posted as one batch
+    (``send_*_recv_*``), which NCCL needs to avoid a deadlock; W runs while the second travels."""
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
-    run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
+    run, shape, dtype = _Runner(stage, comm, spec, weights), spec.activation_shape, spec.activation_dtype
     topo, m = comm.topo, len(micro_batches)
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
+    lag = topo.stage if weights is not None else 0  # backwards whose W waits
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
@@ -139,15 +181,23 @@ def one_f_one_b_step(
         grad_in = run.backward(k, x_old, y_old, grad)
         if i == m - 1:
             comm.send_backward(grad_in, wait=False)
+            incoming = None
         else:
-            x_next = comm.send_backward_recv_forward(grad_in, shape, dtype)
-    # cool-down: the backwards left
+            incoming = comm.post_send_backward_recv_forward(grad_in, shape, dtype)
+        if k >= lag:
+            run.weights(k - lag)
+        x_next = incoming.wait() if incoming is not None else None
+    # cool-down: the backwards left, then the weight gradients still waiting
     for k in range(m - warmup, m):
         x_old, y_old = held.pop(0)
         grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
         comm.send_backward(grad_in, wait=False)
+        if k >= lag:
+            run.weights(k - lag)
+    for k in range(max(0, m - lag), m):
+        run.weights(k)
     comm.flush()
     return run.loss_total
 
 
-SCHEDULES = {"gpipe": gpipe_step, "1f1b": one_f_one_b_step}
+SCHEDULES = {"gpipe": gpipe_step, "1f1b": one_f_one_b_step, "zb1": zero_bubble_step}

@@ -93,6 +93,20 @@ def test_llama_tied_pp2_dp2_matches_hf(
     compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
 
 
+def test_gpt2_zero_bubble_with_accumulation_matches_hf(
+    two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """zb1 defers GPT-2's Conv1D weight gradients and the head's (the tied copy, summed with the
+    embedding's after every W ran), over two accumulation rounds in one pipeline pass."""
+    root = tmp_path_factory.mktemp("gpt2_zb1")
+    hf = build_tiny_model(root / "hf", bundled_texts(), "gpt2", num_layers=4, seed=1)
+    shards = convert_from_hf(hf, root / "shards")
+    ckpt = tmp_path / "ckpt"
+    args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=2, micro=1, accum=2)
+    assert_all_ok(launch([*args, "--pp-mode", "zb1"], 2, tmp_path))
+    compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+
+
 @pytest.mark.parametrize("family", ["gptneox", "llama", "gpt2"])
 def test_random_init_ignores_the_split_and_ties_both_ends(family: str) -> None:
     from convert.tiny_model import tiny_config

@@ -201,13 +201,15 @@ def test_lora_pipeline_matches_single_process_peft(lora_run: Path, tiny_hf: Path
     assert trainable < sum(p.numel() for p in load_file(tiny_hf / "model.safetensors").values()) / 5
 
 
-def test_lora_tied_llama_1f1b_matches_peft(two_tasks: str, tmp_path: Path) -> None:
-    """Tied embeddings stay frozen at both ends (no sum between them); 1F1B; chosen targets."""
+@pytest.mark.parametrize("mode", ["1f1b", "zb1"])
+def test_lora_tied_llama_1f1b_and_zb1_match_peft(mode: str, two_tasks: str, tmp_path: Path) -> None:
+    """Tied embeddings stay frozen at both ends (no sum between them); chosen targets; under zb1
+    only the adapters' weight gradients wait for W (the frozen base computes input gradients)."""
     hf = build_tiny_model(tmp_path / "hf", bundled_texts(), "llama", num_layers=4, seed=1)
     shards = convert_from_hf(hf, tmp_path / "shards")
     ckpt = tmp_path / "ckpt"
     args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=1, accum=1)
-    assert_all_ok(launch([*args, *LORA_FLAGS, "--pp-mode", "1f1b", "--lora-target-modules", "v_proj", "q_proj"],
+    assert_all_ok(launch([*args, *LORA_FLAGS, "--pp-mode", mode, "--lora-target-modules", "v_proj", "q_proj"],
                          2, tmp_path))  # fmt: skip
     assert LoraSpec.read(ckpt / "checkpoint_10")[0].target_modules == ("q_proj", "v_proj")
     compare_to_peft(hf, two_tasks, ckpt)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from comm.compress import Codec
 from comm.topology import Topology
-from comm.trace import LANES, NULL_TRACER
-from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
+from comm.trace import LANES, NULL_TRACER, Tracer
+from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
 
 HIDDEN, SEQ = 8, 4
@@ -53,6 +54,9 @@ class LoopbackComm:
 
     def send_backward_recv_forward(self, tensor, shape, dtype):
         return self.recv_forward(shape, dtype)
+
+    def post_send_backward_recv_forward(self, tensor, shape, dtype):
+        return Posted(self.send_backward_recv_forward(tensor, shape, dtype))
 
     def send_forward(self, tensor, wait=True) -> None:
         pass
@@ -99,13 +103,102 @@ def toy_micro_batches(stage: int, stages: int, micro: int) -> list[MicroBatch]:
 def test_1f1b_holds_at_most_p_minus_s_micro_batches(stages: int, micro: int) -> None:
     for s in range(stages):
         peaks = {}
-        for name, schedule in (("gpipe", gpipe_step), ("1f1b", one_f_one_b_step)):
+        for name, schedule in (("gpipe", gpipe_step), ("1f1b", one_f_one_b_step), ("zb1", zero_bubble_step)):
             stage = CountingStage(first=s == 0)
             schedule(stage, LoopbackComm(s, stages), toy_micro_batches(s, stages, micro), TOY_SPEC)
             assert stage.live == 0  # every forward was backpropagated
             peaks[name] = stage.peak
         assert peaks["gpipe"] == micro
-        assert peaks["1f1b"] == min(stages - s, micro), (s, peaks)
+        assert peaks["1f1b"] == peaks["zb1"] == min(stages - s, micro), (s, peaks)
+
+
+def compute_order(stage: nn.Module, s: int, stages: int, micro: int, schedule) -> list[str]:
+    """The forward, backward and weight passes one stage runs, in order (from its trace)."""
+    comm = LoopbackComm(s, stages)
+    comm.tracer = Tracer(0)
+    schedule(stage, comm, toy_micro_batches(s, stages, micro), TOY_SPEC)
+    lanes = {LANES.index("forward compute"), LANES.index("backward compute")}
+    return [e["name"] for e in comm.tracer.events if e["tid"] in lanes]
+
+
+def test_zero_bubble_order_is_1f1b_with_each_w_s_backwards_late() -> None:
+    assert compute_order(CountingStage(True), 0, 2, 4, zero_bubble_step) == \
+        "F0 F1 B0 W0 F2 B1 W1 F3 B2 W2 B3 W3".split()  # fmt: skip
+    assert compute_order(CountingStage(False), 1, 2, 4, zero_bubble_step) == \
+        "F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3".split()  # fmt: skip
+    for stages, micro in ((4, 8), (4, 2), (3, 5)):
+        for s in range(stages):
+            order = compute_order(CountingStage(s == 0), s, stages, micro, zero_bubble_step)
+            plain = compute_order(CountingStage(s == 0), s, stages, micro, one_f_one_b_step)
+            assert [e for e in order if e[0] != "W"] == plain  # forwards and backwards as in 1F1B
+            assert [e for e in order if e[0] == "W"] == [f"W{k}" for k in range(micro)]
+            for k in range(micro - s):  # W k right after B k+s: s backwards wait for their W
+                assert order[order.index(f"B{k + s}") + 1] == f"W{k}", (stages, s, order)
+            late = min(s + 1, micro)  # after the last backward: the W of the one s before it, then s held back
+            assert order[-late - 1 :] == [f"B{micro - 1}"] + [f"W{k}" for k in range(micro - late, micro)]
+
+
+class ToyBlocks(nn.Module):
+    """Linear layers with and without bias, GPT-2's Conv1D, a norm and a residual: every kind of
+    weight the split backward treats (deferred or not)."""
+
+    def __init__(self, first: bool) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(5)
+        self.embed = nn.Embedding(16, HIDDEN) if first else None
+        self.up = nn.Linear(HIDDEN, 2 * HIDDEN)
+        self.norm = nn.LayerNorm(2 * HIDDEN)
+        self.conv = Conv1D(HIDDEN, 2 * HIDDEN)
+        self.down = nn.Linear(HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.embed is not None else x
+        return h + self.down(torch.tanh(self.conv(self.norm(self.up(h)))))
+
+
+class KeyedLoopbackComm(LoopbackComm):
+    """The n-th activation and the n-th gradient a stage receives are the same in every
+    schedule, whatever order it asks for them in."""
+
+    def __init__(self, stage: int, stages: int) -> None:
+        super().__init__(stage, stages)
+        self.received = {"forward": 0, "backward": 0}
+
+    def _keyed(self, way: str, shape, dtype, skip: bool) -> Posted:
+        if skip:
+            return Posted(None)
+        n = self.received[way]
+        self.received[way] += 1
+        generator = torch.Generator().manual_seed(1000 * (way == "backward") + n)
+        return Posted(torch.randn(shape, generator=generator).to(dtype))
+
+    def post_recv_forward(self, shape, dtype):
+        return self._keyed("forward", shape, dtype, self.topo.is_first_stage)
+
+    def post_recv_backward(self, shape, dtype):
+        return self._keyed("backward", shape, dtype, self.topo.is_last_stage)
+
+
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
+def test_zero_bubble_gradients_equal_gpipe(compute: torch.dtype | None) -> None:
+    stages, micro = 3, 5
+    spec = StepSpec((1, SEQ, HIDDEN), compute or torch.float32, lambda out, lab: out.float().pow(2).mean(), True,
+                    compute)  # fmt: skip
+    for s in range(stages):
+        grads = {}
+        for name, schedule in (("gpipe", gpipe_step), ("zb1", zero_bubble_step)):
+            stage = ToyBlocks(first=s == 0)
+            torch.manual_seed(7)
+            batches = toy_micro_batches(s, stages, micro)
+            loss = schedule(stage, KeyedLoopbackComm(s, stages), batches, spec)
+            grads[name] = ({n: p.grad for n, p in stage.named_parameters()}, loss)
+        (reference, ref_loss), (ours, loss) = grads["gpipe"], grads["zb1"]
+        assert reference.keys() == ours.keys() and all(g is not None for g in ours.values())
+        for key, value in reference.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=f"stage {s}: {key}")
+        assert float(loss) == float(ref_loss)
 
 
 class RecordingComm(LoopbackComm):
@@ -156,6 +249,12 @@ class RecordingComm(LoopbackComm):
 
     def send_backward_recv_forward(self, tensor, shape, dtype):
         return None if self.topo.is_first_stage else self._exchange(self.topo.stage - 1, shape, dtype)
+
+    def post_send_backward_recv_forward(self, tensor, shape, dtype):
+        if self.topo.is_first_stage:
+            return Posted(None)
+        group = self._post(self.topo.stage - 1, ("send", "recv"))
+        return RecordedWait(self.program, group, torch.randn(shape, dtype=dtype))
 
     def flush(self) -> None:
         self.program += [("wait", group) for group in self._unflushed]
@@ -220,7 +319,7 @@ def replay_in_order(programs: list[list[tuple]]) -> None:
             raise AssertionError(f"deadlock under in-order links: ranks wait at {stuck}")
 
 
-@pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step])
+@pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step, zero_bubble_step])
 @pytest.mark.parametrize("stages,micro", [(2, 1), (2, 4), (3, 2), (3, 6), (4, 3), (4, 8)])
 def test_schedules_cannot_deadlock_on_in_order_links(schedule, stages: int, micro: int) -> None:
     programs = []
@@ -247,9 +346,12 @@ def test_codecs_round_trip_within_their_precision() -> None:
     assert errors["int8"] <= 0.5 / 127 + 1e-6 and errors["int4"] <= 0.5 / 7 + 1e-6
 
 
-def test_1f1b_on_three_stages_matches_hf(tiny_hf: Path, tiny_shards: Path, mixed_tasks: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["1f1b", "zb1"])
+def test_1f1b_and_zb1_on_three_stages_match_hf(
+    mode: str, tiny_hf: Path, tiny_shards: Path, mixed_tasks: str, tmp_path: Path
+) -> None:
     ckpt = tmp_path / "ckpt"
-    args = [*train_args(tiny_shards, mixed_tasks, ckpt, pp=3, dp=1, batch=4, micro=1, accum=1), "--pp-mode", "1f1b"]
+    args = [*train_args(tiny_shards, mixed_tasks, ckpt, pp=3, dp=1, batch=4, micro=1, accum=1), "--pp-mode", mode]
     assert_all_ok(launch(args, 3, tmp_path))
     compare_to_reference(tiny_hf, mixed_tasks, ckpt, per_step=4, tmp_path=tmp_path)
 
@@ -321,3 +423,23 @@ def test_1f1b_accumulates_every_round_in_one_pipeline_pass(tiny_shards: Path, tw
     assert [r["loss"] for r in read_metrics(one_pass)] == [r["loss"] for r in read_metrics(reference)]
     for path in (reference / "checkpoint_3").glob("*.safetensors"):
         assert (one_pass / "checkpoint_3" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_zb1_with_recompute_fp16_and_sharded_optimizer_trains_as_1f1b(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """W's closures hold what a recomputed block produced; fp16's scaled gradients and the sharded
+    optimizer's gradient views (added to in place) come out as 1F1B's, over two accumulation rounds."""
+    flags = ["--fp16", "--activation-checkpointing", "full", "--shard-optimizer", "--total-steps", "4"]
+    for mode in ("1f1b", "zb1"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        args = train_args(tiny_shards, two_tasks, folder / "ckpt", pp=2, dp=2, batch=2, micro=1, accum=2)
+        assert_all_ok(launch([*args, *flags, "--pp-mode", mode], 4, folder))
+    rows = {mode: read_metrics(tmp_path / mode / "ckpt") for mode in ("1f1b", "zb1")}
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in rows["zb1"]] == pytest.approx([r[key] for r in rows["1f1b"]], rel=1e-5), key
+    for path in (tmp_path / "1f1b" / "ckpt" / "checkpoint_4").glob("layer_*.safetensors"):
+        ours, theirs = load_file(tmp_path / "zb1" / "ckpt" / "checkpoint_4" / path.name), load_file(path)
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)

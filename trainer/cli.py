@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--pp-mode",
-        choices=("gpipe", "1f1b"),
+        choices=("gpipe", "1f1b", "zb1"),
         default="gpipe",
-        help="pipeline schedule; 1f1b holds activations of at most pp micro-batches per stage",
+        help="pipeline schedule; 1f1b holds activations of at most pp micro-batches per stage; zb1 (zero "
+        "bubble, ZB-H1) is 1f1b with weight gradients deferred into the bubbles: about a third of its idle time",
     )
     t.add_argument(
         "--activation-checkpointing",

@@ -163,7 +163,7 @@ class RunConfig:
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
-    pp_mode: str = "gpipe"  # | 1f1b
+    pp_mode: str = "gpipe"  # | 1f1b | zb1
     activation_checkpointing: str = "none"  # | full: every block recomputes its forward in the backward
     # tokens projected to the vocabulary at a time by the loss (0: all logits; None: auto, see chunk_tokens_for)
     loss_chunk_tokens: int | None = None

@@ -185,7 +185,10 @@ class Trainer:
             block *= 2
         m = cfg.batch.micro_batches
         per_pass = m * len(self._passes(cfg.batch.accumulate_steps)[0])
-        in_flight = per_pass if cfg.pp_mode == "gpipe" else min(per_pass, topo.pipeline_size - topo.stage)
+        # 1F1B holds p - s micro-batches; zb1 also s micro-batches' inputs and output gradients of
+        # its linear layers waiting for W (counted here as whole micro-batches: an upper bound)
+        held_by_mode = {"gpipe": per_pass, "1f1b": topo.pipeline_size - topo.stage, "zb1": topo.pipeline_size}
+        in_flight = min(per_pass, held_by_mode[cfg.pp_mode])
         return MemoryEstimate(
             process=process,
             parameters=sum(p.nbytes for p in stage.parameters()),
