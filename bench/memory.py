@@ -36,6 +36,10 @@ from convert.tiny_model import read_texts, train_tokenizer  # noqa: E402
 log = logging.getLogger("bench.memory")
 CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"
 PARTS = ("converters", "activations", "sharding")
+# Pythia-410m's 24 layers as 12 + 12 (the split by parameters), pinned so the figures stay
+# comparable whatever the default split chooses at each sequence length
+SPLIT = (12, 12)
+NUM_LAYERS = ",".join(map(str, SPLIT))
 _PEAK = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -67,16 +71,13 @@ def build_410m(folder: Path) -> Path:
 
 
 def stage_values(shards: Path, stage: int) -> int:
-    """Parameters of one stage of pp=2 (as the trainer splits them)."""
+    """Parameters of one stage of pp=2 split as the runs here are (``SPLIT``)."""
     from modules import family_for, load_config
-    from pipeline.partition import split_layers
     from trainer.startup import part_sizes
 
     config = load_config(shards)
-    family = family_for(config.model_type)
-    embedding, layer, head = part_sizes(family, config)
-    layers = split_layers(config.num_hidden_layers, 2, None, layer_cost=layer, first_extra=embedding, last_extra=head)
-    return layer * len(layers[stage]) + (embedding if stage == 0 else head)
+    embedding, layer, head = part_sizes(family_for(config.model_type), config)
+    return layer * SPLIT[stage] + (embedding if stage == 0 else head)
 
 
 def main() -> None:
@@ -123,8 +124,8 @@ def activations(shards: Path, tmp: Path) -> None:
         "chunked + recompute": ["--loss-chunk-tokens", "256", "--activation-checkpointing", "full"],
     }
     for name, extra in runs.items():
-        flags = ["--pipeline-group-size", "2", "--seq-length", "1024", "--batch-size", "4", "--micro-batch-size", "1",
-                 *extra]  # fmt: skip
+        flags = ["--pipeline-group-size", "2", "--num-layers", NUM_LAYERS, "--seq-length", "1024",
+                 "--batch-size", "4", "--micro-batch-size", "1", *extra]  # fmt: skip
         rows = run(shards, CORPUS, tmp / name.replace(" ", "-"), 2, flags)
         for stage in (0, 1):
             estimates[(name, stage)] = measured_and_estimate(rows, stage)
@@ -146,8 +147,8 @@ def activations(shards: Path, tmp: Path) -> None:
 
 def sharding(shards: Path, tmp: Path) -> None:
     """pp=2 x dp=2 (4 ranks) with and without --shard-optimizer: each rank's step-2 peak."""
-    flags = ["--pipeline-group-size", "2", "--data-group-size", "2", "--seq-length", "256", "--batch-size", "2",
-             "--micro-batch-size", "1"]  # fmt: skip
+    flags = ["--pipeline-group-size", "2", "--num-layers", NUM_LAYERS, "--data-group-size", "2",
+             "--seq-length", "256", "--batch-size", "2", "--micro-batch-size", "1"]  # fmt: skip
     estimates = {}
     for name, extra in (("pp2 x dp2", []), ("pp2 x dp2 --shard-optimizer", ["--shard-optimizer"])):
         rows = run(shards, CORPUS, tmp / name.replace(" ", "-"), 2, [*flags, *extra])

@@ -9,7 +9,7 @@ import torch
 
 from comm.topology import Topology
 from modules import family_for
-from pipeline.partition import split_layers
+from pipeline.partition import PartWeights, split_layers
 from trainer.cli import build_parser, config_from_args
 from trainer.config import OptimConfig
 
@@ -50,6 +50,64 @@ def test_layers_per_stage_must_multiply_to_the_total() -> None:
     assert "5 layers" in str(exc.value)
     with pytest.raises(ValueError, match="--num-layers"):
         split_layers(5, 2, layers_per_stage=3)
+
+
+TASKS = str(Path(__file__).resolve().parent.parent / "example_scripts" / "data" / "tiny.jsonl")
+
+
+def heavy_head_costs(pp: int, *flags: str) -> tuple[object, PartWeights, list[PartWeights]]:
+    """A GPT-NeoX whose head outweighs many blocks (vocabulary 50k, hidden 256, 8 layers)."""
+    from convert.tiny_model import tiny_config
+    from trainer.startup import stage_costs
+
+    config = tiny_config("gptneox", 50_000, num_layers=8, hidden=256, heads=8)
+    args = ["--model-name", "m", "--task-name", TASKS, "--rank", "0", "--world-size", str(pp),
+            "--pipeline-group-size", str(pp), "--seq-length", "128", *flags]  # fmt: skip
+    compute, memory = stage_costs(config_from_args(build_parser().parse_args(args)), family_for("gptneox"), config)
+    return config, compute, memory
+
+
+def test_default_split_balances_compute_not_parameters() -> None:
+    """The embedding's lookup is nearly free while the head's projection costs vocab x hidden
+    per token: by parameters the 8 layers split 4/4, by compute the head's stage keeps one."""
+    from trainer.startup import part_sizes
+
+    config, compute, _memory = heavy_head_costs(2)
+    by_parameters = split_layers(8, 2, cost=PartWeights(*part_sizes(family_for("gptneox"), config)))
+    assert [len(r) for r in by_parameters] == [4, 4]
+    assert [len(r) for r in split_layers(8, 2, cost=compute)] == [7, 1]
+    assert [len(r) for r in split_layers(8, 4, cost=heavy_head_costs(4)[1])] == [5, 1, 1, 1]
+    # chunking the loss projects the logits twice: the head weighs more still; LoRA drops the
+    # weight gradient of every frozen linear layer alike
+    assert heavy_head_costs(2, "--loss-chunk-tokens", "64")[1].head > compute.head
+    assert heavy_head_costs(2, "--activation-checkpointing", "full")[1].layer > compute.layer
+    assert split_layers(8, 2, layers_per_stage=(2, 6), cost=compute) == [range(0, 2), range(2, 8)]  # the flag wins
+
+
+def test_split_keeps_each_stage_within_its_memory(caplog: pytest.LogCaptureFixture) -> None:
+    _config, compute, memory = heavy_head_costs(2, "--pp-mode", "1f1b")
+    used = [memory[0].of_stage(0, 2, n) for n in range(1, 8)]
+    assert memory[0].layer > memory[1].layer  # 1F1B: stage 0 holds two micro-batches, stage 1 one
+    # stage 0 may hold 5 layers but not 6: the cheapest split that fits
+    limits = [used[4] + 1, float("inf")]
+    assert [len(r) for r in split_layers(8, 2, cost=compute, memory=memory, limits=limits)] == [5, 3]
+    # nothing fits: split by compute, and say so
+    with caplog.at_level("WARNING"):
+        split = split_layers(8, 2, cost=compute, memory=memory, limits=[1.0, 1.0])
+    assert [len(r) for r in split] == [7, 1] and "no split of 8 layers over 2 stages fits" in caplog.text
+
+
+def test_stage_memory_is_the_least_of_its_ranks_with_hosts_shared() -> None:
+    from trainer.startup import stage_memory_limits
+
+    class Gathered:
+        topo = Topology(0, 2, 2)  # ranks 0, 2: stage 0; ranks 1, 3: stage 1
+
+        def all_gather_object(self, own: object) -> list[object]:
+            # ranks 0 and 1 share one host's 64 GB on the CPU; 2 and 3 have a GPU each
+            return [("a", "cpu", 64e9), ("a", "cpu", 64e9), ("b", "cuda:0", 80e9), ("b", "cuda:1", 24e9)]
+
+    assert stage_memory_limits(Gathered(), torch.device("cpu")) == [32e9, 24e9]
 
 
 # --- trainer.cli ------------------------------------------------------------------------------

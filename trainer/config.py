@@ -180,6 +180,20 @@ class RunConfig:
         logits = self.batch.micro_batch_size * self.data.seq_length * vocab_size * 4
         return AUTO_CHUNK_TOKENS if logits >= AUTO_CHUNK_MIB * 2**20 else 0
 
+    def rounds_per_pass(self) -> int:
+        """Accumulation rounds one pipeline pass runs. 1F1B and zb1 hold at most p - s
+        micro-batches however many a pass has, so every round goes through one pass (the pipeline
+        fills and drains once per step); GPipe holds its whole pass, so it keeps a pass per round."""
+        return 1 if self.pp_mode == "gpipe" else self.batch.accumulate_steps
+
+    def held_micro_batches(self, stage: int) -> int:
+        """Micro-batches whose activations stage ``stage`` holds at once: GPipe its whole pass,
+        1F1B p - s; zb1 p - s plus the linear layers' inputs and output gradients of the s
+        backwards waiting for W, counted here as s whole micro-batches (an upper bound)."""
+        per_pass = self.batch.micro_batches * self.rounds_per_pass()
+        p = self.topology.pipeline_size
+        return min(per_pass, {"gpipe": per_pass, "1f1b": p - stage, "zb1": p}[self.pp_mode])
+
     @property
     def global_batch_sequences(self) -> int:
         """Sequences per optimizer step, over all replicas and accumulation rounds."""

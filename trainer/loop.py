@@ -24,7 +24,7 @@ from trainer.metrics import MetricsWriter, Progress
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
-from trainer.startup import Plan, agree_on_start, plan_stage, set_threads
+from trainer.startup import Plan, agree_on_start, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,7 @@ class Trainer:
         if recompute:  # each block keeps its fp32 input; its backward recomputes the rest
             held = ends + len(blocks) * math.prod(shape) * MASTER_DTYPE.itemsize
             block *= 2
-        m = cfg.batch.micro_batches
-        per_pass = m * len(self._passes(cfg.batch.accumulate_steps)[0])
-        # 1F1B holds p - s micro-batches; zb1 also s micro-batches' inputs and output gradients of
-        # its linear layers waiting for W (counted here as whole micro-batches: an upper bound)
-        held_by_mode = {"gpipe": per_pass, "1f1b": topo.pipeline_size - topo.stage, "zb1": topo.pipeline_size}
-        in_flight = min(per_pass, held_by_mode[cfg.pp_mode])
+        in_flight = cfg.held_micro_batches(topo.stage)
         return MemoryEstimate(
             process=process,
             parameters=sum(p.nbytes for p in stage.parameters()),
@@ -213,11 +208,9 @@ class Trainer:
         return total
 
     def _passes(self, rounds: int) -> list[range]:
-        """Accumulation rounds grouped into pipeline passes. 1F1B holds at most p - s
-        micro-batches however many a pass has, so every round goes through one pass: the
-        pipeline fills and drains once per step, not once per round. GPipe holds every
-        micro-batch of its pass, so it keeps one pass per round (its memory stays m)."""
-        return [range(rounds)] if self.cfg.pp_mode != "gpipe" else [range(r, r + 1) for r in range(rounds)]
+        """Accumulation rounds grouped into pipeline passes (``RunConfig.rounds_per_pass``)."""
+        per_pass = min(rounds, self.cfg.rounds_per_pass())
+        return [range(r, min(r + per_pass, rounds)) for r in range(0, rounds, per_pass)]
 
     # -- training -------------------------------------------------------------------------------
 
@@ -452,9 +445,11 @@ class Trainer:
 
 
 def run(cfg: RunConfig) -> None:
-    plan = plan_stage(cfg)
+    plan = plan_stage(cfg)  # every check of the flags, before any rank waits for another
     comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied)
     try:
+        if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
+            plan = plan_stage(cfg, stage_memory_limits(comm, torch.device(cfg.device)))
         trainer = Trainer(cfg, plan, comm)
         error = None
         try:

@@ -67,6 +67,15 @@ def _no_backward(_: None) -> torch.Tensor:
     raise RuntimeError("a probed forward keeps nothing for a backward")
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """All the memory of ``device``: a GPU's own, or this host's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
 def probe_micro_batch(stage: torch.nn.Module, run_forward: Callable[[], torch.Tensor]) -> tuple[int, list[int]]:
     """What one micro-batch's forward leaves held for its backward, measured on a real forward
     (``run_forward``, without recomputation): the bytes of every tensor autograd saves (weights

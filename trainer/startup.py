@@ -11,8 +11,10 @@ import torch
 
 from comm.process_group import Communicator
 from modules import Family, family_for, load_config
-from pipeline.partition import split_layers
+from pipeline.partition import PartWeights, split_layers
 from trainer.config import RunConfig
+from trainer.memory import device_memory_bytes
+from trainer.precision import compute_dtype
 
 
 class StartupError(RuntimeError):
@@ -32,8 +34,10 @@ class Plan:
         return bool(getattr(self.model_config, "tie_word_embeddings", False))
 
 
-def plan_stage(cfg: RunConfig) -> Plan:
-    """Checks that need only the flags and config.json: identical on every rank, run before connecting."""
+def plan_stage(cfg: RunConfig, stage_memory: list[float] | None = None) -> Plan:
+    """Checks that need only the flags and config.json (identical on every rank: run before
+    connecting), and this rank's layers: the split by compute, within ``stage_memory`` (bytes
+    each stage may hold, from ``stage_memory_limits``) when it is known."""
     model_config = load_config(cfg.model.model_name)
     family = family_for(cfg.model.model_type or model_config.model_type)
     if cfg.model.embedding_dim is not None and cfg.model.embedding_dim != model_config.hidden_size:
@@ -47,14 +51,14 @@ def plan_stage(cfg: RunConfig) -> Plan:
             f"--seq-length {cfg.data.seq_length} is longer than the {limit} positions this {family.name} model "
             f"learned; use --seq-length {limit} or less"
         )
-    embedding, layer, head = part_sizes(family, model_config)
+    compute, memory = stage_costs(cfg, family, model_config)
     split = split_layers(
         model_config.num_hidden_layers,
         cfg.topology.pipeline_size,
         cfg.model.layers_per_stage,
-        layer_cost=layer,
-        first_extra=embedding,
-        last_extra=head,
+        cost=compute,
+        memory=memory,
+        limits=stage_memory,
     )
     return Plan(family, model_config, split[cfg.topology.stage])
 
@@ -64,6 +68,67 @@ def part_sizes(family: Family, model_config: object) -> tuple[int, int, int]:
     with torch.device("meta"):
         parts = (family.embedding(model_config), family.block(model_config, 0), family.head(model_config))
     return tuple(sum(p.numel() for p in part.parameters()) for part in parts)
+
+
+# Saved activation values per token of one block, in units of the hidden size (plus one score
+# per head and key): measured with trainer.memory.probe_micro_batch on the four families in
+# fp32, 17 (GPT-NeoX), 18 (LLaMA), 26 (GPT-J), 28 (GPT-2). A coarse bound for choosing a split;
+# the start-up estimate probes the real stage afterwards.
+BLOCK_ACTIVATIONS_PER_HIDDEN = 28
+
+
+def stage_costs(cfg: RunConfig, family: Family, model_config: object) -> tuple[PartWeights, list[PartWeights]]:
+    """What the embedding, a layer and the head cost: forward + backward FLOPs per token, and
+    each stage's bytes (weights, gradients, AdamW state, held activations).
+
+    A linear layer of P weights costs 2P FLOPs forward, 2P for its input gradient and 2P for
+    its weight gradient (none when frozen under LoRA); recomputation adds a forward, and the
+    chunked loss projects to the vocabulary again in the backward. Attention adds 2 x 2 x seq x
+    hidden per token forward, twice that backward. The embedding is a lookup: free."""
+    embedding, layer, head = part_sizes(family, model_config)
+    hidden, heads = model_config.hidden_size, model_config.num_attention_heads
+    vocab, seq, p = model_config.vocab_size, cfg.data.seq_length, cfg.topology.pipeline_size
+    trained, recompute = cfg.lora is None, cfg.activation_checkpointing == "full"
+    chunked = cfg.chunk_tokens_for(vocab) > 0
+    linear = 6 if trained else 4
+    attention = 12 * seq * hidden
+    compute = PartWeights(
+        embedding=0.0,
+        layer=(linear + 2 * recompute) * layer + attention * (4 / 3 if recompute else 1),
+        head=(linear + 2 * chunked) * head,
+    )
+    # bytes per parameter: fp32 weights, and if trained its gradient and AdamW's two moments
+    sharing = cfg.topology.data_size if cfg.dp.shard_optimizer else 1
+    per_param = 4 + (4 + 8 / sharing if trained else 0)
+    tokens = cfg.batch.micro_batch_size * seq
+    value = 2 if compute_dtype(cfg.optim.precision) is not None else 4  # a saved activation under autocast
+    block_act = tokens * (4 * hidden if recompute else value * (BLOCK_ACTIVATIONS_PER_HIDDEN * hidden + heads * seq))
+    head_act = tokens * (4 * hidden if chunked else 2 * 4 * vocab)  # chunked: the norm's output; else logits twice
+    memory = []
+    for stage in range(p):
+        held = cfg.held_micro_batches(stage)
+        memory.append(
+            PartWeights(
+                embedding=per_param * embedding + held * tokens * 4 * hidden,
+                layer=per_param * layer + held * block_act,
+                head=per_param * head + held * head_act,
+            )
+        )
+    return compute, memory
+
+
+def stage_memory_limits(comm: Communicator, device: torch.device) -> list[float]:
+    """Bytes each stage may hold: the least its ranks have. A GPU's memory is its own; a host's
+    memory is shared by its ranks on the CPU. Every rank gets the same list (one gather)."""
+    own = (socket.gethostname(), str(device), device_memory_bytes(device))
+    ranks = comm.all_gather_object(own)
+    topo = comm.topo
+    limits = [float("inf")] * topo.pipeline_size
+    for rank, (host, name, total) in enumerate(ranks):
+        sharing = sum(1 for h, n, _ in ranks if (h, n) == (host, name))
+        stage = rank % topo.pipeline_size
+        limits[stage] = min(limits[stage], total / sharing)
+    return limits
 
 
 def agree_on_start(comm: Communicator, cfg: RunConfig, step: int, error: str | None) -> list[str]:
