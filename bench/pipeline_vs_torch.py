@@ -1,37 +1,48 @@
-"""Our GPipe and 1F1B steps next to torch.distributed.pipelining's ScheduleGPipe and Schedule1F1B.
+"""Our GPipe, 1F1B and zero-bubble (zb1) steps next to torch.distributed.pipelining's ScheduleGPipe,
+Schedule1F1B and ScheduleInterleavedZeroBubble.
 
     python bench/pipeline_vs_torch.py [--micro-batch-sizes 1,2] [--steps 30] [--seq-length 32]
 
 Starts 2 ranks itself (Gloo on CPU, each pinned to its own core with one thread). Both ranks
 build the same tiny GPT-NeoX (convert.tiny_model.tiny_config, random weights from a seed) and
-hold one ``Stage`` each: stage 0 = embedding + first layers, stage 1 = the rest + head, split as
-the trainer splits them. For every schedule (GPipe, 1F1B) and micro-batch size, each round runs,
+hold one ``Stage`` each: stage 0 = embedding + first half of the layers, stage 1 = the rest + head
+(``build_stage``). For every schedule (GPipe, 1F1B, ZB1) and micro-batch size, each round runs,
 on the same stage objects and the same batch, with gradients zeroed after each (outside the timing):
 
-  ours     pipeline.schedule.gpipe_step / one_f_one_b_step over Communicator.connect, as
-           trainer/loop.py calls them
+  ours     pipeline.schedule.gpipe_step / one_f_one_b_step / zero_bubble_step over Communicator.connect,
+           as trainer/loop.py calls them
   torch    torch.distributed.pipelining: PipelineStage (wrapping the same Stage) + ScheduleGPipe /
-           Schedule1F1B
+           Schedule1F1B / ScheduleInterleavedZeroBubble (one stage per rank)
   compute  each stage's forwards and backwards alone on its core, one stage at a time, no links
+           (for ZB1 each backward as B then W, as zero_bubble_step splits it)
 
-Rounds alternate the order of ours and torch so both see the same noise; the table gives
-medians over rounds, and ours/torch is the median of the per-round ratios. "compute" is the
-sum over stages (the work one core would do alone); "ideal" is the step of the schedule that the
-measured per-micro-batch compute allows when links cost nothing: the limit ours and torch chase.
-Before timing, ours and torch (and for 1F1B, our GPipe) must give the same loss and gradients, so
-they are timed doing the same work. Other processes on the same cores show up as a warning about noisy figures.
+Our ZB1 runs on a second copy of the stage (the same weights): pipeline.weight_grad replaces its
+linear layers' forwards for good, and torch's zero-bubble schedule, which splits the backward through
+autograd itself, must see plain layers. Rounds alternate the order of ours and torch so both see
+the same noise; the table gives medians over rounds, and ours/torch is the median of the
+per-round ratios. "compute" is the sum over stages (the work one core would do alone); "ideal"
+is the step the measured per-micro-batch compute allows when links cost nothing, simulated
+over the order pipeline.schedule's own code runs (``schedule_orders``, ``simulate``): the limit ours
+and torch chase. Before timing, ours and torch (and for 1F1B and ZB1, our GPipe) must give the
+same loss and gradients, so they are timed doing the same work. Other processes on the same
+cores show up as a warning about noisy figures.
 
     python bench/pipeline_vs_torch.py --end-to-end [--rounds 3] [--steps 12] [--warmup 2]
 
 times whole training steps instead, on bench/common.py's model (4 layers, hidden 256, 8 heads), seq 128,
-batch 8 in micro-batches of 1, fp32, for GPipe, 1F1B and 1F1B accumulating 4 batches per step:
+batch 8 in micro-batches of 1 (m = 8 on p = 2 stages), fp32, every schedule of both sides, with one
+batch per optimizer step and with 4 accumulated:
 
-  ours     dist_clm_train.py (2 ranks, each under taskset on its own core): step_time_s of metrics.jsonl
-  torch    a bare loop as a user would write it: PipelineStage + ScheduleGPipe / Schedule1F1B (called once
-           per accumulated batch), clipping by the norm over both stages (an all_reduce of its square),
-           AdamW, timed on rank 0
+  ours     dist_clm_train.py (2 ranks, each under taskset on its own core): step_time_s of metrics.jsonl;
+           with --gradient-accumulate-step 4, 1F1B and zb1 run the 32 micro-batches as one pipeline pass
+           (GPipe keeps one pass per batch)
+  torch    a bare loop as a user would write it: PipelineStage + ScheduleGPipe / Schedule1F1B /
+           ScheduleInterleavedZeroBubble, called once per accumulated batch, clipping by the norm over
+           both stages (an all_reduce of its square), AdamW, timed on rank 0
 
 Each run trains --steps steps and times all but the first --warmup; rounds alternate who runs first.
+Every row is set against torch's best schedule for the same batches per step, beside the targets
+(ours' best <= 0.90x torch's best with one batch, <= 0.85x with 4 accumulated).
 """
 
 from __future__ import annotations
@@ -46,7 +57,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,25 +67,164 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule
 
 from bench.common import ROOT, build_model, rank_core
 from bench.common import run as run_trainer
 from comm.process_group import CommConfig, Communicator
 from comm.topology import Topology
+from comm.trace import LANES, Tracer
 from convert.tiny_model import tiny_config
 from modules import family_for, load_config
 from pipeline.partition import split_layers
-from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step
+from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.stage import Stage
+from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 from trainer.loss import token_loss
-from trainer.startup import part_sizes
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
 SEED = 0
-# Table name -> (our step, torch's schedule class): the same schedule on both sides.
-SCHEDULES = {"GPipe": (gpipe_step, ScheduleGPipe), "1F1B": (one_f_one_b_step, Schedule1F1B)}
+ScheduleStep = Callable[[nn.Module, Communicator, Sequence[MicroBatch], StepSpec], torch.Tensor]
+# Table name -> (our step, torch's schedule class): the same schedule on both sides; the name
+# lower-cased is our --pp-mode.
+SCHEDULES: dict[str, tuple[ScheduleStep, type[_PipelineSchedule]]] = {
+    "GPipe": (gpipe_step, ScheduleGPipe),
+    "1F1B": (one_f_one_b_step, Schedule1F1B),
+    "ZB1": (zero_bubble_step, ScheduleInterleavedZeroBubble),
+}
+
+
+# -- each stage's order under our schedules, and a step simulated over it (bench/bubble.py too) ----
+
+Op = tuple[str, int]  # ("F" forward | "B" backward, input gradient only under zb1 | "W" weight gradients, micro-batch)
+TRACED_LANES = {LANES.index("forward compute"), LANES.index("backward compute")}  # the spans F{i}, B{i}, W{i}
+
+
+class _OrderOnlyComm:
+    """Stands in for one stage's ``Communicator`` where only the compute order matters: every
+    receive has arrived (zeros; None past the pipeline's ends, as the real helpers return), sends
+    go nowhere, and the tracer keeps the compute spans the schedule opens."""
+
+    def __init__(self, stage: int, stages: int) -> None:
+        self.topo = Topology(stage, stages, 1)
+        self.tracer = Tracer(stage)
+
+    @staticmethod
+    def _arrived(tensor: torch.Tensor | None) -> torch.futures.Future:
+        """A posted receive whose tensor is already here: ``wait()`` returns it, as the real handle's does."""
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(tensor)
+        return done
+
+    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.futures.Future:
+        return self._arrived(None if self.topo.is_first_stage else torch.zeros(shape, dtype=dtype))
+
+    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.futures.Future:
+        return self._arrived(None if self.topo.is_last_stage else torch.zeros(shape, dtype=dtype))
+
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.post_recv_forward(shape, dtype).wait()
+
+    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.post_recv_backward(shape, dtype).wait()
+
+    def send_forward_recv_backward(self, _: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.recv_backward(shape, dtype)
+
+    def send_backward_recv_forward(self, _: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        return self.recv_forward(shape, dtype)
+
+    def post_send_backward_recv_forward(
+        self, _: object, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.futures.Future:
+        return self.post_recv_forward(shape, dtype)
+
+    def send_forward(self, _: object, wait: bool = True) -> None:
+        pass
+
+    def send_backward(self, _: object, wait: bool = True) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def schedule_orders(step: ScheduleStep, stages: int, micro_batches: int) -> list[list[Op]]:
+    """Each stage's compute order under ``step`` (a function of pipeline.schedule), read off the
+    spans it opens running on a one-weight stage: the orders are the schedule code's own, so they
+    cannot drift from it as a copy typed out here could."""
+    spec = StepSpec((1, 1), torch.float32, loss_fn=lambda y, labels: y.sum())
+    orders = []
+    for s in range(stages):
+        comm = _OrderOnlyComm(s, stages)
+        toy = torch.zeros(1, 1)  # input "ids" of the first stage, labels of the last
+        micro = [MicroBatch(toy if s == 0 else None, toy if s == stages - 1 else None)] * micro_batches
+        step(nn.Linear(1, 1), comm, micro, spec)  # the stand-in has every helper the schedules call
+        orders.append([(e["name"][0], int(e["name"][1:])) for e in comm.tracer.events if e["tid"] in TRACED_LANES])
+    return orders
+
+
+@dataclass(frozen=True)
+class Simulated:
+    """A step run over free links: per stage, when its last op ended and how long it computed."""
+
+    ends: tuple[float, ...]
+    busy: tuple[float, ...]
+
+    @property
+    def step(self) -> float:
+        return max(self.ends)
+
+    @property
+    def idle_share(self) -> float:
+        """As trainer.profiling.summarize's bubble: per stage, 1 - compute / its span (from the
+        step's start to its own last op), averaged over stages."""
+        return statistics.fmean(1 - busy / end for busy, end in zip(self.busy, self.ends, strict=True))
+
+
+def simulate(orders: list[list[Op]], seconds: Callable[[str, int, int], float]) -> Simulated:
+    """Every stage runs its order from t=0, each op as soon as the one before it ended and its
+    input exists: a forward of micro-batch i needs stage s-1's forward of i, a backward (B) needs
+    stage s+1's; W waits for nothing but its own stage. ``seconds(kind, s, i)`` is how long op
+    (kind, i) takes on stage s; links cost nothing."""
+    left = [list(order) for order in orders]  # what each stage has still to run
+    clock = [0.0] * len(orders)  # when each stage's latest op ended
+    busy = [0.0] * len(orders)
+    ended: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> when it ended
+    while any(left):
+        progressed = False
+        for s, order in enumerate(left):  # run each stage as far as its inputs allow
+            while order:
+                kind, i = order[0]
+                source = {"F": s - 1, "B": s + 1}.get(kind)  # the neighbour whose output this op needs
+                needs = source is not None and 0 <= source < len(orders)
+                if needs and (kind, source, i) not in ended:
+                    break
+                order.pop(0)
+                took = seconds(kind, s, i)
+                clock[s] = max(clock[s], ended[kind, source, i] if needs else 0.0) + took
+                busy[s] += took
+                ended[kind, s, i] = clock[s]
+                progressed = True
+        if not progressed:
+            raise ValueError(f"the stages' orders wait on each other for ever: {left}")
+    return Simulated(tuple(clock), tuple(busy))
+
+
+def closed_form_idle(stages: int, micro_batches: int, forward: float, backward: float, weight: float = 0.0) -> float:
+    """The textbook idle share for F, B, W of the given lengths on equal stages: GPipe and 1F1B
+    (p-1)/(m+p-1) (``weight`` 0, the backward whole); ZB-H1 (p-1)(F+B-W) / (m(F+B+W) + (p-1)(F+B-W)),
+    about (p-1)/(3m+p-1) when F, B and W are equal (Qi et al. 2024)."""
+    bubble = (stages - 1) * (forward + backward - weight)
+    return bubble / (micro_batches * (forward + backward + weight) + bubble)
 
 
 @dataclass(frozen=True)
@@ -105,7 +256,7 @@ class Row:
     compute: float  # sum over stages: one core doing all the work
     compute_spread: float  # 90th / 10th percentile of compute over rounds, minus 1: the noise
     ideal: float  # the schedule with free links, from the measured per-micro-batch compute
-    stage_compute: tuple[tuple[float, float], ...]  # per stage: forwards, backwards of a step
+    stage_compute: tuple[tuple[float, float, float], ...]  # per stage: F, B, W of a step (W 0: in B)
     max_diff: float  # largest loss or gradient difference between ours, torch (and our GPipe)
 
 
@@ -114,23 +265,31 @@ class Row:
 
 def build_stage(setup: Setup, topo: Topology, weights: Path | None = None) -> Stage:
     """This rank's stage of the tiny GPT-NeoX ``setup`` describes, with random weights; with
-    ``weights`` (a layer-sharded model), that model's config and weights, as the trainer loads them."""
+    ``weights`` (a layer-sharded model), that model's config and weights, as the trainer loads them.
+
+    The stages hold equal numbers of layers (the earlier one the odd layer). On these models the
+    embedding and the head weigh alike, so that is the split by parameters too; it is pinned,
+    and our trainer gets it with --num-layers (``split_flag``), so both sides hold the same
+    layers whatever the trainer's default split."""
     if weights is None:
         config = tiny_config("gptneox", setup.vocab, setup.layers, hidden=setup.hidden, heads=setup.heads)
         config._attn_implementation = "sdpa"  # the kernel the trainer uses (modules.load_config)
     else:
         config = load_config(weights)
     family = family_for("gptneox")
-    # The trainer's split: balance parameters, counting the embedding and the head.
-    embedding, layer, head = part_sizes(family, config)
-    layers = split_layers(config.num_hidden_layers, STAGES, layer_cost=layer, first_extra=embedding, last_extra=head)
-    stage = Stage(family, config, layers[topo.stage], topo.is_first_stage, topo.is_last_stage)
+    layers = split_layers(config.num_hidden_layers, STAGES)[topo.stage]
+    stage = Stage(family, config, layers, topo.is_first_stage, topo.is_last_stage)
     if weights is None:
         # Weights depend on the part names and the seed only, so the stages form one model.
         stage.init_parts(config.initializer_range, SEED)
     else:
         stage.load_parts(str(weights))
     return stage.train()
+
+
+def split_flag(setup: Setup) -> list[str]:
+    """--num-layers for our trainer: the split ``build_stage`` makes."""
+    return ["--num-layers", ",".join(str(len(layers)) for layers in split_layers(setup.layers, STAGES))]
 
 
 def make_batch(setup: Setup) -> torch.Tensor:
@@ -141,7 +300,7 @@ def make_batch(setup: Setup) -> torch.Tensor:
 
 def torch_schedule(
     name: str, stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: LossFn
-) -> ScheduleGPipe | Schedule1F1B:
+) -> _PipelineSchedule:
     """torch's schedule ``name`` over our stage, with shapes given up front (static metadata).
 
     With inputs and outputs described at construction, the schedule skips its first-step
@@ -162,24 +321,33 @@ def torch_schedule(
         input_args=ids if topo.is_first_stage else hidden,
         output_args=logits if topo.is_last_stage else hidden,
     )
+    schedule = SCHEDULES[name][1]
+    # The zero-bubble schedule is one of torch's multi-stage ones, which take a list of this
+    # rank's stages (here the one); it splits each backward into input and weight parts itself.
+    stages = [pipe_stage] if issubclass(schedule, PipelineScheduleMulti) else pipe_stage
     # scale_grads=False: our loss is already divided by the whole batch's token count, so
     # gradients are summed over micro-batches, as our steps do (the default divides by m).
-    return SCHEDULES[name][1](pipe_stage, n_microbatches=setup.batch_size // micro_shape[0], loss_fn=loss_fn,
-                              scale_grads=False)  # fmt: skip
+    m = setup.batch_size // micro_shape[0]
+    return schedule(stages, n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
 
 
 def compute_only(
-    stage: Stage, topo: Topology, micro: list[MicroBatch], hidden_shape: tuple[int, ...], loss_fn: LossFn
-) -> tuple[list[float], list[float]]:
+    stage: Stage,
+    topo: Topology,
+    micro: list[MicroBatch],
+    hidden_shape: tuple[int, ...],
+    loss_fn: LossFn,
+    weights: DeferredWeightGrads | None,
+) -> tuple[list[float], list[float], list[float]]:
     """Forward then backward of every micro-batch, GPipe order, no communication.
 
-    Returns the seconds of each forward and each backward. Received activations and
-    gradients are stood in for by random tensors of the right shape (compute does not
-    depend on their values).
+    Returns the seconds of each forward, each backward and, with ``weights`` (the stage's store
+    of deferred weight gradients), each backward's W run right after it; without, the backward
+    holds W and its seconds are 0. Received activations and gradients are stood in for by random
+    tensors of the right shape (compute does not depend on their values).
     """
     generator = torch.Generator().manual_seed(SEED + 1)
-    fwd: list[float] = []
-    bwd: list[float] = []
+    seconds: tuple[list[float], list[float], list[float]] = ([], [], [])
     saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for mb in micro:
         x = mb.input_ids if topo.is_first_stage else torch.randn(hidden_shape, generator=generator).requires_grad_()
@@ -188,22 +356,30 @@ def compute_only(
         y = stage(x)
         if mb.labels is not None:
             y = loss_fn(y, mb.labels)
-        fwd.append(time.perf_counter() - started)
+        seconds[0].append(time.perf_counter() - started)
         saved.append((y, grad))
     for y, grad in saved:
         started = time.perf_counter()
-        torch.autograd.backward(y, grad_tensors=grad)
-        bwd.append(time.perf_counter() - started)
-    return fwd, bwd
+        with weights.deferring() if weights is not None else nullcontext():
+            torch.autograd.backward(y, grad_tensors=grad)
+        seconds[1].append(time.perf_counter() - started)
+        if weights is None:
+            seconds[2].append(0.0)  # the backward held W
+        else:
+            started = time.perf_counter()
+            weights.run_oldest()
+            seconds[2].append(time.perf_counter() - started)
+    return seconds
 
 
-def check_same_work(stage: Stage, topo: Topology, runs: list[Callable[[], torch.Tensor]]) -> float:
-    """Largest difference of the later runs' losses and gradients from the first's, over both ranks."""
+def check_same_work(runs: list[tuple[Callable[[], torch.Tensor], Stage]]) -> float:
+    """Largest difference of the later runs' losses and gradients (each of the stage it runs on)
+    from the first's, over both ranks."""
     results: list[list[torch.Tensor]] = []  # per run: loss, then every gradient
-    for run in runs:
+    for run, stage in runs:
         stage.zero_grad(set_to_none=False)
         results.append([run(), *(p.grad.clone() for p in stage.parameters())])
-    stage.zero_grad(set_to_none=False)
+        stage.zero_grad(set_to_none=False)
     diffs = [(a - b).abs().max() for later in results[1:] for a, b in zip(results[0], later, strict=True)]
     worst = torch.stack(diffs).max().reshape(1)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -220,39 +396,9 @@ def timed(run: Callable[[], object], stage: Stage) -> float:
     return elapsed
 
 
-def stage_order(schedule: str, stage: int, m: int) -> list[tuple[str, int]]:
-    """The order in which ``stage`` runs forwards ("F", i) and backwards ("B", i) under ``schedule``."""
-    if schedule == "GPipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warmup = min(STAGES - 1 - stage, m)  # 1F1B: warm-up forwards, then one forward, one backward
-    order = [("F", i) for i in range(warmup)]
-    for i in range(warmup, m):
-        order += [("F", i), ("B", i - warmup)]
-    return order + [("B", i) for i in range(m - warmup, m)]
-
-
-def ideal_step(schedule: str, fwd: list[list[float]], bwd: list[list[float]]) -> float:
-    """End of a step whose links are free: fwd[s][i] / bwd[s][i] are the compute seconds of
-    micro-batch i on stage s; each runs in its stage's order, after the one before it and after
-    the neighbouring stage's output (forward: from s-1, backward: from s+1)."""
-    orders = [stage_order(schedule, s, len(fwd[0])) for s in range(len(fwd))]  # what is left to run
-    clock = [0.0] * len(fwd)  # when each stage's latest op ended
-    end: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> when it ended
-    while any(orders):
-        for s, order in enumerate(orders):  # run each stage as far as its inputs allow
-            while order:
-                kind, i = order[0]
-                source = (kind, s - 1 if kind == "F" else s + 1, i)
-                if 0 <= source[1] < len(fwd) and source not in end:
-                    break  # waits for the neighbour's output
-                order.pop(0)
-                clock[s] = max(clock[s], end.get(source, 0.0)) + (fwd if kind == "F" else bwd)[s][i]
-                end[kind, s, i] = clock[s]
-    return max(clock)
-
-
-def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_size: int) -> Row | None:
-    """Time ours, torch's and compute-only for one schedule and micro-batch size; rank 0 gets the row."""
+def measure(setup: Setup, comm: Communicator, stages: tuple[Stage, Stage], name: str, micro_size: int) -> Row | None:
+    """Time ours, torch's and compute-only for one schedule and micro-batch size; rank 0 gets the row.
+    ``stages``: the plain stage, and its copy whose linear layers defer W, on which our ZB1 runs."""
     topo = comm.topo
     ids = make_batch(setup)
     m = setup.batch_size // micro_size
@@ -265,14 +411,17 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_siz
                    ids[i : i + micro_size] if topo.is_last_stage else None)
         for i in range(0, setup.batch_size, micro_size)
     ]  # fmt: skip
+    stage, split_stage = stages
     our_step = SCHEDULES[name][0]
+    ours_stage = split_stage if our_step is zero_bubble_step else stage
+    weights = deferred_weight_grads(split_stage) if ours_stage is split_stage else None
     schedule = torch_schedule(name, stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
     # As Trainer._run_rounds builds it in fp32: activations travel as the weights' dtype, no autocast.
     spec = StepSpec(hidden_shape, torch.float32, loss_fn, train=True, compute_dtype=None)
 
     def run_ours() -> torch.Tensor:
-        return our_step(stage, comm, micro, spec)
+        return our_step(ours_stage, comm, micro, spec)
 
     def run_torch() -> torch.Tensor:
         # step() cuts the whole batch into the same contiguous micro-batches (dim 0);
@@ -283,47 +432,45 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_siz
         schedule.step(*args, target=target, losses=losses if topo.is_last_stage else None, return_outputs=False)
         return torch.stack(losses).detach().sum() if losses else torch.zeros(())
 
-    fwd_times: list[list[float]] = []
-    bwd_times: list[list[float]] = []
+    compute_times: list[tuple[list[float], list[float], list[float]]] = []  # per round: F, B, W seconds
 
     def run_compute() -> None:
         # One stage at a time, the other ranks idle in the barrier: each stage's compute is
         # measured alone on its core, as a single rank without communication would run it.
         for s in range(STAGES):
             if s == topo.stage:
-                fwd, bwd = compute_only(stage, topo, micro, hidden_shape, loss_fn)
-                fwd_times.append(fwd)
-                bwd_times.append(bwd)
-                stage.zero_grad(set_to_none=False)
+                compute_times.append(compute_only(ours_stage, topo, micro, hidden_shape, loss_fn, weights))
+                ours_stage.zero_grad(set_to_none=False)
             dist.barrier()
 
     # The first torch step also runs its warm-up vote between the stages; do it untimed.
-    # Every schedule must reproduce our GPipe's loss and gradients (1F1B only reorders the work).
-    reference = [] if our_step is gpipe_step else [functools.partial(gpipe_step, stage, comm, micro, spec)]
-    worst = check_same_work(stage, topo, [run_ours, run_torch, *reference])
+    # Every schedule must reproduce our GPipe's loss and gradients (1F1B and ZB1 only reorder the work).
+    reference = [] if our_step is gpipe_step else [(functools.partial(gpipe_step, stage, comm, micro, spec), stage)]
+    worst = check_same_work([(run_ours, ours_stage), (run_torch, stage), *reference])
     if worst > 1e-5:
         raise RuntimeError(f"{name}: the runs disagree by {worst:.3g} on loss or gradients; timing them means nothing")
     ours: list[float] = []
     theirs: list[float] = []
     for round_index in range(setup.warmup + setup.steps):
         # Alternate who goes first: a slow spell then hits both schedules alike.
-        pair = [(ours, run_ours), (theirs, run_torch)]
-        for times, run in pair if round_index % 2 == 0 else pair[::-1]:
-            times.append(timed(run, stage))
+        pair = [(ours, run_ours, ours_stage), (theirs, run_torch, stage)]
+        for times, run, runs_on in pair if round_index % 2 == 0 else pair[::-1]:
+            times.append(timed(run, runs_on))
         run_compute()
-    del fwd_times[: setup.warmup], bwd_times[: setup.warmup]
     steps = torch.tensor([ours[setup.warmup :], theirs[setup.warmup :]], dtype=torch.float64)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
-    compute = torch.zeros((STAGES, 2, setup.steps, m), dtype=torch.float64)
-    compute[topo.stage] = torch.tensor([fwd_times, bwd_times], dtype=torch.float64)
+    compute = torch.zeros((STAGES, setup.steps, 3, m), dtype=torch.float64)  # [stage][round][F, B, W][micro-batch]
+    compute[topo.stage] = torch.tensor(compute_times[setup.warmup :], dtype=torch.float64)
     dist.all_reduce(compute)  # every rank's own stage into one table
     if topo.rank != 0:
         return None
     # Compute figures per round (both stages measured in the same round), then their medians.
-    per_round = [compute[:, :, r] for r in range(setup.steps)]
+    per_round = [compute[:, r] for r in range(setup.steps)]
     sums = [float(c.sum()) for c in per_round]
-    totals = compute.sum(dim=3).tolist()  # [stage][forward, backward][round]: seconds per step
-    stage_compute = tuple((statistics.median(f), statistics.median(b)) for f, b in totals)
+    totals = compute.sum(dim=3).transpose(1, 2).tolist()  # [stage][F, B, W][round]: seconds per step
+    stage_compute = tuple((statistics.median(f), statistics.median(b), statistics.median(w)) for f, b, w in totals)
+    orders = schedule_orders(our_step, STAGES, m)
+    ideal = [simulate(orders, lambda kind, s, i, c=c: float(c[s, "FBW".index(kind), i])).step for c in per_round]
     return Row(
         schedule=name,
         micro_batch_size=micro_size,
@@ -333,7 +480,7 @@ def measure(setup: Setup, comm: Communicator, stage: Stage, name: str, micro_siz
         ratio=statistics.median((steps[0] / steps[1]).tolist()),
         compute=statistics.median(sums),
         compute_spread=spread(sums),
-        ideal=statistics.median(ideal_step(name, c[:, 0].tolist(), c[:, 1].tolist()) for c in per_round),
+        ideal=statistics.median(ideal),
         stage_compute=stage_compute,
         max_diff=worst,
     )
@@ -354,8 +501,8 @@ def worker(rank: int, setup: Setup) -> None:
     # Heartbeats are not started: they guard against lost peers, not part of a step's work.
     comm = Communicator.connect(topo, CommConfig(f"tcp://127.0.0.1:{setup.port}", timeout_s=120.0), torch.device("cpu"))
     try:
-        stage = build_stage(setup, topo)
-        rows = [measure(setup, comm, stage, name, size) for name in SCHEDULES for size in setup.micro_batch_sizes]
+        stages = (build_stage(setup, topo), build_stage(setup, topo))  # plain, and for our ZB1 (see measure)
+        rows = [measure(setup, comm, stages, name, size) for name in SCHEDULES for size in setup.micro_batch_sizes]
     except BaseException as err:
         comm.close(error=f"{type(err).__name__}: {err}")
         raise
@@ -395,25 +542,35 @@ def report(setup: Setup, rows: list[Row]) -> None:
         )  # fmt: skip
     log.info("ours/torch: median of the per-round ratios (a round times both back to back)")
     log.info("ideal: the schedule with free links from the measured compute; compute: both stages' work, summed")
-    for row in rows[: len(setup.micro_batch_sizes)]:  # the same work under every schedule: show it once
-        stages = ", ".join(f"stage {s} F {1e3 * f:.1f} + B {1e3 * b:.1f}" for s, (f, b) in enumerate(row.stage_compute))
-        per_stage = [f + b for f, b in row.stage_compute]
+    for row in rows:
+        if row.schedule != next(iter(SCHEDULES)) and not any(w for _, _, w in row.stage_compute):
+            continue  # the same work as the first schedule's row at this micro-batch size: shown there
+        stages = ", ".join(
+            f"stage {s} F {1e3 * f:.1f} + B {1e3 * b:.1f}" + (f" + W {1e3 * w:.1f}" if w else "")
+            for s, (f, b, w) in enumerate(row.stage_compute)
+        )
+        per_stage = [sum(parts) for parts in row.stage_compute]
         log.info(
-            "compute per step, micro %d (ms): %s; heaviest / lightest stage %.2f",
-            row.micro_batch_size, stages, max(per_stage) / min(per_stage),
+            "compute per step, %s micro %d (ms): %s; heaviest / lightest stage %.2f",
+            row.schedule, row.micro_batch_size, stages, max(per_stage) / min(per_stage),
         )  # fmt: skip
     worst = max(row.max_diff for row in rows)
     agree = "exactly" if worst == 0 else f"within {worst:.1g}"
-    log.info("ours and torch (and 1F1B with our GPipe) agree on loss and gradients %s (checked before timing)", agree)
+    log.info("ours and torch (and 1F1B, ZB1 with our GPipe) agree on loss and gradients %s (checked before timing)",
+             agree)  # fmt: skip
     warn_if_noisy(max(row.compute_spread for row in rows), "compute-only time between rounds")
-    log.info("bubble (idle share of %d cores' step time) vs (p-1)/(m+p-1):", STAGES)
-    log.info("%-9s %5s %3s %7s %7s %7s %7s", "schedule", "micro", "m", "ours", "torch", "ideal", "theory")
+    log.info("bubble (idle share of %d cores' step time) vs the closed form:", STAGES)
+    log.info("%-9s %5s %3s %7s %7s %7s %7s", "schedule", "micro", "m", "ours", "torch", "ideal", "closed")
     for row in rows:
         bubble = [1 - row.compute / (STAGES * t) for t in (row.ours, row.theirs, row.ideal)]
-        theory = (STAGES - 1) / (row.micro_batches + STAGES - 1)
+        # F, B, W summed over the stages: the closed form takes their proportions only
+        closed = closed_form_idle(STAGES, row.micro_batches, *map(sum, zip(*row.stage_compute, strict=True)))
         log.info("%-9s %5d %3d %7.2f %7.2f %7.2f %7.2f", row.schedule, row.micro_batch_size, row.micro_batches,
-                 *bubble, theory)  # fmt: skip
-    log.info("theory assumes equal stages; the heavier last stage (head + loss) adds to ideal's bubble")
+                 *bubble, closed)  # fmt: skip
+    log.info(
+        "closed: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) for ZB1 from the measured "
+        "F, B, W; it assumes equal stages, and the heavier last stage (head + loss) adds to ideal's bubble"
+    )
 
 
 # -- end to end: our trainer against a bare torch.distributed.pipelining loop ---------------------
@@ -421,7 +578,7 @@ def report(setup: Setup, rows: list[Row]) -> None:
 
 @dataclass(frozen=True)
 class Case:
-    """One line of the end-to-end table: a schedule, and batches of 8 summed per optimizer step."""
+    """One schedule of the end-to-end table, and batches of 8 summed per optimizer step."""
 
     schedule: str  # a key of SCHEDULES; lower-cased, our --pp-mode
     accumulate: int
@@ -431,9 +588,11 @@ class Case:
         return self.schedule if self.accumulate == 1 else f"{self.schedule} accumulate {self.accumulate}"
 
 
-CASES = (Case("GPipe", 1), Case("1F1B", 1), Case("1F1B", 4))
+# The issue's targets: ours' best step time over torch's best, by batches accumulated per step.
+TARGETS = {1: 0.90, 4: 0.85}
 END_TO_END_LR = 1e-3
 MAX_GRAD_NORM = 1.0  # the trainer's default --max-grad-norm
+Timings = dict[Case, list[list[float]]]  # per case: per round, the seconds of each timed step
 
 
 def torch_loop(rank: int, setup: Setup, case: Case, shards: Path, out: Path) -> None:
@@ -487,19 +646,20 @@ def time_ours(setup: Setup, case: Case, shards: Path, corpus: Path, out: Path) -
     flags = ["--pipeline-group-size", str(STAGES), "--pp-mode", case.schedule.lower(),
              "--gradient-accumulate-step", str(case.accumulate), "--seq-length", str(setup.seq_length),
              "--batch-size", str(setup.batch_size), "--micro-batch-size", "1", "--lr", str(END_TO_END_LR),
-             "--max-grad-norm", str(MAX_GRAD_NORM)]  # fmt: skip
-    # Otherwise our defaults, as users run them: the chunked loss projects the logits again in
-    # the backward, work the torch loop (whole logits, plain cross-entropy) does not do.
+             "--max-grad-norm", str(MAX_GRAD_NORM), *split_flag(setup)]  # fmt: skip
+    # Otherwise our defaults, as users run them (--loss-chunk-tokens auto keeps these small logits
+    # whole, as the torch loop's plain cross-entropy does).
     rows = run_trainer(shards, corpus, out, setup.steps, flags, pin=True)
     return [row["step_time_s"] for row in rows if "step_time_s" in row][setup.warmup :]
 
 
-def end_to_end(steps: int, warmup: int, rounds: int) -> None:
-    """Time whole training steps of our trainer and of the torch loop for every case, in
-    alternating order round after round, and log the table."""
+def end_to_end(steps: int, warmup: int, rounds: int, accumulations: tuple[int, ...]) -> None:
+    """Time whole training steps of our trainer and of the torch loop for every schedule and
+    number of accumulated batches, in alternating order round after round, and log the table."""
     corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
-    ours: dict[Case, list[list[float]]] = {case: [] for case in CASES}  # per case: per round, step seconds
-    theirs: dict[Case, list[list[float]]] = {case: [] for case in CASES}
+    cases = [Case(name, accumulate) for accumulate in accumulations for name in SCHEDULES]
+    ours: Timings = {case: [] for case in cases}
+    theirs: Timings = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shards = build_model(folder, corpus)
@@ -509,7 +669,7 @@ def end_to_end(steps: int, warmup: int, rounds: int) -> None:
             seq_length=128, batch_size=8, micro_batch_sizes=(1,), steps=steps, warmup=warmup, port=0,
         )  # fmt: skip
         for r in range(rounds):
-            for i, case in enumerate(CASES):
+            for i, case in enumerate(cases):
                 # Who goes first alternates (ours, torch, torch, ours, ...): a slow spell hits both alike.
                 for side in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
                     out = folder / f"{side}-round{r}-case{i}"
@@ -524,26 +684,50 @@ def end_to_end(steps: int, warmup: int, rounds: int) -> None:
     report_end_to_end(setup, rounds, ours, theirs)
 
 
-def report_end_to_end(
-    setup: Setup, rounds: int, ours: dict[Case, list[list[float]]], theirs: dict[Case, list[list[float]]]
-) -> None:
+def pooled_median(runs: list[list[float]]) -> float:
+    """The median over every timed step of every round."""
+    return statistics.median(t for run in runs for t in run)
+
+
+def paired_ratio(runs: list[list[float]], against: list[list[float]]) -> float:
+    """Median over rounds of the ratio of the two runs' medians in that round (back to back, so
+    both saw the same noise)."""
+    return statistics.median(statistics.median(a) / statistics.median(b) for a, b in zip(runs, against, strict=True))
+
+
+def report_end_to_end(setup: Setup, rounds: int, ours: Timings, theirs: Timings) -> None:
     log.info(
         "whole training steps: tiny GPT-NeoX (hidden %d, %d layers, %d heads, vocab %d), batch %d x %d tokens, "
-        "micro-batch 1, fp32, AdamW, clipping at %g; %d stages on %d cores, Gloo; %d rounds of %d steps per run, "
-        "the first %d not timed",
-        setup.hidden, setup.layers, setup.heads, setup.vocab, setup.batch_size, setup.seq_length, MAX_GRAD_NORM,
-        STAGES, STAGES, rounds, setup.steps, setup.warmup,
+        "micro-batch 1 (m = %d), fp32, AdamW, clipping at %g; %d stages on %d cores, Gloo; %d rounds of %d steps "
+        "per run, the first %d not timed",
+        setup.hidden, setup.layers, setup.heads, setup.vocab, setup.batch_size, setup.seq_length, setup.batch_size,
+        MAX_GRAD_NORM, STAGES, STAGES, rounds, setup.steps, setup.warmup,
     )  # fmt: skip
-    log.info("%-18s %8s %9s %10s", "case", "ours ms", "torch ms", "ours/torch")
-    for case in CASES:
-        pooled = [statistics.median(t for run in side[case] for t in run) for side in (ours, theirs)]
-        ratio = statistics.median(
-            statistics.median(a) / statistics.median(b) for a, b in zip(ours[case], theirs[case], strict=True)
+    log.info("%-12s %-5s %-29s %8s %12s", "batches/step", "side", "schedule", "ms", "/torch best")
+    verdicts = []
+    for accumulate in sorted({case.accumulate for case in ours}):
+        cases = [case for case in ours if case.accumulate == accumulate]
+        best_torch = min(cases, key=lambda case: pooled_median(theirs[case]))
+        best_ours = min(cases, key=lambda case: pooled_median(ours[case]))
+        for side, timings in (("ours", ours), ("torch", theirs)):
+            for case in cases:
+                name = case.schedule if side == "ours" else SCHEDULES[case.schedule][1].__name__
+                log.info(
+                    "%-12d %-5s %-29s %8.1f %12.2f", accumulate, side, name, 1e3 * pooled_median(timings[case]),
+                    paired_ratio(timings[case], theirs[best_torch]),
+                )  # fmt: skip
+        ratio, target = paired_ratio(ours[best_ours], theirs[best_torch]), TARGETS.get(accumulate)
+        verdict = f", target <= {target:.2f}: {'met' if ratio <= target else 'missed'}" if target else ""
+        verdicts.append(
+            f"{accumulate} batch(es) per step: ours' best ({best_ours.schedule}) / torch's best "
+            f"({SCHEDULES[best_torch.schedule][1].__name__}) {ratio:.2f}{verdict}"
         )
-        log.info("%-18s %8.1f %9.1f %10.2f", case.label, 1e3 * pooled[0], 1e3 * pooled[1], ratio)
-    log.info("ms: median over every timed step; ours/torch: median over rounds of the runs' median ratio")
-    log.info("ours: step_time_s of the trainer; torch: ScheduleGPipe/Schedule1F1B + clipping + AdamW, on rank 0")
-    runs = [run for side in (ours, theirs) for case in CASES for run in side[case]]
+    log.info("ms: median over every timed step; /torch best: median over rounds of the runs' median ratio to the")
+    log.info("torch schedule with the lowest ms at the same batches per step (run back to back with it)")
+    log.info("ours: step_time_s of the trainer; torch: its schedule (once per batch) + clipping + AdamW, on rank 0")
+    for verdict in verdicts:
+        log.info("%s", verdict)
+    runs = [run for side in (ours, theirs) for case_runs in side.values() for run in case_runs]
     warn_if_noisy(max(spread(run) for run in runs), "step time within a run")
 
 
@@ -578,6 +762,9 @@ def main() -> None:
         "8 heads), seq 128, batch 8 of micro-batch 1; the model flags above do not apply",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="with --end-to-end: rounds of every case")
+    parser.add_argument(
+        "--accumulate", default="1,4", help="with --end-to-end: batches of 8 summed per optimizer step, comma-separated"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if len(os.sched_getaffinity(0)) < STAGES:
@@ -588,7 +775,10 @@ def main() -> None:
         warmup = 2 if args.warmup is None else args.warmup
         if warmup < 0 or steps - warmup < 2 or args.rounds < 1:
             parser.error("--end-to-end needs at least 2 timed steps (--steps minus --warmup) and 1 round")
-        end_to_end(steps, warmup, args.rounds)
+        accumulations = tuple(int(a) for a in args.accumulate.split(","))
+        if any(a < 1 for a in accumulations):
+            parser.error("--accumulate takes positive counts")
+        end_to_end(steps, warmup, args.rounds, accumulations)
         return
     args.steps = 30 if args.steps is None else args.steps
     args.warmup = 3 if args.warmup is None else args.warmup
@@ -597,6 +787,11 @@ def main() -> None:
         parser.error("--steps must be at least 2 (medians and spreads need them) and --warmup at least 0")
     if any(size < 1 or args.batch_size % size for size in sizes):
         parser.error(f"every micro-batch size must divide --batch-size {args.batch_size}")
+    for m in (args.batch_size // size for size in sizes):
+        # Schedule1F1B wants m >= p; ScheduleInterleavedZeroBubble runs m in rounds of max(1, m // p).
+        if m < STAGES or m % max(1, m // STAGES):
+            parser.error(f"m = {m} micro-batches: torch's 1F1B needs m >= {STAGES}, its zero-bubble schedule m a "
+                         f"multiple of m // {STAGES}")  # fmt: skip
     setup = Setup(
         args.hidden, args.layers, args.heads, args.vocab, args.seq_length, args.batch_size, sizes,
         args.steps, args.warmup, free_port(),
