@@ -27,11 +27,13 @@ from bench.common import build_model, run  # noqa: E402
 from bench.netns import NetHosts, two_hosts  # noqa: E402
 
 log = logging.getLogger("bench.compression_links")
+# --pp-compress alone: its gradients follow by default (fp16 -> fp16, int8 and int4 -> int8)
 SETTINGS = {
     "fp32": [],
-    "fp16": ["--pp-compress", "fp16", "--pp-compress-grad", "fp16"],
-    "int8": ["--pp-compress", "int8", "--pp-compress-grad", "int8"],
-    "int4": ["--pp-compress", "int4", "--pp-compress-grad", "int8"],
+    "fp16": ["--pp-compress", "fp16"],
+    "int8": ["--pp-compress", "int8"],
+    "int4": ["--pp-compress", "int4"],
+    "int4 per-token scales": ["--pp-compress", "int4", "--pp-compress-group", "0", "--pp-compress-outliers", "0"],
 }
 
 
@@ -53,7 +55,7 @@ def main() -> None:
         compute = run(shards, corpus, folder / "compute", args.steps, ["--pipeline-group-size", "2"])
         compute_s = statistics.median(r["step_time_s"] for r in compute[1:])
         log.info("compute alone (no emulated link): %.3f s/step\n", compute_s)
-        log.info("%8s %6s %10s %9s %9s %10s %10s", "Mbit/s", "codec", "step s", "vs fp32", "loss", "bytes s",
+        log.info("%8s %22s %10s %9s %9s %10s %10s", "Mbit/s", "codec", "step s", "vs fp32", "loss", "bytes s",
                  "bytes/step")  # fmt: skip
         for mbps in (float(b) for b in args.bandwidths.split(",")):
             if args.real_link:  # two namespaces, the kernel shaping the veth to the rate
@@ -69,12 +71,12 @@ def measure_rates(
 ) -> None:
     base = None
     for name, flags in SETTINGS.items():
-        rows = run(shards, corpus, folder / f"{name}-{mbps:g}", steps, ["--pipeline-group-size", "2", *flags, *link],
-                   hosts)  # fmt: skip
+        out = folder / f"{name.replace(' ', '-')}-{mbps:g}"
+        rows = run(shards, corpus, out, steps, ["--pipeline-group-size", "2", *flags, *link], hosts)
         step_s = statistics.median(r["step_time_s"] for r in rows[1:])
         base = base or step_s
         wire_s = rows[-1]["comm_bytes"] * 8 / (mbps * 1e6)
-        log.info("%8g %6s %10.3f %8.2fx %9.4f %10.3f %10d", mbps, name, step_s, base / step_s,
+        log.info("%8g %22s %10.3f %8.2fx %9.4f %10.3f %10d", mbps, name, step_s, base / step_s,
                  rows[-1]["loss"], wire_s, rows[-1]["comm_bytes"])  # fmt: skip
 
 

@@ -1,7 +1,16 @@
-"""How a tensor crosses a link: as is, cast to 16 bits, or quantised to int8/int4 per token.
+"""How a tensor crosses a link: as is, cast to 16 bits, or quantised to int8/int4.
 
-    int8:  q = round(x / s) in [-127, 127],  s = max|x| / 127 over the last dimension (one token)
-    int4:  q in [-7, 7], two values packed per byte; s = max|x| / 7
+Quantised, each token's vector (the last dimension) travels as:
+
+    outliers  its K values of largest magnitude, exactly: positions (int16/int32) and fp32 values
+    the rest  in groups of G channels, q = round(x / s) in [-L, L] with s = max|x| / L per group
+              (bf16 scales; int8: L = 127; int4: L = 7, two values packed per byte)
+
+LLaMA-family hidden states carry a few channels 100-1000x larger than the rest. With one scale
+per token such a channel sets the step for all the others, and at int4 they all round to zero;
+sent apart, it costs K x 6 bytes a token, and the groups confine any other large value to G
+channels. Gradients may round stochastically (``stochastic``): floor(x / s + u), u uniform in
+[0, 1), is unbiased, so what one micro-batch rounds away is not added up again over the steps.
 
 A codec turns one tensor into a few "wire" tensors of shapes fixed by the tensor's shape, so
 the receiver can size its buffers without a header (Gloo needs exact sizes).
@@ -12,15 +21,39 @@ from __future__ import annotations
 import torch
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4")
+GROUP = 64  # channels sharing one scale (when the hidden size is a multiple; else one per token)
+OUTLIERS = 4  # values per token sent exactly
+
+
+def gradient_codec_for(activations: str) -> str:
+    """The default for gradients coming back over a link whose activations use ``activations``:
+    the same link is slow both ways. 16-bit activations: their gradients in the same 16 bits;
+    int8/int4: int8 (int4 is too coarse for gradients)."""
+    return {"int8": "int8", "int4": "int8"}.get(activations, activations)
 
 
 class Codec:
-    """``none``: the tensor as is. ``fp16``/``bf16``: cast for the trip."""
+    """``none``: the tensor as is. ``fp16``/``bf16``: cast for the trip. ``int8``/``int4``:
+    quantised as the module docstring says, ``group`` channels a scale (0: one scale per token)
+    and ``outliers`` values a token sent exactly."""
 
-    def __init__(self, name: str = "none") -> None:
+    def __init__(
+        self, name: str = "none", group: int = GROUP, outliers: int = OUTLIERS, stochastic: bool = False
+    ) -> None:
         if name not in CODECS:
             raise ValueError(f"unknown compression {name!r}; choose one of {CODECS}")
-        self.name = name
+        if group < 0 or outliers < 0:
+            raise ValueError("--pp-compress-group and --pp-compress-outliers must be >= 0")
+        self.name, self.group, self.outliers, self.stochastic = name, group, outliers, stochastic
+
+    @property
+    def quantised(self) -> bool:
+        return self.name in ("int8", "int4")
+
+    def _layout(self, dim: int) -> tuple[int, int, torch.dtype]:
+        """(channels per scale, outliers per token, their index dtype) for vectors of ``dim``."""
+        group = self.group if self.group and dim % self.group == 0 else dim
+        return group, min(self.outliers, dim), torch.int16 if dim <= 2**15 else torch.int32
 
     def wire(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of the wire tensors for a tensor of ``shape``/``dtype``."""
@@ -28,12 +61,15 @@ class Codec:
             return [(shape, dtype)]
         if self.name in ("fp16", "bf16"):
             return [(shape, torch.float16 if self.name == "fp16" else torch.bfloat16)]
-        tokens = (*shape[:-1], 1)
-        if self.name == "int8":
-            return [(shape, torch.int8), (tokens, torch.float32)]
-        if shape[-1] % 2:
-            raise ValueError(f"int4 packs two values a byte: the last dimension ({shape[-1]}) must be even")
-        return [((*shape[:-1], shape[-1] // 2), torch.uint8), (tokens, torch.float32)]
+        *tokens, dim = shape
+        if self.name == "int4" and dim % 2:
+            raise ValueError(f"int4 packs two values a byte: the last dimension ({dim}) must be even")
+        group, k, index_dtype = self._layout(dim)
+        values = (*tokens, dim) if self.name == "int8" else (*tokens, dim // 2)
+        wire = [(values, torch.int8 if self.name == "int8" else torch.uint8), ((*tokens, dim // group), torch.bfloat16)]
+        if k:
+            wire += [((*tokens, k), index_dtype), ((*tokens, k), torch.float32)]
+        return wire
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.name == "none":
@@ -42,23 +78,41 @@ class Codec:
             return [x.to(torch.float16 if self.name == "fp16" else torch.bfloat16).contiguous()]
         levels = 127 if self.name == "int8" else 7
         x = x.float()
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / levels  # (..., 1): one per token
-        q = torch.round(x / scale).clamp_(-levels, levels)
+        *tokens, dim = x.shape
+        group, k, index_dtype = self._layout(dim)
+        extra = []
+        if k:  # the largest values travel exactly; the groups quantise what is left
+            index = x.abs().topk(k, dim=-1).indices  # (..., k)
+            extra = [index.to(index_dtype), x.gather(-1, index)]
+            x = x.scatter(-1, index, 0.0)
+        groups = x.reshape(*tokens, dim // group, group)
+        scale = (groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / levels).to(torch.bfloat16)
+        q = groups / scale.float()
+        q = torch.floor(q + torch.rand_like(q)) if self.stochastic else torch.round(q)
+        q = q.clamp_(-levels, levels).reshape(*tokens, dim)  # the clamp: bf16 may round a scale down
+        scales = scale.squeeze(-1).contiguous()  # (..., dim / group)
         if self.name == "int8":
-            return [q.to(torch.int8), scale]
+            return [q.to(torch.int8), scales, *extra]
         nibbles = (q + 8).to(torch.uint8)  # 1..15
-        return [(nibbles[..., 0::2] << 4 | nibbles[..., 1::2]).contiguous(), scale]
+        return [(nibbles[..., 0::2] << 4 | nibbles[..., 1::2]).contiguous(), scales, *extra]
 
     def decode(self, wire: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if self.name in ("none", "fp16", "bf16"):
+        if not self.quantised:
             return wire[0].to(dtype)
-        packed, scale = wire
+        packed, scales, *extra = wire
         if self.name == "int8":
-            return (packed.float() * scale).to(dtype)
-        high = (packed >> 4).to(torch.int16) - 8
-        low = (packed & 0xF).to(torch.int16) - 8
-        q = torch.stack((high, low), dim=-1).flatten(-2)  # re-interleave: even, odd, even, ...
-        return (q.float() * scale).to(dtype)
+            q = packed.float()
+        else:
+            high = (packed >> 4).to(torch.int16) - 8
+            low = (packed & 0xF).to(torch.int16) - 8
+            q = torch.stack((high, low), dim=-1).flatten(-2).float()  # re-interleave: even, odd, even, ...
+        *tokens, dim = q.shape
+        groups = scales.shape[-1]
+        x = (q.reshape(*tokens, groups, dim // groups) * scales.float().unsqueeze(-1)).reshape(*tokens, dim)
+        if extra:
+            index, values = extra
+            x = x.scatter(-1, index.long(), values)
+        return x.to(dtype)
 
 
 DP_METHODS = ("none", "fp16", "int8", "topk")

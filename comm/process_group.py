@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.compress import Codec
+from comm.compress import GROUP, OUTLIERS, Codec
 from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat
 from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
@@ -45,7 +45,9 @@ class CommConfig:
     timeout_s: float = 300.0
     net_interface: str | None = None
     pp_compress: str = "none"  # activations between stages
-    pp_compress_grad: str = "none"  # their gradients, coming back
+    pp_compress_grad: str = "none"  # their gradients, coming back (the CLI's default: gradient_codec_for)
+    pp_compress_group: int = GROUP  # int8/int4: channels sharing one scale (0: one per token)
+    pp_compress_outliers: int = OUTLIERS  # int8/int4: largest values per token sent exactly
     link_bandwidth_mbps: float = 0.0  # emulated link (0: not held)
     link_latency_ms: float = 0.0
     # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
@@ -58,7 +60,7 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         for name in (self.pp_compress, self.pp_compress_grad):
-            Codec(name)  # raises on an unknown name
+            Codec(name, self.pp_compress_group, self.pp_compress_outliers)  # raises on an unknown name
         if self.net_interface:
             import psutil
 
@@ -132,8 +134,9 @@ class Communicator:
         self.timeout_s = cfg.timeout_s
         self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
-        self.act_codec = Codec(cfg.pp_compress)
-        self.grad_codec = Codec(cfg.pp_compress_grad)
+        self.act_codec = Codec(cfg.pp_compress, cfg.pp_compress_group, cfg.pp_compress_outliers)
+        # gradients round stochastically: unbiased, so what rounds away does not pile up over steps
+        self.grad_codec = Codec(cfg.pp_compress_grad, cfg.pp_compress_group, cfg.pp_compress_outliers, stochastic=True)
         self.link = (cfg.link_bandwidth_mbps, cfg.link_latency_ms) if cfg.emulates_link else None
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
         self.dp_bytes_sent = 0  # and bytes of data-parallel collectives

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from comm.compress import CODECS, DP_METHODS
+from comm.compress import CODECS, DP_METHODS, GROUP, OUTLIERS, gradient_codec_for
 from comm.devices import choose_device
 from comm.process_group import CommConfig
 from comm.topology import Topology
@@ -189,13 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--pp-compress",
         choices=CODECS,
         default="none",
-        help="activations between stages: 16-bit casts or int8/int4 with a scale per token",
+        help="activations between stages: 16-bit casts, or int8/int4 with group-wise scales and each "
+        "token's largest values sent exactly (robust to outlier channels)",
     )
     t.add_argument(
         "--pp-compress-grad",
         choices=CODECS,
-        default="none",
-        help="their gradients on the way back (int4 is lossy: prefer fp16/bf16/int8)",
+        default=None,
+        help="their gradients on the way back (int8/int4 round stochastically); default: what the "
+        "link's activations use, int8 for int8/int4 activations, none for none",
+    )
+    t.add_argument(
+        "--pp-compress-group",
+        type=int,
+        default=GROUP,
+        help="int8/int4: channels sharing one scale (0: one scale per token)",
+    )
+    t.add_argument(
+        "--pp-compress-outliers",
+        type=int,
+        default=OUTLIERS,
+        help="int8/int4: values of largest magnitude per token sent exactly beside the quantised rest",
     )
     t.add_argument(
         "--link-bandwidth-mbps",
@@ -328,7 +342,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         timeout_s=args.comm_timeout,
         net_interface=args.net_interface,
         pp_compress=args.pp_compress,
-        pp_compress_grad=args.pp_compress_grad,
+        pp_compress_grad=args.pp_compress_grad or gradient_codec_for(args.pp_compress),
+        pp_compress_group=args.pp_compress_group,
+        pp_compress_outliers=args.pp_compress_outliers,
         link_bandwidth_mbps=args.link_bandwidth_mbps,
         link_latency_ms=args.link_latency_ms,
     )

@@ -242,7 +242,13 @@ class RunConfig:
             "dp": self.topology.data_size,
             "dist_url": self.comm.dist_url,
             "backends": [self.comm.backend, self.comm.dp_backend],
-            "pipeline": [self.pp_mode, self.comm.pp_compress, self.comm.pp_compress_grad],
+            "pipeline": [
+                self.pp_mode,
+                self.comm.pp_compress,
+                self.comm.pp_compress_grad,
+                self.comm.pp_compress_group,
+                self.comm.pp_compress_outliers,
+            ],
             "data_parallel": asdict(self.dp),
             "profiling": self.profiling,
             # Paths may differ between nodes; what they hold and how it is used may not.
