@@ -14,6 +14,7 @@ from comm.compress import Codec
 from comm.topology import Topology
 from comm.trace import LANES, NULL_TRACER, Tracer
 from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
+from pipeline.weight_grad import deferred_weight_grads
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
 
 HIDDEN, SEQ = 8, 4
@@ -156,6 +157,20 @@ class ToyBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.embed is not None else x
         return h + self.down(torch.tanh(self.conv(self.norm(self.up(h)))))
+
+
+def test_b_leaves_the_linear_weight_gradients_to_w() -> None:
+    stage = ToyBlocks(first=False)
+    store = deferred_weight_grads(stage)
+    x = torch.randn(1, SEQ, HIDDEN, requires_grad=True)
+    with store.deferring():
+        stage(x).pow(2).sum().backward()
+    deferred = (stage.up.weight, stage.up.bias, stage.conv.weight, stage.conv.bias, stage.down.weight)
+    assert x.grad is not None and stage.norm.weight.grad is not None  # B: the input's and the norm's
+    assert all(p.grad is None for p in deferred)
+    store.run_oldest()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deferred)
+    assert not store.pending
 
 
 class KeyedLoopbackComm(LoopbackComm):
