@@ -18,6 +18,8 @@ the receiver can size its buffers without a header (Gloo needs exact sizes).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4")
@@ -123,8 +125,15 @@ class GradientCompressor:
     """Sends less than fp32 for the data-parallel gradient sum, with error feedback: what one
     step's compression drops is added to the next step's gradient, so it is delayed, not lost.
 
-    ``encode`` gives this replica's payload (a few tensors of sizes fixed by the gradient's
-    length); the replicas' payloads are all-gathered and ``decode_sum`` adds them up in fp32.
+    Two replicas all-gather: ``encode`` gives this replica's payload (a few tensors of sizes
+    fixed by the gradient's length), and ``decode_sum`` adds the replicas' payloads up in fp32;
+    each replica sends its payload once. More replicas would each send n - 1 payloads that way,
+    so they sum in two rounds of 1/n-sized chunks instead (a compressed reduce-scatter and
+    all-gather): ``encode_parts`` cuts the gradient into n chunks, replica i receives every
+    replica's chunk i (an all-to-all) and adds them up, ``encode_chunk_sum`` compresses that
+    sum again (with an error feedback of its own, kept by the chunk's owner), and the n
+    compressed sums are all-gathered. Each replica then sends 2 (n - 1) / n of one payload,
+    whatever n is.
     """
 
     def __init__(self, method: str, topk_ratio: float = 0.01) -> None:
@@ -133,28 +142,56 @@ class GradientCompressor:
         self.method = method
         self.topk_ratio = topk_ratio
         self.residual: torch.Tensor | None = None
-        self._before: torch.Tensor | None = None  # the residual before the last encode
+        self.chunk_residual: torch.Tensor | None = None  # what the sum of this replica's chunk dropped
+        self._before: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # before the last step
 
     def encode(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """This replica's whole gradient, with its error feedback, as one payload."""
+        self._before = (self.residual, self.chunk_residual)
         x = flat.float() + (self.residual if self.residual is not None else 0)
-        if self.method == "fp16":
-            payload = [x.to(torch.float16)]
-        elif self.method == "int8":
-            pad = (-x.numel()) % _INT8_CHUNK
-            chunks = torch.nn.functional.pad(x, (0, pad)).view(-1, _INT8_CHUNK)
-            scale = chunks.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
-            payload = [torch.round(chunks / scale).to(torch.int8), scale]
-        else:
-            k = max(1, int(x.numel() * self.topk_ratio))
-            index = x.abs().topk(k).indices.to(torch.int32)
-            payload = [x[index.long()], index]
-        self._before = self.residual
+        payload = self._encode(x)
         self.residual = x - self.decode_sum([payload], x.numel())  # what this step did not send
         return payload
 
+    def chunk_length(self, numel: int, parts: int) -> int:
+        """Values in each of ``parts`` equal chunks of ``numel`` (int8: whole scale blocks)."""
+        unit = _INT8_CHUNK if self.method == "int8" else 1
+        return math.ceil(numel / (parts * unit)) * unit
+
+    def encode_parts(self, flat: torch.Tensor, parts: int) -> list[list[torch.Tensor]]:
+        """This replica's gradient with its error feedback, zero-padded and cut into ``parts``
+        equal chunks, one payload each (payload i is for replica i to sum)."""
+        self._before = (self.residual, self.chunk_residual)
+        length = self.chunk_length(flat.numel(), parts)
+        x = torch.nn.functional.pad(flat.float(), (0, parts * length - flat.numel()))
+        if self.residual is not None:
+            x += self.residual
+        payloads = [self._encode(x[i * length : (i + 1) * length]) for i in range(parts)]
+        self.residual = x - torch.cat([self.decode_sum([p], length) for p in payloads])
+        return payloads
+
+    def encode_chunk_sum(self, summed: torch.Tensor) -> list[torch.Tensor]:
+        """The sum of this replica's chunk, compressed again for the all-gather."""
+        x = summed + (self.chunk_residual if self.chunk_residual is not None else 0)
+        payload = self._encode(x)
+        self.chunk_residual = x - self.decode_sum([payload], x.numel())
+        return payload
+
     def rollback(self) -> None:
-        """Forget the last encode (its step was skipped, e.g. for non-finite gradients)."""
-        self.residual = self._before
+        """Forget the last step's encodes (it was skipped, e.g. for non-finite gradients)."""
+        self.residual, self.chunk_residual = self._before
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.method == "fp16":
+            return [x.to(torch.float16)]
+        if self.method == "int8":
+            pad = (-x.numel()) % _INT8_CHUNK
+            chunks = torch.nn.functional.pad(x, (0, pad)).view(-1, _INT8_CHUNK)
+            scale = chunks.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+            return [torch.round(chunks / scale).to(torch.int8), scale]
+        k = max(1, int(x.numel() * self.topk_ratio))
+        index = x.abs().topk(k).indices.to(torch.int32)
+        return [x[index.long()], index]
 
     def decode_sum(self, payloads: list[list[torch.Tensor]], numel: int) -> torch.Tensor:
         total = torch.zeros(numel, dtype=torch.float32, device=payloads[0][0].device)

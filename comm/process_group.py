@@ -445,6 +445,23 @@ class Communicator:
                 dist.all_gather([g[i] for g in gathered], tensor, group=self._data_group)
         return [[place.incoming(t) for t in replica] for replica in gathered]
 
+    def all_to_all_data(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor's i-th slice along dim 0 (of ``data_size``) goes to replica i; returns, per
+        tensor, the slices every replica sent this one, in replica order along dim 0. Each rank
+        sends (n-1)/n of them."""
+        if self._data_group is None:
+            return tensors
+        n, place = self.topo.data_size, self.dp_place
+        wire = place.outgoing([t.contiguous() for t in tensors])
+        received = [place.buffer(t.shape, t.dtype) for t in wire]
+        sent = (n - 1) * sum(t.nbytes for t in tensors) // n
+        self.dp_bytes_sent += sent
+        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-to-all"):
+            self._hold_link(sent)
+            for out, tensor in zip(received, wire, strict=True):
+                dist.all_to_all_single(out, tensor, group=self._data_group)
+        return [place.incoming(t) for t in received]
+
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""
         if self._pipeline_group is not None:

@@ -167,14 +167,28 @@ class ReplicatedOptimizer(StageOptimizer):
             if self.compressor is not None:
                 rest = [p.grad for p in self.params if p is not tied]
                 packed = torch.cat([g.reshape(-1) for g in rest])
-                payloads = comm.all_gather_data(self.compressor.encode(packed))
-                unflatten(self.compressor.decode_sum(payloads, packed.numel()).to(packed), rest)
+                unflatten(self._compressed_sum(packed).to(packed), rest)
             summed = flat[-1].detach()
         grads = [p.grad.reshape(-1) for p in self.params]
         offsets = self.layout.offsets
         norms = [piece_norm(grads[i][a - offsets[i] : b - offsets[i]]) for i, a, b in self.layout.pieces]
         norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=device)
         return summed.cpu(), squared_norm(norms, self.layout, skip)
+
+    def _compressed_sum(self, packed: torch.Tensor) -> torch.Tensor:
+        """The replicas' sum of ``packed`` through the compressor (comm.compress.GradientCompressor):
+        two replicas all-gather their payloads; more sum 1/n chunks in two compressed rounds, so
+        each sends about two payloads' worth whatever n is, where an all-gather sends n - 1."""
+        comm, compressor, n = self.comm, self.compressor, self.comm.topo.data_size
+        if n == 2:  # the same bytes either way, and one rounding instead of two
+            return compressor.decode_sum(comm.all_gather_data(compressor.encode(packed)), packed.numel())
+        length = compressor.chunk_length(packed.numel(), n)
+        parts = compressor.encode_parts(packed, n)
+        # component j of every part, stacked: slice i goes to replica i, which sums chunk i
+        received = comm.all_to_all_data([torch.stack(component) for component in zip(*parts, strict=True)])
+        mine = compressor.decode_sum([[c[i] for c in received] for i in range(n)], length)
+        gathered = comm.all_gather_data(compressor.encode_chunk_sum(mine))
+        return torch.cat([compressor.decode_sum([payload], length) for payload in gathered])[: packed.numel()]
 
     def rollback(self) -> None:
         if self.compressor is not None:
