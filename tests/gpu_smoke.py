@@ -9,9 +9,9 @@ steps on the bundled data and compares its loss per step with a reference run of
 global batches:
 
     pp1-fp32                 one rank on cuda:0             vs the CPU run          max |diff| <= 1e-4
-    gloo-{gpipe,1f1b}-fp32   pp=2 x dp=2 over Gloo, CUDA    vs the CPU run                      1e-4
+    gloo-{gpipe,1f1b,zb1}-fp32  pp=2 x dp=2 over Gloo, CUDA vs the CPU run                      1e-4
                              compute, ranks sharing the GPUs there are
-    gloo-{gpipe,1f1b}-{bf16,fp16}                           vs one CUDA rank in that precision  5e-3
+    gloo-{gpipe,1f1b,zb1}-{bf16,fp16}                       vs one CUDA rank in that precision  5e-3
     gloo-lora-bf16           LoRA rank 4 under bf16         vs one CUDA rank, LoRA bf16         5e-3
     gloo-sharded-1f1b-fp32   --shard-optimizer              vs the CPU run                      1e-4
     nccl-...                 the same over NCCL, one GPU per rank (2+ GPUs: pp=2 x dp=GPUs//2, at most 2)
@@ -76,7 +76,7 @@ def cases(gpus: int) -> list[Case]:
     nccl_dp = max(1, min(2, gpus // 2))
     for backend, dp, needs in (("gloo", 2, 1), ("nccl", nccl_dp, 2)):
         for precision in ("fp32", "bf16", "fp16"):
-            for mode in ("gpipe", "1f1b"):
+            for mode in ("gpipe", "1f1b", "zb1"):
                 run = Run(f"{backend}-{mode}-{precision}", 2, dp, backend, precision, mode)
                 ref = cpu_ref if precision == "fp32" else refs[precision]
                 out.append(Case(run, ref, FP32_TOL if precision == "fp32" else HALF_TOL, needs))
