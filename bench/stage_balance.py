@@ -48,7 +48,7 @@ log = logging.getLogger("bench.stage_balance")
 VOCAB, LAYERS, HIDDEN, HEADS = 50_000, 8, 256, 8
 STAGE_COUNTS = (2, 4)
 SEED = 0
-SLOWER = 0.15  # a stage whose measured share is off its predicted share by more than this is flagged
+SHARE_TOLERANCE = 0.15  # a stage whose measured share is off its predicted share by more than this is flagged
 
 
 def run_config(pp: int, seq_length: int) -> RunConfig:
@@ -173,7 +173,7 @@ def report(pp: int, passes: list[StagePass], ms: list[float], compute: PartWeigh
                  " ".join(f"{t:7.1f}" for _, t in rows), heaviest[name], " ".join(f"{v:.2f}" for v in measured),
                  " ".join(f"{v:.2f}" for v in predicted))  # fmt: skip
         for (p, _), m, c in zip(rows, measured, predicted, strict=True):
-            if abs(m / c - 1) > SLOWER:
+            if abs(m / c - 1) > SHARE_TOLERANCE:
                 flagged.append(f"{name} stage {p.index} ({len(p.layers)} layers): measured share {m:.2f} "
                                f"vs predicted {c:.2f} ({m / c - 1:+.0%})")  # fmt: skip
     speedup = heaviest["compute"] / heaviest["parameters"]
@@ -186,7 +186,7 @@ def report(pp: int, passes: list[StagePass], ms: list[float], compute: PartWeigh
     log.info("heaviest(compute split) / heaviest(parameter split): measured %.3f, predicted %.3f", speedup,
              predicted_heaviest(by_compute) / predicted_heaviest(by_params))  # fmt: skip
     for line in flagged:
-        log.info("  off by more than %.0f%%: %s", SLOWER * 100, line)
+        log.info("  off by more than %.0f%%: %s", SHARE_TOLERANCE * 100, line)
     if [p.layers for p in by_params] == [p.layers for p in by_compute]:
         log.info("  (both splits are the same)")
 
