@@ -148,9 +148,7 @@ class GradientCompressor:
     def encode(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """This replica's whole gradient, with its error feedback, as one payload."""
         self._before = (self.residual, self.chunk_residual)
-        x = flat.float() + (self.residual if self.residual is not None else 0)
-        payload = self._encode(x)
-        self.residual = x - self.decode_sum([payload], x.numel())  # what this step did not send
+        payload, self.residual = self._encode_with_feedback(flat.float(), self.residual)
         return payload
 
     def chunk_length(self, numel: int, parts: int) -> int:
@@ -172,14 +170,21 @@ class GradientCompressor:
 
     def encode_chunk_sum(self, summed: torch.Tensor) -> list[torch.Tensor]:
         """The sum of this replica's chunk, compressed again for the all-gather."""
-        x = summed + (self.chunk_residual if self.chunk_residual is not None else 0)
-        payload = self._encode(x)
-        self.chunk_residual = x - self.decode_sum([payload], x.numel())
+        payload, self.chunk_residual = self._encode_with_feedback(summed, self.chunk_residual)
         return payload
 
     def rollback(self) -> None:
         """Forget the last step's encodes (it was skipped, e.g. for non-finite gradients)."""
         self.residual, self.chunk_residual = self._before
+
+    def _encode_with_feedback(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``x`` plus what the last encode dropped, encoded; and what this one drops."""
+        if residual is not None:
+            x = x + residual
+        payload = self._encode(x)
+        return payload, x - self.decode_sum([payload], x.numel())
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.method == "fp16":

@@ -27,12 +27,16 @@ from tests.helpers import (
 FAMILIES = ("gptj", "llama", "gpt2")
 
 
+def tiny_converted(root: Path, family: str) -> tuple[Path, Path]:
+    """(HF folder, shards) of a tiny 4-layer model of ``family`` under ``root``."""
+    hf = build_tiny_model(root / "hf", bundled_texts(), family, num_layers=4, seed=1)
+    return hf, convert_from_hf(hf, root / "shards")
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """(family, HF folder, shards) of a tiny 4-layer model of each family."""
-    root = tmp_path_factory.mktemp(request.param)
-    hf = build_tiny_model(root / "hf", bundled_texts(), request.param, num_layers=4, seed=1)
-    return request.param, hf, convert_from_hf(hf, root / "shards")
+    return request.param, *tiny_converted(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def test_chained_stages_and_round_trip_equal_hf(family_model: tuple[str, Path, Path], tmp_path: Path) -> None:
@@ -83,9 +87,7 @@ def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tm
 def test_llama_tied_pp2_dp2_matches_hf(
     two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    root = tmp_path_factory.mktemp("llama_grid")
-    hf = build_tiny_model(root / "hf", bundled_texts(), "llama", num_layers=4, seed=1)
-    shards = convert_from_hf(hf, root / "shards")
+    hf, shards = tiny_converted(tmp_path_factory.mktemp("llama_grid"), "llama")
     ckpt = tmp_path / "ckpt"
     args = train_args(shards, two_tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=1)
     # the chunked loss through a tied output weight (auto leaves a tiny vocabulary whole)
@@ -98,9 +100,7 @@ def test_gpt2_zero_bubble_with_accumulation_matches_hf(
 ) -> None:
     """zb1 defers GPT-2's Conv1D weight gradients and the head's (the tied copy, summed with the
     embedding's after every W ran), over two accumulation rounds in one pipeline pass."""
-    root = tmp_path_factory.mktemp("gpt2_zb1")
-    hf = build_tiny_model(root / "hf", bundled_texts(), "gpt2", num_layers=4, seed=1)
-    shards = convert_from_hf(hf, root / "shards")
+    hf, shards = tiny_converted(tmp_path_factory.mktemp("gpt2_zb1"), "gpt2")
     ckpt = tmp_path / "ckpt"
     args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=2, micro=1, accum=2)
     assert_all_ok(launch([*args, "--pp-mode", "zb1"], 2, tmp_path))

@@ -24,7 +24,7 @@ from trainer.metrics import MetricsWriter, Progress
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
-from trainer.startup import Plan, agree_on_start, plan_stage, set_threads, stage_memory_limits
+from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +449,7 @@ def run(cfg: RunConfig) -> None:
     comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied)
     try:
         if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
-            plan = plan_stage(cfg, stage_memory_limits(comm, torch.device(cfg.device)))
+            plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))
         trainer = Trainer(cfg, plan, comm)
         error = None
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,10 +34,9 @@ class Plan:
         return bool(getattr(self.model_config, "tie_word_embeddings", False))
 
 
-def plan_stage(cfg: RunConfig, stage_memory: list[float] | None = None) -> Plan:
+def plan_stage(cfg: RunConfig) -> Plan:
     """Checks that need only the flags and config.json (identical on every rank: run before
-    connecting), and this rank's layers: the split by compute, within ``stage_memory`` (bytes
-    each stage may hold, from ``stage_memory_limits``) when it is known."""
+    connecting), and this rank's layers split by compute alone (``place_stage`` adds memory)."""
     model_config = load_config(cfg.model.model_name)
     family = family_for(cfg.model.model_type or model_config.model_type)
     if cfg.model.embedding_dim is not None and cfg.model.embedding_dim != model_config.hidden_size:
@@ -51,16 +50,22 @@ def plan_stage(cfg: RunConfig, stage_memory: list[float] | None = None) -> Plan:
             f"--seq-length {cfg.data.seq_length} is longer than the {limit} positions this {family.name} model "
             f"learned; use --seq-length {limit} or less"
         )
-    compute, memory = stage_costs(cfg, family, model_config)
+    return place_stage(cfg, Plan(family, model_config, range(0)), None)
+
+
+def place_stage(cfg: RunConfig, plan: Plan, stage_memory: list[float] | None) -> Plan:
+    """``plan`` with this rank's layers: the split by compute, within ``stage_memory`` (bytes
+    each stage may hold, from ``stage_memory_limits``) when it is known."""
+    compute, memory = stage_costs(cfg, plan.family, plan.model_config)
     split = split_layers(
-        model_config.num_hidden_layers,
+        plan.model_config.num_hidden_layers,
         cfg.topology.pipeline_size,
         cfg.model.layers_per_stage,
         cost=compute,
         memory=memory,
         limits=stage_memory,
     )
-    return Plan(family, model_config, split[cfg.topology.stage])
+    return replace(plan, layers=split[cfg.topology.stage])
 
 
 def part_sizes(family: Family, model_config: object) -> tuple[int, int, int]:
