@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.netns import NetHosts
@@ -42,10 +43,12 @@ def run(
     flags: list[str],
     hosts: NetHosts | None = None,
     pin: bool = False,
+    host_of: Callable[[int], str] | None = None,
 ) -> list[dict]:
     """Train with ``flags`` (which set the topology; one rank unless they say otherwise, and win
-    over the defaults below) and return metrics.jsonl. With ``hosts`` (two ranks), rank r runs on
-    test host "ab"[r] over its veth. With ``pin``, rank r runs on core ``rank_core(r)`` alone."""
+    over the defaults below) and return metrics.jsonl. With ``hosts``, rank r runs on test host
+    ``host_of(r)`` ("ab"[r] by default: two ranks) over its veth. With ``pin``, rank r runs on
+    core ``rank_core(r)`` alone."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -64,7 +67,7 @@ def run(
         if pin:
             argv = ["taskset", "-c", str(rank_core(rank)), *argv]
         if hosts is not None:
-            host = "ab"[rank]
+            host = host_of(rank) if host_of else "ab"[rank]
             argv = hosts.command(host, [*argv, "--net-interface", hosts.interface(host)])
         procs.append(subprocess.Popen(argv, cwd=ROOT, env=env))
     if any(p.wait() for p in procs):

@@ -10,6 +10,7 @@ data-parallel group; with CUDA compute over Gloo their tensors go through pinned
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import socket
@@ -128,7 +129,9 @@ NOTHING = PendingRecv(None)  # what a pipeline end receives from beyond itself
 class Communicator:
     """Process groups of one rank and the collectives the trainer uses."""
 
-    def __init__(self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> None:
+    def __init__(
+        self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False
+    ) -> None:
         self.topo = topo
         self.device = device
         self.timeout_s = cfg.timeout_s
@@ -153,6 +156,7 @@ class Communicator:
         self._pipeline_group = None
         self._data_group = None
         self._ends_group = None
+        self._side_group = None
         if link_ends and topo.pipeline_size > 1:
             for replica in range(topo.data_size):
                 ends = [topo.rank_of(0, replica), topo.rank_of(topo.pipeline_size - 1, replica)]
@@ -169,12 +173,17 @@ class Communicator:
                 group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
                 if stage == topo.stage:
                     self._data_group = group
+        if side_group and topo.data_size > 1:  # see side_channel()
+            for stage in range(topo.pipeline_size):
+                group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
+                if stage == topo.stage:
+                    self._side_group = group
         # NCCL makes a group's communicator at its first call, and a batch of point-to-point
         # operations must then involve every rank of the group; a first all-reduce by all
         # members, group by group in the order made above (so no two ranks wait on each other
         # crosswise), makes them now. A failure here is then a start-up error, not a mid-step one.
         for group, backend in ((self._ends_group, cfg.backend), (self._pipeline_group, cfg.backend),
-                               (self._data_group, cfg.dp_backend)):  # fmt: skip
+                               (self._data_group, cfg.dp_backend), (self._side_group, cfg.dp_backend)):  # fmt: skip
             if group is not None and backend == "nccl":
                 with self._guard("creation of the NCCL communicators"):
                     dist.all_reduce(torch.zeros(1, device=device), group=group)
@@ -200,18 +209,33 @@ class Communicator:
         check_one_gpu_per_rank([e[0] for e in everyone], [e[1] for e in everyone], self.topo.describe, groups)
 
     @classmethod
-    def connect(cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False) -> Communicator:
+    def connect(
+        cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False
+    ) -> Communicator:
         """Join the job; a master that cannot be reached is a one-line error after the timeout.
 
         ``link_ends`` adds a group joining the first and last stage of each pipeline (for
-        weights both ends hold, such as tied embeddings).
+        weights both ends hold, such as tied embeddings); ``side_group`` a second data-parallel
+        group for ``side_channel``.
         """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL makes its communicators on the current device
         join_job(topo, cfg.dist_url, cfg.timeout_s)
-        return cls(topo, cfg, device, link_ends)
+        return cls(topo, cfg, device, link_ends, side_group)
+
+    def side_channel(self) -> Communicator:
+        """This communicator with its data-parallel collectives on the second group over the same
+        replicas (``side_group``), for a background thread to sum there while this one goes on
+        using the first: a group's collectives are matched by the order they are called in, which
+        two threads sharing a group would not keep. It counts its own bytes in ``dp_bytes_sent``."""
+        if self._data_group is not None and self._side_group is None:
+            raise RuntimeError("side_channel() needs a communicator connected with side_group=True")
+        side = copy.copy(self)
+        side._data_group = self._side_group
+        side.dp_bytes_sent = 0
+        return side
 
     @contextmanager
     def _guard(self, what: str, peer: int | None = None) -> Iterator[None]:

@@ -85,10 +85,11 @@ class Stage(nn.Module):
             with torch.no_grad():
                 weight.copy_(torch.randn(weight.shape, generator=part_generator(seed, EMBEDDING_PART)) * std)
 
-    def load_parts(self, model_dir: str) -> None:
-        """Load every part of this stage from a layer-sharded directory (strict: no silent gaps)."""
+    def load_parts(self, model_dir: str, prefix: str = "") -> None:
+        """Load every part of this stage from a layer-sharded directory (strict: no silent gaps);
+        ``prefix`` names another copy of the parts there (a checkpoint's other replicas)."""
         for part, module in self.parts().items():
-            tensors = load_part(model_dir, part)
+            tensors = load_part(model_dir, prefix + part)
             missing, unexpected = module.load_state_dict(tensors, strict=False)
             if missing or unexpected:
                 raise KeyError(
@@ -127,13 +128,13 @@ class Stage(nn.Module):
     def saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return module.state_dict() if self.lora is None else adapter_state(module)
 
-    def load_saved(self, directory: str) -> None:
-        """Load what ``saved_parts`` names from a checkpoint directory."""
+    def load_saved(self, directory: str, prefix: str = "") -> None:
+        """Load what ``saved_parts`` names from a checkpoint directory (files ``prefix + part``)."""
         if self.lora is None:
-            self.load_parts(directory)
+            self.load_parts(directory, prefix)
             return
         for part, module in self.saved_parts().items():
-            load_adapter_state(module, load_part(directory, part), f"{directory}/{part}")
+            load_adapter_state(module, load_part(directory, prefix + part), f"{directory}/{prefix}{part}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)

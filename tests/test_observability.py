@@ -96,6 +96,11 @@ def test_plot_of_metrics(profiled: tuple[Path, list], tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no training rows"):
         plot_metrics(tmp_path / "empty.jsonl", tmp_path / "e.png")
+    # several runs overlaid, one label each (their legend makes a different picture)
+    both = plot_metrics([ckpt / "metrics.jsonl"] * 2, tmp_path / "both.png", ["sync", "diloco"])
+    assert both.read_bytes().startswith(PNG) and both.read_bytes() != (tmp_path / "m.png").read_bytes()
+    with pytest.raises(ValueError, match="1 labels for 2 metrics files"):
+        plot_metrics([ckpt / "metrics.jsonl"] * 2, tmp_path / "x.png", ["one"])
 
 
 def test_pytorch_profiler_and_wandb_offline(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:

@@ -13,6 +13,13 @@
 Replica 0 of every stage writes (under --shard-optimizer the replicas first gather each part's
 optimizer state, so the files are the same as without sharding); the folder must be one that
 every rank reaches (a shared file system, or a single machine): start-up checks this.
+
+Under --dp-mode diloco the replicas' weights and inner AdamW state differ between syncs, so
+every replica writes its own: replica 0 the files above, replica r > 0 the same names prefixed
+``replica<r>_`` (and ``manifest_stage<s>_replica<r>.json``); each also writes
+``outer_<part>.safetensors`` (prefixed likewise): the anchor and outer momentum of the part's
+parameters, and the pending sum of a sync in flight (trainer.diloco). A replica without files
+of its own (the run had fewer replicas, or another mode) resumes as a copy of replica 0.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from comm.process_group import Communicator
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
+from trainer.diloco import DiLoCo
 from trainer.optimizer import StageOptimizer
 
 log = logging.getLogger(__name__)
 OPTIM_PREFIX = "optim_"
+OUTER_PREFIX = "outer_"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST_GLOB = "manifest_stage*.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
@@ -70,6 +79,11 @@ def complete_steps(root: Path) -> list[int]:
     return sorted(steps)
 
 
+def replica_prefix(replica: int) -> str:
+    """What replica ``replica``'s own files are prefixed with under DiLoCo (module docstring)."""
+    return f"replica{replica}_" if replica else ""
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -79,25 +93,33 @@ def save_checkpoint(
     trainer_state: dict | None,
     source_dir: str,
     keep: int = 0,
+    outer: DiLoCo | None = None,
 ) -> None:
     """Write this stage's parts into ``checkpoint_<step>.tmp``; rank 0 renames it into place
-    and moves ``latest`` once every stage has written. ``keep`` > 0 prunes older checkpoints."""
+    and moves ``latest`` once every stage has written. ``keep`` > 0 prunes older checkpoints.
+    With ``outer`` (DiLoCo) every replica writes its own files, and its outer state."""
     topo = comm.topo
-    if topo.replica != 0:  # other replicas hold the same weights
+    if topo.replica != 0 and outer is None:  # other replicas hold the same weights
         if optimizer.sharded:  # but their shards of the optimizer state are gathered part by part
             for module in stage.saved_parts().values():
                 optimizer.state_tensors(module)
         return
+    # the pipeline's ranks, or under DiLoCo every rank, meet around the writes
+    barrier = comm.barrier_pipeline if outer is None else comm.barrier_all
+    owner = topo.is_first_stage and topo.replica == 0  # makes, renames and prunes the folder
     tmp = root / f"checkpoint_{step}.tmp"
-    if topo.is_first_stage:
+    if owner:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files with ours
         tmp.mkdir(parents=True)
-    comm.barrier_pipeline()
+    barrier()
 
+    prefix = replica_prefix(topo.replica)
     written: list[Path] = []
     for part, module in stage.saved_parts().items():
-        written.append(save_part(tmp, part, stage.saved_state(module)))
-        written.append(save_part(tmp, OPTIM_PREFIX + part, optimizer.state_tensors(module)))
+        written.append(save_part(tmp, prefix + part, stage.saved_state(module)))
+        written.append(save_part(tmp, prefix + OPTIM_PREFIX + part, optimizer.state_tensors(module)))
+        if outer is not None:
+            written.append(save_part(tmp, prefix + OUTER_PREFIX + part, outer.state_tensors(module)))
     if trainer_state is not None:
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
         written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
@@ -108,10 +130,11 @@ def save_checkpoint(
     for path in written:
         _fsync(path)
         manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    atomic_write_text(tmp / f"manifest_stage{topo.stage}.json", json.dumps(manifest, indent=1))
-    comm.barrier_pipeline()
+    suffix = f"_replica{topo.replica}" if topo.replica else ""
+    atomic_write_text(tmp / f"manifest_stage{topo.stage}{suffix}.json", json.dumps(manifest, indent=1))
+    barrier()
 
-    if topo.is_first_stage:
+    if owner:
         final = checkpoint_dir(root, step)
         if final.exists():  # an identical step of this run, finished before a crash moved latest
             shutil.rmtree(final)
@@ -175,10 +198,16 @@ def _check_same_kind(directory: Path, lora: LoraSpec | None, base_model: str | N
 
 
 def load_checkpoint(
-    root: Path, stage: Stage, optimizer: StageOptimizer, base_model: str | None = None
+    root: Path,
+    stage: Stage,
+    optimizer: StageOptimizer,
+    base_model: str | None = None,
+    outer: DiLoCo | None = None,
+    replica: int = 0,
 ) -> tuple[int, dict] | None:
     """Restore weights (under LoRA: adapters over ``base_model``, already loaded) and optimizer
-    state from ``<root>/latest``; None when there is none."""
+    state from ``<root>/latest``; None when there is none. With ``outer`` (DiLoCo), replica
+    ``replica``'s own files where there are any, and the outer state."""
     step = latest_step(root)
     if step is None:
         return None
@@ -187,13 +216,26 @@ def load_checkpoint(
         raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
     _check_same_kind(directory, stage.lora, base_model)
     parts = list(stage.saved_parts())
-    names = [f"{p}.safetensors" for p in parts] + [f"{OPTIM_PREFIX}{p}.safetensors" for p in parts] + [TRAINER_STATE]
+    prefix = replica_prefix(replica) if outer is not None else ""
+    if prefix and not (directory / f"{prefix}{OPTIM_PREFIX}{parts[0]}.safetensors").is_file():
+        log.info("%s holds no files of replica %d: it resumes as a copy of replica 0", directory, replica)
+        prefix = ""
+    with_outer = outer is not None and (directory / f"{prefix}{OUTER_PREFIX}{parts[0]}.safetensors").is_file()
+    kinds = [prefix, prefix + OPTIM_PREFIX] + ([prefix + OUTER_PREFIX] if with_outer else [])
+    names = [f"{kind}{p}.safetensors" for kind in kinds for p in parts] + [TRAINER_STATE]
     _verify(directory, names + ([ADAPTER_CONFIG] if stage.lora else []), root, step)
-    stage.load_saved(str(directory))
+    stage.load_saved(str(directory), prefix)
     for part, module in stage.saved_parts().items():
+        name = prefix + OPTIM_PREFIX + part
         try:
-            optimizer.load_state_tensors(module, load_part(directory, OPTIM_PREFIX + part))
+            optimizer.load_state_tensors(module, load_part(directory, name))
+            if with_outer:
+                name = prefix + OUTER_PREFIX + part
+                outer.load_state_tensors(module, load_part(directory, name), step)
         except ValueError as err:
-            raise CheckpointError(f"{directory / (OPTIM_PREFIX + part)}.safetensors: {err}") from None
+            raise CheckpointError(f"{directory / name}.safetensors: {err}") from None
+    if outer is not None and not with_outer:
+        log.info("%s holds no DiLoCo state: the outer loop starts from its weights", directory)
+        outer.reset_anchor()
     state = json.loads((directory / TRAINER_STATE).read_text())
     return step, state

@@ -137,17 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dp-backend", choices=("gloo", "nccl"), default=None, help="data-parallel backend")
     t.add_argument(
         "--dp-mode",
-        choices=("allreduce", "local"),
+        choices=("allreduce", "local", "diloco"),
         default="allreduce",
-        help="allreduce: sum gradients every step; local: replicas step alone and average "
-        "their weights every --sync-every steps (for slow links between replicas)",
+        help="allreduce: sum gradients every step; local: replicas step alone and average their weights "
+        "every --sync-every steps; diloco: replicas step alone, and every --sync-every steps average their "
+        "pseudo-gradients (weights at the last sync minus now) into an outer Nesterov step (for slow links "
+        "between replicas)",
     )
-    t.add_argument("--sync-every", type=int, default=8, help="--dp-mode local: steps between weight averages")
+    t.add_argument("--sync-every", type=int, default=8, help="--dp-mode local/diloco: inner steps between syncs")
+    t.add_argument("--outer-lr", type=float, default=0.7, help="--dp-mode diloco: the outer step's learning rate")
+    t.add_argument("--outer-momentum", type=float, default=0.9, help="--dp-mode diloco: its Nesterov momentum")
+    t.add_argument(
+        "--diloco-fragments",
+        type=int,
+        default=1,
+        help="--dp-mode diloco: streaming DiLoCo; block i belongs to fragment i %% F (embedding and head to "
+        "fragment 0), and one fragment syncs every sync-every / F steps, so the link carries 1/F of the "
+        "model at a time",
+    )
+    t.add_argument(
+        "--diloco-overlap-steps",
+        type=int,
+        default=None,
+        help="--dp-mode diloco: inner steps a sync runs beside before its outer step lands (the local "
+        "progress made meanwhile is kept on top); default 1 with --diloco-fragments > 1, else 0 (blocking)",
+    )
     t.add_argument(
         "--dp-compress",
         choices=DP_METHODS,
         default="none",
-        help="gradient sum across replicas in fp16, int8 or top-k, with error feedback",
+        help="gradient sum across replicas (diloco: pseudo-gradient sum) in fp16, int8 or top-k, with error feedback",
     )
     t.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
     t.add_argument(
@@ -389,6 +408,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             args.dp_compress,
             args.dp_topk_ratio,
             args.shard_optimizer or args.zero_stage == 1,
+            args.outer_lr,
+            args.outer_momentum,
+            args.diloco_fragments,
+            args.diloco_overlap_steps,
         ),
         profiling=args.profiling,
         log_backend=args.train_log_backend,

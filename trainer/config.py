@@ -109,26 +109,60 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DataParallelConfig:
-    mode: str = "allreduce"  # | local: replicas step alone and average weights every sync_every steps
+    # allreduce: gradients summed every step; local: replicas step alone and average weights
+    # every sync_every steps; diloco: replicas step alone and take an outer Nesterov step on
+    # their averaged pseudo-gradients every sync_every steps (trainer.diloco)
+    mode: str = "allreduce"
     sync_every: int = 1
-    compress: str = "none"  # gradient sum: none | fp16 | int8 | topk (error feedback)
+    compress: str = "none"  # gradient (diloco: pseudo-gradient) sum: none | fp16 | int8 | topk (error feedback)
     topk_ratio: float = 0.01
     shard_optimizer: bool = False  # ZeRO-1: AdamW state split over the replicas of a stage
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    fragments: int = 1  # diloco: parts of the model synced in turn, one every sync_every / fragments steps
+    overlap_steps: int | None = None  # diloco: inner steps a sync runs beside (None: 1 if fragments > 1, else 0)
+
+    @property
+    def steps_alone(self) -> bool:
+        """Each replica steps on its own gradients (normalised by its own tokens)."""
+        return self.mode in ("local", "diloco")
+
+    @property
+    def overlap(self) -> int:
+        if self.overlap_steps is not None:
+            return self.overlap_steps
+        return 1 if self.fragments > 1 else 0
 
     def __post_init__(self) -> None:
         if self.sync_every < 1 or not 0 < self.topk_ratio <= 1:
             raise ValueError("--sync-every must be >= 1 and --dp-topk-ratio in (0, 1]")
         if self.mode == "local" and self.compress != "none":
-            raise ValueError("--dp-compress applies to --dp-mode allreduce; local mode sends no gradients")
-        if self.shard_optimizer and self.mode == "local":
+            raise ValueError("--dp-compress applies to --dp-mode allreduce or diloco; local mode sends no gradients")
+        if self.shard_optimizer and self.steps_alone:
             raise ValueError(
-                "--shard-optimizer needs --dp-mode allreduce: in local mode each replica steps its own "
+                f"--shard-optimizer needs --dp-mode allreduce: in {self.mode} mode each replica steps its own "
                 "weights, so each needs the whole optimizer state"
             )
         if self.shard_optimizer and self.compress != "none":
             raise ValueError(
                 "--shard-optimizer cannot be combined with --dp-compress: sharding all-gathers full fp32 "
                 "weights every step, more bytes than compressing the gradients saves; drop one of the two"
+            )
+        if self.mode != "diloco":
+            if self.fragments != 1 or self.overlap_steps is not None:
+                raise ValueError("--diloco-fragments and --diloco-overlap-steps need --dp-mode diloco")
+            return
+        if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ValueError("--outer-lr must be > 0 and --outer-momentum in [0, 1)")
+        if self.fragments < 1 or self.sync_every % self.fragments:
+            raise ValueError(
+                f"--sync-every {self.sync_every} must be a multiple of --diloco-fragments {self.fragments} "
+                "(one fragment syncs every sync_every / fragments steps)"
+            )
+        if not 0 <= self.overlap < self.sync_every // self.fragments:
+            raise ValueError(
+                f"--diloco-overlap-steps {self.overlap} must be >= 0 and below --sync-every / --diloco-fragments "
+                f"= {self.sync_every // self.fragments}: a fragment's sync must land before the next one starts"
             )
 
 

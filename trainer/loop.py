@@ -18,6 +18,7 @@ from pipeline.stage import Stage
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
+from trainer.diloco import DiLoCo
 from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import MetricsWriter, Progress
@@ -45,6 +46,7 @@ class Trainer:
         self.data_state: dict | None = None  # stream position after the last batch trained on
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
+        self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
         self._dp_bytes_reported = 0
         # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
         self.nonfinite_run = 0
@@ -77,7 +79,7 @@ class Trainer:
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
-        compress = cfg.dp.compress != "none" and topo.data_size > 1
+        compress = cfg.dp.compress != "none" and topo.data_size > 1 and cfg.dp.mode == "allreduce"
         if cfg.dp.shard_optimizer:
             self.optimizer = ShardedOptimizer(cfg.optim, self.params, self.comm, self.device)
         else:
@@ -85,6 +87,10 @@ class Trainer:
             self.optimizer = ReplicatedOptimizer(
                 cfg.optim, self.params, self.comm, self.device, cfg.dp.mode, compressor
             )
+        if cfg.dp.mode == "diloco":
+            num_layers = self.plan.model_config.num_hidden_layers
+            self.outer = DiLoCo(cfg.dp, self.stage, self.params, self.comm, self.stage.tied_copy(), num_layers,
+                                cfg.optim.total_steps)  # fmt: skip
         self.estimate = self._estimate_memory(process)
         log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe())
         self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
@@ -103,7 +109,9 @@ class Trainer:
             )
         resumed = None
         if cfg.checkpoint.resume:
-            resumed = load_checkpoint(cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name)
+            resumed = load_checkpoint(
+                cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name, self.outer, topo.replica
+            )
         if resumed is not None:
             self.step, state = resumed
             if self.scaler is not None and "loss_scale" in state:
@@ -188,7 +196,7 @@ class Trainer:
             process=process,
             parameters=sum(p.nbytes for p in stage.parameters()),
             gradients=sum(p.nbytes for p in self.params),
-            optimizer=self.optimizer.state_bytes,
+            optimizer=self.optimizer.state_bytes + (self.outer.state_bytes if self.outer else 0),
             per_micro_batch=held,
             in_flight=in_flight,
             workspace=max(block, ends),  # the backward's gradients of one block's (or the loss's) activations
@@ -247,8 +255,9 @@ class Trainer:
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
         # with it, the bytes this pipeline's ranks sent between stages this step, and to other
         # replicas since the last row (local SGD's weight average comes after this point)
-        sent = (self.comm.bytes_sent - bytes_before, self.comm.dp_bytes_sent - self._dp_bytes_reported)
-        self._dp_bytes_reported = self.comm.dp_bytes_sent
+        dp_sent = self.comm.dp_bytes_sent + (self.outer.dp_bytes_sent if self.outer else 0)
+        sent = (self.comm.bytes_sent - bytes_before, dp_sent - self._dp_bytes_reported)
+        self._dp_bytes_reported = dp_sent
         # and each stage's peak memory since the previous step's exchange (so its optimizer
         # update counts too) in a slot of its own: the sum is then a gather
         pp = self.topo.pipeline_size
@@ -276,6 +285,9 @@ class Trainer:
         self._after_step(step, finite, scale)
         if self.local_sync_due(step):
             self._average_weights()  # local SGD: the replicas meet again
+        if self.outer is not None:
+            with self.comm.tracer.span("optimizer step", "outer step"):
+                self.outer.after_step(step)
         self.step = step
         elapsed = time.perf_counter() - started
         tokens = cfg.global_batch_sequences * cfg.data.seq_length
@@ -305,9 +317,9 @@ class Trainer:
         return [p for p in self.params if not (p is tied and self.topo.is_last_stage)]
 
     def _loss_tokens(self, batch: Batch) -> int:
-        """Tokens the loss is averaged over: the whole global batch, or in local mode (where
-        each replica steps on its own) this replica's slices."""
-        if self.cfg.dp.mode != "local":
+        """Tokens the loss is averaged over: the whole global batch, or in local and diloco
+        mode (where each replica steps on its own) this replica's slices."""
+        if not self.cfg.dp.steps_alone:
             return batch.loss_tokens()
         rounds = range(self.cfg.batch.accumulate_steps)
         return sum(int((batch.labels[self._rows(a), 1:] != IGNORE_INDEX).sum()) for a in rounds)
@@ -387,7 +399,7 @@ class Trainer:
         cfg = self.cfg
         save_checkpoint(
             cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
-            keep=cfg.checkpoint.keep,
+            keep=cfg.checkpoint.keep, outer=self.outer,
         )  # fmt: skip
 
     def train(self) -> None:
@@ -436,6 +448,8 @@ class Trainer:
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.checkpoint()
         finally:
+            if self.outer is not None:
+                self.outer.close()
             if prefetch is not None:
                 prefetch.close()
             if metrics is not None:
@@ -446,7 +460,9 @@ class Trainer:
 
 def run(cfg: RunConfig) -> None:
     plan = plan_stage(cfg)  # every check of the flags, before any rank waits for another
-    comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied)
+    comm = Communicator.connect(
+        cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied, side_group=cfg.dp.mode == "diloco"
+    )
     try:
         if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
             plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))

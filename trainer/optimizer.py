@@ -41,6 +41,22 @@ def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def compressed_sum(comm: Communicator, compressor: GradientCompressor, packed: torch.Tensor) -> torch.Tensor:
+    """The replicas' sum of ``packed`` through ``compressor`` (comm.compress.GradientCompressor):
+    two replicas all-gather their payloads; more sum 1/n chunks in two compressed rounds, so
+    each sends about two payloads' worth whatever n is, where an all-gather sends n - 1."""
+    n = comm.topo.data_size
+    if n == 2:  # the same bytes either way, and one rounding instead of two
+        return compressor.decode_sum(comm.all_gather_data(compressor.encode(packed)), packed.numel())
+    length = compressor.chunk_length(packed.numel(), n)
+    parts = compressor.encode_parts(packed, n)
+    # component j of every part, stacked: slice i goes to replica i, which sums chunk i
+    received = comm.all_to_all_data([torch.stack(component) for component in zip(*parts, strict=True)])
+    mine = compressor.decode_sum([[c[i] for c in received] for i in range(n)], length)
+    gathered = comm.all_gather_data(compressor.encode_chunk_sum(mine))
+    return torch.cat([compressor.decode_sum([payload], length) for payload in gathered])[: packed.numel()]
+
+
 def make_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (``adam`` is its alias) or bitsandbytes' 8-bit AdamW, imported only when asked for."""
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
@@ -139,7 +155,7 @@ class ReplicatedOptimizer(StageOptimizer):
         self.inner = make_optimizer(cfg, params)
         moment_bytes = 2 if cfg.optimizer == "8bit-adam" else 8
         self.state_bytes = moment_bytes * self.layout.total
-        summed = comm.topo.data_size > 1 and mode != "local"  # the gradients go out as one flat copy
+        summed = comm.topo.data_size > 1 and mode == "allreduce"  # the gradients go out as one flat copy
         trained = 4 * self.layout.total
         self.update_bytes = max(trained if summed else 0, adamw_temporaries(self.inner, [p.nbytes for p in params]))
 
@@ -149,13 +165,13 @@ class ReplicatedOptimizer(StageOptimizer):
     def reduce(
         self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum the gradients (all modes but local) and the loss over the replicas; returns the
+        """Sum the gradients (--dp-mode allreduce) and the loss over the replicas; returns the
         summed loss and this stage's squared gradient norm without parameter ``skip``."""
         comm, device = self.comm, self.device
         loss = loss.to(device).reshape(1)
         if comm.topo.data_size == 1:  # nothing to sum: no copy of the gradients either
             summed = loss[0].detach()
-        elif self.mode == "local":  # replicas step on their own gradients; only the loss is shared
+        elif self.mode != "allreduce":  # replicas step on their own gradients; only the loss is shared
             comm.all_reduce_data(loss)
             summed = loss[0].detach() / comm.topo.data_size  # the mean of the replicas' losses
         else:
@@ -167,28 +183,13 @@ class ReplicatedOptimizer(StageOptimizer):
             if self.compressor is not None:
                 rest = [p.grad for p in self.params if p is not tied]
                 packed = torch.cat([g.reshape(-1) for g in rest])
-                unflatten(self._compressed_sum(packed).to(packed), rest)
+                unflatten(compressed_sum(comm, self.compressor, packed).to(packed), rest)
             summed = flat[-1].detach()
         grads = [p.grad.reshape(-1) for p in self.params]
         offsets = self.layout.offsets
         norms = [piece_norm(grads[i][a - offsets[i] : b - offsets[i]]) for i, a, b in self.layout.pieces]
         norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=device)
         return summed.cpu(), squared_norm(norms, self.layout, skip)
-
-    def _compressed_sum(self, packed: torch.Tensor) -> torch.Tensor:
-        """The replicas' sum of ``packed`` through the compressor (comm.compress.GradientCompressor):
-        two replicas all-gather their payloads; more sum 1/n chunks in two compressed rounds, so
-        each sends about two payloads' worth whatever n is, where an all-gather sends n - 1."""
-        comm, compressor, n = self.comm, self.compressor, self.comm.topo.data_size
-        if n == 2:  # the same bytes either way, and one rounding instead of two
-            return compressor.decode_sum(comm.all_gather_data(compressor.encode(packed)), packed.numel())
-        length = compressor.chunk_length(packed.numel(), n)
-        parts = compressor.encode_parts(packed, n)
-        # component j of every part, stacked: slice i goes to replica i, which sums chunk i
-        received = comm.all_to_all_data([torch.stack(component) for component in zip(*parts, strict=True)])
-        mine = compressor.decode_sum([[c[i] for c in received] for i in range(n)], length)
-        gathered = comm.all_gather_data(compressor.encode_chunk_sum(mine))
-        return torch.cat([compressor.decode_sum([payload], length) for payload in gathered])[: packed.numel()]
 
     def rollback(self) -> None:
         if self.compressor is not None:
