@@ -531,6 +531,20 @@ class Communicator:
                             best_rtt, offset = back - sent, float(theirs) - (sent + back) / 2
         return offset
 
+    def send_bytes(self, data: bytes, peer: int, what: str) -> None:
+        """Send ``data`` to rank ``peer`` on the default group (files between checkpoint folders)."""
+        if data:
+            with self._guard(f"sending {what}", peer):
+                dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), peer)
+
+    def recv_bytes(self, size: int, peer: int, what: str) -> bytes:
+        """Receive ``size`` bytes that rank ``peer`` sends with ``send_bytes``."""
+        data = torch.empty(size, dtype=torch.uint8)
+        if size:
+            with self._guard(f"receiving {what}", peer):
+                dist.recv(data, peer)
+        return data.numpy().tobytes()
+
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""
         gathered: list[object] = [None] * self.topo.world_size

@@ -10,9 +10,15 @@
         manifest_stage<s>.json       bytes and sha256 of every file stage s wrote
     <root>/latest                    the newest complete step, written last
 
-Replica 0 of every stage writes (under --shard-optimizer the replicas first gather each part's
-optimizer state, so the files are the same as without sharding); the folder must be one that
-every rank reaches (a shared file system, or a single machine): start-up checks this.
+Who writes: the ranks whose --checkpoint-path is one folder form a disk (trainer.resume
+finds them at start-up). On every disk, for every stage, the lowest replica of that stage with
+a rank there writes the stage's files (under --shard-optimizer the replicas first gather each
+part's optimizer state, so the files are the same as without sharding), and the disk's lowest
+rank writes the run's files (trainer state, config, tokenizer). On a folder every rank shares
+that is replica 0; on sites that share nothing, one replica per site, every site holds every
+stage, so with dp >= 2 each stage's state is on dp machines. A checkpoint is committed when
+every rank has written, synced and reported its manifest to the others over the process
+group; only then does each disk's lowest rank rename it into place and move ``latest``.
 
 Under --dp-mode diloco the replicas' weights and inner AdamW state differ between syncs, so
 every replica writes its own: replica 0 the files above, replica r > 0 the same names prefixed
@@ -30,9 +36,11 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from comm.process_group import Communicator
+from comm.topology import Topology
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
@@ -51,7 +59,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted; the message names the file and a way out."""
 
 
-def _sha256(path: Path) -> str:
+@dataclass(frozen=True)
+class Disks:
+    """Which ranks share a checkpoint folder: ``disk_of[r]`` is the lowest rank sharing rank r's."""
+
+    disk_of: tuple[int, ...]
+
+    @property
+    def shared(self) -> bool:
+        return len(set(self.disk_of)) == 1
+
+    def owner(self, rank: int) -> bool:
+        """The rank that makes, renames and prunes its disk's checkpoint folders."""
+        return self.disk_of[rank] == rank
+
+    def writes(self, topo: Topology, every_replica: bool) -> bool:
+        """Whether this rank writes its stage's files (module docstring: who writes)."""
+        if every_replica:
+            return True
+        disk = self.disk_of[topo.rank]
+        return topo.rank == min(r for r in topo.data_ranks(topo.stage) if self.disk_of[r] == disk)
+
+    def describe(self) -> str:
+        if self.shared:
+            return "one checkpoint folder shared by every rank"
+        groups = {d: [r for r, e in enumerate(self.disk_of) if e == d] for d in sorted(set(self.disk_of))}
+        return f"no shared checkpoint folder: {len(groups)} folders, ranks " + " | ".join(map(str, groups.values()))
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -92,35 +128,35 @@ def save_checkpoint(
     comm: Communicator,
     trainer_state: dict | None,
     source_dir: str,
+    disks: Disks,
     keep: int = 0,
     outer: DiLoCo | None = None,
 ) -> None:
-    """Write this stage's parts into ``checkpoint_<step>.tmp``; rank 0 renames it into place
-    and moves ``latest`` once every stage has written. ``keep`` > 0 prunes older checkpoints.
-    With ``outer`` (DiLoCo) every replica writes its own files, and its outer state."""
+    """Write this rank's share of checkpoint ``step`` (``Disks.writes``; with ``outer``, DiLoCo,
+    every replica its own files and outer state) into ``checkpoint_<step>.tmp``. Once every rank
+    has reported its manifest, each disk's owner renames the folder into place and moves
+    ``latest``; ``keep`` > 0 prunes older checkpoints. ``trainer_state`` is rank 0's."""
     topo = comm.topo
-    if topo.replica != 0 and outer is None:  # other replicas hold the same weights
-        if optimizer.sharded:  # but their shards of the optimizer state are gathered part by part
-            for module in stage.saved_parts().values():
-                optimizer.state_tensors(module)
-        return
-    # the pipeline's ranks, or under DiLoCo every rank, meet around the writes
-    barrier = comm.barrier_pipeline if outer is None else comm.barrier_all
-    owner = topo.is_first_stage and topo.replica == 0  # makes, renames and prunes the folder
+    owner = disks.owner(topo.rank)
     tmp = root / f"checkpoint_{step}.tmp"
     if owner:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files with ours
         tmp.mkdir(parents=True)
-    barrier()
+    # rank 0's trainer state reaches every disk's owner; the gather is also the barrier after the mkdirs
+    trainer_state = comm.all_gather_object(trainer_state)[0]
 
-    prefix = replica_prefix(topo.replica)
     written: list[Path] = []
-    for part, module in stage.saved_parts().items():
-        written.append(save_part(tmp, prefix + part, stage.saved_state(module)))
-        written.append(save_part(tmp, prefix + OPTIM_PREFIX + part, optimizer.state_tensors(module)))
-        if outer is not None:
-            written.append(save_part(tmp, prefix + OUTER_PREFIX + part, outer.state_tensors(module)))
-    if trainer_state is not None:
+    if disks.writes(topo, every_replica=outer is not None):
+        prefix = replica_prefix(topo.replica) if outer is not None else ""
+        for part, module in stage.saved_parts().items():
+            written.append(save_part(tmp, prefix + part, stage.saved_state(module)))
+            written.append(save_part(tmp, prefix + OPTIM_PREFIX + part, optimizer.state_tensors(module)))
+            if outer is not None:
+                written.append(save_part(tmp, prefix + OUTER_PREFIX + part, outer.state_tensors(module)))
+    elif optimizer.sharded:  # the writing replica gathers each part's optimizer state from every replica
+        for module in stage.saved_parts().values():
+            optimizer.state_tensors(module)
+    if owner:  # the run's own files, on every disk
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
         written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
         if stage.lora is not None:
@@ -129,10 +165,12 @@ def save_checkpoint(
     manifest = {}
     for path in written:
         _fsync(path)
-        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    suffix = f"_replica{topo.replica}" if topo.replica else ""
-    atomic_write_text(tmp / f"manifest_stage{topo.stage}{suffix}.json", json.dumps(manifest, indent=1))
-    barrier()
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if manifest:
+        suffix = f"_replica{topo.replica}" if outer is not None and topo.replica else ""
+        atomic_write_text(tmp / f"manifest_stage{topo.stage}{suffix}.json", json.dumps(manifest, indent=1))
+    # the commit: every rank has written, synced and reported its manifest to the others
+    comm.all_gather_object(manifest)
 
     if owner:
         final = checkpoint_dir(root, step)
@@ -148,11 +186,17 @@ def save_checkpoint(
                 shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
 
 
+def manifest_entries(directory: Path) -> dict[str, dict]:
+    """Every file the manifests in ``directory`` list: name -> bytes and sha256."""
+    entries: dict[str, dict] = {}
+    for fragment in sorted(directory.glob(MANIFEST_GLOB)):
+        entries.update(json.loads(fragment.read_text()))
+    return entries
+
+
 def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
     """Check the files this rank reads against the manifests; a mismatch names the file."""
-    manifest: dict[str, dict] = {}
-    for fragment in sorted(directory.glob(MANIFEST_GLOB)):
-        manifest.update(json.loads(fragment.read_text()))
+    manifest = manifest_entries(directory)
     earlier = [s for s in complete_steps(root) if s < step]
     fallback = (
         f"the previous checkpoint is step {earlier[-1]}: write {earlier[-1]} into {root / 'latest'} to resume from it"
@@ -166,7 +210,7 @@ def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
         entry = manifest.get(name)
         if entry is None or not path.is_file():
             raise CheckpointError(f"{path} is missing from checkpoint {step}; {fallback}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path} is damaged (size or checksum differs from the manifest); {fallback}")
 
 

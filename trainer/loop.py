@@ -15,7 +15,7 @@ from comm.topology import Topology
 from modules.layout import latest_step
 from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
 from pipeline.stage import Stage
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
 from trainer.diloco import DiLoCo
@@ -25,14 +25,16 @@ from trainer.metrics import MetricsWriter, Progress
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
+from trainer.resume import agree_on_resume, probe_disks
 from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator) -> None:
+    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator, disks: Disks) -> None:
         self.cfg = cfg
+        self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
         self.comm = comm
         self.topo: Topology = cfg.topology
@@ -399,7 +401,7 @@ class Trainer:
         cfg = self.cfg
         save_checkpoint(
             cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
-            keep=cfg.checkpoint.keep, outer=self.outer,
+            self.disks, keep=cfg.checkpoint.keep, outer=self.outer,
         )  # fmt: skip
 
     def train(self) -> None:
@@ -466,7 +468,11 @@ def run(cfg: RunConfig) -> None:
     try:
         if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
             plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))
-        trainer = Trainer(cfg, plan, comm)
+        disks = probe_disks(comm, cfg.checkpoint.path)
+        log.info("checkpoints: %s", disks.describe())
+        if cfg.checkpoint.resume:  # the step every rank resumes from, its files brought onto every disk
+            agree_on_resume(comm, cfg, plan.layers, disks)
+        trainer = Trainer(cfg, plan, comm, disks)
         error = None
         try:
             trainer.setup()

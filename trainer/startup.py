@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from dataclasses import dataclass, replace
 
 import torch
@@ -143,24 +142,9 @@ def agree_on_start(comm: Communicator, cfg: RunConfig, step: int, error: str | N
 
     Returns the host name of every rank.
     """
-    probe = None
-    if comm.topo.rank == 0 and error is None:
-        # A file only rank 0 writes: every rank must see it, or checkpoints would scatter.
-        cfg.checkpoint.path.mkdir(parents=True, exist_ok=True)
-        probe = cfg.checkpoint.path / f".shared-check-{uuid.uuid4().hex}"
-        probe.touch()
     status = {"error": error, "fingerprint": cfg.fingerprint(), "step": step, "host": socket.gethostname()}
-    statuses = comm.all_gather_object({**status, "probe": probe.name if probe else None})
+    statuses = comm.all_gather_object(status)
     _raise_problems(cfg, statuses)
-    sees = comm.all_gather_object((cfg.checkpoint.path / statuses[0]["probe"]).exists())
-    if probe is not None:
-        probe.unlink()
-    blind = [r for r, seen in enumerate(sees) if not seen]
-    if blind:
-        raise StartupError(
-            f"ranks {blind} cannot see files that rank 0 writes in --checkpoint-path {cfg.checkpoint.path}; "
-            "it must be one folder every rank reaches (a shared file system)"
-        )
     return [s["host"] for s in statuses]
 
 

@@ -1,0 +1,169 @@
+"""Checkpoint folders with or without a shared file system, and the step a run resumes from.
+
+Every rank names a ``--checkpoint-path``; the ranks whose paths are one folder (one file
+system, or one machine) form a disk. ``probe_disks`` finds the disks at start-up: each rank
+leaves a file named for it, and each says whose files it sees. One disk is today's shared
+folder; several are sites that share nothing.
+
+Who writes, and when a checkpoint counts as committed: trainer.checkpoint.
+
+Resume (``agree_on_resume``): every rank reports the complete checkpoints of its folder and
+their manifests; the run resumes from the newest step (at most the newest ``latest`` of any
+disk) whose files every rank needs exist on some disk. A rank whose disk lacks one (a node
+crashed before renaming, or came back with an empty disk, or the topology changed) receives it
+from a rank whose disk has it, over torch.distributed, checks its size and sha256 against the
+sender's manifest, and stores it in its own folder; every disk's ``latest`` then names that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from comm.process_group import Communicator
+from modules import EMBEDDING_PART, HEAD_PART, layer_part
+from modules.layout import atomic_write_text, checkpoint_dir, latest_step
+from modules.lora import ADAPTER_CONFIG, adapter_part
+from trainer.checkpoint import (
+    OPTIM_PREFIX,
+    OUTER_PREFIX,
+    TRAINER_STATE,
+    CheckpointError,
+    Disks,
+    complete_steps,
+    file_sha256,
+    manifest_entries,
+    replica_prefix,
+)
+from trainer.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def probe_disks(comm: Communicator, path: Path) -> Disks:
+    """Find which ranks' ``--checkpoint-path`` is one folder (module docstring); a folder a
+    rank cannot write stops every rank with the reason."""
+    topo = comm.topo
+    token = comm.all_gather_object(uuid.uuid4().hex)[0]  # rank 0's, for every rank's file name
+    probe = path / f".disk-{token}-{topo.rank}"
+    problem = None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    except OSError as err:
+        problem = f"{topo.describe(topo.rank)} cannot write --checkpoint-path {path} ({err.strerror})"
+    problems = [p for p in comm.all_gather_object(problem) if p]  # also: every probe is in place
+    if problems:
+        raise CheckpointError("cannot start: " + "; ".join(problems))
+    seen = [r for r in range(topo.world_size) if (path / f".disk-{token}-{r}").exists()]
+    everyone = comm.all_gather_object(seen)  # also: every rank has looked
+    probe.unlink()
+    return Disks(tuple(min(s) for s in everyone))
+
+
+def stage_parts(cfg: RunConfig, layers: range) -> list[str]:
+    """The parts a checkpoint holds of a stage of ``layers`` (trainer.checkpoint; under LoRA the adapters)."""
+    topo = cfg.topology
+    if cfg.lora is not None:
+        return [adapter_part(layer_part(i)) for i in layers]
+    return (
+        ([EMBEDDING_PART] if topo.is_first_stage else [])
+        + [layer_part(i) for i in layers]
+        + ([HEAD_PART] if topo.is_last_stage else [])
+    )
+
+
+def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
+    """The files this rank loads to resume, as alternatives in order of preference: under
+    DiLoCo its replica's own files with their outer state, else replica 0's (and a checkpoint
+    of another mode has no outer state)."""
+    parts = stage_parts(cfg, layers)
+    run_files = [TRAINER_STATE] + ([ADAPTER_CONFIG] if cfg.lora is not None else [])
+
+    def files(prefix: str, kinds: tuple[str, ...]) -> list[str]:
+        return [f"{prefix}{kind}{p}.safetensors" for kind in kinds for p in parts] + run_files
+
+    if cfg.dp.mode != "diloco":
+        return [files("", ("", OPTIM_PREFIX))]
+    with_outer, without = ("", OPTIM_PREFIX, OUTER_PREFIX), ("", OPTIM_PREFIX)
+    own = replica_prefix(cfg.topology.replica)
+    return [files(own, with_outer), files("", with_outer), files("", without)]
+
+
+def agree_on_resume(comm: Communicator, cfg: RunConfig, layers: range, disks: Disks) -> int | None:
+    """Agree on the step to resume from and bring every file a rank needs onto its disk (module
+    docstring); returns the step, None for a fresh start."""
+    topo, root = comm.topo, cfg.checkpoint.path
+    if disks.shared:  # every rank sees the same files: load_checkpoint reads latest, as ever
+        return latest_step(root)
+    newest = latest_step(root)
+    local = {s: manifest_entries(checkpoint_dir(root, s)) for s in complete_steps(root) if newest and s <= newest}
+    reports = comm.all_gather_object((local, needed_files(cfg, layers)))
+    limit = max((max(steps, default=-1) for steps, _ in reports), default=-1)
+    for step in sorted({s for steps, _ in reports for s in steps if s <= limit}, reverse=True):
+        holders: dict[str, tuple[int, dict]] = {}  # file -> (the lowest rank whose disk has it, its entry)
+        for rank, (steps, _) in enumerate(reports):
+            for name, entry in steps.get(step, {}).items():
+                holders.setdefault(name, (rank, entry))
+        choices = [next((a for a in alternatives if all(n in holders for n in a)), None) for _, alternatives in reports]
+        if all(c is not None for c in choices):
+            break
+    else:
+        if limit >= 0:
+            log.warning("no checkpoint step has every file some rank needs on any disk: starting afresh")
+        return None
+    # what each disk lacks of what its ranks need (and, for its owner, the run's other files):
+    # the disk's lowest rank that needs a file receives it from the lowest rank whose disk has it
+    transfers: dict[tuple[int, str], tuple[int, int]] = {}  # (disk, file) -> (receiver, sender)
+    for rank, needs in enumerate(choices):
+        disk = disks.disk_of[rank]
+        there = reports[disk][0].get(step, {})
+        extra = [n for n in holders if not n.endswith(".safetensors")] if disks.owner(rank) else []
+        for name in [*needs, *extra]:
+            if name not in there:
+                transfers.setdefault((disk, name), (rank, holders[name][0]))
+    fetched = _transfer(comm, root, step, transfers, holders)
+    if fetched:
+        log.info("fetched %d files of checkpoint %d from peers: %s", len(fetched), step, ", ".join(fetched))
+    comm.barrier_all()  # every disk holds what its ranks need
+    if disks.owner(topo.rank) and newest != step:
+        log.info("%s: resuming from step %d, agreed over the process group (this folder's latest was %s)",
+                 root, step, newest)  # fmt: skip
+        atomic_write_text(root / "latest", f"{step}\n")
+    return step
+
+
+def _transfer(
+    comm: Communicator, root: Path, step: int, transfers: dict[tuple[int, str], tuple[int, int]], holders: dict
+) -> list[str]:
+    """Run every transfer in one order on every rank (so none waits on another crosswise); the
+    receiver checks each file against the sender's manifest before it enters its folder."""
+    rank, fetched = comm.topo.rank, []
+    directory = checkpoint_dir(root, step)
+    for (_, name), (receiver, sender) in sorted(transfers.items()):
+        entry = holders[name][1]
+        if rank == sender:
+            comm.send_bytes((directory / name).read_bytes(), receiver, f"{name} of checkpoint {step}")
+        elif rank == receiver:
+            data = comm.recv_bytes(entry["bytes"], sender, f"{name} of checkpoint {step}")
+            directory.mkdir(parents=True, exist_ok=True)
+            part = directory / f"{name}.fetch"
+            with open(part, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if file_sha256(part) != entry["sha256"]:
+                part.unlink()
+                raise CheckpointError(
+                    f"{name} of checkpoint {step} from rank {sender} does not match its manifest; "
+                    "check that rank's disk, or resume from an earlier step"
+                )
+            os.replace(part, directory / name)
+            fetched.append(name)
+    if fetched:  # listed only once in place, so a crash mid-fetch never claims a missing file
+        manifest = {name: holders[name][1] for name in fetched}
+        atomic_write_text(directory / f"manifest_stage_fetched_rank{rank}.json", json.dumps(manifest, indent=1))
+    return fetched
