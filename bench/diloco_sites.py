@@ -36,6 +36,8 @@ from trainer.plot import plot_metrics  # noqa: E402
 
 log = logging.getLogger("bench.diloco_sites")
 TOPOLOGY = ["--pipeline-group-size", "2", "--data-group-size", "2", "--seq-length", "128", "--micro-batch-size", "1"]
+# streamed in 4 fragments (one per block of the 4), int8 pseudo-gradients, each sync beside one inner step
+DILOCO = "--dp-mode diloco --sync-every 16 --diloco-fragments 4 --dp-compress int8 --diloco-overlap-steps 1"
 PIPELINE = 2  # ranks per site: rank r is stage r % 2 of replica r // 2 (comm.topology)
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="steps of each full run")
     parser.add_argument("--rate", type=float, default=10.0, help="the slow link between the sites, Mbit/s")
-    parser.add_argument("--diloco-flags", default="--dp-mode diloco --sync-every 16",
+    parser.add_argument("--diloco-flags", default=DILOCO,
                         help="how DiLoCo runs (one string)")  # fmt: skip
     parser.add_argument("--slow-sync-steps", type=int, default=6, help="steps of synchronous training on the slow link")
     parser.add_argument("--plot", type=Path, default=None, help="write the overlaid loss curves to this PNG")

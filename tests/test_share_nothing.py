@@ -108,3 +108,24 @@ def test_a_commit_one_site_did_not_finish_is_completed_from_the_other(
     assert {p.name: p.read_bytes() for p in ours.glob("*.safetensors")} == {
         p.name: p.read_bytes() for p in theirs.glob("*.safetensors")
     }
+
+
+@pytest.mark.parametrize(
+    ("disk_of", "writers"),
+    [
+        ((0, 0, 0, 0), {0, 1}),  # one shared folder: replica 0 writes, as ever
+        ((0, 0, 2, 2), {0, 1, 2, 3}),  # a site per replica: both sites hold both stages
+        ((0, 1, 2, 3), {0, 1, 2, 3}),  # a folder per rank: each keeps its own stage
+        ((0, 0, 0, 3), {0, 1, 3}),  # rank 3 alone: its stage is on disk 0 already, but not on its own
+    ],
+)
+def test_who_writes_keeps_every_stage_on_every_folder(disk_of: tuple[int, ...], writers: set[int]) -> None:
+    from comm.topology import Topology
+    from trainer.checkpoint import Disks
+
+    disks = Disks(disk_of)
+    chosen = {r for r in range(4) if disks.writes(Topology(pipeline_size=2, data_size=2, rank=r), every_replica=False)}
+    assert chosen == writers
+    for disk in set(disk_of):  # a folder holds each stage that one of its ranks trains, once
+        stages = [r % 2 for r in chosen if disk_of[r] == disk]
+        assert sorted(stages) == sorted({r % 2 for r in range(4) if disk_of[r] == disk})

@@ -27,7 +27,9 @@ with every replica on one model.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,22 @@ def part_fragment(part: str, fragments: int, num_layers: int) -> int:
         if part == layer_part(i):
             return i % fragments
     raise ValueError(f"{part} is no part of a {num_layers}-layer model")
+
+
+def in_background(fn: Callable[..., object], *args: object) -> Future:
+    """``fn(*args)`` on a thread of its own; the future holds its result or its exception (raised
+    again where the result is read). A daemon: a run that stops on an error while a sync waits
+    on a lost peer exits without waiting for it (the last step lands every sync of a clean run)."""
+    result: Future = Future()
+
+    def work() -> None:
+        try:
+            result.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed over to the reader of the result
+            result.set_exception(err)
+
+    threading.Thread(target=work, name="diloco-sync", daemon=True).start()
+    return result
 
 
 @dataclass
@@ -93,7 +111,6 @@ class DiLoCo:
         ]
         self.pending: _Sync | None = None
         self._landed_bytes = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-sync")
         self.state_bytes = 8 * sum(p.numel() for p in params)  # anchor and momentum, fp32
 
     @property
@@ -101,9 +118,6 @@ class DiLoCo:
         """Bytes the syncs landed so far sent (read by the main thread: it sees a sync's bytes
         at the step it lands, however the worker thread was scheduled)."""
         return self._landed_bytes
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=self.pending is None, cancel_futures=True)
 
     # -- the schedule ---------------------------------------------------------------------------
 
@@ -141,7 +155,7 @@ class DiLoCo:
             result: Future = Future()
             result.set_result(None)
         else:
-            result = self._worker.submit(self._sum, fragment, delta)
+            result = in_background(self._sum, fragment, delta)
         return _Sync(fragment, step + (self.cfg.overlap if overlap else 0), result, sent)
 
     def _sum(self, fragment: int, delta: torch.Tensor) -> torch.Tensor:

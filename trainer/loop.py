@@ -450,8 +450,6 @@ class Trainer:
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.checkpoint()
         finally:
-            if self.outer is not None:
-                self.outer.close()
             if prefetch is not None:
                 prefetch.close()
             if metrics is not None:
