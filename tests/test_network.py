@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,3 +54,41 @@ def test_unknown_interface_is_named_with_the_choices(hosts: NetHosts, tmp_path: 
     assert proc.wait(timeout=60) != 0
     out = (tmp_path / "rank0.log").read_text()
     assert "--net-interface 'eth7' does not exist" in out and hosts.interface("a") in out
+
+
+def test_two_sites_with_a_folder_each_resume_by_fetching_from_each_other(
+    hosts: NetHosts, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """pp=2 x dp=2 as two sites (replica 0 on host a, replica 1 on host b), each with its own
+    checkpoint folder. Run 6 steps; then give site b an empty disk and site a only checkpoint 3:
+    the relaunch fetches site b's files from site a and ends with the same bytes."""
+
+    def run(root: Path, logs: Path) -> None:
+        logs.mkdir(parents=True)
+        url = f"tcp://{hosts.address('a')}:{free_port()}"
+        procs = []
+        for rank in range(4):
+            site = "ab"[rank // 2]
+            args = ["--model-name", str(tiny_shards), "--task-name", two_tasks, "--pipeline-group-size", "2",
+                    "--data-group-size", "2", "--seq-length", "32", "--batch-size", "2", "--micro-batch-size", "1",
+                    "--total-steps", "6", "--checkpoint-steps", "3", "--checkpoint-path", str(root / site),
+                    "--dist-url", url, "--comm-timeout", "60", "--net-interface", hosts.interface(site)]  # fmt: skip
+            procs.append(start(hosts, site, rank, args, logs / f"rank{rank}.log"))
+        codes = [p.wait(timeout=300) for p in procs]
+        assert codes == [0] * 4, [(logs / f"rank{r}.log").read_text()[-2000:] for r in range(4)]
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
+
+    first = tmp_path / "first"
+    run(first, tmp_path / "logs1")
+    assert files(first / "a" / "checkpoint_6") == files(first / "b" / "checkpoint_6")  # every stage at each site
+
+    again = tmp_path / "again"
+    (again / "b").mkdir(parents=True)  # a new node at site b
+    shutil.copytree(first / "a" / "checkpoint_3", again / "a" / "checkpoint_3")
+    (again / "a" / "latest").write_text("3\n")
+    run(again, tmp_path / "logs2")
+    assert "fetched" in (tmp_path / "logs2" / "rank2.log").read_text()
+    for site in "ab":
+        assert files(again / site / "checkpoint_6") == files(first / "a" / "checkpoint_6"), site
