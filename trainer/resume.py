@@ -41,6 +41,7 @@ from trainer.checkpoint import (
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
+FETCH_CHUNK = 64 * 2**20  # bytes a fetched file crosses in at a time: memory stays bounded
 
 
 def probe_disks(comm: Communicator, path: Path) -> Disks:
@@ -144,18 +145,21 @@ def _transfer(
     rank, fetched = comm.topo.rank, []
     directory = checkpoint_dir(root, step)
     for (_, name), (receiver, sender) in sorted(transfers.items()):
-        entry = holders[name][1]
-        if rank == sender:
-            comm.send_bytes((directory / name).read_bytes(), receiver, f"{name} of checkpoint {step}")
+        size, what = holders[name][1]["bytes"], f"{name} of checkpoint {step}"
+        chunks = [(a, min(size, a + FETCH_CHUNK)) for a in range(0, size, FETCH_CHUNK)]
+        if rank == sender:  # the manifest's size, chunk by chunk (a shorter file is padded: its hash fails)
+            with open(directory / name, "rb") as f:
+                for a, b in chunks:
+                    comm.send_bytes(f.read(b - a).ljust(b - a, b"\0"), receiver, what)
         elif rank == receiver:
-            data = comm.recv_bytes(entry["bytes"], sender, f"{name} of checkpoint {step}")
             directory.mkdir(parents=True, exist_ok=True)
             part = directory / f"{name}.fetch"
             with open(part, "wb") as f:
-                f.write(data)
+                for a, b in chunks:
+                    f.write(comm.recv_bytes(b - a, sender, what))
                 f.flush()
                 os.fsync(f.fileno())
-            if file_sha256(part) != entry["sha256"]:
+            if file_sha256(part) != holders[name][1]["sha256"]:
                 part.unlink()
                 raise CheckpointError(
                     f"{name} of checkpoint {step} from rank {sender} does not match its manifest; "
