@@ -18,6 +18,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 # Each rank already owns its share of the cores; tokenizer threads would only compete.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from trainer.checkpoint import CheckpointError
 from trainer.cli import config_from_args, data_config, parse_args
 from trainer.loop import run
 from trainer.metrics import setup_logging
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(cfg.topology, cfg.log_level)
     try:
         run(cfg)
-    except (StartupError, ConnectionError, ValueError, OSError, ArithmeticError) as err:
+    except (StartupError, CheckpointError, ConnectionError, ValueError, OSError, ArithmeticError) as err:
         logging.getLogger("dist_clm_train").error("%s", err)
         for handler in logging.getLogger().handlers:
             handler.flush()

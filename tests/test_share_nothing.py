@@ -86,6 +86,28 @@ def test_a_site_with_an_empty_disk_fetches_the_checkpoint_from_its_peer(
         assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in expected), site
 
 
+def test_a_step_no_folder_holds_whole_stops_without_writing(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Site a holds checkpoint 5 without stage 1's weights, site b nothing: no step can be
+    resumed, and starting afresh would write over site a's folder, so every rank stops naming
+    the missing file."""
+    root = tmp_path / "run"
+    shutil.copytree(uninterrupted / "a" / "ckpt" / "checkpoint_5", root / "a" / "ckpt" / "checkpoint_5")
+    (root / "a" / "ckpt" / "latest").write_text("5\n")
+    (root / "a" / "ckpt" / "checkpoint_5" / "lm_head.safetensors").unlink()
+    manifest = root / "a" / "ckpt" / "checkpoint_5" / "manifest_stage1.json"
+    manifest.unlink()  # as if stage 1 never wrote there
+    (root / "b" / "ckpt").mkdir(parents=True)
+    args = train_args(tiny_shards, two_tasks, root / "unused", pp=2, dp=2, batch=2, micro=1, accum=1)
+    results = launch(args, 4, tmp_path, rank_args=lambda rank: ["--checkpoint-path", str(site_folder(root, rank))])
+    for result in results:
+        assert result.returncode != 0
+        assert "no checkpoint step has every file the ranks need" in result.output
+        assert "(nothing was overwritten)" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in (root / "a" / "ckpt").iterdir()) == ["checkpoint_5", "latest"]
+
+
 def test_a_commit_one_site_did_not_finish_is_completed_from_the_other(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

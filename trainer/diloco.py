@@ -26,7 +26,6 @@ with every replica on one model.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,9 +40,7 @@ from pipeline.stage import Stage
 from trainer.config import DataParallelConfig
 from trainer.optimizer import compressed_sum
 
-log = logging.getLogger(__name__)
-OUTER_KEYS = ("anchor", "momentum")  # per trained parameter, always saved
-PENDING_KEYS = ("sent", "sum")  # and for the fragment in flight at a checkpoint
+OUTER_KEYS = ("anchor", "momentum")  # saved per trained parameter; the fragment in flight adds "sent" and "sum"
 
 
 def part_fragment(part: str, fragments: int, num_layers: int) -> int:

@@ -103,19 +103,22 @@ def agree_on_resume(comm: Communicator, cfg: RunConfig, layers: range, disks: Di
     newest = latest_step(root)
     local = {s: manifest_entries(checkpoint_dir(root, s)) for s in complete_steps(root) if newest and s <= newest}
     reports = comm.all_gather_object((local, needed_files(cfg, layers)))
-    limit = max((max(steps, default=-1) for steps, _ in reports), default=-1)
-    for step in sorted({s for steps, _ in reports for s in steps if s <= limit}, reverse=True):
-        holders: dict[str, tuple[int, dict]] = {}  # file -> (the lowest rank whose disk has it, its entry)
-        for rank, (steps, _) in enumerate(reports):
-            for name, entry in steps.get(step, {}).items():
-                holders.setdefault(name, (rank, entry))
-        choices = [next((a for a in alternatives if all(n in holders for n in a)), None) for _, alternatives in reports]
+    candidates = sorted({s for steps, _ in reports for s in steps}, reverse=True)
+    if not candidates:
+        return None  # no checkpoint anywhere: a fresh start
+    for step in candidates:
+        holders, choices = _holders(reports, step)
         if all(c is not None for c in choices):
             break
-    else:
-        if limit >= 0:
-            log.warning("no checkpoint step has every file some rank needs on any disk: starting afresh")
-        return None
+    else:  # starting afresh would write over what the folders hold
+        holders, choices = _holders(reports, candidates[0])
+        rank = choices.index(None)
+        missing = next(n for n in reports[rank][1][-1] if n not in holders)
+        raise CheckpointError(
+            f"no checkpoint step has every file the ranks need in some folder (step {candidates[0]}: none "
+            f"holds {missing} for {topo.describe(rank)}); bring back the folder that held it, or start with "
+            "a new --checkpoint-path (nothing was overwritten)"
+        )
     # what each disk lacks of what its ranks need (and, for its owner, the run's other files):
     # the disk's lowest rank that needs a file receives it from the lowest rank whose disk has it
     transfers: dict[tuple[int, str], tuple[int, int]] = {}  # (disk, file) -> (receiver, sender)
@@ -135,6 +138,17 @@ def agree_on_resume(comm: Communicator, cfg: RunConfig, layers: range, disks: Di
                  root, step, newest)  # fmt: skip
         atomic_write_text(root / "latest", f"{step}\n")
     return step
+
+
+def _holders(reports: list, step: int) -> tuple[dict[str, tuple[int, dict]], list[list[str] | None]]:
+    """Who holds each file of checkpoint ``step`` (the lowest rank whose folder has it, and its
+    manifest entry), and each rank's first set of needed files all held somewhere (or None)."""
+    holders: dict[str, tuple[int, dict]] = {}
+    for rank, (steps, _) in enumerate(reports):
+        for name, entry in steps.get(step, {}).items():
+            holders.setdefault(name, (rank, entry))
+    choices = [next((a for a in alternatives if all(n in holders for n in a)), None) for _, alternatives in reports]
+    return holders, choices
 
 
 def _transfer(
