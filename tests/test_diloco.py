@@ -148,16 +148,19 @@ def test_diloco_matches_two_replicas_with_outer_nesterov_steps(
     assert synced == {s + overlap + 1 for s in range(interval, STEPS - overlap, interval)}
 
 
+@pytest.mark.parametrize("compress", ["none", "int8"])
 def test_streaming_diloco_resumes_exactly_with_a_sync_in_flight(
-    tiny_shards: Path, two_tasks: str, tmp_path: Path
+    tiny_shards: Path, two_tasks: str, tmp_path: Path, compress: str
 ) -> None:
     """Checkpoint 6 is written while fragment 0's sum (started after step 6) is in flight; the
-    resumed run lands it after step 7 as the uninterrupted run did, to the last bit."""
-    flags = ["--sync-every", "4", "--diloco-fragments", "2", "--checkpoint-steps", "6"]
+    resumed run lands it after step 7 as the uninterrupted run did, to the last bit (compressed:
+    with each replica's error feedback restored too)."""
+    flags = ["--sync-every", "4", "--diloco-fragments", "2", "--checkpoint-steps", "6", "--dp-compress", compress]
     ckpt = tmp_path / "ckpt"
     assert_all_ok(launch(diloco_args(tiny_shards, two_tasks, ckpt, 2, *flags), 4, tmp_path))
     outer = load_file(ckpt / "checkpoint_6" / "replica1_outer_layer_0.safetensors")
     assert any(k.endswith(".sum") for k in outer)  # block 0 is fragment 0: in flight at step 6
+    assert any(k.endswith(".residual") for k in outer) == (compress != "none")
 
     again = tmp_path / "again"
     again.mkdir()

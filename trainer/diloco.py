@@ -41,6 +41,7 @@ from trainer.config import DataParallelConfig
 from trainer.optimizer import compressed_sum
 
 OUTER_KEYS = ("anchor", "momentum")  # saved per trained parameter; the fragment in flight adds "sent" and "sum"
+FEEDBACK_KEYS = ("residual", "chunk_residual")  # and --dp-compress its error feedback
 
 
 def part_fragment(part: str, fragments: int, num_layers: int) -> int:
@@ -108,6 +109,8 @@ class DiLoCo:
         ]
         self.pending: _Sync | None = None
         self._landed_bytes = 0
+        # error feedback read from a checkpoint, per parameter, until its fragment next syncs
+        self._loaded_feedback: dict[int, dict[str, torch.Tensor]] = {}
         self.state_bytes = 8 * sum(p.numel() for p in params)  # anchor and momentum, fp32
 
     @property
@@ -152,6 +155,7 @@ class DiLoCo:
             result: Future = Future()
             result.set_result(None)
         else:
+            self._restore_feedback(fragment)
             result = in_background(self._sum, fragment, delta)
         return _Sync(fragment, step + (self.cfg.overlap if overlap else 0), result, sent)
 
@@ -191,6 +195,46 @@ class DiLoCo:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def _compressed(self, fragment: int) -> list[torch.nn.Parameter]:
+        """The parameters a fragment's compressor sees, in its order (a tied copy is summed exactly)."""
+        return [p for p in self.fragments[fragment] if p is not self.tied]
+
+    def _feedback_pieces(self, fragment: int) -> dict[int, dict[str, torch.Tensor]]:
+        """The compressor's error feedback (comm.compress.GradientCompressor) cut per parameter:
+        ``residual`` what this replica's encodes dropped; ``chunk_residual`` (more than two
+        replicas) what its chunk sums dropped, zero outside its chunk. Padding holds zeros."""
+        compressor, params = self.compressors[fragment], self._compressed(fragment)
+        if compressor is None or compressor.residual is None:
+            return {}
+        full = {"residual": compressor.residual}
+        if compressor.chunk_residual is not None:
+            length, mine = compressor.chunk_residual.numel(), self.comm.topo.replica
+            chunks = torch.zeros_like(compressor.residual)
+            chunks[mine * length : (mine + 1) * length] = compressor.chunk_residual
+            full["chunk_residual"] = chunks
+        pieces, offset = {}, 0
+        for p in params:
+            pieces[id(p)] = {k: v[offset : offset + p.numel()].view_as(p) for k, v in full.items()}
+            offset += p.numel()
+        return pieces
+
+    def _restore_feedback(self, fragment: int) -> None:
+        """Put error feedback loaded from a checkpoint back into the fragment's compressor."""
+        compressor, params = self.compressors[fragment], self._compressed(fragment)
+        if compressor is None or not all(id(p) in self._loaded_feedback for p in params):
+            return
+        pieces = [self._loaded_feedback.pop(id(p)) for p in params]
+        numel = sum(p.numel() for p in params)
+        padded = numel if self.replicas == 2 else self.replicas * compressor.chunk_length(numel, self.replicas)
+        residual = torch.cat([piece["residual"].reshape(-1) for piece in pieces])
+        compressor.residual = torch.nn.functional.pad(residual, (0, padded - numel))
+        if "chunk_residual" in pieces[0]:
+            chunks = torch.cat([piece["chunk_residual"].reshape(-1) for piece in pieces])
+            length, mine = padded // self.replicas, self.comm.topo.replica
+            compressor.chunk_residual = torch.nn.functional.pad(chunks, (0, padded - numel))[
+                mine * length : (mine + 1) * length
+            ].clone()
+
     def reset_anchor(self) -> None:
         """Start the outer loop from the weights now (a checkpoint without outer state)."""
         with torch.no_grad():
@@ -208,6 +252,7 @@ class DiLoCo:
             for i, p in enumerate(self.fragments[pending.fragment]):
                 pieces[id(p)] = (pending.sent[i], total[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
+        feedback = {k: v for f in range(self.cfg.fragments) for k, v in self._feedback_pieces(f).items()}
         tensors = {}
         for name, p in module.named_parameters():
             if id(p) not in self.anchor:
@@ -216,6 +261,8 @@ class DiLoCo:
             tensors[f"{name}.momentum"] = self.momentum[id(p)]
             if id(p) in pieces:
                 tensors[f"{name}.sent"], tensors[f"{name}.sum"] = pieces[id(p)]
+            for key, value in feedback.get(id(p), {}).items():
+                tensors[f"{name}.{key}"] = value
         return tensors
 
     def load_state_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], step: int) -> None:
@@ -229,6 +276,9 @@ class DiLoCo:
                 store[id(p)].copy_(tensors[f"{name}.{key}"])
             if f"{name}.sum" in tensors:
                 self._restore_pending(p, tensors[f"{name}.sent"], tensors[f"{name}.sum"], step)
+            feedback = {k: tensors[f"{name}.{k}"] for k in FEEDBACK_KEYS if f"{name}.{k}" in tensors}
+            if feedback:
+                self._loaded_feedback[id(p)] = feedback
 
     def _restore_pending(self, param: torch.Tensor, sent: torch.Tensor, total: torch.Tensor, step: int) -> None:
         """One parameter's share of the sync in flight at ``step`` (the whole sum once all are in)."""
