@@ -199,23 +199,27 @@ class DiLoCo:
         """The parameters a fragment's compressor sees, in its order (a tied copy is summed exactly)."""
         return [p for p in self.fragments[fragment] if p is not self.tied]
 
-    def _feedback_pieces(self, fragment: int) -> dict[int, dict[str, torch.Tensor]]:
-        """The compressor's error feedback (comm.compress.GradientCompressor) cut per parameter:
-        ``residual`` what this replica's encodes dropped; ``chunk_residual`` (more than two
-        replicas) what its chunk sums dropped, zero outside its chunk. Padding holds zeros."""
-        compressor, params = self.compressors[fragment], self._compressed(fragment)
-        if compressor is None or compressor.residual is None:
+    def _feedback_of(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """``param``'s piece of its fragment compressor's error feedback (comm.compress.
+        GradientCompressor): ``residual`` what this replica's encodes dropped; ``chunk_residual``
+        (more than two replicas) what its chunk sums dropped, zero outside its chunk."""
+        fragment = next((f for f, params in enumerate(self.fragments) if any(p is param for p in params)), None)
+        compressor = self.compressors[fragment] if fragment is not None else None
+        if compressor is None or compressor.residual is None or param is self.tied:
             return {}
-        full = {"residual": compressor.residual}
-        if compressor.chunk_residual is not None:
-            length, mine = compressor.chunk_residual.numel(), self.comm.topo.replica
-            chunks = torch.zeros_like(compressor.residual)
-            chunks[mine * length : (mine + 1) * length] = compressor.chunk_residual
-            full["chunk_residual"] = chunks
-        pieces, offset = {}, 0
-        for p in params:
-            pieces[id(p)] = {k: v[offset : offset + p.numel()].view_as(p) for k, v in full.items()}
-            offset += p.numel()
+        params = self._compressed(fragment)
+        index = next(i for i, p in enumerate(params) if p is param)
+        start = sum(p.numel() for p in params[:index])
+        stop = start + param.numel()
+        pieces = {"residual": compressor.residual[start:stop].view_as(param)}
+        if compressor.chunk_residual is not None:  # this replica's chunk covers [first, first + length)
+            length = compressor.chunk_residual.numel()
+            first = self.comm.topo.replica * length
+            piece = torch.zeros(param.numel(), dtype=compressor.chunk_residual.dtype, device=param.device)
+            lo, hi = max(start, first), min(stop, first + length)
+            if lo < hi:
+                piece[lo - start : hi - start] = compressor.chunk_residual[lo - first : hi - first]
+            pieces["chunk_residual"] = piece.view_as(param)
         return pieces
 
     def _restore_feedback(self, fragment: int) -> None:
@@ -252,7 +256,6 @@ class DiLoCo:
             for i, p in enumerate(self.fragments[pending.fragment]):
                 pieces[id(p)] = (pending.sent[i], total[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
-        feedback = {k: v for f in range(self.cfg.fragments) for k, v in self._feedback_pieces(f).items()}
         tensors = {}
         for name, p in module.named_parameters():
             if id(p) not in self.anchor:
@@ -261,7 +264,7 @@ class DiLoCo:
             tensors[f"{name}.momentum"] = self.momentum[id(p)]
             if id(p) in pieces:
                 tensors[f"{name}.sent"], tensors[f"{name}.sum"] = pieces[id(p)]
-            for key, value in feedback.get(id(p), {}).items():
+            for key, value in self._feedback_of(p).items():
                 tensors[f"{name}.{key}"] = value
         return tensors
 

@@ -98,9 +98,9 @@ def agree_on_resume(comm: Communicator, cfg: RunConfig, layers: range, disks: Di
     """Agree on the step to resume from and bring every file a rank needs onto its disk (module
     docstring); returns the step, None for a fresh start."""
     topo, root = comm.topo, cfg.checkpoint.path
-    if disks.shared:  # every rank sees the same files: load_checkpoint reads latest, as ever
-        return latest_step(root)
     newest = latest_step(root)
+    if disks.shared:  # every rank sees the same files: load_checkpoint reads latest, as ever
+        return newest
     local = {s: manifest_entries(checkpoint_dir(root, s)) for s in complete_steps(root) if newest and s <= newest}
     reports = comm.all_gather_object((local, needed_files(cfg, layers)))
     candidates = sorted({s for steps, _ in reports for s in steps}, reverse=True)
