@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -9,6 +11,14 @@ from torch.utils.checkpoint import checkpoint
 from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 from modules.layout import load_part
 from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is_adapter_parameter, load_adapter_state
+
+
+def saved_part_names(layers: Iterable[int], is_first: bool, is_last: bool, lora: bool) -> list[str]:
+    """The shard names a checkpoint holds of a stage of ``layers``, in order: every part, or
+    under LoRA each block's adapters (``Stage.saved_parts``; known before the stage is built)."""
+    if lora:
+        return [adapter_part(layer_part(i)) for i in layers]
+    return [EMBEDDING_PART] * is_first + [layer_part(i) for i in layers] + [HEAD_PART] * is_last
 
 
 class Stage(nn.Module):
@@ -65,14 +75,9 @@ class Stage(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The pieces of this stage by shard name: how they are stored, whatever the topology."""
-        parts: dict[str, nn.Module] = {}
-        if self.embedding is not None:
-            parts[EMBEDDING_PART] = self.embedding
-        for i in self.layer_ids:
-            parts[layer_part(i)] = self.layers[str(i)]
-        if self.head is not None:
-            parts[HEAD_PART] = self.head
-        return parts
+        names = saved_part_names(self.layer_ids, self.embedding is not None, self.head is not None, lora=False)
+        modules = [self.embedding, *(self.layers[str(i)] for i in self.layer_ids), self.head]
+        return dict(zip(names, [m for m in modules if m is not None], strict=True))
 
     def init_parts(self, std: float, seed: int) -> None:
         """Random weights for training from scratch, independent of how layers are split."""
@@ -123,7 +128,8 @@ class Stage(nn.Module):
         adapters of each block only (``lora_layer_<i>``); the base stays where it was loaded from."""
         if self.lora is None:
             return self.parts()
-        return {adapter_part(layer_part(i)): self.layers[str(i)] for i in self.layer_ids}
+        names = saved_part_names(self.layer_ids, False, False, lora=True)
+        return dict(zip(names, (self.layers[str(i)] for i in self.layer_ids), strict=True))
 
     def saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return module.state_dict() if self.lora is None else adapter_state(module)

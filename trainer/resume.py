@@ -24,9 +24,9 @@ import uuid
 from pathlib import Path
 
 from comm.process_group import Communicator
-from modules import EMBEDDING_PART, HEAD_PART, layer_part
 from modules.layout import atomic_write_text, checkpoint_dir, latest_step
-from modules.lora import ADAPTER_CONFIG, adapter_part
+from modules.lora import ADAPTER_CONFIG
+from pipeline.stage import saved_part_names
 from trainer.checkpoint import (
     OPTIM_PREFIX,
     OUTER_PREFIX,
@@ -65,23 +65,12 @@ def probe_disks(comm: Communicator, path: Path) -> Disks:
     return Disks(tuple(min(s) for s in everyone))
 
 
-def stage_parts(cfg: RunConfig, layers: range) -> list[str]:
-    """The parts a checkpoint holds of a stage of ``layers`` (trainer.checkpoint; under LoRA the adapters)."""
-    topo = cfg.topology
-    if cfg.lora is not None:
-        return [adapter_part(layer_part(i)) for i in layers]
-    return (
-        ([EMBEDDING_PART] if topo.is_first_stage else [])
-        + [layer_part(i) for i in layers]
-        + ([HEAD_PART] if topo.is_last_stage else [])
-    )
-
-
 def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
     """The files this rank loads to resume, as alternatives in order of preference: under
     DiLoCo its replica's own files with their outer state, else replica 0's (and a checkpoint
     of another mode has no outer state)."""
-    parts = stage_parts(cfg, layers)
+    topo = cfg.topology
+    parts = saved_part_names(layers, topo.is_first_stage, topo.is_last_stage, cfg.lora is not None)
     run_files = [TRAINER_STATE] + ([ADAPTER_CONFIG] if cfg.lora is not None else [])
 
     def files(prefix: str, kinds: tuple[str, ...]) -> list[str]:
@@ -90,7 +79,7 @@ def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
     if cfg.dp.mode != "diloco":
         return [files("", ("", OPTIM_PREFIX))]
     with_outer, without = ("", OPTIM_PREFIX, OUTER_PREFIX), ("", OPTIM_PREFIX)
-    own = replica_prefix(cfg.topology.replica)
+    own = replica_prefix(topo.replica)
     return [files(own, with_outer), files("", with_outer), files("", without)]
 
 
