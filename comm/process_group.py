@@ -138,8 +138,9 @@ class Communicator:
         self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
         self.act_codec = Codec(cfg.pp_compress, cfg.pp_compress_group, cfg.pp_compress_outliers)
-        # gradients round stochastically: unbiased, so what rounds away does not pile up over steps
-        self.grad_codec = Codec(cfg.pp_compress_grad, cfg.pp_compress_group, cfg.pp_compress_outliers, stochastic=True)
+        # gradients round stochastically (unbiased, so what rounds away does not pile up over
+        # steps) and carry no exact outliers: the outlier channels are the activations' (compress.py)
+        self.grad_codec = Codec(cfg.pp_compress_grad, cfg.pp_compress_group, outliers=0, stochastic=True)
         self.link = (cfg.link_bandwidth_mbps, cfg.link_latency_ms) if cfg.emulates_link else None
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
         self.dp_bytes_sent = 0  # and bytes of data-parallel collectives

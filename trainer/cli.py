@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pp-compress-outliers",
         type=int,
         default=OUTLIERS,
-        help="int8/int4: values of largest magnitude per token sent exactly beside the quantised rest",
+        help="int8/int4 activations: values of largest magnitude per token sent exactly beside the quantised "
+        "rest (gradients send none: their outlier channels are not larger)",
     )
     t.add_argument(
         "--link-bandwidth-mbps",
