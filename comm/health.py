@@ -24,7 +24,7 @@ from comm.topology import Topology
 log = logging.getLogger(__name__)
 
 
-def _fatal(message: str) -> None:
+def leave_now(message: str) -> None:
     """Log and leave at once: the main thread may be blocked inside a collective."""
     log.error("%s", message)
     for handler in logging.getLogger().handlers:
@@ -40,11 +40,18 @@ class Heartbeat:
         topo: Topology,
         dead_after_s: float,
         interval_s: float = 1.0,
-        on_lost: Callable[[str], None] = _fatal,
+        on_lost: Callable[[str], None] = leave_now,
         key_prefix: str = "",
+        watch: list[int] | None = None,
+        pulse_key: str | None = None,
     ) -> None:
         self.topo = topo
         self.key_prefix = key_prefix
+        # the ranks whose loss stops this one (default: all); an elastic run watches its own
+        # pipeline only, and adds one to ``pulse_key`` a beat to show its store host it is alive
+        self.watch = list(range(topo.world_size)) if watch is None else watch
+        self.pulse_key = pulse_key
+        self._store_owner = "the elastic run's store host" if pulse_key else topo.describe(0)
         self.dead_after_s = dead_after_s
         self.interval_s = interval_s
         self.on_lost = on_lost
@@ -62,6 +69,8 @@ class Heartbeat:
     def _beat(self, exit_reason: str | None = None) -> None:
         self._beats += 1
         self._store.set(self._key(self.topo.rank), json.dumps({"beat": self._beats, "exit": exit_reason}))
+        if self.pulse_key is not None:
+            self._store.add(self.pulse_key, 1)
 
     def start(self) -> None:
         self._thread.start()
@@ -74,17 +83,17 @@ class Heartbeat:
             except RuntimeError as err:  # the store lives in rank 0's process
                 if self._stop.is_set():
                     return
-                problem = f"lost {self.topo.describe(0)}, which hosts the job's store ({str(err).splitlines()[0]})"
+                problem = f"lost {self._store_owner}, which hosts the job's store ({str(err).splitlines()[0]})"
             if problem is not None and not self._stop.is_set():
                 self.on_lost(f"{self.topo.describe(self.topo.rank)}: {problem}; stopping")
                 return
 
     def peers(self) -> dict[int, dict]:
-        """Every rank's last heartbeat record (ranks not yet seen are missing)."""
-        keys = [self._key(r) for r in range(self.topo.world_size)]
+        """The watched ranks' last heartbeat records (none until every one has beaten)."""
+        keys = [self._key(r) for r in self.watch]
         if not self._store.check(keys):
             return {}
-        return {r: json.loads(v) for r, v in enumerate(self._store.multi_get(keys))}
+        return {r: json.loads(v) for r, v in zip(self.watch, self._store.multi_get(keys), strict=True)}
 
     def _check(self) -> str | None:
         now = time.monotonic()
@@ -105,7 +114,7 @@ class Heartbeat:
         try:
             records = self.peers()
         except RuntimeError:
-            return f"{self.topo.describe(0)}, which hosts the job's store, is gone"
+            return f"{self._store_owner}, which hosts the job's store, is gone"
         now = time.monotonic()
         notes = []
         for rank, record in records.items():

@@ -25,8 +25,10 @@ import torch.distributed as dist
 
 from comm.compress import GROUP, OUTLIERS, Codec
 from comm.devices import Placement, check_one_gpu_per_rank, device_identity
-from comm.health import Heartbeat
+from comm.health import Heartbeat, leave_now
+from comm.membership import Membership, mark_left
 from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
+from comm.store_host import FINISHED, PULSE
 from comm.topology import Topology
 from comm.trace import NULL_TRACER, NullTracer, Tracer
 
@@ -51,6 +53,9 @@ class CommConfig:
     pp_compress_outliers: int = OUTLIERS  # int8/int4: largest values per token sent exactly
     link_bandwidth_mbps: float = 0.0  # emulated link (0: not held)
     link_latency_ms: float = 0.0
+    # replicas may leave (comm.membership): the store runs in a process of its own, a lost
+    # replica's data-parallel partners regroup instead of stopping
+    elastic: bool = False
     # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
     # CUDA compute over Gloo takes, for tests on machines without a GPU. Not a flag.
     host_staging: bool = False
@@ -85,6 +90,21 @@ class CommConfig:
 
 class PeerLostError(ConnectionError):
     """A collective or point-to-point call failed because a peer died, hung or dropped off."""
+
+
+class ReplicaLostError(PeerLostError):
+    """Elastic runs: a data-parallel collective failed, so another replica lost a rank; this
+    rank's own pipeline may still be whole (``comm.membership``)."""
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """What an elastic rank keeps across generations: the store's client, the generation it is
+    in, and the rank it was launched as (its name in the store)."""
+
+    store: dist.Store
+    membership: Membership
+    launch_rank: int
 
 
 def nccl_groups(topo: Topology, backend: str, dp_backend: str) -> list[list[int]]:
@@ -130,9 +150,12 @@ class Communicator:
     """Process groups of one rank and the collectives the trainer uses."""
 
     def __init__(
-        self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False
-    ) -> None:
+        self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False,
+        side_group: bool = False, elastic: Elastic | None = None,
+    ) -> None:  # fmt: skip
         self.topo = topo
+        self.cfg, self.link_ends, self.side_group = cfg, link_ends, side_group  # for regroup()
+        self.elastic = elastic
         self.device = device
         self.timeout_s = cfg.timeout_s
         self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
@@ -195,8 +218,14 @@ class Communicator:
         # Under NCCL this is also how a lost peer is noticed at all: NCCL's waits return at once
         # and its errors surface later, in its own watchdog thread.
         dead_after = min(30.0, cfg.timeout_s)
-        prefix = restart_attempt(cfg.dist_url) or ""
-        self.heartbeat = Heartbeat(*address, topo, dead_after, key_prefix=prefix) if address else None
+        if elastic is not None:  # a lost rank elsewhere is the data-parallel collectives' business
+            self.heartbeat = Heartbeat(
+                *address, topo, dead_after, key_prefix=elastic.membership.key_space, on_lost=self._leave,
+                watch=topo.pipeline_ranks(topo.replica), pulse_key=PULSE,
+            )  # fmt: skip
+        else:
+            prefix = restart_attempt(cfg.dist_url) or ""
+            self.heartbeat = Heartbeat(*address, topo, dead_after, key_prefix=prefix) if address else None
 
     def _check_one_gpu_per_rank(self, groups: list[list[int]]) -> None:
         """Before any NCCL group: every rank says which GPU it has, and two members of one NCCL
@@ -211,20 +240,84 @@ class Communicator:
 
     @classmethod
     def connect(
-        cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False
-    ) -> Communicator:
+        cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False,
+        store: dist.Store | None = None, membership: Membership | None = None,
+    ) -> Communicator:  # fmt: skip
         """Join the job; a master that cannot be reached is a one-line error after the timeout.
 
         ``link_ends`` adds a group joining the first and last stage of each pipeline (for
         weights both ends hold, such as tied embeddings); ``side_group`` a second data-parallel
-        group for ``side_channel``.
+        group for ``side_channel``. An elastic run passes its ``store`` (``elastic_store``) and
+        the generation to join: by default the launch's, where ``topo`` is this rank's place.
         """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL makes its communicators on the current device
-        join_job(topo, cfg.dist_url, cfg.timeout_s)
-        return cls(topo, cfg, device, link_ends, side_group)
+        if not cfg.elastic:
+            join_job(topo, cfg.dist_url, cfg.timeout_s)
+            return cls(topo, cfg, device, link_ends, side_group)
+        elastic = Elastic(store, membership or Membership.at_launch(topo), topo.rank)
+        topo = elastic.membership.topology(elastic.launch_rank)
+        join_job(topo, cfg.dist_url, cfg.timeout_s, store, elastic.membership.key_space)
+        return cls(topo, cfg, device, link_ends, side_group, elastic)
+
+    def regroup(self, membership: Membership) -> Communicator:
+        """This rank's communicator in generation ``membership`` (an elastic run whose replicas
+        changed): every process group is made anew over the store's key space of that
+        generation, with this rank's place in it. Nothing may be in flight."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop("done")  # done with this generation: not a loss to its peers
+        self._pipeline_group = self._data_group = self._ends_group = self._side_group = None
+        dist.destroy_process_group()
+        elastic = Elastic(self.elastic.store, membership, self.elastic.launch_rank)
+        topo = membership.topology(elastic.launch_rank)
+        join_job(topo, self.cfg.dist_url, self.timeout_s, elastic.store, membership.key_space)
+        new = Communicator(topo, self.cfg, self.device, self.link_ends, self.side_group, elastic)
+        new.bytes_sent, new.dp_bytes_sent, new.tracer = self.bytes_sent, self.dp_bytes_sent, self.tracer
+        return new
+
+    def send_to_replica(self, replica: int, header: object, tensors: list[torch.Tensor]) -> None:
+        """Send ``header`` (pickled: our own small dicts) and ``tensors`` to this stage's rank in
+        ``replica``, over the data-parallel group (a live replica handing a joiner its state)."""
+        peer = self.topo.rank_of(self.topo.stage, replica)
+        sent = sum(t.nbytes for t in tensors)
+        self.dp_bytes_sent += sent
+        with self.tracer.span("data-parallel comm"), self._guard("sending state to a joining replica", peer):
+            self._hold_link(sent)
+            dist.send_object_list([header], dst=peer, group=self._data_group)
+            for wire in self.dp_place.outgoing([t.contiguous() for t in tensors]):
+                dist.send(wire, dst=peer, group=self._data_group)
+
+    def recv_from_replica(
+        self, replica: int, buffers_for: Callable[[object], list[tuple[tuple[int, ...], torch.dtype]]]
+    ) -> tuple[object, list[torch.Tensor]]:
+        """Receive what ``send_to_replica`` sends from this stage's rank in ``replica``; the
+        tensors' shapes and dtypes come from ``buffers_for(header)``."""
+        peer = self.topo.rank_of(self.topo.stage, replica)
+        with self.tracer.span("data-parallel comm"), self._guard("receiving state from a live replica", peer):
+            box: list[object] = [None]
+            dist.recv_object_list(box, src=peer, group=self._data_group)
+            received = [self.dp_place.buffer(shape, dtype) for shape, dtype in buffers_for(box[0])]
+            for buffer in received:
+                dist.recv(buffer, src=peer, group=self._data_group)
+        return box[0], [self.dp_place.incoming(t) for t in received]
+
+    def _leave(self, message: str) -> None:
+        """Elastic runs: this rank's pipeline lost a rank (so this replica is gone); say so where
+        the survivors' agreement looks, and exit at once, which closes this rank's connections
+        and releases every peer waiting on it."""
+        self._mark_left(message)
+        leave_now(message)
+
+    def _mark_left(self, reason: str) -> None:
+        """Elastic runs: the survivors' agreement must not wait for this rank."""
+        if self.elastic is None:
+            return
+        try:
+            mark_left(self.elastic.store, self.elastic.membership, self.elastic.launch_rank, reason)
+        except RuntimeError:
+            pass  # the store itself is gone: nobody is left to regroup
 
     def side_channel(self) -> Communicator:
         """This communicator with its data-parallel collectives on the second group over the same
@@ -239,8 +332,11 @@ class Communicator:
         return side
 
     @contextmanager
-    def _guard(self, what: str, peer: int | None = None) -> Iterator[None]:
-        """Turn a failed call into one line naming the lost peer (or what the heartbeats know)."""
+    def _guard(self, what: str, peer: int | None = None, data: bool = False) -> Iterator[None]:
+        """Turn a failed call into one line naming the lost peer (or what the heartbeats know).
+        A failed data-parallel call (``data``) of an elastic run is a ReplicaLostError, and first
+        tears down this rank's data-parallel groups: that closes their connections, so the other
+        members fail at once too instead of waiting on this rank (a ring of three or more)."""
         try:
             yield
         except RuntimeError as err:
@@ -248,6 +344,13 @@ class Communicator:
             reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". This is typically")[0]  # Gloo's source location
             if "imed out" in reason:
                 reason = f"no answer within --comm-timeout {self.timeout_s:g}s"
+            if data and self.elastic is not None:
+                groups = [g for g in (self._data_group, self._side_group) if g is not None]
+                self._data_group = self._side_group = None
+                for group in groups:
+                    dist.destroy_process_group(group)
+                me = self.topo.describe(self.topo.rank)
+                raise ReplicaLostError(f"{me}: another replica was lost during {what} ({reason})") from None
             who = f"lost {self.topo.describe(peer)}" if peer is not None else "a peer failed"
             known = self.heartbeat.describe_lost() if self.heartbeat else ""
             raise PeerLostError(
@@ -398,7 +501,7 @@ class Communicator:
             # a ring all-reduce sends 2(n-1)/n of the buffer from each rank
             sent = 2 * (self.topo.data_size - 1) * tensor.nbytes // self.topo.data_size
             self.dp_bytes_sent += sent
-            with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce"):
+            with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-reduce", data=True):
                 self._hold_link(sent)
                 self._all_reduce(tensor, self._data_group, self.dp_place)
 
@@ -450,7 +553,7 @@ class Communicator:
         place = self.dp_place
         (wire,) = place.outgoing([tensor])
         received = output if not place.staged else place.buffer(output.shape, output.dtype)
-        with self.tracer.span("data-parallel comm"), self._guard(what):
+        with self.tracer.span("data-parallel comm"), self._guard(what, data=True):
             self._hold_link(sent)
             collective(received, wire, group=self._data_group)
         place.copy_back(output, received)
@@ -464,7 +567,7 @@ class Communicator:
         gathered = [[place.buffer(t.shape, t.dtype) for t in tensors] for _ in range(self.topo.data_size)]
         sent = (self.topo.data_size - 1) * sum(t.nbytes for t in tensors)
         self.dp_bytes_sent += sent
-        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-gather"):
+        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-gather", data=True):
             self._hold_link(sent)
             for i, tensor in enumerate(wire):
                 dist.all_gather([g[i] for g in gathered], tensor, group=self._data_group)
@@ -481,7 +584,7 @@ class Communicator:
         received = [place.buffer(t.shape, t.dtype) for t in wire]
         sent = (n - 1) * sum(t.nbytes for t in tensors) // n
         self.dp_bytes_sent += sent
-        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-to-all"):
+        with self.tracer.span("data-parallel comm"), self._guard("data-parallel all-to-all", data=True):
             self._hold_link(sent)
             for out, tensor in zip(received, wire, strict=True):
                 dist.all_to_all_single(out, tensor, group=self._data_group)
@@ -559,8 +662,11 @@ class Communicator:
         if self.heartbeat is not None:
             self.heartbeat.stop("done" if error is None else error)
         if error is not None:
+            self._mark_left(error)
             return  # tearing down groups can wait on a frozen peer; the process is about to exit
         with self._guard("final barrier"):
             dist.barrier()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.elastic is not None and self.topo.rank == 0:  # every rank has passed the barrier
+            self.elastic.store.set(FINISHED, "1")

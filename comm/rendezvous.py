@@ -9,7 +9,10 @@ exchange tensors.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch.distributed as dist
@@ -39,12 +42,43 @@ def bind_interface(name: str) -> None:
     os.environ["NCCL_SOCKET_IFNAME"] = name
 
 
-def join_job(topo: Topology, dist_url: str, timeout_s: float) -> None:
-    """Make the default (Gloo) process group; an unreachable master is a one-line error."""
+def elastic_store(dist_url: str, rank: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the elastic run's store (``comm/store_host.py``). Rank 0 starts the host,
+    detached so that it outlives rank 0, unless one already answers at ``dist_url``."""
+    host, port = store_address(dist_url)  # a tcp:// address (RunConfig checks)
+    if rank == 0:
+        try:
+            return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=1))
+        except (RuntimeError, ValueError):  # nobody answers yet: this rank starts the host
+            host_script = Path(__file__).with_name("store_host.py")
+            subprocess.Popen(
+                [sys.executable, str(host_script), "--port", str(port), "--parent", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as err:
+        raise ConnectionError(
+            f"rank {rank} could not reach the elastic run's store at {dist_url} within {timeout_s:g}s "
+            f"({(str(err).strip().splitlines() or [type(err).__name__])[0]}); check that rank 0 was started "
+            "and the address is reachable from every node"
+        ) from None
+
+
+def join_job(topo: Topology, dist_url: str, timeout_s: float, store: dist.Store | None = None,
+             key_space: str = "") -> None:  # fmt: skip
+    """Make the default (Gloo) process group; an unreachable master is a one-line error. With
+    ``store`` (an elastic run) the group's keys live under ``key_space`` of that store."""
     timeout = timedelta(seconds=timeout_s)
     try:
         attempt = restart_attempt(dist_url)
-        if attempt is None:
+        if store is not None:
+            dist.init_process_group(
+                backend="gloo", store=dist.PrefixStore(f"{key_space}pg/", store), world_size=topo.world_size,
+                rank=topo.rank, timeout=timeout,
+            )  # fmt: skip
+        elif attempt is None:
             dist.init_process_group(
                 backend="gloo", init_method=dist_url, world_size=topo.world_size, rank=topo.rank,
                 timeout=timeout,

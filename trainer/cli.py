@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="1 is --shard-optimizer; 0 (default) keeps the whole optimizer state on every replica",
     )
     t.add_argument(
+        "--elastic",
+        action="store_true",
+        help="replicas may leave and come back: when a rank is lost, its whole replica leaves and the other "
+        "complete pipelines go on without a restart, the global batch split over fewer replicas; its ranks "
+        "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; the "
+        "run's store runs in a process of its own that rank 0 starts)",
+    )
+    t.add_argument(
+        "--min-replicas",
+        type=int,
+        default=1,
+        help="--elastic: stop when fewer complete replicas than this remain",
+    )
+    t.add_argument(
         "--pp-mode",
         choices=("gpipe", "1f1b", "zb1"),
         default="gpipe",
@@ -367,6 +381,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pp_compress_outliers=args.pp_compress_outliers,
         link_bandwidth_mbps=args.link_bandwidth_mbps,
         link_latency_ms=args.link_latency_ms,
+        elastic=args.elastic,
     )
     model_type = args.model_type.replace("-", "") if args.model_type else None
     return RunConfig(
@@ -413,6 +428,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             args.outer_momentum,
             args.diloco_fragments,
             args.diloco_overlap_steps,
+            args.min_replicas,
         ),
         profiling=args.profiling,
         log_backend=args.train_log_backend,

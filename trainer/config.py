@@ -121,6 +121,7 @@ class DataParallelConfig:
     outer_momentum: float = 0.9
     fragments: int = 1  # diloco: parts of the model synced in turn, one every sync_every / fragments steps
     overlap_steps: int | None = None  # diloco: inner steps a sync runs beside (None: 1 if fragments > 1, else 0)
+    min_replicas: int = 1  # --elastic: fewer complete replicas than this stop the run
 
     @property
     def steps_alone(self) -> bool:
@@ -247,12 +248,30 @@ class RunConfig:
                 "--shard-optimizer keeps fp32 AdamW moments; 8-bit AdamW's block-quantized state cannot be "
                 "split and resumed across topologies: use --optimizer adamw, or drop --shard-optimizer"
             )
+        self._check_elastic()
         if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
             # checkpoints hold replica 0's weights: only right after a sync are they everyone's
             raise ValueError(
                 f"--checkpoint-steps {self.checkpoint.every_steps} must be a multiple of --sync-every "
                 f"{self.dp.sync_every} in --dp-mode local"
             )
+
+    def _check_elastic(self) -> None:
+        dp = self.topology.data_size
+        if not self.comm.elastic:
+            if self.dp.min_replicas != 1:
+                raise ValueError("--min-replicas applies to --elastic runs; add --elastic or drop it")
+            return
+        if dp < 2:
+            raise ValueError("--elastic needs --data-group-size 2 or more: with one replica a lost rank leaves "
+                             "no pipeline to go on")  # fmt: skip
+        if self.dp.mode != "allreduce" or self.dp.shard_optimizer:
+            raise ValueError("--elastic works with --dp-mode allreduce and a replicated optimizer; drop --elastic, "
+                             "or drop --dp-mode local/diloco and --shard-optimizer")  # fmt: skip
+        if not 1 <= self.dp.min_replicas <= dp:
+            raise ValueError(f"--min-replicas {self.dp.min_replicas} must lie in 1..--data-group-size {dp}")
+        if not self.comm.dist_url.startswith("tcp://"):
+            raise ValueError(f"--elastic needs a tcp://host:port --dist-url for its store (got {self.comm.dist_url})")
 
     def summary(self) -> dict:
         """The run's settings for experiment trackers: no paths beyond the model's, no secrets."""
@@ -276,6 +295,7 @@ class RunConfig:
             "dp": self.topology.data_size,
             "dist_url": self.comm.dist_url,
             "backends": [self.comm.backend, self.comm.dp_backend],
+            "elastic": self.comm.elastic,
             "pipeline": [
                 self.pp_mode,
                 self.comm.pp_compress,

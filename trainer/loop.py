@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+from torch.distributed import Store
 
 from comm.compress import GradientCompressor
-from comm.process_group import Communicator
+from comm.membership import (
+    announce_growth,
+    growth_after,
+    joining_replicas,
+    live_run,
+    next_membership,
+    publish,
+    wait_to_join,
+)
+from comm.process_group import Communicator, PeerLostError, ReplicaLostError
+from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules.layout import latest_step
 from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
@@ -21,7 +34,7 @@ from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_tas
 from trainer.diloco import DiLoCo
 from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import MetricsWriter, Progress
+from trainer.metrics import MetricsWriter, Progress, setup_logging
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
@@ -31,16 +44,26 @@ from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_t
 log = logging.getLogger(__name__)
 
 
+class ReplicasChanged(Exception):
+    """An elastic run's step found another replica gone: no stage stepped; regroup and redo it."""
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator, disks: Disks) -> None:
+    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator | None, disks: Disks | None) -> None:
+        """``comm`` and ``disks`` are None for a rank joining a live elastic run, which sets up
+        first and gets them when the run takes it in (``join_run``)."""
         self.cfg = cfg
         self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
         self.comm = comm
-        self.topo: Topology = cfg.topology
+        self.topo: Topology = comm.topo if comm is not None else cfg.topology
         self.device = torch.device(cfg.device)
         self.has_data = self.topo.is_first_stage or self.topo.is_last_stage
         self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
+        # a step's global batch in slots of --batch-size sequences, replica r training every
+        # data_size-th slot from r: with the launch's replicas, round a's r-th slice as always;
+        # with fewer (an elastic run that lost some) the same sequences over fewer pipelines
+        self.slots_per_step = cfg.global_batch_sequences // cfg.batch.batch_size
         self.step = 0
         self.stage: Stage | None = None
         self.tokenizer = None
@@ -55,9 +78,12 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
         self.loss_chunk = 0  # tokens the loss projects at a time (0: all logits), set in setup
+        self.layers_by_stage: list[list[int]] = []  # --elastic: [first, stop) of each stage, for joiners
+        self.events: list[dict] = []  # --elastic: metrics rows saying who left or joined, for the reporter
 
-    def setup(self) -> None:
-        """Build and load this rank's stage, optimizer and data stream (may raise)."""
+    def setup(self, joining: bool = False) -> None:
+        """Build and load this rank's stage, optimizer and data stream (may raise). A rank
+        ``joining`` a live run reads no checkpoint: a live replica hands it the run's state."""
         cfg, topo = self.cfg, self.topo
         process = resident_bytes() if self.device.type == "cpu" else 0  # CUDA's peak counts tensors only
         recompute = cfg.activation_checkpointing == "full"
@@ -104,6 +130,8 @@ class Trainer:
                 cfg.data.tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines
             )
             self.data_state = self.stream.state_dict()
+        if joining:
+            return
         if not cfg.checkpoint.resume and latest_step(cfg.checkpoint.path) is not None:
             raise ValueError(
                 f"{cfg.checkpoint.path} already holds checkpoints and --load-checkpoint is false; "
@@ -126,21 +154,22 @@ class Trainer:
 
     # -- one pass of the pipeline over some rounds of a global batch ----------------------------
 
-    def _rows(self, round_index: int) -> slice:
-        """This replica's sequences in round ``round_index`` of a step (batch x dp per round):
-        replica r takes the r-th contiguous slice."""
-        size = self.cfg.batch.batch_size
-        start = (round_index * self.topo.data_size + self.topo.replica) * size
-        return slice(start, start + size)
+    def _slots(self, total: int) -> range:
+        """This replica's slots of a batch of ``total`` slots (``slots_per_step``)."""
+        return range(self.topo.replica, total, self.topo.data_size)
 
-    def _micro_batches(self, batch: Batch | None, round_index: int) -> list[MicroBatch]:
-        """This replica's micro-batches of round ``round_index``."""
+    def _rows(self, slot: int) -> slice:
+        size = self.cfg.batch.batch_size
+        return slice(slot * size, (slot + 1) * size)
+
+    def _micro_batches(self, batch: Batch | None, slot: int) -> list[MicroBatch]:
+        """This replica's micro-batches of slot ``slot``."""
         cfg, topo = self.cfg, self.topo
         m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
         if batch is None:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
-        ids = self._to_device(batch.input_ids[self._rows(round_index)])
-        labels = self._to_device(batch.labels[self._rows(round_index)])
+        ids = self._to_device(batch.input_ids[self._rows(slot)])
+        labels = self._to_device(batch.labels[self._rows(slot)])
         return [
             MicroBatch(
                 ids[i : i + m] if topo.is_first_stage else None, labels[i : i + m] if topo.is_last_stage else None
@@ -205,22 +234,22 @@ class Trainer:
             update=self.optimizer.update_bytes,
         )
 
-    def _run_rounds(self, batch: Batch | None, rounds: int, normalizer: float, train: bool) -> torch.Tensor:
+    def _run_slots(self, batch: Batch | None, slots: range, normalizer: float, train: bool) -> torch.Tensor:
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
         spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for rounds_in_pass in self._passes(rounds):
-            micro_batches = [mb for r in rounds_in_pass for mb in self._micro_batches(batch, r)]
+        for slots_in_pass in self._passes(slots):
+            micro_batches = [mb for slot in slots_in_pass for mb in self._micro_batches(batch, slot)]
             total += schedule(self.stage, self.comm, micro_batches, spec)
         return total
 
-    def _passes(self, rounds: int) -> list[range]:
-        """Accumulation rounds grouped into pipeline passes (``RunConfig.rounds_per_pass``)."""
-        per_pass = min(rounds, self.cfg.rounds_per_pass())
-        return [range(r, min(r + per_pass, rounds)) for r in range(0, rounds, per_pass)]
+    def _passes(self, slots: range) -> list[range]:
+        """This replica's slots grouped into pipeline passes (``RunConfig.rounds_per_pass``)."""
+        per_pass = min(len(slots), self.cfg.rounds_per_pass())
+        return [slots[i : i + per_pass] for i in range(0, len(slots), per_pass)]
 
     # -- training -------------------------------------------------------------------------------
 
@@ -237,7 +266,7 @@ class Trainer:
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad()
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            loss = self._run_rounds(batch, cfg.batch.accumulate_steps, normalizer / scale, train=True)
+            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, train=True)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -250,7 +279,12 @@ class Trainer:
         # the sum over replicas, and this stage's squared gradient norm; a tied output weight on
         # the last stage copies the embedding's and is counted there
         skip = next((i for i, p in enumerate(self.params) if p is tied), None) if self.topo.is_last_stage else None
-        loss, sq = self.optimizer.reduce(loss, tied, skip)
+        lost = 0.0  # an elastic run's flag: another replica was lost, so this pipeline must not step
+        try:
+            loss, sq = self.optimizer.reduce(loss, tied, skip)
+        except ReplicaLostError as err:
+            log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
+            lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
         loss = loss / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
@@ -267,9 +301,12 @@ class Trainer:
         peaks[self.topo.stage] = float(self.memory.peak_bytes())
         estimates[self.topo.stage] = float(self.estimate.total)
         self.memory.reset()
-        values = [float(sq), *map(float, sent), self.trainable, *peaks, *estimates]
+        values = [float(sq), *map(float, sent), self.trainable, *peaks, *estimates, lost]
         sums = torch.tensor(values, dtype=torch.float64, device=self.device)
         self.comm.all_reduce_pipeline(sums)
+        if sums[-1] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
+            self.optimizer.rollback()
+            raise ReplicasChanged(step)
         grad_norm = float(sums[0].sqrt())
         comm_bytes, dp_bytes, trainable = int(sums[1]), int(sums[2]), int(sums[3])
         stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(sums[4 : 4 + pp].tolist())}
@@ -323,8 +360,8 @@ class Trainer:
         mode (where each replica steps on its own) this replica's slices."""
         if not self.cfg.dp.steps_alone:
             return batch.loss_tokens()
-        rounds = range(self.cfg.batch.accumulate_steps)
-        return sum(int((batch.labels[self._rows(a), 1:] != IGNORE_INDEX).sum()) for a in rounds)
+        slots = self._slots(self.slots_per_step)
+        return sum(int((batch.labels[self._rows(slot), 1:] != IGNORE_INDEX).sum()) for slot in slots)
 
     def local_sync_due(self, step: int) -> bool:
         dp = self.cfg.dp
@@ -378,17 +415,126 @@ class Trainer:
             stream = TokenStream(tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
+        launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with
+        slots = self._slots(launched)
         for _ in range(cfg.evaluation.num_batches):
-            batch = stream.next_batch(cfg.batch.batch_size * topo.data_size) if stream is not None else None
-            totals[0] += float(self._run_rounds(batch, 1, normalizer=1, train=False))
+            batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
+            totals[0] += float(self._run_slots(batch, slots, normalizer=1, train=False))
             if batch is not None and topo.is_last_stage:
-                totals[1] += int((batch.labels[self._rows(0), 1:] != IGNORE_INDEX).sum())
+                totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
         self.stage.train()
         self.comm.all_reduce_data(totals)
         if not self.is_reporter:
             return None
         loss = float(totals[0] / max(1.0, float(totals[1])))
         return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
+
+    # -- replicas leaving (--elastic) ---------------------------------------------------------
+
+    def regroup(self, step: int) -> None:
+        """After ReplicasChanged in step ``step``: agree with the other survivors on the complete
+        pipelines (comm.membership) and make the process groups anew with this rank's place
+        among them (a metrics row says who left). Raises when this replica was left out or
+        fewer than --min-replicas remain."""
+        started = time.perf_counter()
+        elastic = self.comm.elastic
+        settle = min(10.0, self.cfg.comm.timeout_s)  # how long a slow survivor may take to register
+        membership = next_membership(elastic.store, elastic.membership, elastic.launch_rank, settle)
+        gone = sorted(set(elastic.membership.launch_ranks()) - set(membership.launch_ranks()))
+        if not membership.holds(elastic.launch_rank):
+            raise PeerLostError(
+                f"{self.topo.describe(self.topo.rank)} registered after the surviving replicas had agreed "
+                f"without it (they go on as generation {membership.generation}); it leaves"
+            )
+        if len(membership.replicas) < self.cfg.dp.min_replicas:
+            raise ConnectionError(
+                f"step {step}: launch ranks {gone} were lost and {len(membership.replicas)} complete replicas remain, "
+                f"fewer than --min-replicas {self.cfg.dp.min_replicas}; stopping (relaunch the lost ranks and resume "
+                "from the last checkpoint)"
+            )
+        self._adopt(self.comm.regroup(membership))
+        took = time.perf_counter() - started
+        log.warning("step %d: launch ranks %s left; %d replicas go on as generation %d (regrouped in %.2fs); "
+                    "this rank is now %s", step, gone, len(membership.replicas), membership.generation, took,
+                    self.topo.describe(self.topo.rank))  # fmt: skip
+        self.events.append({"step": step, "event": "replicas left", "left_launch_ranks": gone,
+                            "replicas": len(membership.replicas), "generation": membership.generation,
+                            "regroup_s": took, "unix_time": time.time()})  # fmt: skip
+
+    def _adopt(self, comm: Communicator) -> None:
+        """Take ``comm``, a new generation's, as this rank's: its place, who writes checkpoints,
+        threads for the ranks now on this host, heartbeats; its rank 0 publishes it for joiners."""
+        self.comm, self.topo = comm, comm.topo
+        self.optimizer.comm = comm
+        self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
+        self.disks = probe_disks(comm, self.cfg.checkpoint.path)
+        set_threads(comm.all_gather_object(socket.gethostname()))
+        comm.start_heartbeat()
+        setup_logging(self.topo, self.cfg.log_level)  # the log's prefix names the new place
+        if self.topo.rank == 0:
+            publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
+
+    def grow_if_due(self) -> None:
+        """At the end of each step of an elastic run: rank 0 announces whole replicas asking to
+        join (for the end of the next step), and every rank takes in those announced for now,
+        a live replica of each stage sending them its state (comm.membership)."""
+        elastic, total = self.comm.elastic, self.cfg.optim.total_steps
+        if self.topo.rank == 0 and self.step + 1 < total:
+            joining = joining_replicas(elastic.store, elastic.membership, self.cfg.topology.data_size,
+                                       self.cfg.fingerprint())  # fmt: skip
+            if joining:
+                announce_growth(elastic.store, elastic.membership, joining, self.step + 1)
+        grown = growth_after(elastic.store, elastic.membership, self.step)
+        if grown is None:
+            return
+        started = time.perf_counter()
+        old = elastic.membership
+        self._adopt(self.comm.regroup(grown))
+        live = [grown.replicas.index(r) for r in old.replicas]
+        if self.topo.replica == live[0]:
+            header, tensors = self._shared_state()
+            for replica in range(len(grown.replicas)):
+                if replica not in live:
+                    self.comm.send_to_replica(replica, header, list(tensors.values()))
+        took = time.perf_counter() - started
+        new = sorted(set(grown.launch_ranks()) - set(old.launch_ranks()))
+        log.warning("step %d: launch ranks %s joined; %d replicas train as generation %d (joined in %.2fs)",
+                    self.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
+        self.events.append({"step": self.step, "event": "replicas joined", "joined_launch_ranks": new,
+                            "replicas": len(grown.replicas), "generation": grown.generation, "join_s": took,
+                            "unix_time": time.time()})  # fmt: skip
+
+    def _shared_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a joiner needs of this stage: trained weights, optimizer state and the trainer's
+        state (step, data position, loss scale); the frozen rest it loads itself."""
+        tensors = {f"param/{n}": p.detach() for n, p in self.stage.named_parameters() if p.requires_grad}
+        tensors.update({f"optim/{k}": v for k, v in self.optimizer.state_tensors(self.stage).items()})
+        header = {
+            "step": self.step,
+            "data": self.data_state,
+            "nonfinite_run": self.nonfinite_run,
+            "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
+            "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
+        }
+        return header, tensors
+
+    def receive_state(self, source: int) -> None:
+        """A joiner: take the run's state from this stage's rank in replica ``source``."""
+        header, received = self.comm.recv_from_replica(source, lambda h: [(s, d) for _, s, d in h["tensors"]])
+        tensors = {name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)}
+        params = dict(self.stage.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("param/"):
+                    params[name[len("param/") :]].copy_(value)
+        optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
+        self.optimizer.load_state_tensors(self.stage, optim)
+        self.step, self.nonfinite_run = header["step"], header["nonfinite_run"]
+        if self.scaler is not None:
+            self.scaler.load_state_dict(header["loss_scale"])
+        if self.stream is not None:
+            self.stream.load_state_dict(header["data"])
+            self.data_state = header["data"]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -404,6 +550,26 @@ class Trainer:
             self.disks, keep=cfg.checkpoint.keep, outer=self.outer,
         )  # fmt: skip
 
+    def _report_events(
+        self, metrics: MetricsWriter | None, progress: Progress | None
+    ) -> tuple[MetricsWriter | None, Progress | None]:
+        """The metrics writer and progress bar, opened once this rank is the reporter (from the
+        start, or since a regroup made it so) and closed when a joining replica takes that role
+        back, with --elastic's pending event rows written; every other rank drops them."""
+        if not self.is_reporter and metrics is not None:
+            progress.close()
+            metrics.close()
+            metrics = progress = None
+        if self.is_reporter and metrics is None:
+            cfg = self.cfg
+            metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl", cfg.log_backend, cfg.project_name,
+                                    cfg.summary())  # fmt: skip
+            progress = Progress(cfg.optim.total_steps, self.step)
+        for event in self.events if metrics is not None else []:
+            metrics.write(event)
+        self.events.clear()
+        return metrics, progress
+
     def train(self) -> None:
         cfg = self.cfg
         total = cfg.optim.total_steps
@@ -411,10 +577,6 @@ class Trainer:
             log.info("nothing to do: the checkpoint is at step %d of --total-steps %d", self.step, total)
             return
         metrics = progress = None
-        if self.is_reporter:
-            metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl", cfg.log_backend, cfg.project_name,
-                                    cfg.summary())  # fmt: skip
-            progress = Progress(total, self.step)
         pin = self.device.type == "cuda"
         prefetch = (
             Prefetcher(self.stream, cfg.global_batch_sequences, pin_memory=pin) if self.stream is not None else None
@@ -424,11 +586,19 @@ class Trainer:
         first_step = self.step + 1
         try:
             while self.step < total:
+                metrics, progress = self._report_events(metrics, progress)
                 with self.comm.tracer.span("step", f"step {self.step + 1}"):
                     batch = None
                     if prefetch is not None:
                         batch, self.data_state = prefetch.next()
-                    row = self.train_step(batch)
+                    row = None
+                    while row is None:
+                        try:
+                            row = self.train_step(batch)
+                        except ReplicasChanged:  # nothing stepped: the survivors redo it with the same batch
+                            self.regroup(self.step + 1)
+                            profiler.comm = self.comm
+                metrics, progress = self._report_events(metrics, progress)  # who left, before the step's row
                 if self.step == first_step:  # the optimizer's state exists from its first update
                     log.info("optimizer state held on this rank: %.3g GB (%d bytes)",
                              self.optimizer.held_bytes() / 1e9, self.optimizer.held_bytes())  # fmt: skip
@@ -449,6 +619,9 @@ class Trainer:
                                  valid["valid.perplexity"])  # fmt: skip
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.checkpoint()
+                if self.comm.elastic is not None:
+                    self.grow_if_due()
+                    profiler.comm = self.comm
         finally:
             if prefetch is not None:
                 prefetch.close()
@@ -460,28 +633,74 @@ class Trainer:
 
 def run(cfg: RunConfig) -> None:
     plan = plan_stage(cfg)  # every check of the flags, before any rank waits for another
-    comm = Communicator.connect(
-        cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied, side_group=cfg.dp.mode == "diloco"
-    )
+    store = elastic_store(cfg.comm.dist_url, cfg.topology.rank, cfg.comm.timeout_s) if cfg.comm.elastic else None
+    live = live_run(store) if store is not None else None  # started again while the run trains: join it
+    comm = trainer = None
     try:
-        if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
-            plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))
-        disks = probe_disks(comm, cfg.checkpoint.path)
-        log.info("checkpoints: %s", disks.describe())
-        if cfg.checkpoint.resume:  # the step every rank resumes from, its files brought onto every disk
-            agree_on_resume(comm, cfg, plan.layers, disks)
-        trainer = Trainer(cfg, plan, comm, disks)
-        error = None
-        try:
-            trainer.setup()
-        except Exception as err:  # noqa: BLE001 - not swallowed: every rank re-raises it below
-            error = f"{type(err).__name__}: {err}"
-        hosts = agree_on_start(comm, cfg, trainer.step, error)
-        comm.start_heartbeat()
-        threads = set_threads(hosts)
-        log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
+        if live is not None:
+            trainer = join_run(cfg, plan, store, live)
+        else:
+            comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied,
+                                        side_group=cfg.dp.mode == "diloco", store=store)  # fmt: skip
+            trainer = start_run(cfg, plan, comm)
         trainer.train()
     except BaseException as err:
-        comm.close(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+        comm = trainer.comm if trainer is not None and trainer.comm is not None else comm
+        if comm is not None:
+            comm.close(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
         raise
-    comm.close()
+    trainer.comm.close()  # an elastic run's regroups replace the communicator
+
+
+def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
+    """Every rank at launch: split the layers, agree on the checkpoint to resume from, set up,
+    and agree that every rank is ready."""
+    if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
+        plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))
+    disks = probe_disks(comm, cfg.checkpoint.path)
+    log.info("checkpoints: %s", disks.describe())
+    if cfg.checkpoint.resume:  # the step every rank resumes from, its files brought onto every disk
+        agree_on_resume(comm, cfg, plan.layers, disks)
+    trainer = Trainer(cfg, plan, comm, disks)
+    error = None
+    try:
+        trainer.setup()
+    except Exception as err:  # noqa: BLE001 - not swallowed: every rank re-raises it below
+        error = f"{type(err).__name__}: {err}"
+    hosts = agree_on_start(comm, cfg, trainer.step, error)
+    comm.start_heartbeat()
+    threads = set_threads(hosts)
+    log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
+    if comm.elastic is not None:  # each stage's layers, for ranks that join later; the run is live
+        spans = comm.all_gather_object([plan.layers.start, plan.layers.stop])
+        trainer.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
+        if comm.topo.rank == 0:
+            publish(comm.elastic.store, comm.elastic.membership, trainer.layers_by_stage)
+    return trainer
+
+
+def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict) -> Trainer:
+    """A rank started again while its elastic run trains: set up (the stage's layers as the run
+    has them), ask to join, and once the run takes this rank's replica in, receive the run's
+    state from a live replica of this stage (comm.membership)."""
+    topo = cfg.topology
+    plan = replace(plan, layers=range(*live["layers"][topo.stage]))
+    trainer = Trainer(cfg, plan, None, None)
+    trainer.layers_by_stage = live["layers"]
+    trainer.setup(joining=True)
+    log.info("the elastic run is live (generation %d, launch replicas %s): asking to join", live["generation"],
+             live["replicas"])  # fmt: skip
+    membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.timeout_s)
+    started = time.perf_counter()
+    comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=plan.tied, store=store,
+                                membership=membership)  # fmt: skip
+    trainer._adopt(comm)
+    trainer.receive_state(membership.replicas.index(min(record["replicas"])))
+    took = time.perf_counter() - started
+    joined = sorted(set(membership.launch_ranks()) - {r * membership.pipeline_size + s for r in record["replicas"]
+                                                     for s in range(membership.pipeline_size)})  # fmt: skip
+    log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
+    trainer.events.append({"step": trainer.step, "event": "replicas joined", "joined_launch_ranks": joined,
+                           "replicas": len(membership.replicas), "generation": membership.generation,
+                           "join_s": took, "unix_time": time.time()})  # fmt: skip
+    return trainer

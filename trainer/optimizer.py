@@ -144,7 +144,7 @@ class ReplicatedOptimizer(StageOptimizer):
 
     sharded = False
 
-    def __init__(self, cfg: OptimConfig, params: list[torch.nn.Parameter], comm: Communicator,
+    def __init__(self, cfg: OptimConfig, params: list[torch.nn.Parameter], comm: Communicator | None,
                  device: torch.device, mode: str, compressor: GradientCompressor | None) -> None:  # fmt: skip
         self.params = params
         self.device = device
@@ -155,7 +155,8 @@ class ReplicatedOptimizer(StageOptimizer):
         self.inner = make_optimizer(cfg, params)
         moment_bytes = 2 if cfg.optimizer == "8bit-adam" else 8
         self.state_bytes = moment_bytes * self.layout.total
-        summed = comm.topo.data_size > 1 and mode == "allreduce"  # the gradients go out as one flat copy
+        # the gradients go out as one flat copy (a rank joining an elastic run gets its comm later: it joins replicas)
+        summed = mode == "allreduce" and (comm is None or comm.topo.data_size > 1)
         trained = 4 * self.layout.total
         self.update_bytes = max(trained if summed else 0, adamw_temporaries(self.inner, [p.nbytes for p in params]))
 

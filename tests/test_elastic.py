@@ -1,0 +1,191 @@
+"""--elastic: a lost rank's replica leaves and the other pipelines train on, no restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import (
+    OFFLINE_ENV,
+    ROOT,
+    assert_all_ok,
+    assert_same_state,
+    free_port,
+    launch,
+    read_metrics,
+    train_args,
+)
+
+TOTAL = 40
+
+
+def elastic_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]:
+    # pp=2 x dp=2; a step's 8 sequences are 2 rounds of 2 per replica (4 slots of 2)
+    return [*train_args(shards, tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=2),
+            "--total-steps", str(TOTAL), "--checkpoint-steps", "8", *extra]  # fmt: skip
+
+
+def start_ranks(
+    args: list[str], ranks: range | list[int], logs: Path, port: int, per_rank: Callable[[int], list[str]] | None = None
+) -> list[subprocess.Popen]:
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in ranks:
+        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
+               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(per_rank(rank) if per_rank else [])]  # fmt: skip
+        out = open(logs / f"rank{rank}.log", "a")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def training_rows(*folders: Path) -> dict[int, float]:
+    rows = [r for f in folders if (f / "metrics.jsonl").exists() for r in read_metrics(f) if "loss" in r]
+    assert len({r["step"] for r in rows}) == len(rows), "a step was reported twice"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def events(*folders: Path) -> list[dict]:
+    rows = [r for f in folders if (f / "metrics.jsonl").exists() for r in read_metrics(f) if "event" in r]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    folder = ckpt / f"checkpoint_{TOTAL}"
+    return {f"{p.name}/{k}": v for p in sorted(folder.glob("layer_*.safetensors")) for k, v in load_file(p).items()}
+
+
+def wait_for_rows(procs: list[subprocess.Popen], rows: int, *folders: Path) -> None:
+    deadline = time.monotonic() + 240
+    while len(training_rows(*folders)) < rows:
+        assert time.monotonic() < deadline, f"the run did not reach step {rows}"
+        assert any(p.poll() is None for p in procs), "every rank stopped"
+        time.sleep(0.02)
+
+
+def kill_after_rows(procs: list[subprocess.Popen], ckpt: Path, rows: int, victim: int) -> None:
+    wait_for_rows(procs, rows, ckpt)
+    assert all(p.poll() is None for p in procs), "a rank stopped before the kill"
+    procs[victim].send_signal(signal.SIGKILL)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run without --elastic and without a loss: the oracle for the survivors."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp / "ckpt"), 4, tmp))
+    return tmp / "ckpt"
+
+
+def test_killed_rank_s_replica_leaves_and_the_survivors_train_on_to_the_same_losses(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """SIGKILL rank 1 after step 5: it is replica 0's last stage (the metrics reporter) and the
+    store's host was started by rank 0, which leaves with it. Replica 1 redoes the step it was in
+    with the whole global batch and finishes; every step's loss equals the uninterrupted run's."""
+    ckpt = tmp_path / "ckpt"
+    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic"), range(4), tmp_path, free_port())
+    kill_after_rows(procs, ckpt, 5, victim=1)
+    codes = wait_all(procs)
+    logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}
+    assert codes[1] == -signal.SIGKILL
+    assert codes[0] == 1 and "lost rank 1" in logs[0], logs[0][-2000:]  # its replica is broken: it leaves
+    assert codes[2] == 0 and codes[3] == 0, logs[2][-2000:] + logs[3][-2000:]
+
+    ours, expected = training_rows(ckpt), training_rows(uninterrupted)
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    (event,) = [r for r in read_metrics(ckpt) if r.get("event") == "replicas left"]
+    assert event["left_launch_ranks"] == [0, 1] and event["replicas"] == 1 and 5 < event["step"] < TOTAL
+    before = [r for r in read_metrics(ckpt) if "loss" in r and r["step"] < event["step"]]
+    assert [r["loss"] for r in before] == [expected[r["step"]] for r in before]  # bit for bit until the loss
+    assert_same_state(final_weights(ckpt), final_weights(uninterrupted))  # to rounding (summed in another order)
+
+
+def test_fewer_replicas_than_min_replicas_stop_with_a_message(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", "--min-replicas", "2")
+    procs = start_ranks(args, range(4), tmp_path, free_port())
+    kill_after_rows(procs, ckpt, 3, victim=3)
+    codes = wait_all(procs)
+    assert codes[3] == -signal.SIGKILL
+    assert codes[:3] == [1, 1, 1]
+    for rank in (0, 1):
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        assert "fewer than --min-replicas 2" in log and "launch ranks [2, 3] were lost" in log, log[-2000:]
+
+
+def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Two sites with a checkpoint folder each; rank 1 is SIGKILLed after step 5 and its replica
+    (launch ranks 0 and 1) is started again with the same command once step 10 is done: it asks
+    to join, the live replica hands it weights, AdamW state and the data position, and the two
+    train on as dp=2. Every step's loss equals the uninterrupted run's; both sites' final
+    checkpoints are bit for bit the same. A link latency slows steps so the joiner starts in time."""
+    sites = {0: tmp_path / "site0", 1: tmp_path / "site1"}
+    args = [*elastic_args(tiny_shards, two_tasks, sites[0], "--elastic"), "--link-latency-ms", "50"]
+    port = free_port()
+
+    def folder(rank: int) -> list[str]:  # ranks 0, 1 at site 0; 2, 3 at site 1
+        return ["--checkpoint-path", str(sites[rank // 2])]
+
+    procs = start_ranks(args, range(4), tmp_path, port, folder)
+    wait_for_rows(procs, 5, *sites.values())
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
+    wait_for_rows(procs[2:], 10, *sites.values())
+    procs[:2] = start_ranks(args, [0, 1], tmp_path, port, folder)  # the same command again
+    codes = wait_all(procs)
+    logs = "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+    assert codes == [0, 0, 0, 0], logs
+
+    ours, expected = training_rows(*sites.values()), training_rows(uninterrupted)
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    left, joined = events(*sites.values())
+    assert left["event"] == "replicas left" and left["left_launch_ranks"] == [0, 1] and left["replicas"] == 1
+    assert joined["event"] == "replicas joined" and joined["joined_launch_ranks"] == [0, 1] and joined["replicas"] == 2
+    assert 10 <= joined["step"] < TOTAL
+    here, there = final_weights(sites[0]), final_weights(sites[1])
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)  # one model
+    assert_same_state(here, final_weights(uninterrupted))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-group-size", "1", "--world-size", "2"], "--elastic needs --data-group-size 2 or more"),
+        (["--dp-mode", "local", "--sync-every", "2"], "--elastic works with --dp-mode allreduce"),
+        (["--shard-optimizer"], "--elastic works with --dp-mode allreduce"),
+        (["--min-replicas", "3"], "--min-replicas 3 must lie in 1..--data-group-size 2"),
+    ],
+)
+def test_bad_elastic_settings_are_one_line_errors(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    args = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", "0",
+            *elastic_args(tiny_shards, two_tasks, tmp_path / "ckpt", "--elastic"), *extra]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "ckpt").exists()
