@@ -29,6 +29,13 @@ def build_model(folder: Path, corpus: Path) -> Path:
     return convert_from_hf(folder / "hf", folder / "shards")
 
 
+def free_port() -> int:
+    """A free local port (closed again before the ranks bind it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rank_core(rank: int) -> int:
     """The core that rank ``rank`` of a benchmark is pinned to: one core per rank, as on separate GPUs."""
     cores = sorted(os.sched_getaffinity(0))
@@ -49,9 +56,7 @@ def run(
     over the defaults below) and return metrics.jsonl. With ``hosts``, rank r runs on test host
     ``host_of(r)`` ("ab"[r] by default: two ranks) over its veth. With ``pin``, rank r runs on
     core ``rank_core(r)`` alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     master = hosts.address("a") if hosts else "127.0.0.1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     common = ["--model-name", str(shards), "--task-name", str(corpus),
