@@ -133,20 +133,21 @@ def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprin
 
 def joining_replicas(store: dist.Store, current: Membership, launched: int, fingerprint: str) -> list[int]:
     """Launch replicas (of ``launched``) outside ``current`` whose every rank asks to join with
-    these settings (rank 0 of the generation asks; a rank with other settings is refused)."""
+    these settings; a rank asking with other settings is refused (rank 0 of the generation asks)."""
     pp, space, ready = current.pipeline_size, current.key_space, []
     for replica in range(launched):
         if replica in current.replicas:
             continue
-        ranks = [replica * pp + s for s in range(pp)]
-        if not store.check([f"{space}join/{r}" for r in ranks]):
-            continue
-        theirs = [store.get(f"{space}join/{r}").decode() for r in ranks]
-        if all(f == fingerprint for f in theirs):
-            ready.append(replica)
-        for rank, their in zip(ranks, theirs, strict=True):
-            if their != fingerprint:
+        asking = 0
+        for rank in range(replica * pp, (replica + 1) * pp):
+            if not store.check([f"{space}join/{rank}"]):
+                continue
+            if store.get(f"{space}join/{rank}").decode() == fingerprint:
+                asking += 1
+            else:
                 store.set(f"{space}refused/{rank}", "its settings differ from the live run's")
+        if asking == pp:
+            ready.append(replica)
     return ready
 
 

@@ -172,6 +172,29 @@ def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     assert_same_state(here, final_weights(uninterrupted))
 
 
+def test_a_joiner_with_other_settings_is_refused_with_a_message(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = [*elastic_args(tiny_shards, two_tasks, ckpt, "--elastic"), "--link-latency-ms", "50"]
+    port = free_port()
+    procs = start_ranks(args, range(4), tmp_path, port)
+    try:
+        kill_after_rows(procs, ckpt, 3, victim=3)
+        assert procs[3].wait(timeout=60) == -signal.SIGKILL and procs[2].wait(timeout=60) == 1
+        joiners = start_ranks([*args, "--weight-decay", "0.1"], [2, 3], tmp_path, port)
+        codes = [p.wait(timeout=120) for p in joiners]
+        assert procs[0].poll() is None and procs[1].poll() is None  # the live run goes on
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert codes == [1, 1]
+    for rank in (2, 3):
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        assert f"refused rank {rank}: its settings differ from the live run's; start it with the same flags" in log
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
