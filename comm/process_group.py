@@ -26,6 +26,7 @@ import torch.distributed as dist
 from comm.compress import GROUP, OUTLIERS, Codec
 from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat, leave_now
+from comm.lane import Lane, Pending
 from comm.membership import Membership, mark_left
 from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
 from comm.store_host import FINISHED, PULSE
@@ -168,6 +169,7 @@ class Communicator:
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
         self.dp_bytes_sent = 0  # and bytes of data-parallel collectives
         self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
+        self._lane: Lane | None = None  # in_background's thread, started at its first job
         # Gloo moves CPU tensors only: with CUDA compute its groups' tensors go through host buffers.
         stage_gloo = device.type != "cpu" or cfg.host_staging
         self.pp_place = Placement(device, staged=cfg.backend == "gloo" and stage_gloo)
@@ -268,6 +270,7 @@ class Communicator:
         generation, with this rank's place in it. Nothing may be in flight."""
         if self.heartbeat is not None:
             self.heartbeat.stop("done")  # done with this generation: not a loss to its peers
+        self._close_lane()
         self._pipeline_group = self._data_group = self._ends_group = self._side_group = None
         dist.destroy_process_group()
         elastic = Elastic(self.elastic.store, membership, self.elastic.launch_rank)
@@ -489,6 +492,19 @@ class Communicator:
 
     # -- collectives --------------------------------------------------------------------------
 
+    def in_background(self, job: Callable[[], object]) -> Pending:
+        """Run ``job``, which calls this communicator's data-parallel collectives, on a thread of
+        this communicator's own (comm.lane), after the jobs handed in before it; meanwhile the
+        caller must issue no data-parallel collective itself, or the replicas' orders could differ."""
+        if self._lane is None:
+            self._lane = Lane(f"data-parallel lane of rank {self.topo.rank}")
+        return self._lane.submit(job)
+
+    def _close_lane(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+
     def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, place: Placement) -> None:
         """Sum ``tensor`` in place over ``group``, through host buffers where ``place`` says so."""
         (wire,) = place.outgoing([tensor])
@@ -661,6 +677,7 @@ class Communicator:
         others still use); after an error, tell the others why and go."""
         if self.heartbeat is not None:
             self.heartbeat.stop("done" if error is None else error)
+        self._close_lane()
         if error is not None:
             self._mark_left(error)
             return  # tearing down groups can wait on a frozen peer; the process is about to exit

@@ -25,9 +25,10 @@ gradients waiting for W) and the same traffic:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -45,6 +46,18 @@ class MicroBatch:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class GradientWatch(Protocol):
+    """Hears when a step's gradients become final, to send each to the other replicas while the
+    rest of the backward runs (trainer.grad_buckets). Given to the step's last pipeline pass."""
+
+    def arm(self, deferred: Collection[torch.Tensor]) -> None:
+        """The last backward (B) begins: every gradient autograd accumulates from now on is
+        final, except those of ``deferred``, whose weight gradients W forms later."""
+
+    def accumulated(self, params: tuple[torch.Tensor, ...]) -> None:
+        """The last W has added these parameters' share: their gradients are final."""
+
+
 @dataclass
 class StepSpec:
     """What every micro-batch of a step shares."""
@@ -58,16 +71,20 @@ class StepSpec:
     # fp32 (each block adds its 16-bit output to an fp32 stream); a received activation goes
     # back to it, so only the link carries 16 bits, not every later block.
     carry_dtype: torch.dtype = torch.float32
+    watch: GradientWatch | None = None  # told of the last backward's gradients as they are formed
 
 
 class _Runner:
     """Forward and backward of one micro-batch on this stage; the losses it saw. With
-    ``weights`` a backward is B only, and ``weights(i)`` is micro-batch i's W."""
+    ``weights`` a backward is B only, and ``weights(i)`` is micro-batch i's W. Backwards run in
+    micro-batch order in every schedule, so the last of ``micro_batches`` finishes the gradients."""
 
     def __init__(
-        self, stage: nn.Module, comm: Communicator, spec: StepSpec, weights: DeferredWeightGrads | None = None
-    ) -> None:
+        self, stage: nn.Module, comm: Communicator, spec: StepSpec, micro_batches: int,
+        weights: DeferredWeightGrads | None = None,
+    ) -> None:  # fmt: skip
         self.stage, self.comm, self.spec, self.deferred = stage, comm, spec, weights
+        self.last = micro_batches - 1
         self.loss_total = torch.zeros((), dtype=torch.float32)
 
     def forward(self, i: int, micro: MicroBatch, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +106,8 @@ class _Runner:
     def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Returns the gradient of the stage input as it travels (None on the first stage)."""
         deferring = self.deferred.deferring() if self.deferred is not None else nullcontext()
+        if self.spec.watch is not None and i == self.last:
+            self.spec.watch.arm(self.deferred.params if self.deferred is not None else ())
         with self.comm.tracer.span("backward compute", f"B{i}"), deferring:
             torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
         return self.sendable(x.grad) if x.requires_grad else None
@@ -96,8 +115,9 @@ class _Runner:
     def weights(self, i: int) -> None:
         """W of micro-batch i (the oldest whose W has not run): its linear layers' weight gradients."""
         if self.deferred is not None:
+            watch = self.spec.watch if i == self.last else None
             with self.comm.tracer.span("backward compute", f"W{i}"):
-                self.deferred.run_oldest()
+                self.deferred.run_oldest(watch.accumulated if watch is not None else None)
 
     def sendable(self, y: torch.Tensor) -> torch.Tensor:
         return y.detach().to(self.spec.activation_dtype)
@@ -109,8 +129,8 @@ def gpipe_step(
     """All forwards, then all backwards; gradients accumulate in ``stage``. Returns the sum of
     the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere.
     Each receive is posted one micro-batch ahead, so its data moves while this one computes."""
-    run, shape, dtype = _Runner(stage, comm, spec), spec.activation_shape, spec.activation_dtype
     m = len(micro_batches)
+    run, shape, dtype = _Runner(stage, comm, spec, m), spec.activation_shape, spec.activation_dtype
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     incoming = comm.post_recv_forward(shape, dtype)
     for i, micro in enumerate(micro_batches):
@@ -161,8 +181,8 @@ def _one_forward_one_backward(
     (``send_*_recv_*``), which NCCL needs to avoid a deadlock; W runs while the second travels."""
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
-    run, shape, dtype = _Runner(stage, comm, spec, weights), spec.activation_shape, spec.activation_dtype
     topo, m = comm.topo, len(micro_batches)
+    run, shape, dtype = _Runner(stage, comm, spec, m, weights), spec.activation_shape, spec.activation_dtype
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
     lag = topo.stage if weights is not None else 0  # backwards whose W waits
     held: list[tuple[torch.Tensor, torch.Tensor]] = []

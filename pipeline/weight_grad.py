@@ -27,14 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 STORE_ATTRIBUTE = "_deferred_weight_grads"
+# One layer's W: the parameters it adds to, and the closure that adds
+Accumulation = tuple[tuple[nn.Parameter, ...], Callable[[], None]]
 
 
 class DeferredWeightGrads:
     """The queued weight gradients of one stage: one list of closures per backward, run in order."""
 
     def __init__(self) -> None:
-        self.collecting: list[Callable[[], None]] | None = None  # the backward in progress
-        self.pending: deque[list[Callable[[], None]]] = deque()  # backwards whose W has not run
+        self.collecting: list[Accumulation] | None = None  # the backward in progress
+        self.pending: deque[list[Accumulation]] = deque()  # backwards whose W has not run
+        self.params: set[nn.Parameter] = set()  # those whose gradients W forms (weights and trained biases)
 
     @contextmanager
     def deferring(self) -> Iterator[None]:
@@ -46,11 +49,14 @@ class DeferredWeightGrads:
             self.pending.append(self.collecting)
             self.collecting = None
 
-    def run_oldest(self) -> None:
-        """W of the oldest backward still pending: its weight gradients reach ``.grad``."""
+    def run_oldest(self, accumulated: Callable[[tuple[nn.Parameter, ...]], None] | None = None) -> None:
+        """W of the oldest backward still pending: its weight gradients reach ``.grad``, in the
+        order the backward met the layers; ``accumulated`` hears of each layer's parameters."""
         with torch.no_grad():  # as autograd's own accumulation: nothing here is differentiated
-            for accumulate in self.pending.popleft():
+            for params, accumulate in self.pending.popleft():
                 accumulate()
+                if accumulated is not None:
+                    accumulated(params)
 
 
 def deferred_weight_grads(stage: nn.Module) -> DeferredWeightGrads:
@@ -64,6 +70,9 @@ def deferred_weight_grads(stage: nn.Module) -> DeferredWeightGrads:
             transposed = type(module).__name__ == "Conv1D"  # y = x @ w + b, w stored (in, out)
             if (isinstance(module, nn.Linear) or transposed) and module.weight.requires_grad:
                 module.forward = types.MethodType(_deferred_forward(store, transposed), module)
+                store.params.add(module.weight)
+                if module.bias is not None and module.bias.requires_grad:
+                    store.params.add(module.bias)
         setattr(stage, STORE_ATTRIBUTE, store)
     return store
 
@@ -134,5 +143,5 @@ class _DeferredLinear(torch.autograd.Function):
                 else:
                     param.grad.add_(value)
 
-        ctx.store.collecting.append(accumulate)
+        ctx.store.collecting.append((tuple(p for p in params if p is not None), accumulate))
         return grad_x, None, None, None, None

@@ -20,7 +20,7 @@ from modules import family_for, load_config
 from pipeline.stage import Stage
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
 from trainer.checkpoint import CheckpointError, complete_steps, load_checkpoint
-from trainer.config import OptimConfig
+from trainer.config import DataParallelConfig, OptimConfig
 from trainer.optimizer import ReplicatedOptimizer
 
 STEPS = 24
@@ -104,7 +104,9 @@ def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Sta
     stage = Stage(family_for(config.model_type), config, layers, first, last)
     one_rank = SimpleNamespace(topo=SimpleNamespace(data_size=1))  # loading communicates nothing
     params = list(stage.parameters())
-    return stage, ReplicatedOptimizer(OptimConfig(1e-3, 10), params, one_rank, torch.device("cpu"), "allreduce", None)
+    return stage, ReplicatedOptimizer(
+        OptimConfig(1e-3, 10), params, one_rank, torch.device("cpu"), DataParallelConfig(), None
+    )
 
 
 def test_damaged_checkpoint_names_the_file_and_the_fallback(

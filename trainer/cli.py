@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
     t.add_argument(
+        "--dp-bucket-mb",
+        type=float,
+        default=25.0,
+        help="--dp-mode allreduce: gradients are summed over the replicas in buckets of about this size, each sent "
+        "as soon as the step's last backward has finished it, while earlier layers still compute; 0: one sum "
+        "after the step",
+    )
+    t.add_argument(
         "--shard-optimizer",
         action="store_true",
         help="ZeRO stage 1: each data-parallel replica keeps AdamW state for 1/dp of its stage's values; "
@@ -429,6 +437,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             args.diloco_fragments,
             args.diloco_overlap_steps,
             args.min_replicas,
+            args.dp_bucket_mb,
         ),
         profiling=args.profiling,
         log_backend=args.train_log_backend,

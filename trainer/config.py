@@ -122,6 +122,7 @@ class DataParallelConfig:
     fragments: int = 1  # diloco: parts of the model synced in turn, one every sync_every / fragments steps
     overlap_steps: int | None = None  # diloco: inner steps a sync runs beside (None: 1 if fragments > 1, else 0)
     min_replicas: int = 1  # --elastic: fewer complete replicas than this stop the run
+    bucket_mb: float = 25.0  # allreduce: gradient buckets summed during the last backward (0: after it)
 
     @property
     def steps_alone(self) -> bool:
@@ -137,6 +138,8 @@ class DataParallelConfig:
     def __post_init__(self) -> None:
         if self.sync_every < 1 or not 0 < self.topk_ratio <= 1:
             raise ValueError("--sync-every must be >= 1 and --dp-topk-ratio in (0, 1]")
+        if not self.bucket_mb >= 0:
+            raise ValueError(f"--dp-bucket-mb must be >= 0 (0 sums the gradients after the step), not {self.bucket_mb}")
         if self.mode == "local" and self.compress != "none":
             raise ValueError("--dp-compress applies to --dp-mode allreduce or diloco; local mode sends no gradients")
         if self.shard_optimizer and self.steps_alone:

@@ -12,7 +12,6 @@ from dataclasses import replace
 import torch
 from torch.distributed import Store
 
-from comm.compress import GradientCompressor
 from comm.membership import (
     announce_growth,
     growth_after,
@@ -26,7 +25,7 @@ from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules.layout import latest_step
-from pipeline.schedule import SCHEDULES, MicroBatch, StepSpec
+from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
@@ -107,13 +106,11 @@ class Trainer:
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
-        compress = cfg.dp.compress != "none" and topo.data_size > 1 and cfg.dp.mode == "allreduce"
         if cfg.dp.shard_optimizer:
             self.optimizer = ShardedOptimizer(cfg.optim, self.params, self.comm, self.device)
         else:
-            compressor = GradientCompressor(cfg.dp.compress, cfg.dp.topk_ratio) if compress else None
             self.optimizer = ReplicatedOptimizer(
-                cfg.optim, self.params, self.comm, self.device, cfg.dp.mode, compressor
+                cfg.optim, self.params, self.comm, self.device, cfg.dp, self.stage.tied_copy()
             )
         if cfg.dp.mode == "diloco":
             num_layers = self.plan.model_config.num_hidden_layers
@@ -234,16 +231,21 @@ class Trainer:
             update=self.optimizer.update_bytes,
         )
 
-    def _run_slots(self, batch: Batch | None, slots: range, normalizer: float, train: bool) -> torch.Tensor:
+    def _run_slots(
+        self, batch: Batch | None, slots: range, normalizer: float, train: bool, watch: GradientWatch | None = None
+    ) -> torch.Tensor:
+        """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients."""
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
         spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE)
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for slots_in_pass in self._passes(slots):
+        passes = self._passes(slots)
+        for k, slots_in_pass in enumerate(passes):
             micro_batches = [mb for slot in slots_in_pass for mb in self._micro_batches(batch, slot)]
-            total += schedule(self.stage, self.comm, micro_batches, spec)
+            last = replace(spec, watch=watch) if k == len(passes) - 1 else spec
+            total += schedule(self.stage, self.comm, micro_batches, last)
         return total
 
     def _passes(self, slots: range) -> list[range]:
@@ -265,23 +267,22 @@ class Trainer:
         bytes_before = self.comm.bytes_sent
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad()
+        watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, train=True)
+            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, True, watch)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
         if tied is not None:
             self.comm.all_reduce_ends(tied.grad)
 
-        if scale != 1.0:  # back to true units before anything else sees them (compression included)
-            for p in self.params:
-                p.grad.div_(scale)
-        # the sum over replicas, and this stage's squared gradient norm; a tied output weight on
-        # the last stage copies the embedding's and is counted there
+        # the sum over replicas (in true units: divided by the fp16 loss scale), and this stage's
+        # squared gradient norm; a tied output weight on the last stage copies the embedding's
+        # and is counted there
         skip = next((i for i, p in enumerate(self.params) if p is tied), None) if self.topo.is_last_stage else None
         lost = 0.0  # an elastic run's flag: another replica was lost, so this pipeline must not step
         try:
-            loss, sq = self.optimizer.reduce(loss, tied, skip)
+            loss, sq = self.optimizer.reduce(loss, tied, skip, scale)
         except ReplicaLostError as err:
             log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
             lost, sq = 1.0, torch.zeros((), dtype=torch.float64)

@@ -1,7 +1,9 @@
 """A stage's optimizer and how its gradients meet the other replicas' gradients.
 
 Replicated (the default): every replica sums the full gradients (all-reduce, or the compressed
-all-gather of --dp-compress) and runs the same AdamW over all of its stage's parameters.
+sums of --dp-compress) and runs the same AdamW over all of its stage's parameters. The sums go
+in buckets that leave during the step's last backward (trainer.grad_buckets), unless
+--dp-bucket-mb 0 sums everything in one message after the step.
 
 Sharded (--shard-optimizer, ZeRO stage 1): the trained parameters are views into one flat
 buffer, padded and cut into dp equal shards. Gradients are reduce-scattered, so each replica
@@ -26,7 +28,9 @@ import torch
 
 from comm.compress import GradientCompressor
 from comm.process_group import Communicator
-from trainer.config import OptimConfig
+from pipeline.schedule import GradientWatch
+from trainer.config import DataParallelConfig, OptimConfig
+from trainer.grad_buckets import GradientBuckets
 from trainer.precision import MASTER_DTYPE
 
 log = logging.getLogger(__name__)
@@ -138,6 +142,11 @@ class StageOptimizer:
         for group in self.inner.param_groups:
             group["lr"] = lr
 
+    def overlap(self, scale: float) -> GradientWatch | None:
+        """What the step's last pipeline pass tells as it finishes gradients (None: nothing
+        listens; the gradients are summed in ``reduce``, after the step)."""
+        return None
+
 
 class ReplicatedOptimizer(StageOptimizer):
     """Every replica holds the whole optimizer state of its stage (module docstring)."""
@@ -145,56 +154,102 @@ class ReplicatedOptimizer(StageOptimizer):
     sharded = False
 
     def __init__(self, cfg: OptimConfig, params: list[torch.nn.Parameter], comm: Communicator | None,
-                 device: torch.device, mode: str, compressor: GradientCompressor | None) -> None:  # fmt: skip
+                 device: torch.device, dp: DataParallelConfig, tied: torch.nn.Parameter | None) -> None:  # fmt: skip
         self.params = params
         self.device = device
         self.comm = comm
-        self.mode = mode
-        self.compressor = compressor
+        self.mode = dp.mode
         self.layout = FlatLayout([p.numel() for p in params], 1)
         self.inner = make_optimizer(cfg, params)
         moment_bytes = 2 if cfg.optimizer == "8bit-adam" else 8
         self.state_bytes = moment_bytes * self.layout.total
-        # the gradients go out as one flat copy (a rank joining an elastic run gets its comm later: it joins replicas)
-        summed = mode == "allreduce" and (comm is None or comm.topo.data_size > 1)
-        trained = 4 * self.layout.total
-        self.update_bytes = max(trained if summed else 0, adamw_temporaries(self.inner, [p.nbytes for p in params]))
+        # a rank joining an elastic run gets its comm later: it joins replicas
+        summed = dp.mode == "allreduce" and (comm is None or comm.topo.data_size > 1)
+        bucket_bytes = int(dp.bucket_mb * 2**20)
+        self.buckets = GradientBuckets(params, tied, bucket_bytes) if summed and bucket_bytes > 0 else None
+        compress = summed and dp.compress != "none"
+        # one compressor (error feedback) per message: each bucket, or the one sum after the step
+        messages = len(self.buckets.buckets) if self.buckets is not None else 1
+        self.compressors = [GradientCompressor(dp.compress, dp.topk_ratio) for _ in range(messages)] if compress else []
+        # what the sum copies for a moment: the gradients as one flat message (or, compressed,
+        # their temporaries); buckets are summed in place, and only a tied copy travels apart
+        if not summed:
+            copied = 0
+        elif self.buckets is None or compress:
+            copied = 4 * self.layout.total
+        else:
+            copied = tied.nbytes if tied is not None else 0
+        self.update_bytes = max(copied, adamw_temporaries(self.inner, [p.nbytes for p in params]))
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=False)
 
+    def _bucketed(self) -> bool:
+        return self.buckets is not None and self.comm.topo.data_size > 1
+
+    def overlap(self, scale: float) -> GradientWatch | None:
+        """What the step's last pipeline pass tells as it finishes gradients, so their buckets
+        are summed meanwhile (fp16: divided by the loss ``scale`` first); None when the sum
+        waits for the step's end (no buckets, or no other replica now)."""
+        if not self._bucketed():
+            return None
+        self.buckets.start(self.comm, lambda k, flat: self._sum_bucket(k, flat, scale))
+        return self.buckets
+
+    def _sum_bucket(self, k: int, flat: torch.Tensor, scale: float) -> None:
+        """Bucket ``k``'s sum over the replicas, in place (on the communicator's lane)."""
+        if scale != 1.0:
+            flat.div_(scale)
+        if self.compressors:
+            flat.copy_(compressed_sum(self.comm, self.compressors[k], flat))
+        else:
+            self.comm.all_reduce_data(flat)
+
     def reduce(
-        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None
+        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum the gradients (--dp-mode allreduce) and the loss over the replicas; returns the
-        summed loss and this stage's squared gradient norm without parameter ``skip``."""
+        """Sum the gradients (--dp-mode allreduce) and the loss over the replicas, gradients
+        divided by the fp16 loss ``scale``; returns the summed loss and this stage's squared
+        gradient norm without parameter ``skip``."""
         comm, device = self.comm, self.device
         loss = loss.to(device).reshape(1)
+        bucketed = self._bucketed()
+        if scale != 1.0:  # back to true units before anything else sees them (compression included)
+            for p in self.params:
+                if not bucketed or p is tied:  # buckets divide their own before they are summed
+                    p.grad.div_(scale)
         if comm.topo.data_size == 1:  # nothing to sum: no copy of the gradients either
             summed = loss[0].detach()
         elif self.mode != "allreduce":  # replicas step on their own gradients; only the loss is shared
             comm.all_reduce_data(loss)
             summed = loss[0].detach() / comm.topo.data_size  # the mean of the replicas' losses
+        elif bucketed:
+            # The buckets are on their way; a tied copy (summed exactly: compressed, the two ends
+            # would round it apart) and the loss follow as one message.
+            summed = self.buckets.finish(lambda: self._sum_exact([tied.grad] if tied is not None else [], loss))
         else:
-            # A tied copy's gradient is summed exactly: compressed, the two ends would round it apart.
-            exact = [p.grad for p in self.params if self.compressor is None or p is tied]
-            flat = torch.cat([*(g.reshape(-1) for g in exact), loss.to(exact[0] if exact else loss)])
-            comm.all_reduce_data(flat)  # one message: the exact gradients and the loss
-            unflatten(flat[:-1], exact)
-            if self.compressor is not None:
+            exact = [p.grad for p in self.params if not self.compressors or p is tied]
+            summed = self._sum_exact(exact, loss)  # one message: the exact gradients and the loss
+            if self.compressors:
                 rest = [p.grad for p in self.params if p is not tied]
                 packed = torch.cat([g.reshape(-1) for g in rest])
-                unflatten(compressed_sum(comm, self.compressor, packed).to(packed), rest)
-            summed = flat[-1].detach()
+                unflatten(compressed_sum(comm, self.compressors[0], packed).to(packed), rest)
         grads = [p.grad.reshape(-1) for p in self.params]
         offsets = self.layout.offsets
         norms = [piece_norm(grads[i][a - offsets[i] : b - offsets[i]]) for i, a, b in self.layout.pieces]
         norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=device)
         return summed.cpu(), squared_norm(norms, self.layout, skip)
 
+    def _sum_exact(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``grads`` (in place) and the loss as one message; returns the summed loss."""
+        flat = torch.cat([*(g.reshape(-1) for g in grads), loss.to(grads[0] if grads else loss)])
+        self.comm.all_reduce_data(flat)
+        unflatten(flat[:-1], grads)
+        return flat[-1].detach()
+
     def rollback(self) -> None:
-        if self.compressor is not None:
-            self.compressor.rollback()  # a skipped step must not poison the error feedback
+        for compressor in self.compressors:
+            compressor.rollback()  # a skipped step must not poison the error feedback
 
     def step(self, lr: float, clip: float | None) -> None:
         if clip is not None:
@@ -294,11 +349,14 @@ class ShardedOptimizer(StageOptimizer):
         return begin, end, max(begin, self.start), min(end, self.stop)
 
     def reduce(
-        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None
+        self, loss: torch.Tensor, tied: torch.nn.Parameter | None, skip: int | None, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reduce-scatter the gradients; then one small all-reduce carries the pieces' norms
-        (each filled by the replica owning it, zeros elsewhere: the sum is exact) and the loss."""
+        """Reduce-scatter the gradients (divided by the fp16 loss ``scale``); then one small
+        all-reduce carries the pieces' norms (each filled by the replica owning it, zeros
+        elsewhere: the sum is exact) and the loss."""
         comm, grad = self.comm, self.shard_grad
+        if scale != 1.0:
+            self.grads.div_(scale)
         comm.reduce_scatter_data(grad, self.grads)  # in place (NCCL and Gloo allow it)
         norms = torch.zeros(len(self.layout.pieces) + 1, dtype=torch.float64, device=grad.device)
         for k, (_, a, b) in enumerate(self.layout.pieces):
