@@ -9,10 +9,11 @@ bias gradient) later; the schedule runs a micro-batch's queue in a bubble. Every
 
     forward   y = x @ w.T + b         saves x and w (cast as autocast would)
     B         dx = dy @ w             queues (x, dy) for W
-    W         w.grad += dy.T @ x      b.grad += dy.sum(tokens)
+    W         w.grad += dy.T @ x      b.grad += dy.sum(tokens)     (fp32: one addmm_, no dw tensor)
 
 Weight gradients add up in micro-batch order as in GPipe; only float rounding may differ
-(e.g. a tied weight's two uses now reach ``.grad`` in two additions, not one).
+(e.g. a tied weight's two uses now reach ``.grad`` in two additions, not one, and the GEMM
+adds into ``.grad`` where autograd adds a finished product).
 """
 
 from __future__ import annotations
@@ -135,7 +136,16 @@ class _DeferredLinear(torch.autograd.Function):
                     None, None)  # fmt: skip
 
         def accumulate() -> None:
-            for param, value in zip(params, weight_grads(), strict=True):
+            weight = params[0]
+            dy, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
+            if need_weight and weight.grad is not None and weight.grad.dtype == dy.dtype:
+                # one GEMM adds dw into .grad (beta = 1): no dw of its own and no second pass over
+                # it, as autograd's accumulation would make; something a generic split cannot do
+                weight.grad.addmm_(inputs.t(), dy) if transposed else weight.grad.addmm_(dy.t(), inputs)
+                grads = (None, dy.sum(0) if need_bias else None)
+            else:
+                grads = weight_grads()
+            for param, value in zip(params, grads, strict=True):
                 if value is None:
                     continue
                 if param.grad is None:
