@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -15,6 +16,20 @@ from convert.from_hf import convert_from_hf
 from convert.tiny_model import read_texts, tiny_config, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def link_parser(doc: str, bandwidths: str, steps: int, what: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark over slow links: the rates, steps per run, and --real-link (the
+    kernel shapes a veth between two namespaces instead of the ranks holding their sends)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bandwidths", default=bandwidths, help=f"link rates {what} in Mbit/s")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per run (the first is not timed)")
+    parser.add_argument(
+        "--real-link",
+        action="store_true",
+        help="run the ranks on two network namespaces shaped by tc tbf (root) instead of emulating",
+    )
+    return parser
 
 
 def build_model(folder: Path, corpus: Path) -> Path:

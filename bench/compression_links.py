@@ -13,7 +13,6 @@ at that bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, run  # noqa: E402
+from bench.common import build_model, link_parser, run  # noqa: E402
 from bench.netns import NetHosts, two_hosts  # noqa: E402
 
 log = logging.getLogger("bench.compression_links")
@@ -38,16 +37,8 @@ SETTINGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bandwidths", default="1000,100,10", help="emulated link rates in Mbit/s")
-    # 20: the median of 19 steps; of 7 it moved 5-10% between runs, as much as int4's margins here
-    parser.add_argument("--steps", type=int, default=20, help="steps per setting (the first is not timed)")
-    parser.add_argument(
-        "--real-link",
-        action="store_true",
-        help="run the ranks on two network namespaces shaped by tc tbf (root) instead of emulating",
-    )
-    args = parser.parse_args()
+    # 20 steps: the median of 19; of 7 it moved 5-10% between runs, as much as int4's margins here
+    args = link_parser(__doc__, "1000,100,10", 20, "between the stages").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
