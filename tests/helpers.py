@@ -71,6 +71,28 @@ class RankResult:
     output: str
 
 
+def start_ranks(
+    args: list[str],
+    ranks: range | list[int],
+    logs: Path,
+    port: int,
+    rank_args: Callable[[int], list[str]] | None = None,
+    env: dict[str, str] | None = None,
+    log_name: str = "rank{}.log",
+) -> list[subprocess.Popen]:
+    """Start ``dist_clm_train.py`` once per rank (as users do) with master port ``port``, each
+    rank's output appended to ``logs / log_name.format(rank)``; ``rank_args(rank)`` adds flags
+    that differ between ranks (such as ``--cuda-id``)."""
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = []
+    for rank in ranks:
+        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
+               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(rank_args(rank) if rank_args else [])]  # fmt: skip
+        with open(logs / log_name.format(rank), "a") as out:  # the child keeps its own handle
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
 def launch(
     args: list[str],
     world: int,
@@ -80,29 +102,21 @@ def launch(
     env: dict[str, str] | None = None,
     rank_args: Callable[[int], list[str]] | None = None,
 ) -> list[RankResult]:
-    """Start ``dist_clm_train.py`` once per rank (as users do) and wait for all of them.
-    ``rank_args(rank)`` adds flags that differ between ranks (such as ``--cuda-id``)."""
-    port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
-    procs = []
-    for rank in ranks if ranks is not None else range(world):
-        log = open(tmp / f"rank{rank}.log", "w+")
-        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
-               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(rank_args(rank) if rank_args else [])]  # fmt: skip
-        procs.append((rank, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    results = []
+    """Start every rank (``start_ranks``, logs ``tmp/rank<r>.log`` started afresh) and wait for all."""
+    ranks = ranks if ranks is not None else list(range(world))
+    for rank in ranks:
+        (tmp / f"rank{rank}.log").write_text("")
+    procs = start_ranks(args, ranks, tmp, free_port(), rank_args, env)
     try:
-        for rank, proc, log in procs:
+        for proc in procs:
             proc.wait(timeout=timeout)
-            log.seek(0)
-            results.append(RankResult(rank, proc.returncode, log.read()))
     finally:
-        for _, proc, log in procs:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
-    return results
+    return [RankResult(rank, proc.returncode, (tmp / f"rank{rank}.log").read_text())
+            for rank, proc in zip(ranks, procs, strict=True)]  # fmt: skip
 
 
 def assert_all_ok(results: list[RankResult]) -> None:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.helpers import (
     free_port,
     launch,
     read_metrics,
+    start_ranks,
     train_args,
 )
 
@@ -32,19 +32,6 @@ def elastic_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]
     # pp=2 x dp=2; a step's 8 sequences are 2 rounds of 2 per replica (4 slots of 2)
     return [*train_args(shards, tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=2),
             "--total-steps", str(TOTAL), "--checkpoint-steps", "8", *extra]  # fmt: skip
-
-
-def start_ranks(
-    args: list[str], ranks: range | list[int], logs: Path, port: int, per_rank: Callable[[int], list[str]] | None = None
-) -> list[subprocess.Popen]:
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    procs = []
-    for rank in ranks:
-        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
-               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(per_rank(rank) if per_rank else [])]  # fmt: skip
-        out = open(logs / f"rank{rank}.log", "a")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-    return procs
 
 
 def training_rows(*folders: Path) -> dict[int, float]:

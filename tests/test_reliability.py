@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from comm.topology import Topology
 from modules import family_for, load_config
 from pipeline.stage import Stage
-from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
+from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics, start_ranks
 from trainer.checkpoint import CheckpointError, complete_steps, load_checkpoint
 from trainer.config import DataParallelConfig, OptimConfig
 from trainer.optimizer import ReplicatedOptimizer
@@ -36,15 +36,7 @@ def run_args(shards: Path, tasks: str, ckpt: Path, steps: int = STEPS, extra: tu
 
 
 def start(args: list[str], world: int, logs: Path) -> list[subprocess.Popen]:
-    port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    procs = []
-    for rank in range(world):
-        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
-               "--dist-url", f"tcp://127.0.0.1:{port}", *args]  # fmt: skip
-        out = open(logs / f"started{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-    return procs
+    return start_ranks(args, range(world), logs, free_port(), log_name="started{}.log")
 
 
 def wait_for_rows(ckpt: Path, rows: int, procs: list[subprocess.Popen], limit: float = 120.0) -> None:

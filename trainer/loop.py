@@ -13,6 +13,7 @@ import torch
 from torch.distributed import Store
 
 from comm.membership import (
+    Membership,
     announce_growth,
     growth_after,
     joining_replicas,
@@ -498,12 +499,18 @@ class Trainer:
                 if replica not in live:
                     self.comm.send_to_replica(replica, header, list(tensors.values()))
         took = time.perf_counter() - started
-        new = sorted(set(grown.launch_ranks()) - set(old.launch_ranks()))
+        new = self._note_joined(old.replicas, grown, took)
         log.warning("step %d: launch ranks %s joined; %d replicas train as generation %d (joined in %.2fs)",
                     self.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
+
+    def _note_joined(self, before: list[int], now: Membership, took: float) -> list[int]:
+        """The metrics row of a join (for the reporter): the launch ranks in ``now`` that the
+        launch replicas ``before`` did not hold, and how long taking them in took."""
+        new = sorted(rank for rank in now.launch_ranks() if rank // now.pipeline_size not in before)
         self.events.append({"step": self.step, "event": "replicas joined", "joined_launch_ranks": new,
-                            "replicas": len(grown.replicas), "generation": grown.generation, "join_s": took,
+                            "replicas": len(now.replicas), "generation": now.generation, "join_s": took,
                             "unix_time": time.time()})  # fmt: skip
+        return new
 
     def _shared_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """What a joiner needs of this stage: trained weights, optimizer state and the trainer's
@@ -698,10 +705,6 @@ def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict) -> Trainer:
     trainer._adopt(comm)
     trainer.receive_state(membership.replicas.index(min(record["replicas"])))
     took = time.perf_counter() - started
-    joined = sorted(set(membership.launch_ranks()) - {r * membership.pipeline_size + s for r in record["replicas"]
-                                                     for s in range(membership.pipeline_size)})  # fmt: skip
+    trainer._note_joined(record["replicas"], membership, took)
     log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
-    trainer.events.append({"step": trainer.step, "event": "replicas joined", "joined_launch_ranks": joined,
-                           "replicas": len(membership.replicas), "generation": membership.generation,
-                           "join_s": took, "unix_time": time.time()})  # fmt: skip
     return trainer
