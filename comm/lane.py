@@ -13,6 +13,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import torch
+
 
 class Pending:
     """A job handed to the lane; ``wait()`` returns its result or raises its error."""
@@ -32,9 +34,11 @@ class Pending:
 class Lane:
     """Runs jobs in order on a daemon thread (a job stuck on a lost peer must not hold up exit)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, device: torch.device | None = None) -> None:
+        """``device``: a CUDA device to make the thread's current one (a new thread starts on GPU 0)."""
         self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Pending] | None] = queue.SimpleQueue()
         self._failed: BaseException | None = None
+        self._device = device if device is not None and device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -48,6 +52,8 @@ class Lane:
         self._jobs.put(None)
 
     def _run(self) -> None:
+        if self._device is not None:
+            torch.cuda.set_device(self._device)
         while (item := self._jobs.get()) is not None:
             job, pending = item
             if self._failed is None:

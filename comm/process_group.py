@@ -497,7 +497,7 @@ class Communicator:
         this communicator's own (comm.lane), after the jobs handed in before it; meanwhile the
         caller must issue no data-parallel collective itself, or the replicas' orders could differ."""
         if self._lane is None:
-            self._lane = Lane(f"data-parallel lane of rank {self.topo.rank}")
+            self._lane = Lane(f"data-parallel lane of rank {self.topo.rank}", self.device)
         return self._lane.submit(job)
 
     def _close_lane(self) -> None:
