@@ -122,10 +122,10 @@ class _DeferredLinear(torch.autograd.Function):
             grad_x = (grad @ (weight.t() if ctx.transposed else weight)).to(ctx.input_dtype)  # (..., in)
         if not (need_weight or need_bias):
             return grad_x, None, None, None, None
-        params, transposed = ctx.params, ctx.transposed  # the closure below must not hold ctx
+        params, transposed = ctx.params, ctx.transposed  # the closures below must not hold ctx
+        dy, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
 
         def weight_grads() -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            dy, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
             dw = (inputs.t() @ dy if transposed else dy.t() @ inputs) if need_weight else None
             db = dy.sum(0) if need_bias else None
             return dw, db
@@ -137,7 +137,6 @@ class _DeferredLinear(torch.autograd.Function):
 
         def accumulate() -> None:
             weight = params[0]
-            dy, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (tokens, out), (tokens, in)
             if need_weight and weight.grad is not None and weight.grad.dtype == dy.dtype:
                 # one GEMM adds dw into .grad (beta = 1): no dw of its own and no second pass over
                 # it, as autograd's accumulation would make; something a generic split cannot do
