@@ -14,6 +14,7 @@ from comm.trace import LANES, Tracer
 from pipeline.schedule import StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
 from tests.test_schedules import HIDDEN, SEQ, KeyedLoopbackComm, ToyBlocks, toy_micro_batches
+from trainer.cli import config_from_args, parse_args
 from trainer.grad_buckets import GradientBuckets
 
 SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
@@ -89,6 +90,25 @@ def test_a_replaced_gradient_is_named_before_a_step_sums_it() -> None:
     stage.up.weight.grad = torch.zeros_like(stage.up.weight)
     with pytest.raises(RuntimeError, match="gradient was replaced"):
         buckets.start(SendingComm(0, 1), lambda k, flat: None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp-mode", "local", "--sync-every", "4"], "local mode sums its data-parallel messages after the step"),
+        (["--dp-mode", "diloco", "--sync-every", "4"], "diloco mode sums"),
+        (["--shard-optimizer"], "--shard-optimizer reduce-scatters"),
+    ],
+)
+def test_a_bucket_size_where_nothing_is_bucketed_is_refused(two_tasks: str, flags: list[str], message: str) -> None:
+    base = ["--model-name", "m", "--task-name", two_tasks, "--rank", "0", *flags]
+    with pytest.raises(ValueError, match=f"--dp-bucket-mb applies to --dp-mode allreduce.*{message}.*drop"):
+        config_from_args(parse_args([*base, "--dp-bucket-mb", "5"]))
+    assert config_from_args(parse_args(base)).dp.bucket_bytes == 25 * 2**20  # the default is not "given"
+    given = config_from_args(
+        parse_args(["--model-name", "m", "--task-name", two_tasks, "--rank", "0", "--dp-bucket-mb", "0.5"])
+    )
+    assert given.dp.bucket_bytes == 2**19
 
 
 def test_lane_runs_in_order_and_fails_every_job_after_a_failure() -> None:

@@ -16,6 +16,7 @@ from modules.lora import LoraSpec
 from trainer.config import (
     AUTO_CHUNK_MIB,
     AUTO_CHUNK_TOKENS,
+    DEFAULT_BUCKET_MB,
     BatchConfig,
     CheckpointConfig,
     DataConfig,
@@ -172,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--dp-bucket-mb",
         type=float,
-        default=25.0,
-        help="--dp-mode allreduce: gradients are summed over the replicas in buckets of about this size, each sent "
-        "as soon as the step's last backward has finished it, while earlier layers still compute; 0: one sum "
-        "after the step",
+        default=None,
+        help="--dp-mode allreduce: gradients are summed over the replicas in buckets of about this size (default "
+        f"{DEFAULT_BUCKET_MB:g}), each sent as soon as the step's last backward has finished it, while earlier "
+        "layers still compute; 0: one sum after the step",
     )
     t.add_argument(
         "--shard-optimizer",

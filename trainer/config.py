@@ -16,6 +16,7 @@ from trainer.data import TaskSpec
 # AUTO_CHUNK_MIB (measured: on a 490-token vocabulary the chunked loss took 4.6 ms a micro-batch
 # of 128 tokens against 3.0 ms, to save 0.25 MB; on Pythia's 50k at seq 1024 it saves 0.4 GB)
 AUTO_CHUNK_TOKENS, AUTO_CHUNK_MIB = 256, 64
+DEFAULT_BUCKET_MB = 25.0  # --dp-bucket-mb: a stage of a few hundred MB of gradients sends a dozen buckets or more
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,19 @@ class DataParallelConfig:
     fragments: int = 1  # diloco: parts of the model synced in turn, one every sync_every / fragments steps
     overlap_steps: int | None = None  # diloco: inner steps a sync runs beside (None: 1 if fragments > 1, else 0)
     min_replicas: int = 1  # --elastic: fewer complete replicas than this stop the run
-    bucket_mb: float = 25.0  # allreduce: gradient buckets summed during the last backward (0: after it)
+    # allreduce: gradient buckets summed during the last backward (0: after it; None: the default
+    # size, so a size given where nothing is bucketed can be refused)
+    bucket_mb: float | None = None
 
     @property
     def steps_alone(self) -> bool:
         """Each replica steps on its own gradients (normalised by its own tokens)."""
         return self.mode in ("local", "diloco")
+
+    @property
+    def bucket_bytes(self) -> int:
+        """Bytes per gradient bucket of --dp-mode allreduce (0: one sum after the step)."""
+        return int((DEFAULT_BUCKET_MB if self.bucket_mb is None else self.bucket_mb) * 2**20)
 
     @property
     def overlap(self) -> int:
@@ -138,8 +146,17 @@ class DataParallelConfig:
     def __post_init__(self) -> None:
         if self.sync_every < 1 or not 0 < self.topk_ratio <= 1:
             raise ValueError("--sync-every must be >= 1 and --dp-topk-ratio in (0, 1]")
-        if not self.bucket_mb >= 0:
-            raise ValueError(f"--dp-bucket-mb must be >= 0 (0 sums the gradients after the step), not {self.bucket_mb}")
+        if self.bucket_mb is not None:
+            if not self.bucket_mb >= 0:
+                raise ValueError(
+                    f"--dp-bucket-mb must be >= 0 (0 sums the gradients after the step), not {self.bucket_mb}"
+                )
+            if self.steps_alone or self.shard_optimizer:
+                unbucketed = "--shard-optimizer reduce-scatters" if self.shard_optimizer else f"{self.mode} mode sums"
+                raise ValueError(
+                    f"--dp-bucket-mb applies to --dp-mode allreduce without --shard-optimizer; {unbucketed} "
+                    "its data-parallel messages after the step: drop --dp-bucket-mb"
+                )
         if self.mode == "local" and self.compress != "none":
             raise ValueError("--dp-compress applies to --dp-mode allreduce or diloco; local mode sends no gradients")
         if self.shard_optimizer and self.steps_alone:

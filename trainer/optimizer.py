@@ -165,7 +165,7 @@ class ReplicatedOptimizer(StageOptimizer):
         self.state_bytes = moment_bytes * self.layout.total
         # a rank joining an elastic run gets its comm later: it joins replicas
         summed = dp.mode == "allreduce" and (comm is None or comm.topo.data_size > 1)
-        bucket_bytes = int(dp.bucket_mb * 2**20)
+        bucket_bytes = dp.bucket_bytes
         self.buckets = GradientBuckets(params, tied, bucket_bytes) if summed and bucket_bytes > 0 else None
         compress = summed and dp.compress != "none"
         # one compressor (error feedback) per message: each bucket, or the one sum after the step
