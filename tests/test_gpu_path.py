@@ -38,7 +38,7 @@ from tests.helpers import (
     read_metrics,
     train_args,
 )
-from tests.test_schedules import LoopbackComm
+from tests.toy_pipeline import LoopbackComm
 from trainer.cli import config_from_args, parse_args
 
 # -- which device a rank takes ------------------------------------------------------------------

@@ -11,13 +11,12 @@ from safetensors.torch import load_file
 
 from comm.lane import Lane
 from comm.trace import LANES, Tracer
-from pipeline.schedule import StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
+from pipeline.schedule import gpipe_step, one_f_one_b_step, zero_bubble_step
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
-from tests.test_schedules import HIDDEN, SEQ, KeyedLoopbackComm, ToyBlocks, toy_micro_batches
+from tests.toy_pipeline import HIDDEN, SEQ, TOY_SPEC, KeyedLoopbackComm, ToyBlocks, toy_micro_batches
 from trainer.cli import config_from_args, parse_args
 from trainer.grad_buckets import GradientBuckets
 
-SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
 COMPUTE = {LANES.index("forward compute"), LANES.index("backward compute")}
 
 
@@ -46,7 +45,7 @@ def test_buckets_leave_in_order_during_the_last_backward_with_final_gradients(sc
     for s in range(stages):
         reference = ToyBlocks(first=s == 0)
         torch.manual_seed(3)
-        gpipe_step(reference, KeyedLoopbackComm(s, stages), toy_micro_batches(s, stages, micro), SPEC)
+        gpipe_step(reference, KeyedLoopbackComm(s, stages), toy_micro_batches(s, stages, micro), TOY_SPEC)
 
         stage = ToyBlocks(first=s == 0)
         params = list(stage.parameters())
@@ -59,7 +58,7 @@ def test_buckets_leave_in_order_during_the_last_backward_with_final_gradients(sc
 
         buckets.start(comm, record)
         torch.manual_seed(3)
-        schedule(stage, comm, toy_micro_batches(s, stages, micro), replace(SPEC, watch=buckets))
+        schedule(stage, comm, toy_micro_batches(s, stages, micro), replace(TOY_SPEC, watch=buckets))
         assert buckets.finish(lambda: torch.ones(())) == 1
         assert [k for k, _, _ in sent] == list(range(len(params)))  # every bucket once, in order
         assert [b[0] for b in buckets.buckets] == params[::-1]  # the order a backward forms them

@@ -11,62 +11,20 @@ from safetensors.torch import load_file
 from torch import nn
 
 from comm.compress import Codec
-from comm.topology import Topology
-from comm.trace import LANES, NULL_TRACER, Tracer
-from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
+from comm.trace import LANES, Tracer
+from pipeline.schedule import StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.weight_grad import deferred_weight_grads
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
-
-HIDDEN, SEQ = 8, 4
-
-
-class Posted:
-    def __init__(self, tensor: torch.Tensor | None) -> None:
-        self.tensor = tensor
-
-    def wait(self) -> torch.Tensor | None:
-        return self.tensor
-
-
-class LoopbackComm:
-    """Stands in for one stage's neighbours: every receive yields a fresh tensor."""
-
-    def __init__(self, stage: int, stages: int) -> None:
-        self.topo = Topology(stage, stages, 1)
-        self.tracer = NULL_TRACER
-
-    def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool) -> torch.Tensor | None:
-        return None if skip else torch.randn(shape, dtype=dtype)
-
-    def post_recv_forward(self, shape, dtype):
-        return Posted(self._fresh(shape, dtype, self.topo.is_first_stage))
-
-    def post_recv_backward(self, shape, dtype):
-        return Posted(self._fresh(shape, dtype, self.topo.is_last_stage))
-
-    def recv_forward(self, shape, dtype):
-        return self.post_recv_forward(shape, dtype).wait()
-
-    def recv_backward(self, shape, dtype):
-        return self.post_recv_backward(shape, dtype).wait()
-
-    def send_forward_recv_backward(self, tensor, shape, dtype):
-        return self.recv_backward(shape, dtype)
-
-    def send_backward_recv_forward(self, tensor, shape, dtype):
-        return self.recv_forward(shape, dtype)
-
-    def post_send_backward_recv_forward(self, tensor, shape, dtype):
-        return Posted(self.send_backward_recv_forward(tensor, shape, dtype))
-
-    def send_forward(self, tensor, wait=True) -> None:
-        pass
-
-    def send_backward(self, tensor, wait=True) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+from tests.toy_pipeline import (
+    HIDDEN,
+    SEQ,
+    TOY_SPEC,
+    KeyedLoopbackComm,
+    LoopbackComm,
+    Posted,
+    ToyBlocks,
+    toy_micro_batches,
+)
 
 
 class CountingStage(nn.Module):
@@ -88,16 +46,6 @@ class CountingStage(nn.Module):
 
     def _released(self, grad: torch.Tensor) -> None:
         self.live -= 1
-
-
-TOY_SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
-
-
-def toy_micro_batches(stage: int, stages: int, micro: int) -> list[MicroBatch]:
-    """Token ids on the first stage, labels on the last, as the trainer hands them out."""
-    first, last = stage == 0, stage == stages - 1
-    return [MicroBatch(torch.randint(0, 16, (1, SEQ)) if first else None,
-                       torch.randint(0, 16, (1, SEQ)) if last else None) for _ in range(micro)]  # fmt: skip
 
 
 @pytest.mark.parametrize("stages,micro", [(4, 8), (3, 6), (2, 1)])
@@ -139,26 +87,6 @@ def test_zero_bubble_order_is_1f1b_with_each_w_s_backwards_late() -> None:
             assert order[-late - 1 :] == [f"B{micro - 1}"] + [f"W{k}" for k in range(micro - late, micro)]
 
 
-class ToyBlocks(nn.Module):
-    """Linear layers with and without bias, GPT-2's Conv1D, a norm and a residual: every kind of
-    weight the split backward treats (deferred or not)."""
-
-    def __init__(self, first: bool) -> None:
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        torch.manual_seed(5)
-        self.embed = nn.Embedding(16, HIDDEN) if first else None
-        self.up = nn.Linear(HIDDEN, 2 * HIDDEN)
-        self.norm = nn.LayerNorm(2 * HIDDEN)
-        self.conv = Conv1D(HIDDEN, 2 * HIDDEN)
-        self.down = nn.Linear(HIDDEN, HIDDEN, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) if self.embed is not None else x
-        return h + self.down(torch.tanh(self.conv(self.norm(self.up(h)))))
-
-
 def test_b_leaves_the_linear_weight_gradients_to_w() -> None:
     stage = ToyBlocks(first=False)
     store = deferred_weight_grads(stage)
@@ -171,29 +99,6 @@ def test_b_leaves_the_linear_weight_gradients_to_w() -> None:
     store.run_oldest()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deferred)
     assert not store.pending
-
-
-class KeyedLoopbackComm(LoopbackComm):
-    """The n-th activation and the n-th gradient a stage receives are the same in every
-    schedule, whatever order it asks for them in."""
-
-    def __init__(self, stage: int, stages: int) -> None:
-        super().__init__(stage, stages)
-        self.received = {"forward": 0, "backward": 0}
-
-    def _keyed(self, way: str, shape, dtype, skip: bool) -> Posted:
-        if skip:
-            return Posted(None)
-        n = self.received[way]
-        self.received[way] += 1
-        generator = torch.Generator().manual_seed(1000 * (way == "backward") + n)
-        return Posted(torch.randn(shape, generator=generator).to(dtype))
-
-    def post_recv_forward(self, shape, dtype):
-        return self._keyed("forward", shape, dtype, self.topo.is_first_stage)
-
-    def post_recv_backward(self, shape, dtype):
-        return self._keyed("backward", shape, dtype, self.topo.is_last_stage)
 
 
 @pytest.mark.parametrize("compute", [None, torch.bfloat16])
