@@ -44,6 +44,11 @@ Each run trains --steps steps and times all but the first --warmup; rounds alter
 Every row is set against torch's best schedule for the same batches per step; the verdicts set
 each side's best at 1F1B's memory (1F1B, zb1 / Schedule1F1B, ScheduleInterleavedZeroBubble) beside
 the targets (<= 0.90x with one batch, <= 0.85x with 4 accumulated), then the best of any memory.
+Each round also runs our zb1 once more with --profiling tidy_profiling for the compute floor: the
+most, over ranks, of a rank's compute per step (forwards, backwards, optimizer) plus the first
+forwards of the stages before it, which no schedule over these stages can go below (torch's loop
+computes the same stages); set against torch's best of the same round, it says whether a target
+is within reach of scheduling at all on this machine.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_on
 from pipeline.stage import Stage
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 from trainer.loss import token_loss
+from trainer.profiling import COMPUTE
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
@@ -643,16 +649,38 @@ def time_torch(setup: Setup, case: Case, shards: Path, out: Path) -> list[float]
     return json.loads(out.read_text())
 
 
-def time_ours(setup: Setup, case: Case, shards: Path, corpus: Path, out: Path) -> list[float]:
-    """Seconds of each timed step of our trainer (``step_time_s`` of metrics.jsonl)."""
+def time_ours(setup: Setup, case: Case, shards: Path, corpus: Path, out: Path, traced: bool = False) -> list[float]:
+    """Seconds of each timed step of our trainer (``step_time_s`` of metrics.jsonl); ``traced``
+    adds --profiling tidy_profiling (the trace lands in ``out``/trace)."""
     flags = ["--pipeline-group-size", str(STAGES), "--pp-mode", case.schedule.lower(),
              "--gradient-accumulate-step", str(case.accumulate), "--seq-length", str(setup.seq_length),
              "--batch-size", str(setup.batch_size), "--micro-batch-size", "1", "--lr", str(END_TO_END_LR),
              "--max-grad-norm", str(MAX_GRAD_NORM), *split_flag(setup)]  # fmt: skip
+    if traced:
+        flags += ["--profiling", "tidy_profiling"]
     # Otherwise our defaults, as users run them (--loss-chunk-tokens auto keeps these small logits
     # whole, as the torch loop's plain cross-entropy does).
     rows = run_trainer(shards, corpus, out, setup.steps, flags, pin=True)
     return [row["step_time_s"] for row in rows if "step_time_s" in row][setup.warmup :]
+
+
+def compute_floor(trace: Path, warmup: int) -> float:
+    """Seconds per timed step (those after the first ``warmup``) that no schedule over these
+    stages, one per rank, can beat: rank r computes its forwards, backwards and optimizer step on
+    its own core, and starts only once micro-batch 0 went through the forwards of every stage
+    before it, so the step takes at least max over r of (r's compute + the earlier stages' first
+    forwards). Torch's loop computes the same stages, so the floor bounds its ratio to ours too."""
+    compute = {LANES.index(lane) for lane in COMPUTE}
+    forward = LANES.index("forward compute")
+    floor, before = 0.0, 0.0  # before: the earlier stages' first forwards, per step
+    for stage in range(STAGES):  # one replica: rank = stage
+        events = [e for e in json.loads((trace / f"rank{stage}.json").read_text())["traceEvents"] if e.get("ph") == "X"]
+        steps = sorted((e for e in events if e["tid"] == LANES.index("step")), key=lambda e: e["ts"])[warmup:]
+        timed = [e for e in events if e["ts"] >= steps[0]["ts"]]
+        busy = sum(e["dur"] for e in timed if e["tid"] in compute) / 1e6 / len(steps)
+        floor = max(floor, busy + before)
+        before += sum(e["dur"] for e in timed if e["tid"] == forward and e["name"] == "F0") / 1e6 / len(steps)
+    return floor
 
 
 def end_to_end(steps: int, warmup: int, rounds: int, accumulations: tuple[int, ...]) -> None:
@@ -662,6 +690,7 @@ def end_to_end(steps: int, warmup: int, rounds: int, accumulations: tuple[int, .
     cases = [Case(name, accumulate) for accumulate in accumulations for name in SCHEDULES]
     ours: Timings = {case: [] for case in cases}
     theirs: Timings = {case: [] for case in cases}
+    floors: dict[int, list[float]] = {accumulate: [] for accumulate in accumulations}  # per round
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shards = build_model(folder, corpus)
@@ -683,7 +712,15 @@ def end_to_end(steps: int, warmup: int, rounds: int, accumulations: tuple[int, .
                     "round %d/%d %s: ours %.1f ms, torch %.1f ms", r + 1, rounds, case.label,
                     1e3 * statistics.median(ours[case][-1]), 1e3 * statistics.median(theirs[case][-1]),
                 )  # fmt: skip
-    report_end_to_end(setup, rounds, ours, theirs)
+            for accumulate in accumulations:
+                # The floor of this round, from a traced run of our zb1 (its spans give each rank's
+                # F, B and W apart), in the same round as the torch runs it is set against
+                out = folder / f"traced-round{r}-accumulate{accumulate}"
+                time_ours(setup, Case("ZB1", accumulate), shards, corpus, out, traced=True)
+                floors[accumulate].append(compute_floor(out / "trace", setup.warmup))
+                log.info("round %d/%d accumulate %d: compute floor %.1f ms a step", r + 1, rounds,
+                         accumulate, 1e3 * floors[accumulate][-1])  # fmt: skip
+    report_end_to_end(setup, rounds, ours, theirs, floors)
 
 
 def pooled_median(runs: list[list[float]]) -> float:
@@ -697,7 +734,9 @@ def paired_ratio(runs: list[list[float]], against: list[list[float]]) -> float:
     return statistics.median(statistics.median(a) / statistics.median(b) for a, b in zip(runs, against, strict=True))
 
 
-def report_end_to_end(setup: Setup, rounds: int, ours: Timings, theirs: Timings) -> None:
+def report_end_to_end(
+    setup: Setup, rounds: int, ours: Timings, theirs: Timings, floors: dict[int, list[float]]
+) -> None:
     log.info(
         "whole training steps: tiny GPT-NeoX (hidden %d, %d layers, %d heads, vocab %d), batch %d x %d tokens, "
         "micro-batch 1 (m = %d), fp32, AdamW, clipping at %g; %d stages on %d cores, Gloo; %d rounds of %d steps "
@@ -729,6 +768,22 @@ def report_end_to_end(setup: Setup, rounds: int, ours: Timings, theirs: Timings)
             verdicts.append(
                 f"{accumulate} batch(es) per step, {label}: ours' best ({mine.schedule}) / torch's best "
                 f"({SCHEDULES[theirs_best.schedule][1].__name__}) {ratio:.2f}{verdict}"
+            )
+            if target is None:
+                continue
+            # The floor against the same torch run, round by round: what no schedule can beat here.
+            floor = statistics.median(
+                f / statistics.median(run) for f, run in zip(floors[accumulate], theirs[theirs_best], strict=True)
+            )
+            reach = (
+                "out of reach of any schedule over these stages"
+                if floor > target
+                else f"it leaves {target - floor:.2f} for bubbles and overheads"
+            )
+            verdicts.append(
+                f"{accumulate} batch(es) per step: compute floor {1e3 * statistics.median(floors[accumulate]):.0f} ms "
+                "(traced zb1: the most, over ranks, of a rank's forwards, backwards and optimizer after the earlier "
+                f"stages' first forwards) = {floor:.2f} of torch's best; target {target:.2f}: {reach}"
             )
     log.info("ms: median over every timed step; /torch best: median over rounds of the runs' median ratio to the")
     log.info("torch schedule with the lowest ms at the same batches per step (run back to back with it)")
