@@ -103,11 +103,18 @@ def test_a_bucket_size_where_nothing_is_bucketed_is_refused(two_tasks: str, flag
     base = ["--model-name", "m", "--task-name", two_tasks, "--rank", "0", *flags]
     with pytest.raises(ValueError, match=f"--dp-bucket-mb applies to --dp-mode allreduce.*{message}.*drop"):
         config_from_args(parse_args([*base, "--dp-bucket-mb", "5"]))
-    assert config_from_args(parse_args(base)).dp.bucket_bytes == 25 * 2**20  # the default is not "given"
-    given = config_from_args(
-        parse_args(["--model-name", "m", "--task-name", two_tasks, "--rank", "0", "--dp-bucket-mb", "0.5"])
-    )
-    assert given.dp.bucket_bytes == 2**19
+    config_from_args(parse_args(base))  # the default is not "given"
+
+
+def test_bucket_size_default_and_given(two_tasks: str) -> None:
+    def config(*flags: str):
+        return config_from_args(parse_args(["--model-name", "m", "--task-name", two_tasks, "--rank", "0", *flags]))
+
+    assert config().dp.bucket_bytes == 25 * 2**20
+    assert config("--dp-bucket-mb", "0.5").dp.bucket_bytes == 2**19
+    # ranks launched with the default and one naming it agree on their settings
+    assert config("--dp-bucket-mb", "25").fingerprint() == config().fingerprint()
+    assert config("--dp-bucket-mb", "5").fingerprint() != config().fingerprint()
 
 
 def test_lane_runs_in_order_and_fails_every_job_after_a_failure() -> None:

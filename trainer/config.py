@@ -323,7 +323,8 @@ class RunConfig:
                 self.comm.pp_compress_group,
                 self.comm.pp_compress_outliers,
             ],
-            "data_parallel": asdict(self.dp),
+            # the bucket size as used: ranks that left it at the default and one that named it agree
+            "data_parallel": {**asdict(self.dp), "bucket_mb": self.dp.bucket_bytes},
             "profiling": self.profiling,
             # Paths may differ between nodes; what they hold and how it is used may not.
             "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
