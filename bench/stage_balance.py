@@ -118,7 +118,7 @@ def build_passes(
         def loss_fn(out: torch.Tensor, labels: torch.Tensor, head=head) -> torch.Tensor:
             # trainer/loop.py's _loss_fn: the chunked loss where cfg.chunk_tokens_for turns it on
             if loss_chunk:
-                return chunked_token_loss(out, head.output, labels, normalizer, loss_chunk)
+                return chunked_token_loss(out, head.output, labels, normalizer, loss_chunk, head.softcap)
             return token_loss(out, labels, normalizer)
 
         if first:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import torch
 
-from modules import EMBEDDING_PART, HEAD_PART, Family, family_for, layer_part
+from modules import EMBEDDING_PART, HEAD_PART, Family, family_for, family_of, layer_part
 from modules.layout import save_part
 
 log = logging.getLogger("convert.from_hf")
@@ -83,7 +84,7 @@ def stream_parts(folder: Path, files: list[Path], family: Family, config: object
             missing, unexpected = sorted(wanted - found.keys()), sorted(found.keys() - wanted)
             raise KeyError(
                 f"{folder}: part {part} has missing weights {missing[:4]} and unexpected ones {unexpected[:4]}; "
-                "is the folder complete and --model-type right?"
+                "is the folder complete?"
             )
         plan[part] = found
     if where:
@@ -116,20 +117,32 @@ def convert_from_hf(model_name: str, save_dir: str | Path, model_type: str | Non
     save_dir = Path(save_dir)
     if save_dir.exists() and any(save_dir.iterdir()):
         raise FileExistsError(f"--save-dir {save_dir} is not empty; choose a new directory (nothing was written)")
+    raw = Path(model_name) / "config.json"
+    if raw.is_file():  # refuse a type we do not compute before AutoConfig reads (or rejects) it
+        family_for(json.loads(raw.read_text()).get("model_type", ""))
     config = AutoConfig.from_pretrained(model_name)
-    family = family_for(model_type or config.model_type)
+    family = family_of(config, model_type)
     files = safetensors_files(Path(model_name)) if Path(model_name).is_dir() else None
     if files is not None:
         parts = stream_parts(Path(model_name), files, family, config)
     else:
         parts = _whole_model_parts(model_name, family)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for part, tensors in parts:
-        save_part(save_dir, part, tensors)
-        count += 1
-    config.save_pretrained(save_dir)
-    AutoTokenizer.from_pretrained(model_name).save_pretrained(save_dir)
+    # Written into a hidden sibling and renamed when complete: a failure leaves nothing behind.
+    partial = save_dir.with_name(f".{save_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        count = 0
+        for part, tensors in parts:
+            save_part(partial, part, tensors)
+            count += 1
+        config.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(model_name).save_pretrained(partial)
+        if save_dir.exists():
+            save_dir.rmdir()  # empty, checked above
+        partial.rename(save_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     log.info("wrote %d shards of %s (%s) to %s", count, model_name, family.name, save_dir)
     return save_dir
 
@@ -138,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", required=True, help="HF model folder or hub id to convert")
     parser.add_argument("--save-dir", required=True, help="new, empty folder for the layer-sharded checkpoint")
-    parser.add_argument("--model-type", default=None, help="family (gptneox, ...); default: from config.json")
+    parser.add_argument(
+        "--model-type", default=None, help="family, checked against config.json (default: read from config.json)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging

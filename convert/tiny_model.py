@@ -38,14 +38,62 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> object:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
+# Windows shorter than the tests' sequences (32 tokens), so sliding layers attend differently.
+TINY_WINDOW = 8
+
+
+def decoder_quirks(family: str, num_layers: int, head_dim: int) -> dict:
+    """What each LLaMA-layout family's tiny config switches on besides the shared sizes: the
+    quirks that make it differ from LLaMA, and a rope scaling type HF trains with."""
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    return {
+        # what the LLaMA tests have always trained: tied, linear scaling, no padding token
+        "llama": {"pad_token_id": None, "tie_word_embeddings": True, "rope_parameters": {
+            "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+        # untied with a padding row the lookup must not train; llama3's rope scaling
+        "llama_pad": {"tie_word_embeddings": False, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        "mistral": {"sliding_window": TINY_WINDOW, "tie_word_embeddings": False},
+        # q/k/v biases; sliding windows on the layers from max_window_layers on; yarn
+        "qwen2": {"use_sliding_window": True, "sliding_window": TINY_WINDOW, "max_window_layers": num_layers // 2,
+                  "tie_word_embeddings": True, "rope_parameters": {
+                      "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                      "original_max_position_embeddings": 256}},
+        "qwen3": {"head_dim": head_dim, "tie_word_embeddings": True, "rope_parameters": {
+            "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+        # longrope: one factor per rotary frequency, the long ones past 16 original positions
+        "phi3": {"original_max_position_embeddings": 16, "tie_word_embeddings": False, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(head_dim // 2)],
+            "long_factor": [1.5 + 0.2 * i for i in range(head_dim // 2)]}},
+        "olmo2": {"tie_word_embeddings": False},
+        "gemma": {"head_dim": head_dim, "tie_word_embeddings": True},
+        # both soft-caps, alternating sliding and full layers
+        "gemma2": {"head_dim": head_dim, "sliding_window": TINY_WINDOW, "layer_types": alternating,
+                   "final_logit_softcapping": 5.0, "attn_logit_softcapping": 10.0, "query_pre_attn_scalar": head_dim,
+                   "tie_word_embeddings": True},
+        # a rotary table per layer kind (another base for local layers), linear scaling on global ones
+        "gemma3": {"head_dim": head_dim, "sliding_window": TINY_WINDOW, "layer_types": alternating,
+                        "final_logit_softcapping": 5.0, "tie_word_embeddings": True, "rope_parameters": {
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}},
+    }[family]  # fmt: skip
+
+
 def tiny_config(model_type: str, vocab_size: int, num_layers: int, hidden: int = 32, heads: int = 4) -> object:
     """A config of ``model_type`` small enough to train in seconds on one CPU core.
 
     Each family's tiny model keeps the features that make it differ: partial rotary (GPT-NeoX,
     GPT-J), grouped-query attention, scaled RoPE and tied embeddings (LLaMA), learned positions
-    and tied embeddings (GPT-2).
+    and tied embeddings (GPT-2). The other LLaMA-layout families (``modules.decoders``; and
+    ``llama_pad``, a LLaMA with a padding token) have grouped-query attention, a padding token
+    that is EOS (so it is in every packed sequence and its embedding row must not train), and
+    their quirks from ``decoder_quirks``.
     """
-    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import CONFIG_MAPPING, GPT2Config, GPTJConfig, GPTNeoXConfig
+
+    from modules import family_for
 
     common = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0}
     if model_type in ("gptneox", "gpt_neox"):
@@ -59,23 +107,22 @@ def tiny_config(model_type: str, vocab_size: int, num_layers: int, hidden: int =
         )
     if model_type == "gptj":
         return GPTJConfig(n_embd=hidden, n_layer=num_layers, n_head=heads, rotary_dim=4, n_positions=512, **common)
-    if model_type == "llama":
-        return LlamaConfig(
-            hidden_size=hidden,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            intermediate_size=2 * hidden,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-            **common,
-        )
     if model_type == "gpt2":
         # No dropout: runs are compared step by step with a single-process reference.
         no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
         return GPT2Config(n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=512, **no_dropout, **common)
-    raise ValueError(f"no tiny config for model type {model_type!r}; choose gptneox, gptj, llama or gpt2")
+    family = "llama_pad" if model_type == "llama_pad" else family_for(model_type).name
+    shared = {
+        "hidden_size": hidden,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+    }
+    hf_type = family_for(family.removesuffix("_pad")).hf_model_types[0]
+    return CONFIG_MAPPING[hf_type](**shared | decoder_quirks(family, num_layers, hidden // heads) | common)
 
 
 def read_texts(corpus: str | Path) -> list[str]:
@@ -103,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--save-dir", required=True, help="folder for the HF model and tokenizer")
     parser.add_argument("--corpus", required=True, help="jsonl with a 'text' field to train the tokenizer on")
-    parser.add_argument(
-        "--model-type", default="gptneox", choices=("gptneox", "gptj", "llama", "gpt2"), help="family of the model"
-    )
+    parser.add_argument("--model-type", default="gptneox", help="family of the model (any supported one, or llama_pad)")
     parser.add_argument("--num-layers", type=int, default=4, help="transformer layers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modules.decoders import FAMILIES as DECODER_FAMILIES
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part, part_generator
 from modules.gpt2 import FAMILY as GPT2
 from modules.gptj import FAMILY as GPTJ
 from modules.gptneox import FAMILY as GPTNEOX
-from modules.llama import FAMILY as LLAMA
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (GPTNEOX, GPTJ, LLAMA, GPT2)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (GPTNEOX, GPTJ, GPT2, *DECODER_FAMILIES)}
 
 __all__ = [
     "EMBEDDING_PART",
@@ -19,7 +19,9 @@ __all__ = [
     "HEAD_PART",
     "Family",
     "KeyRule",
+    "attention_implementation",
     "family_for",
+    "family_of",
     "init_weights",
     "layer_part",
     "load_config",
@@ -27,26 +29,83 @@ __all__ = [
 ]
 
 
+def supported_model_types() -> list[str]:
+    return sorted({t for family in FAMILIES.values() for t in family.hf_model_types})
+
+
 def family_for(model_type: str) -> Family:
     """Family by our name (``gptneox``) or by HF's ``model_type`` (``gpt_neox``)."""
     for family in FAMILIES.values():
         if model_type == family.name or model_type in family.hf_model_types:
             return family
-    known = ", ".join(sorted(FAMILIES))
-    raise ValueError(f"unknown model type {model_type!r}; use --model-type with one of: {known}")
+    raise ValueError(
+        f"unsupported model type {model_type!r}: this trainer computes {', '.join(supported_model_types())}; "
+        "a model of another type cannot be converted or trained here"
+    )
 
 
-def load_config(model_dir: str | Path, attn_implementation: str = "sdpa") -> object:
-    """Read ``config.json`` of an HF or layer-sharded model directory into an HF config object."""
+def _model_types_of_class(class_name: str) -> set[str]:
+    """The model types whose HF classes (of any head) are named ``class_name``."""
+    from transformers.models.auto import modeling_auto
+
+    found = set()
+    for name, mapping in vars(modeling_auto).items():
+        if name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            found |= {model_type for model_type, cls in mapping.items() if cls == class_name}
+    return found
+
+
+def family_of(config: object, requested: str | None = None) -> Family:
+    """The family of an HF config, checked: a config whose ``architectures`` belong to another
+    model type than its ``model_type`` (a relabelled config) is refused, naming both, since the
+    model would be computed as the wrong family; so is a ``requested`` family (``--model-type``)
+    that is not the config's."""
+    model_type = config.model_type
+    family = family_for(model_type)
+    for architecture in getattr(config, "architectures", None) or []:
+        owners = _model_types_of_class(architecture)
+        if owners and model_type not in owners:
+            raise ValueError(
+                f"config.json says model_type {model_type!r} but its architectures name {architecture} "
+                f"(model type {' or '.join(sorted(owners))}): a relabelled config would be computed as the wrong "
+                f"model; restore its model_type (supported: {', '.join(supported_model_types())})"
+            )
+    if requested is not None and family_for(requested) is not family:
+        raise ValueError(
+            f"--model-type {requested} contradicts config.json's model_type {model_type!r} ({family.name}); "
+            "drop --model-type: the family is read from config.json"
+        )
+    return family
+
+
+def attention_implementation(config: object) -> str:
+    """The attention kernel HF's own model runs for ``config``: SDPA, except eager where the
+    model cannot run SDPA (Gemma 2's class says so) or soft-caps its attention logits (SDPA has
+    no soft-capping). Stages and the single-process reference use the same one."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
+def load_config(model_dir: str | Path, requested: str | None = None) -> object:
+    """Read ``config.json`` of an HF or layer-sharded model directory into an HF config object,
+    checked by ``family_of`` before anything else reads it."""
     from transformers import AutoConfig
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}; pass a model converted with convert/from_hf.py")
     with open(path) as f:
-        model_type = json.load(f).get("model_type", "")
-    family_for(model_type)  # fail early and clearly on a family we do not support
+        raw = json.load(f)
+    if "model_type" not in raw:
+        raise ValueError(f"{path} names no model_type; supported: {', '.join(supported_model_types())}")
+    family_for(raw["model_type"])  # before AutoConfig, which knows types we do not compute
     config = AutoConfig.from_pretrained(str(model_dir))
+    family_of(config, requested)
     # One attention kernel everywhere, so stages and the HF reference compute the same thing.
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = attention_implementation(config)
     return config

@@ -34,20 +34,21 @@ def part_generator(seed: int, part: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(part.encode()))
 
 
-def init_weights(module: nn.Module, std: float, seed: int, part: str) -> None:
+def init_weights(module: nn.Module, std: float, seed: int, part: str, norm_init: float = 1.0) -> None:
     """Fresh weights as HF's causal LMs initialise them, from ``seed`` and the part's name only,
-
-    so a model trained from scratch starts the same under every topology.
-    """
+    so a model trained from scratch starts the same under every topology: normal weights, zero
+    biases and padding row, norms at ``norm_init`` (0 where a norm stores its offset from 1)."""
     generator = part_generator(seed, part)
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)) or type(sub).__name__ == "Conv1D":
             with torch.no_grad():
                 sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) * std)
+                if getattr(sub, "padding_idx", None) is not None:
+                    sub.weight[sub.padding_idx].zero_()
             if getattr(sub, "bias", None) is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.LayerNorm) or type(sub).__name__.endswith("RMSNorm"):
-            nn.init.ones_(sub.weight)
+            nn.init.constant_(sub.weight, 1.0 if isinstance(sub, nn.LayerNorm) else norm_init)
             if getattr(sub, "bias", None) is not None:
                 nn.init.zeros_(sub.bias)
 
@@ -101,6 +102,8 @@ class Family:
     tied_keys: tuple[str, str]
     # Learned position embeddings end at config.max_position_embeddings (rotary ones do not).
     learned_positions: bool = False
+    # What a fresh RMSNorm weight holds: 1, or 0 where the norm multiplies by (1 + weight) (Gemma).
+    norm_init: float = 1.0
     # Names HF's files use where they differ from the in-memory ones: read and written.
     disk_rules: tuple[KeyRule, ...] = ()
     # Names of older files, still read, never written.
@@ -113,7 +116,7 @@ class Family:
             found = rule.to_shard(hf_key)
             if found is not None:
                 return found
-        raise KeyError(f"{self.name}: no shard for HF weight {hf_key!r}; is this the right --model-type?")
+        raise KeyError(f"{self.name}: no shard for HF weight {hf_key!r}; is config.json this model's?")
 
     def shard_to_hf(self, part: str, local_key: str, on_disk: bool = False) -> str:
         """The HF name of a shard weight: in memory, or ``on_disk`` as HF's files spell it."""

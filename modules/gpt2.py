@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from modules.common import Embedding, Head, MaskContext
+from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
 
 
@@ -24,7 +24,7 @@ FAMILY = Family(
     embedding=embedding,
     block=GPT2Block,
     head=head,
-    context=MaskContext,
+    context=BlockContext,
     key_rules=(
         KeyRule(hf="transformer.wte.", part=EMBEDDING_PART, local="wte."),
         KeyRule(hf="transformer.wpe.", part=EMBEDDING_PART, local="wpe."),

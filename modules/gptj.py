@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
 
-from modules.common import Embedding, Head, RotaryContext
+from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
 
 
@@ -18,8 +18,8 @@ def head(config: object) -> Head:
     return Head("ln_f", norm, "lm_head", nn.Linear(config.n_embd, config.vocab_size, bias=True))
 
 
-def context(config: object) -> RotaryContext:
-    return RotaryContext(config, GPTJRotaryEmbedding(config))
+def context(config: object) -> BlockContext:
+    return BlockContext(config, GPTJRotaryEmbedding(config))
 
 
 FAMILY = Family(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
 
-from modules.common import Embedding, Head, RotaryContext
+from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
 
 
@@ -22,8 +22,8 @@ def head(config: object) -> Head:
     return Head("final_layer_norm", norm, "embed_out", nn.Linear(config.hidden_size, config.vocab_size, bias=False))
 
 
-def context(config: object) -> RotaryContext:
-    return RotaryContext(config, GPTNeoXRotaryEmbedding(config=config))
+def context(config: object) -> BlockContext:
+    return BlockContext(config, GPTNeoXRotaryEmbedding(config=config))
 
 
 FAMILY = Family(

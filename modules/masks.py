@@ -1,17 +1,46 @@
-"""Attention masks for packed, unpadded sequences, as Hugging Face's models build them."""
+"""Attention masks for packed, unpadded sequences, as Hugging Face's models build them.
+
+A model's layers attend in one of two ways: full causal attention, or causal attention over a
+sliding window of ``config.sliding_window`` tokens. Which layer does which is the model's
+``config.layer_types`` where it has one (Gemma 2/3, Qwen), else every layer slides when the
+config sets a window (Mistral, Phi-3) and none does otherwise, exactly as HF's models decide.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+_BUILDERS = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
 
 
-def causal_mask(config: object, hidden: torch.Tensor, position_ids: torch.Tensor) -> object:
-    """The mask HF's decoder layers expect for a full causal sequence without padding.
+def layer_kinds(config: object) -> list[str]:
+    """The attention kind of every global layer."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+        return [SLIDING_ATTENTION if sliding else FULL_ATTENTION] * config.num_hidden_layers
+    unknown = set(kinds) - _BUILDERS.keys()
+    if unknown:
+        raise ValueError(
+            f"layer_types {sorted(unknown)} in config.json: only {sorted(_BUILDERS)} are supported; "
+            "this model attends in a way the trainer does not reproduce"
+        )
+    return list(kinds)
 
-    With SDPA this is usually ``None`` (the kernel's own causal flag is used); with eager
-    attention it is a 4-D additive mask. Either way it is what the HF model itself would pass.
-    """
-    return create_causal_mask(
-        config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-    )
+
+def attention_masks(
+    config: object, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]
+) -> dict[str, object]:
+    """The mask HF's decoder layers expect for each of ``kinds``, for sequences without padding.
+
+    With SDPA and full attention this is usually ``None`` (the kernel's own causal flag is
+    used); with eager attention or a sliding window it is a 4-D mask. Either way it is what the
+    HF model itself would pass to a layer of that kind."""
+    return {
+        kind: _BUILDERS[kind](
+            config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
+        )
+        for kind in kinds
+    }

@@ -55,6 +55,7 @@ class Stage(nn.Module):
         self.context = family.context(config).to(device)
         self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
         self.family = family
+        self.config = config
         self.lora: LoraSpec | None = None  # set by add_lora: base frozen, adapters trained
         if self.tied_keys and self.embedding is not None and self.head is not None:
             # One stage holds both ends: one tensor, as in the HF model (tied after to_empty,
@@ -82,13 +83,18 @@ class Stage(nn.Module):
     def init_parts(self, std: float, seed: int) -> None:
         """Random weights for training from scratch, independent of how layers are split."""
         for part, module in self.parts().items():
-            init_weights(module, std, seed, part)
+            init_weights(module, std, seed, part, self.family.norm_init)
         if self.tied_keys and self.head is not None:
             # a tied output weight (this stage's copy, or the one tensor it shares with the
             # embedding) starts as the embedding does: the first tensor of the embedding's stream
+            # (and its padding row zeroed, as init_weights leaves the embedding's)
             weight = self.head.get_parameter(self.tied_keys[1])
+            with torch.device("meta"):
+                padding_idx = self.family.embedding(self.config).token_embedding.padding_idx
             with torch.no_grad():
                 weight.copy_(torch.randn(weight.shape, generator=part_generator(seed, EMBEDDING_PART)) * std)
+                if padding_idx is not None:
+                    weight[padding_idx].zero_()
 
     def load_parts(self, model_dir: str, prefix: str = "") -> None:
         """Load every part of this stage from a layer-sharded directory (strict: no silent gaps);
@@ -144,14 +150,14 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)
-        ctx = self.context(hidden)
-        for layer in self.layers.values():
+        inputs = self.context(hidden)  # masks and rotary tables, once per micro-batch
+        for index, layer in zip(self.layer_ids, self.layers.values(), strict=True):
             if self.recompute and torch.is_grad_enabled():
                 # Non-reentrant: kwargs pass through and only what the backward needs is kept.
                 # The RNG state is saved and restored, so dropout draws the same masks again.
-                hidden = checkpoint(layer, hidden, use_reentrant=False, preserve_rng_state=True, **ctx)
+                hidden = checkpoint(layer, hidden, use_reentrant=False, preserve_rng_state=True, **inputs(index))
             else:
-                hidden = layer(hidden, **ctx)
+                hidden = layer(hidden, **inputs(index))
         if self.head is None:
             return hidden
         return self.head(hidden) if self.project_logits else self.head.normed(hidden)

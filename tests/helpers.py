@@ -156,37 +156,85 @@ def hf_reference_training(
     over fp32 weights, as ``--bf16``/``--fp16`` do. Returns the loss and the (pre-clipping)
     gradient norm of every step, and the final weights (with LoRA: the adapters, as PEFT saves them).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.data import TokenStream, parse_task_names
+    from modules import attention_implementation
 
     torch.manual_seed(0)
     if lora is None:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(hf_dir)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=attention_implementation(config))
     else:
         model = peft_reference_model(hf_dir, lora, seed)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
-    stream = TokenStream(parse_task_names(task_spec), AutoTokenizer.from_pretrained(hf_dir), seq_length, seed)
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
-    losses, norms = [], []
-    for _ in range(steps):
-        batch = stream.next_batch(per_step)
+
+    def loss_of(batch: object) -> torch.Tensor:
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        norms.append(norm.item())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+            return model(input_ids=batch.input_ids, labels=batch.labels).loss
+
+    def clip(limit: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(trained, limit)
+
+    schedule = (hf_dir, task_spec, seq_length, seed, per_step, steps, lr, warmup, max_grad_norm)
+    losses, norms = _train_in_process(trained, loss_of, clip, *schedule)
     if lora is not None:
         from peft import get_peft_model_state_dict
 
         return losses, norms, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_in_process(
+    trained: list[torch.nn.Parameter], loss_of: Callable, clip: Callable, data_dir: Path, task_spec: str,
+    seq_length: int, seed: int, per_step: int, steps: int, lr: float, warmup: int, max_grad_norm: float,
+) -> tuple[list[float], list[float]]:  # fmt: skip
+    """The oracle's loop: the run's global batches in order, AdamW, linear warm-up and decay, and
+    clipping; ``loss_of(batch)`` is the model's mean loss, ``clip(limit)`` clips and returns the norm."""
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from trainer.data import TokenStream, parse_task_names
+
+    stream = TokenStream(parse_task_names(task_spec), AutoTokenizer.from_pretrained(data_dir), seq_length, seed)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    losses, norms = [], []
+    for _ in range(steps):
+        loss = loss_of(stream.next_batch(per_step))
+        loss.backward()
+        norms.append(clip(max_grad_norm if max_grad_norm > 0 else float("inf")).item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, norms
+
+
+def chained_training(
+    shards: Path, splits: list[range], task_spec: str, per_step: int, steps: int, max_grad_norm: float = 1.0
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Our stages of ``shards`` (``splits``: each stage's layers) chained in one process and
+    trained by the oracle's loop with the trainer's loss: losses, norms, final HF-named weights."""
+    from modules import family_for, load_config
+    from pipeline.chain import StageChain
+    from trainer.loss import token_loss
+
+    config = load_config(shards)
+    chain = StageChain(family_for(config.model_type), config, splits)
+    chain.load(str(shards))
+    chain.train()
+
+    def loss_of(batch: object) -> torch.Tensor:
+        return token_loss(chain(batch.input_ids), batch.labels, batch.loss_tokens())
+
+    def clip(limit: float) -> torch.Tensor:
+        chain.sum_tied_grads()
+        return chain.clip_grads(limit)
+
+    trained = [p for p in chain.parameters() if p.requires_grad]
+    schedule = (shards, task_spec, SEQ, SEED, per_step, steps, LR, WARMUP, max_grad_norm)
+    losses, norms = _train_in_process(trained, loss_of, clip, *schedule)
+    return losses, norms, {k: v.detach().clone() for k, v in chain.hf_state().items()}
 
 
 def load_hf_state(path: Path) -> dict[str, torch.Tensor]:

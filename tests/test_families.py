@@ -1,7 +1,15 @@
-"""GPT-J, LLaMA (GQA, scaled RoPE, tied embeddings) and GPT-2 through the same pipeline."""
+"""Every family through the same pipeline, each against HF's own model.
+
+GPT-J, LLaMA (GQA, scaled RoPE, tied embeddings) and GPT-2 train through real ranks; the
+LLaMA-layout families of ``modules.decoders`` (Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, OLMo 2, and
+LLaMA with a padding token) each as one tiny model with its quirks on (``tiny_config``), trained
+by their stages chained in one process at pp=1 and on an uneven pp=2 split; Gemma 2, which has
+the most of them, also through real ranks.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,22 +22,32 @@ from convert.to_hf import convert_to_hf
 from modules import family_for, load_config
 from pipeline.stage import Stage
 from tests.helpers import (
+    LOSS_ATOL,
+    LR,
+    SEED,
     SEQ,
+    WARMUP,
     assert_all_ok,
+    assert_same_state,
     bundled_texts,
+    chained_training,
     compare_to_reference,
+    hf_reference_training,
     launch,
+    load_hf_state,
     read_metrics,
     resume_elsewhere,
     train_args,
 )
 
 FAMILIES = ("gptj", "llama", "gpt2")
+DECODERS = ("llama_pad", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3")
+DECODER_STEPS, DECODER_CLIP = 5, 0.5  # Gemma's first norms are ~0.9: clip below them
 
 
-def tiny_converted(root: Path, family: str) -> tuple[Path, Path]:
-    """(HF folder, shards) of a tiny 4-layer model of ``family`` under ``root``."""
-    hf = build_tiny_model(root / "hf", bundled_texts(), family, num_layers=4, seed=1)
+def tiny_converted(root: Path, family: str, num_layers: int = 4) -> tuple[Path, Path]:
+    """(HF folder, shards) of a tiny model of ``family`` under ``root``."""
+    hf = build_tiny_model(root / "hf", bundled_texts(), family, num_layers=num_layers, seed=1)
     return hf, convert_from_hf(hf, root / "shards")
 
 
@@ -124,3 +142,169 @@ def test_random_init_ignores_the_split_and_ties_both_ends(family: str) -> None:
     if config.tie_word_embeddings:
         embedding_key, head_key = spec.tied_keys
         assert torch.equal(split[0].embedding.get_parameter(embedding_key), split[1].head.get_parameter(head_key))
+
+
+# -- the LLaMA-layout families, each with its quirks on --------------------------------------------
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def decoder_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """(family, HF folder, shards) of a tiny 5-layer model of each LLaMA-layout family."""
+    return request.param, *tiny_converted(tmp_path_factory.mktemp(request.param), request.param, num_layers=5)
+
+
+def test_decoder_family_trains_as_hf(decoder_model: tuple[str, Path, Path], two_tasks: str) -> None:
+    """pp=1 and an uneven pp=2 (1 + 4 layers) of our stages train exactly as HF's model: loss
+    and gradient norm per step, and the final weights (padding row and tied ends included)."""
+    family, hf, shards = decoder_model
+    config = load_config(shards)
+    assert family_for(config.model_type).name == family.replace("llama_pad", "llama")
+    ref_losses, ref_norms, ref_state = hf_reference_training(
+        hf, two_tasks, SEQ, SEED, per_step=4, steps=DECODER_STEPS, lr=LR, warmup=WARMUP, max_grad_norm=DECODER_CLIP
+    )
+    assert ref_losses[-1] < ref_losses[0] and max(ref_norms) > DECODER_CLIP  # it learns, and clipping acts
+    for splits in ([range(0, 5)], [range(0, 1), range(1, 5)]):
+        losses, norms, state = chained_training(shards, splits, two_tasks, 4, DECODER_STEPS, DECODER_CLIP)
+        assert losses == pytest.approx(ref_losses, abs=LOSS_ATOL, rel=0), splits
+        assert norms == pytest.approx(ref_norms, rel=1e-5), splits
+        assert_same_state(state, ref_state)
+    # the padding token (EOS) was in the data: its embedding row is trained only through a tied head
+    pad = config.pad_token_id
+    loaded = load_file(shards / "embs.safetensors")["embed_tokens.weight"][pad]
+    assert torch.equal(ref_state["model.embed_tokens.weight"][pad], loaded) != bool(config.tie_word_embeddings)
+
+
+def test_decoder_family_round_trip_and_random_init(decoder_model: tuple[str, Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    _, hf, shards = decoder_model
+    out = convert_to_hf(shards, tmp_path / "hf")
+    back, original = load_hf_state(out), load_hf_state(hf)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    # fresh weights as HF's own initialisation lays them out: padding row 0, Gemma's norms at 0
+    config = load_config(shards)
+    stage = Stage(family_for(config.model_type), config, range(0, 5), True, True)
+    stage.init_parts(0.02, seed=3)
+    fresh = AutoModelForCausalLM.from_config(config).state_dict()
+    ours = {family_for(config.model_type).shard_to_hf(p, k): v for p, m in stage.parts().items()
+            for k, v in m.state_dict().items()}  # fmt: skip
+    assert ours.keys() == fresh.keys()
+    for key, value in fresh.items():
+        if value.ndim == 1 and "norm" in key:
+            assert torch.equal(ours[key], value), key  # 1, or 0 where the norm is (1 + weight)
+    assert not ours["model.embed_tokens.weight"][config.pad_token_id].any()
+
+
+def test_gemma2_pp2_through_ranks_matches_hf(
+    two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Gemma 2 over two real ranks: eager attention, both soft-caps (the final one inside the
+    chunked loss), alternating sliding windows shorter than the sequence, tied ends on two stages."""
+    hf, shards = tiny_converted(tmp_path_factory.mktemp("gemma2_ranks"), "gemma2", num_layers=5)
+    ckpt = tmp_path / "ckpt"
+    args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=2, accum=1)
+    assert_all_ok(launch([*args, "--loss-chunk-tokens", "8"], 2, tmp_path))
+    compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
+
+
+# -- refusals that help -------------------------------------------------------------------------
+
+
+def relabelled(hf: Path, root: Path, model_type: str) -> Path:
+    """A copy of ``hf`` whose config.json claims another ``model_type`` (the architectures stay)."""
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(hf, root / f"{hf.name}_as_{model_type}"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    return copy
+
+
+def test_unsupported_family_is_refused_with_the_supported_list(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from convert.from_hf import main
+
+    hf = tmp_path / "mixtral"
+    config = MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, num_local_experts=2, vocab_size=64)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model-name", str(hf), "--save-dir", str(tmp_path / "out")])
+    message = str(exc.value.code)
+    assert "unsupported model type 'mixtral'" in message and "qwen2" in message and "gemma3_text" in message
+    assert "--model-type" not in message and "\n" not in message  # no hint that leads to a traceback
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unsupported model type 'mixtral'"):
+        load_config(hf)  # what the trainer reads first at start-up
+
+
+def test_relabelled_config_is_refused_naming_both(tmp_path: Path) -> None:
+    """A config.json relabelled as another family would compute silently wrong: refused, naming both."""
+    hf, shards = tiny_converted(tmp_path, "gemma", num_layers=2)
+    with pytest.raises(ValueError, match="model_type 'llama' but its architectures name GemmaForCausalLM"):
+        convert_from_hf(relabelled(hf, tmp_path, "llama"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=re.escape("GemmaForCausalLM (model type gemma)")):
+        load_config(relabelled(shards, tmp_path, "llama"))
+    with pytest.raises(ValueError, match=re.escape("--model-type llama contradicts config.json's model_type 'gemma'")):
+        convert_from_hf(hf, tmp_path / "out", model_type="llama")
+    with pytest.raises(ValueError, match="--model-type llama contradicts"):
+        load_config(shards, "llama")
+    assert family_for(load_config(shards, "gemma").model_type).name == "gemma"  # agreeing is fine
+
+
+def test_failed_conversion_leaves_nothing_behind(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills after two shards: neither the folder nor a partial copy stays."""
+    import errno
+
+    import convert.from_hf
+
+    written = []
+
+    def save_part(model_dir: Path, part: str, tensors: dict) -> None:
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(part)
+        (Path(model_dir) / f"{part}.safetensors").write_bytes(b"half")
+
+    monkeypatch.setattr(convert.from_hf, "save_part", save_part)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder given as --save-dir: it stays as it was
+    with pytest.raises(OSError, match="No space left"):
+        convert.from_hf.convert_from_hf(tiny_hf, out)
+    assert len(written) == 2
+    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_eager_attention_where_hf_requires_it() -> None:
+    """Gemma 2's soft-capped attention cannot run under SDPA: eager, for our stages and the oracle."""
+    from convert.tiny_model import tiny_config
+    from modules import attention_implementation
+
+    assert attention_implementation(tiny_config("gemma2", 64, 2)) == "eager"
+    assert attention_implementation(tiny_config("gemma3", 64, 2)) == "sdpa"  # no attention soft-cap
+    assert attention_implementation(tiny_config("qwen2", 64, 2)) == "sdpa"
+
+
+def test_check_command_passes_and_catches_a_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m convert.check`` on shards and on the HF folder: exit 0; with our final
+    soft-capping broken, the same check exits 1."""
+    import modules.common
+    from convert.check import compare, main
+
+    hf, shards = tiny_converted(tmp_path, "gemma2", num_layers=3)
+    for folder in (shards, hf):
+        with pytest.raises(SystemExit) as exc:
+            main(["--model-name", str(folder), "--stages", "3", "--seq-length", "32"])
+        assert exc.value.code == 0
+    result = compare(shards, stages=2, seq_length=32)
+    assert result.logits_diff == 0.0 and result.grad_diff == 0.0  # the same kernels on the same weights
+    monkeypatch.setattr(modules.common, "soft_cap", lambda logits, cap: logits)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model-name", str(shards), "--seq-length", "32"])
+    assert exc.value.code == 1

@@ -185,7 +185,7 @@ class Trainer:
 
         def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             if chunk:  # the last stage handed over the final norm's output, not logits
-                return chunked_token_loss(out, head.output, labels, normalizer, chunk)
+                return chunked_token_loss(out, head.output, labels, normalizer, chunk, head.softcap)
             return token_loss(out, labels, normalizer)
 
         return loss_fn

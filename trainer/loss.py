@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.common import soft_cap
 from trainer.data import IGNORE_INDEX
 
 
@@ -29,13 +30,19 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) ->
 
 
 def chunked_token_loss(
-    hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor, normalizer: float, chunk: int
+    hidden: torch.Tensor,
+    output: nn.Linear,
+    labels: torch.Tensor,
+    normalizer: float,
+    chunk: int,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``token_loss(output(hidden), labels, normalizer)`` with ``chunk`` tokens' logits at a time."""
+    """``token_loss(soft_cap(output(hidden), softcap), labels, normalizer)`` with ``chunk`` tokens'
+    logits at a time."""
     dim = hidden.shape[-1]
     shifted = hidden[:, :-1].reshape(-1, dim)  # (tokens, hidden): position t predicts token t+1
     targets = labels[:, 1:].reshape(-1)
-    return _ChunkedHeadLoss.apply(shifted, output.weight, output.bias, targets, float(normalizer), chunk)
+    return _ChunkedHeadLoss.apply(shifted, output.weight, output.bias, targets, float(normalizer), chunk, softcap)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -54,6 +61,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         targets: torch.Tensor,
         normalizer: float,
         chunk: int,
+        softcap: float | None,
     ) -> torch.Tensor:
         # under autocast the projection runs in its dtype (as nn.Linear would); the rest in fp32
         ctx.compute_dtype = _autocast_dtype(hidden.device.type)
@@ -63,12 +71,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         lse = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias).float()  # (chunk, vocab)
+            logits = soft_cap(F.linear(hidden[rows], weight, bias), softcap).float()  # (chunk, vocab)
             lse[rows] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[rows, None]).squeeze(1)
             total += ((lse[rows] - picked) * valid[rows]).sum()
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.normalizer, ctx.chunk = normalizer, chunk
+        ctx.normalizer, ctx.chunk, ctx.softcap = normalizer, chunk, softcap
         return total / normalizer
 
     @staticmethod
@@ -85,12 +93,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, targets.numel(), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             with autocast:
-                logits = F.linear(hidden[rows], weight, bias).float()  # the forward's values again
+                logits = F.linear(hidden[rows], weight, bias)  # the forward's values again
+                capped = soft_cap(logits, ctx.softcap).float()
             # d(lse - logit[target]) / d logits = softmax - one-hot, for trained tokens only; in
             # place, so a chunk costs one (chunk, vocab) buffer
-            grad_logits = logits.sub_(lse[rows, None]).exp_()
+            grad_logits = capped.sub_(lse[rows, None]).exp_()
             grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows].clamp_min(0)] -= 1
             grad_logits.mul_((valid[rows] * scale)[:, None])  # (chunk, vocab)
+            if ctx.softcap is not None:  # through cap * tanh(z / cap): times 1 - tanh^2, as autograd does
+                tanh = torch.tanh(logits.float() / ctx.softcap)
+                grad_logits = grad_logits.mul_(ctx.softcap).mul_(1 - tanh * tanh).div_(ctx.softcap)
             with autocast:
                 if need_hidden:
                     grad_hidden[rows] = grad_logits @ weight
@@ -102,4 +114,4 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
         weight_grad = grad_weight.to(weight.dtype) if need_weight else None
         bias_grad = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, weight_grad, bias_grad, None, None, None
+        return grad_hidden, weight_grad, bias_grad, None, None, None, None

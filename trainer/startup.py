@@ -36,8 +36,8 @@ class Plan:
 def plan_stage(cfg: RunConfig) -> Plan:
     """Checks that need only the flags and config.json (identical on every rank: run before
     connecting), and this rank's layers split by compute alone (``place_stage`` adds memory)."""
-    model_config = load_config(cfg.model.model_name)
-    family = family_for(cfg.model.model_type or model_config.model_type)
+    model_config = load_config(cfg.model.model_name, cfg.model.model_type)
+    family = family_for(model_config.model_type)
     if cfg.model.embedding_dim is not None and cfg.model.embedding_dim != model_config.hidden_size:
         raise ValueError(
             f"--embedding-dim {cfg.model.embedding_dim} != hidden size {model_config.hidden_size} in config.json; "
