@@ -269,6 +269,27 @@ def test_codecs_round_trip_within_their_precision() -> None:
     assert errors["int8"] <= bf16_scale * 0.5 / 127 and errors["int4"] <= bf16_scale * 0.5 / 7
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_group_that_does_not_divide_the_hidden_size_leaves_a_short_last_group(name: str) -> None:
+    """576 (SmolLM2's hidden size) in groups of 128: four groups and one of 64 channels, each
+    with its own scale; never one scale per token (which would flatten the small channels)."""
+    x = torch.randn(3, 10, 576, generator=torch.Generator().manual_seed(2))
+    x[..., :512] *= 50.0  # the last 64 channels are small: a shared scale would erase them
+    codec = Codec(name, group=128, outliers=0)
+    wire = codec.encode(x)
+    assert [(tuple(w.shape), w.dtype) for w in wire] == codec.wire(tuple(x.shape), x.dtype)
+    assert wire[1].shape == (3, 10, 5)  # 4 x 128 + 1 x 64 channels
+    y = codec.decode(wire, torch.float32)
+    levels = 127 if name == "int8" else 7
+    bound = (1 + 2**-8) * 0.5 / levels  # half a step of each group's own scale (bf16-rounded)
+    for lo, hi in ((0, 128), (384, 512), (512, 576)):
+        group_max = x[..., lo:hi].abs().amax(-1)
+        assert ((y - x)[..., lo:hi].abs().amax(-1) <= bound * group_max + 1e-6).all(), (lo, hi)
+    per_token = Codec(name, group=576, outliers=0)
+    lost = per_token.decode(per_token.encode(x), torch.float32)[..., 512:] - x[..., 512:]
+    assert (y - x)[..., 512:].norm() * 5 < lost.norm()  # the short group keeps what one scale loses
+
+
 def planted_outliers(channels: tuple[int, ...] = (5, 700), factor: float = 300.0) -> torch.Tensor:
     """Hidden states whose few channels are ``factor`` times the rest, on every token (as LLaMA's)."""
     x = torch.randn(2, 128, 1024, generator=torch.Generator().manual_seed(0))
@@ -290,7 +311,7 @@ def test_int4_keeps_the_channels_beside_an_outlier() -> None:
     assert errors["per token"][1] > 0.95
     assert errors["default"][0] * 4 <= errors["per token"][0]
     assert errors["default"][1] * 4 <= errors["per token"][1]
-    assert sizes["default"] <= 1.06 * sizes["per token"]  # 2 exact values and 8 bf16 scales a token
+    assert sizes["default"] <= 1.15 * sizes["per token"]  # 2 exact values and 32 bf16 scales a token
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
