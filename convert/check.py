@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from modules import family_for, load_config
 from modules.layout import layer_indices
-from pipeline.chain import StageChain, even_split
+from pipeline.chain import StageChain, even_split, exact_norm
 
 log = logging.getLogger("convert.check")
 TEXT = (
@@ -75,8 +75,11 @@ def batch_for(model_dir: Path, vocab_size: int, batch: int, seq_length: int) -> 
     return torch.tensor(ids).view(batch, seq_length)
 
 
-def compare(model_dir: str | Path, stages: int = 2, batch: int = 2, seq_length: int = 128) -> Comparison:
-    """Loss, gradients and logits of one batch: HF's model against ``stages`` of ours."""
+def compare(
+    model_dir: str | Path, stages: int = 2, batch: int = 2, seq_length: int = 128, ids: torch.Tensor | None = None
+) -> Comparison:
+    """Loss, gradients and logits of one batch (``ids``, or ``batch_for``'s): HF's model against
+    ``stages`` of ours."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -95,7 +98,8 @@ def compare(model_dir: str | Path, stages: int = 2, batch: int = 2, seq_length: 
         chain.load_hf_state(hf.state_dict())
     chain.float().eval()
     hf.eval()  # dropout off on both sides; gradients still flow
-    ids = batch_for(model_dir, config.vocab_size, batch, seq_length)
+    if ids is None:
+        ids = batch_for(model_dir, config.vocab_size, batch, seq_length)
 
     hf_out = hf(input_ids=ids, labels=ids)
     hf_out.loss.backward()
@@ -104,7 +108,7 @@ def compare(model_dir: str | Path, stages: int = 2, batch: int = 2, seq_length: 
     loss.backward()
     chain.sum_tied_grads()
     grad_norm = chain.clip_grads(float("inf"))
-    hf_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters() if p.grad is not None])
+    hf_grad_norm = exact_norm([p.grad for p in hf.parameters() if p.grad is not None])  # both in float64
 
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     grad_diff = 0.0

@@ -90,6 +90,12 @@ class StageChain(nn.Module):
         norm before clipping."""
         skip = {id(copy) for copy in self._tied_copies()[1:]}
         trained = [p for p in self.parameters() if p.requires_grad]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trained if id(p) not in skip])
+        norm = exact_norm([p.grad for p in trained if id(p) not in skip])
         torch.nn.utils.clip_grads_with_norm_(trained, max_norm, norm)
         return norm
+
+
+def exact_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of all ``grads`` accumulated in float64 (an fp32 norm of many millions of values
+    rounds by ~1e-5 of it), as the trainer's is."""
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).norm()

