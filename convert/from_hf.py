@@ -44,11 +44,12 @@ def safetensors_files(folder: Path) -> list[Path] | None:
 
 
 def expected_keys(family: Family, config: object) -> dict[str, set[str]]:
-    """The keys each kind of part holds (built on the meta device: nothing is allocated)."""
+    """The keys each part holds (built on the meta device: nothing is allocated); layers may
+    differ (a Qwen3-MoE layer listed in ``mlp_only_layers`` has a dense MLP)."""
     with torch.device("meta"):
         pieces = {
             EMBEDDING_PART: family.embedding(config),
-            "block": family.block(config, 0),
+            **{layer_part(i): family.block(config, i) for i in range(config.num_hidden_layers)},
             HEAD_PART: family.head(config),
         }
     return {name: set(module.state_dict()) for name, module in pieces.items()}
@@ -78,10 +79,11 @@ def stream_parts(folder: Path, files: list[Path], family: Family, config: object
     # every part is checked before the first is read, so a bad folder leaves nothing written
     plan = {}
     for part in [EMBEDDING_PART, *(layer_part(i) for i in range(config.num_hidden_layers)), HEAD_PART]:
-        wanted = expected["block" if part.startswith("layer_") else part]
+        wanted = expected[part]
         found = {k: v for k, v in where.pop(part, {}).items() if k in wanted or not k.endswith(_STALE_BUFFERS)}
-        if found.keys() != wanted:
-            missing, unexpected = sorted(wanted - found.keys()), sorted(found.keys() - wanted)
+        held = family.memory_keys(part, set(found))  # experts: per-expert files, fused in memory
+        if held != wanted:
+            missing, unexpected = sorted(wanted - held), sorted(held - wanted)
             raise KeyError(
                 f"{folder}: part {part} has missing weights {missing[:4]} and unexpected ones {unexpected[:4]}; "
                 "is the folder complete?"
@@ -94,7 +96,7 @@ def stream_parts(folder: Path, files: list[Path], family: Family, config: object
         for file in sorted({file for file, _ in found.values()}):
             with safe_open(str(file), "pt") as f:
                 tensors |= {local: f.get_tensor(key) for local, (path, key) in found.items() if path == file}
-        yield part, tensors
+        yield part, family.to_memory(part, tensors)
 
 
 def _whole_model_parts(model_name: str, family: Family) -> Iterator[tuple[str, dict]]:

@@ -73,6 +73,12 @@ def decoder_quirks(family: str, num_layers: int, head_dim: int) -> dict:
         "gemma2": {"head_dim": head_dim, "sliding_window": TINY_WINDOW, "layer_types": alternating,
                    "final_logit_softcapping": 5.0, "attn_logit_softcapping": 10.0, "query_pre_attn_scalar": head_dim,
                    "tie_word_embeddings": True},
+        # 4 experts, 2 a token, fused in memory and one file tensor each on disk
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": TINY_WINDOW,
+                    "tie_word_embeddings": False},
+        # experts with their own width and renormalised top-2 weights; layer 1 a dense MLP
+        "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": head_dim,
+                      "norm_topk_prob": True, "mlp_only_layers": [1], "tie_word_embeddings": True},
         # a rotary table per layer kind (another base for local layers), linear scaling on global ones
         "gemma3": {"head_dim": head_dim, "sliding_window": TINY_WINDOW, "layer_types": alternating,
                         "final_logit_softcapping": 5.0, "tie_word_embeddings": True, "rope_parameters": {

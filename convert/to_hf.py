@@ -80,11 +80,11 @@ def write_hf_shards(
     config, parts = model_parts(model_dir)
     family = family_for(config.model_type)
     skip = (HEAD_PART, family.tied_keys[1]) if getattr(config, "tie_word_embeddings", False) else None
-    plan: dict[str, list[tuple[str, Entry]]] = {}  # part -> (key in the part, what is written)
+    plan: dict[str, list[tuple[str, Entry]]] = {}  # part -> (key as HF's files cut it, what is written)
     for part in parts:
         plan[part] = [
             (local, Entry(family.shard_to_hf(part, local, on_disk=True), shape, dtype or stored))
-            for local, (shape, stored) in part_layout(model_dir, part).items()
+            for local, (shape, stored) in family.disk_shapes(part, part_layout(model_dir, part)).items()
             if (part, local) != skip
         ]
     entries = [entry for part_entries in plan.values() for _, entry in part_entries]
@@ -106,6 +106,7 @@ def write_hf_shards(
         tensors = load_part(model_dir, part)
         if transform is not None:
             tensors = transform(part, tensors)
+        tensors = family.to_disk(part, tensors)  # experts: one tensor each, as HF's files hold them
         for local, entry in part_entries:
             if shard_of[entry.name] != open_shard:  # shards follow the plan's order: one open at a time
                 if writer is not None:

@@ -70,6 +70,12 @@ def family_of(config: object, requested: str | None = None) -> Family:
                 f"(model type {' or '.join(sorted(owners))}): a relabelled config would be computed as the wrong "
                 f"model; restore its model_type (supported: {', '.join(supported_model_types())})"
             )
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"{model_type}: config.json sets output_router_logits (the routers' load-balancing loss), "
+            "which the pipeline does not compute yet; set it to false (HF's default) to train the routers "
+            "through the language-model loss alone"
+        )
     if requested is not None and family_for(requested) is not family:
         raise ValueError(
             f"--model-type {requested} contradicts config.json's model_type {model_type!r} ({family.name}); "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from modules.common import BlockContext, Embedding, Head
+from modules.experts import MIXTRAL, QWEN_MOE, ExpertLayout
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
 
 LLAMA_LAYOUT = (
@@ -44,6 +45,7 @@ class Decoder:
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class prefix inside it: <prefix>DecoderLayer, <prefix>RMSNorm, <prefix>RotaryEmbedding
     gemma: bool = False  # embedding scaled by sqrt(hidden); norms store (weight - 1)
+    experts: ExpertLayout | None = None  # mixture of experts: HF's files keep one tensor per expert
 
     def hf_class(self, suffix: str) -> type:
         modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -77,6 +79,7 @@ class Decoder:
             key_rules=LLAMA_LAYOUT,
             tied_keys=("embed_tokens.weight", "lm_head.weight"),
             norm_init=0.0 if self.gemma else 1.0,
+            experts=self.experts,
         )
 
 
@@ -90,5 +93,9 @@ DECODERS = (
     Decoder("gemma", ("gemma",), "gemma", "Gemma", gemma=True),
     Decoder("gemma2", ("gemma2",), "gemma2", "Gemma2", gemma=True),  # soft-capping, alternating windows
     Decoder("gemma3", ("gemma3_text",), "gemma3", "Gemma3", gemma=True),  # rotary table per layer kind
+    # all experts of a layer on its stage; routers trained without the load-balancing loss (HF's
+    # default, output_router_logits false; modules.family_of refuses it on)
+    Decoder("mixtral", ("mixtral",), "mixtral", "Mixtral", experts=MIXTRAL),
+    Decoder("qwen3_moe", ("qwen3_moe",), "qwen3_moe", "Qwen3Moe", experts=QWEN_MOE),
 )
 FAMILIES = tuple(decoder.family() for decoder in DECODERS)

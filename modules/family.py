@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modules.experts import ExpertLayout
+
 EMBEDDING_PART = "embs"
 HEAD_PART = "lm_head"
 
@@ -104,6 +106,32 @@ class Family:
     learned_positions: bool = False
     # What a fresh RMSNorm weight holds: 1, or 0 where the norm multiplies by (1 + weight) (Gemma).
     norm_init: float = 1.0
+    # Mixture-of-experts layers: per-expert tensors on disk, fused in memory (modules/experts.py).
+    experts: ExpertLayout | None = None
+
+    def _regrouped(self, part: str) -> ExpertLayout | None:
+        return self.experts if part.startswith("layer_") else None
+
+    def memory_keys(self, part: str, disk_keys: set[str]) -> set[str]:
+        """The keys a part read from HF's files under ``disk_keys`` (local names) holds in memory."""
+        layout = self._regrouped(part)
+        return layout.memory_keys(disk_keys) if layout else disk_keys
+
+    def to_memory(self, part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A part's tensors as read from HF's files, laid out as the model holds them."""
+        layout = self._regrouped(part)
+        return layout.to_memory(tensors) if layout else tensors
+
+    def to_disk(self, part: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A part's tensors laid out as HF's files hold them."""
+        layout = self._regrouped(part)
+        return layout.to_disk(tensors) if layout else tensors
+
+    def disk_shapes(self, part: str, shapes: dict) -> dict:
+        """``to_disk``'s names, shapes and dtypes for tensors of ``shapes``."""
+        layout = self._regrouped(part)
+        return layout.disk_shapes(shapes) if layout else shapes
+
     # Names HF's files use where they differ from the in-memory ones: read and written.
     disk_rules: tuple[KeyRule, ...] = ()
     # Names of older files, still read, never written.

@@ -41,7 +41,9 @@ from tests.helpers import (
 )
 
 FAMILIES = ("gptj", "llama", "gpt2")
-DECODERS = ("llama_pad", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3")
+DECODERS = (
+    "llama_pad", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe",
+)  # fmt: skip
 DECODER_STEPS, DECODER_CLIP = 5, 0.5  # Gemma's first norms are ~0.9: clip below them
 
 
@@ -182,6 +184,10 @@ def test_decoder_family_round_trip_and_random_init(decoder_model: tuple[str, Pat
     back, original = load_hf_state(out), load_hf_state(hf)
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
+    # and on disk as HF writes it (MoE: one tensor per expert, where the model fuses them)
+    written, saved = load_file(out / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert written.keys() == saved.keys()
+    assert all(torch.equal(written[k], saved[k]) for k in saved)
     # fresh weights as HF's own initialisation lays them out: padding row 0, Gemma's norms at 0
     config = load_config(shards)
     stage = Stage(family_for(config.model_type), config, range(0, 5), True, True)
@@ -308,3 +314,27 @@ def test_check_command_passes_and_catches_a_difference(tmp_path: Path, monkeypat
     with pytest.raises(SystemExit) as exc:
         main(["--model-name", str(shards), "--seq-length", "32"])
     assert exc.value.code == 1
+
+
+def test_router_loss_is_refused_until_the_pipeline_computes_it(tmp_path: Path) -> None:
+    """output_router_logits on would make HF add the load-balancing loss, which needs per-expert
+    statistics of every stage: refused with the way to train without it."""
+    import json
+
+    _, shards = tiny_converted(tmp_path, "mixtral", num_layers=2)
+    config = json.loads((shards / "config.json").read_text())
+    (shards / "config.json").write_text(json.dumps({**config, "output_router_logits": True}))
+    with pytest.raises(ValueError, match=r"output_router_logits .* set it to false"):
+        load_config(shards)
+
+
+def test_expert_layout_refuses_missing_experts() -> None:
+    from modules.experts import MIXTRAL
+
+    tensors = {
+        f"block_sparse_moe.experts.{e}.{n}.weight": torch.zeros(4, 2) for e in (0, 2) for n in ("w1", "w2", "w3")
+    }
+    with pytest.raises(KeyError, match="experts incomplete"):
+        MIXTRAL.to_memory(tensors)
+    fused = MIXTRAL.to_memory({k.replace(".2.", ".1."): v for k, v in tensors.items()})
+    assert fused["mlp.experts.gate_up_proj"].shape == (2, 8, 2) and fused["mlp.experts.down_proj"].shape == (2, 4, 2)
