@@ -20,6 +20,7 @@ __all__ = [
     "Family",
     "KeyRule",
     "attention_implementation",
+    "describe_model",
     "family_for",
     "family_of",
     "init_weights",
@@ -95,6 +96,38 @@ def attention_implementation(config: object) -> str:
         return "eager"
     model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
     return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
+def describe_model(config: object) -> str:
+    """One line saying what the stages compute for ``config``: the family and the quirks of it
+    that are on, as the start-up log states them."""
+    import torch
+
+    from modules.masks import SLIDING_ATTENTION, layer_kinds
+
+    family = family_for(config.model_type)
+    with torch.device("meta"):
+        embedding = family.embedding(config)
+    said = [f"{family.name}, {config.num_hidden_layers} layers of hidden {config.hidden_size}",
+            f"{getattr(config, '_attn_implementation', None) or 'sdpa'} attention"]  # fmt: skip
+    if getattr(config, "tie_word_embeddings", False):
+        said.append("tied embeddings")
+    pad = embedding.token_embedding.padding_idx
+    if pad is not None:
+        how = "through the tied head only" if getattr(config, "tie_word_embeddings", False) else "never"
+        said.append(f"padding row {pad} trained {how}")
+    if getattr(embedding, "scale", None):
+        said.append(f"embedding scaled by {embedding.scale:.4g}")
+    sliding = [i for i, kind in enumerate(layer_kinds(config)) if kind == SLIDING_ATTENTION]
+    if sliding:
+        said.append(f"sliding window {config.sliding_window} on {len(sliding)} of {config.num_hidden_layers} layers")
+    for name, what in (("attn_logit_softcapping", "attention"), ("final_logit_softcapping", "final logits")):
+        if getattr(config, name, None) is not None:
+            said.append(f"{what} soft-capped at {getattr(config, name)}")
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if family.experts is not None and experts:
+        said.append(f"{experts} experts, top-{config.num_experts_per_tok}, no router loss")
+    return "; ".join(said)
 
 
 def load_config(model_dir: str | Path, requested: str | None = None) -> object:

@@ -338,3 +338,24 @@ def test_expert_layout_refuses_missing_experts() -> None:
         MIXTRAL.to_memory(tensors)
     fused = MIXTRAL.to_memory({k.replace(".2.", ".1."): v for k, v in tensors.items()})
     assert fused["mlp.experts.gate_up_proj"].shape == (2, 8, 2) and fused["mlp.experts.down_proj"].shape == (2, 4, 2)
+
+
+def test_start_up_says_what_the_stages_compute() -> None:
+    from convert.tiny_model import tiny_config
+    from modules import attention_implementation, describe_model
+
+    config = tiny_config("gemma2", 64, 4)
+    config._attn_implementation = attention_implementation(config)
+    said = describe_model(config)
+    for quirk in (
+        "gemma2",
+        "eager attention",
+        "padding row 0 trained through the tied head only",
+        "scaled by 5.657",
+        "sliding window 8 on 2 of 4 layers",
+        "attention soft-capped at 10",
+        "final logits soft-capped at 5",
+    ):
+        assert quirk in said, said  # fmt: skip
+    plain = describe_model(tiny_config("gptneox", 64, 2))
+    assert "padding" not in plain and "sliding" not in plain and "soft" not in plain

@@ -25,6 +25,7 @@ from comm.membership import (
 from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
+from modules import describe_model
 from modules.layout import latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, StepSpec
 from pipeline.stage import Stage
@@ -679,6 +680,8 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
     comm.start_heartbeat()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
+    if comm.topo.rank == 0:
+        log.info("model: %s", describe_model(plan.model_config))
     if comm.elastic is not None:  # each stage's layers, for ranks that join later; the run is live
         spans = comm.all_gather_object([plan.layers.start, plan.layers.stop])
         trainer.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
