@@ -105,7 +105,7 @@ class Codec:
         q = groups / scale.float()
         q = torch.floor(q + torch.rand_like(q)) if self.stochastic else torch.round(q)
         q = q.clamp_(-levels, levels).reshape(*tokens, count * group)[..., :dim]  # clamp: bf16 may round a scale down
-        scales = scale.squeeze(-1).contiguous()  # (..., dim / group)
+        scales = scale.squeeze(-1).contiguous()  # (..., groups)
         if self.name == "int8":
             return [q.to(torch.int8), scales, *extra]
         nibbles = (q + 8).to(torch.uint8)  # 1..15

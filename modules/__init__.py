@@ -71,6 +71,11 @@ def family_of(config: object, requested: str | None = None) -> Family:
                 f"(model type {' or '.join(sorted(owners))}): a relabelled config would be computed as the wrong "
                 f"model; restore its model_type (supported: {', '.join(supported_model_types())})"
             )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"{model_type}: config.json sets use_bidirectional_attention (an embedding model, not a causal LM); "
+            "this trainer fine-tunes causal language models only"
+        )
     if getattr(config, "output_router_logits", False):
         raise ValueError(
             f"{model_type}: config.json sets output_router_logits (the routers' load-balancing loss), "

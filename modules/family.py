@@ -108,6 +108,10 @@ class Family:
     norm_init: float = 1.0
     # Mixture-of-experts layers: per-expert tensors on disk, fused in memory (modules/experts.py).
     experts: ExpertLayout | None = None
+    # Names HF's files use where they differ from the in-memory ones: read and written.
+    disk_rules: tuple[KeyRule, ...] = ()
+    # Names of older files, still read, never written.
+    legacy_rules: tuple[KeyRule, ...] = ()
 
     def _regrouped(self, part: str) -> ExpertLayout | None:
         return self.experts if part.startswith("layer_") else None
@@ -131,11 +135,6 @@ class Family:
         """``to_disk``'s names, shapes and dtypes for tensors of ``shapes``."""
         layout = self._regrouped(part)
         return layout.disk_shapes(shapes) if layout else shapes
-
-    # Names HF's files use where they differ from the in-memory ones: read and written.
-    disk_rules: tuple[KeyRule, ...] = ()
-    # Names of older files, still read, never written.
-    legacy_rules: tuple[KeyRule, ...] = ()
 
     def hf_to_shard(self, hf_key: str, on_disk: bool = False) -> tuple[str, str]:
         """Part and key inside it of an HF weight; ``on_disk``: a name read from an HF file."""
