@@ -262,6 +262,18 @@ def test_relabelled_config_is_refused_naming_both(tmp_path: Path) -> None:
     assert family_for(load_config(shards, "gemma").model_type).name == "gemma"  # agreeing is fine
 
 
+def test_relabelled_model_is_refused_at_start_up_before_connecting(tmp_path: Path, two_tasks: str) -> None:
+    """Rank 0 of two, alone: it stops with the one-line reason instead of waiting for rank 1
+    (had it connected, it would wait --comm-timeout, 300 s, and the launch's 120 s would kill it)."""
+    _, shards = tiny_converted(tmp_path, "gemma", num_layers=2)
+    args = train_args(relabelled(shards, tmp_path, "llama"), two_tasks, tmp_path / "ckpt", pp=2, dp=1, batch=2,
+                      micro=1, accum=1)  # fmt: skip
+    (result,) = launch(args, 2, tmp_path, timeout=120, ranks=[0])
+    assert result.returncode == 1, result.output[-2000:]
+    assert "model_type 'llama' but its architectures name GemmaForCausalLM" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_failed_conversion_leaves_nothing_behind(
     tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
