@@ -229,21 +229,20 @@ def relabelled(hf: Path, root: Path, model_type: str) -> Path:
 
 
 def test_unsupported_family_is_refused_with_the_supported_list(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
     from convert.from_hf import main
 
-    hf = tmp_path / "mixtral"
-    config = MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, num_local_experts=2, vocab_size=64)  # fmt: skip
+    hf = tmp_path / "bloom"
+    config = BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(hf)
     with pytest.raises(SystemExit) as exc:
         main(["--model-name", str(hf), "--save-dir", str(tmp_path / "out")])
     message = str(exc.value.code)
-    assert "unsupported model type 'mixtral'" in message and "qwen2" in message and "gemma3_text" in message
+    assert "unsupported model type 'bloom'" in message and "qwen2" in message and "gemma3_text" in message
     assert "--model-type" not in message and "\n" not in message  # no hint that leads to a traceback
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="unsupported model type 'mixtral'"):
+    with pytest.raises(ValueError, match="unsupported model type 'bloom'"):
         load_config(hf)  # what the trainer reads first at start-up
 
 
