@@ -606,16 +606,12 @@ class Communicator:
                 dist.all_to_all_single(out, tensor, group=self._data_group)
         return [place.incoming(t) for t in received]
 
-    def _only_other(self, ranks: list[int]) -> int | None:
-        """The other member of a two-rank group: a collective there fails by its loss alone, so
-        the error can name it before the heartbeats notice (a killed rank writes no exit)."""
-        others = [r for r in ranks if r != self.topo.rank]
-        return others[0] if len(others) == 1 else None
-
     def all_reduce_pipeline(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` in place over the stages of this rank's pipeline."""
         if self._pipeline_group is not None:
-            with self._guard("pipeline all-reduce", self._only_other(self.topo.pipeline_ranks(self.topo.replica))):
+            # in a group of two the error names the other rank before the heartbeats notice it
+            # (a killed rank writes no exit); likewise below
+            with self._guard("pipeline all-reduce", self.topo.only_other(self.topo.pipeline_ranks(self.topo.replica))):
                 self._all_reduce(tensor, self._pipeline_group, self.pp_place)
 
     def all_reduce_ends(self, tensor: torch.Tensor) -> None:
@@ -624,14 +620,14 @@ class Communicator:
             sent = tensor.nbytes  # two ranks: each sends its copy once; it crosses the pipeline's links
             self.bytes_sent += sent
             ends = self.topo.pipeline_ranks(self.topo.replica)
-            with self._guard("tied-weight all-reduce", self._only_other([ends[0], ends[-1]])):
+            with self._guard("tied-weight all-reduce", self.topo.only_other([ends[0], ends[-1]])):
                 self._hold_link(sent)
                 self._all_reduce(tensor, self._ends_group, self.pp_place)
 
     def barrier_pipeline(self) -> None:
         """Every stage of this pipeline is here (blocks the CPU under NCCL too)."""
         if self._pipeline_group is not None:
-            with self._guard("pipeline barrier", self._only_other(self.topo.pipeline_ranks(self.topo.replica))):
+            with self._guard("pipeline barrier", self.topo.only_other(self.topo.pipeline_ranks(self.topo.replica))):
                 dist.barrier(group=self._pipeline_group, device_ids=self._barrier_devices)
 
     def barrier_all(self) -> None:

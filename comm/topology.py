@@ -53,6 +53,12 @@ class Topology:
     def pipeline_ranks(self, replica: int) -> list[int]:
         return [self.rank_of(s, replica) for s in range(self.pipeline_size)]
 
+    def only_other(self, ranks: list[int]) -> int | None:
+        """The member of a two-rank group besides this rank (None in a larger group): a collective
+        there fails by that rank's loss alone."""
+        others = [r for r in ranks if r != self.rank]
+        return others[0] if len(others) == 1 else None
+
     def data_ranks(self, stage: int) -> list[int]:
         return [self.rank_of(stage, r) for r in range(self.data_size)]
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 import torch
 
-from modules import EMBEDDING_PART, HEAD_PART, Family, family_for, family_of, layer_part
+from modules import EMBEDDING_PART, HEAD_PART, Family, layer_part, read_config
 from modules.layout import save_part
 
 log = logging.getLogger("convert.from_hf")
@@ -114,16 +114,12 @@ def _whole_model_parts(model_name: str, family: Family) -> Iterator[tuple[str, d
 
 def convert_from_hf(model_name: str, save_dir: str | Path, model_type: str | None = None) -> Path:
     """Write ``model_name`` (a local HF folder or a hub id) as shards into ``save_dir``."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     save_dir = Path(save_dir)
     if save_dir.exists() and any(save_dir.iterdir()):
         raise FileExistsError(f"--save-dir {save_dir} is not empty; choose a new directory (nothing was written)")
-    raw = Path(model_name) / "config.json"
-    if raw.is_file():  # refuse a type we do not compute before AutoConfig reads (or rejects) it
-        family_for(json.loads(raw.read_text()).get("model_type", ""))
-    config = AutoConfig.from_pretrained(model_name)
-    family = family_of(config, model_type)
+    config, family = read_config(model_name, model_type)
     files = safetensors_files(Path(model_name)) if Path(model_name).is_dir() else None
     if files is not None:
         parts = stream_parts(Path(model_name), files, family, config)

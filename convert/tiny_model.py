@@ -81,9 +81,9 @@ def decoder_quirks(family: str, num_layers: int, head_dim: int) -> dict:
                       "norm_topk_prob": True, "mlp_only_layers": [1], "tie_word_embeddings": True},
         # a rotary table per layer kind (another base for local layers), linear scaling on global ones
         "gemma3": {"head_dim": head_dim, "sliding_window": TINY_WINDOW, "layer_types": alternating,
-                        "final_logit_softcapping": 5.0, "tie_word_embeddings": True, "rope_parameters": {
-                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}},
+                   "final_logit_softcapping": 5.0, "tie_word_embeddings": True, "rope_parameters": {
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                       "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0}}},
     }[family]  # fmt: skip
 
 

@@ -4,7 +4,7 @@
 # gradients and AdamW state in fp32), so give it many stages or LoRA (finetune_lora.sh).
 #
 #   python convert/from_hf.py --model-name mistralai/Mixtral-8x7B-Instruct-v0.1 --save-dir pretrained/Mixtral-8x7B
-#   python -m convert.check --model-name pretrained/Mixtral-8x7B               # needs ~2 copies in RAM
+#   python -m pipeline.check --model-name pretrained/Mixtral-8x7B               # needs ~2 copies in RAM
 #   NODE_RANK=0 MASTER=<node 0 address> DATA=qa.jsonl \
 #       bash example_scripts/finetune_mixtral.sh          # and NODE_RANK=1, 2, ... on the other nodes
 set -euo pipefail

@@ -27,6 +27,7 @@ __all__ = [
     "layer_part",
     "load_config",
     "part_generator",
+    "read_config",
 ]
 
 
@@ -135,21 +136,29 @@ def describe_model(config: object) -> str:
     return "; ".join(said)
 
 
+def read_config(source: str | Path, requested: str | None = None) -> tuple[object, Family]:
+    """The HF config of a model folder or hub id and its family, checked by ``family_of``; a
+    folder's ``model_type`` is checked first, before AutoConfig reads (or rejects) a type we do
+    not compute."""
+    from transformers import AutoConfig
+
+    path = Path(source) / "config.json"
+    if path.is_file():
+        with open(path) as f:
+            raw = json.load(f)
+        if "model_type" not in raw:
+            raise ValueError(f"{path} names no model_type; supported: {', '.join(supported_model_types())}")
+        family_for(raw["model_type"])
+    config = AutoConfig.from_pretrained(str(source))
+    return config, family_of(config, requested)
+
+
 def load_config(model_dir: str | Path, requested: str | None = None) -> object:
     """Read ``config.json`` of an HF or layer-sharded model directory into an HF config object,
     checked by ``family_of`` before anything else reads it."""
-    from transformers import AutoConfig
-
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}; pass a model converted with convert/from_hf.py")
-    with open(path) as f:
-        raw = json.load(f)
-    if "model_type" not in raw:
-        raise ValueError(f"{path} names no model_type; supported: {', '.join(supported_model_types())}")
-    family_for(raw["model_type"])  # before AutoConfig, which knows types we do not compute
-    config = AutoConfig.from_pretrained(str(model_dir))
-    family_of(config, requested)
+    config, _ = read_config(model_dir, requested)
     # One attention kernel everywhere, so stages and the HF reference compute the same thing.
     config._attn_implementation = attention_implementation(config)
     return config

@@ -1,5 +1,5 @@
 """A model's stages run one after another in one process: the pipeline's arithmetic without its
-transport, for checking a family against Hugging Face's model (``convert/check.py``, the tests).
+transport, for checking a family against Hugging Face's model (``pipeline/check.py``, the tests).
 
     ids -> stage 0 -> stage 1 -> ... -> logits       (autograd flows straight through)
 

@@ -309,10 +309,10 @@ def test_eager_attention_where_hf_requires_it() -> None:
 
 
 def test_check_command_passes_and_catches_a_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``python -m convert.check`` on shards and on the HF folder: exit 0; with our final
+    """``python -m pipeline.check`` on shards and on the HF folder: exit 0; with our final
     soft-capping broken, the same check exits 1."""
     import modules.common
-    from convert.check import compare, main
+    from pipeline.check import compare, main
 
     hf, shards = tiny_converted(tmp_path, "gemma2", num_layers=3)
     for folder in (shards, hf):

@@ -123,7 +123,7 @@ def test_first_step_equals_hf_on_real_weights(smollm2_shards: Path) -> None:
     gradient norm, logits and gradients (the tied padding row trains through the head)."""
     from transformers import AutoTokenizer
 
-    from convert.check import compare
+    from pipeline.check import compare
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_shards)
     text = "".join(r["prompt"] + r["completion"] + "<|im_end|>\n" for r in chat_records(smollm2_shards))

@@ -1,14 +1,13 @@
 """Check a model against Hugging Face's own before renting GPUs: one batch through HF's model and
 through our stages of the same weights, chained in one process.
 
-    python -m convert.check --model-name pretrained/qwen2.5-0.5b      # shards or an HF folder
+    python -m pipeline.check --model-name pretrained/qwen2.5-0.5b      # shards or an HF folder
 
 Prints the loss, the gradient norm and the largest differences of logits and gradients, and
 exits 1 when the loss or the gradient norm differ by more than ``--tolerance`` (relative). The
 batch is the tokenizer's rendering of a fixed English text where the folder has a tokenizer, else
 random tokens. Both sides run in fp32 with dropout off; memory: two copies of the model with
-their gradients. Like ``dist_clm_train.py`` this is an entry point: it sits above the floors
-and uses the pipeline's stages.
+their gradients.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from modules import family_for, load_config
 from modules.layout import layer_indices
 from pipeline.chain import StageChain, even_split, exact_norm
 
-log = logging.getLogger("convert.check")
+log = logging.getLogger("pipeline.check")
 TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
     "polished the great lens and wrote the weather into a leather book: wind from the west, a light rain, "
