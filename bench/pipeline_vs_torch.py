@@ -84,7 +84,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from bench.common import ROOT, build_model, rank_core
 from bench.common import run as run_trainer
-from comm.process_group import CommConfig, Communicator
+from comm.process_group import CommConfig, Communicator, Message
 from comm.topology import Topology
 from comm.trace import LANES, Tracer
 from convert.tiny_model import tiny_config
@@ -131,26 +131,30 @@ class _OrderOnlyComm:
         done.set_result(tensor)
         return done
 
-    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.futures.Future:
-        return self._arrived(None if self.topo.is_first_stage else torch.zeros(shape, dtype=dtype))
+    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> torch.futures.Future:
+        return self._arrived(None if self.topo.is_first_stage else Message(torch.zeros(shape, dtype=dtype)))
 
-    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.futures.Future:
-        return self._arrived(None if self.topo.is_last_stage else torch.zeros(shape, dtype=dtype))
+    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> torch.futures.Future:
+        return self._arrived(None if self.topo.is_last_stage else Message(torch.zeros(shape, dtype=dtype)))
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
         return self.post_recv_forward(shape, dtype).wait()
 
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
         return self.post_recv_backward(shape, dtype).wait()
 
-    def send_forward_recv_backward(self, _: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def send_forward_recv_backward(
+        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
+    ) -> Message | None:
         return self.recv_backward(shape, dtype)
 
-    def send_backward_recv_forward(self, _: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    def send_backward_recv_forward(
+        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
+    ) -> Message | None:
         return self.recv_forward(shape, dtype)
 
     def post_send_backward_recv_forward(
-        self, _: object, shape: tuple[int, ...], dtype: torch.dtype
+        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
     ) -> torch.futures.Future:
         return self.post_recv_forward(shape, dtype)
 

@@ -118,9 +118,19 @@ def nccl_groups(topo: Topology, backend: str, dp_backend: str) -> list[list[int]
     return groups
 
 
+@dataclass(frozen=True)
+class Message:
+    """What crosses a pipeline link: an activation or its gradient (``tensor``, through the link's
+    codec) and, where the model needs them, fp32 values sent exactly beside it (``side``: a
+    mixture of experts' router sums, modules.routing)."""
+
+    tensor: torch.Tensor
+    side: torch.Tensor | None = None
+
+
 @dataclass
 class PendingRecv:
-    """A posted receive; ``wait()`` returns the decoded tensor (None for a pipeline end)."""
+    """A posted receive; ``wait()`` returns the decoded message (None for a pipeline end)."""
 
     comm: Communicator | None
     lane: str = ""
@@ -130,9 +140,10 @@ class PendingRecv:
     buffers: list[torch.Tensor] = field(default_factory=list)
     codec: Codec | None = None
     dtype: torch.dtype | None = None
+    side: int = 0  # fp32 values beside the tensor (the last buffer)
     sending: list[torch.Tensor] = field(default_factory=list)  # an exchange's outgoing wire, alive until wait()
 
-    def wait(self) -> torch.Tensor | None:
+    def wait(self) -> Message | None:
         """Under NCCL ``work.wait()`` only orders the compute stream after the transfer (the
         CPU goes on); under Gloo it blocks until the data is here."""
         if self.comm is None:
@@ -141,7 +152,10 @@ class PendingRecv:
             for work in self.works:
                 work.wait()
         place = self.comm.pp_place
-        return self.codec.decode([place.incoming(b) for b in self.buffers], self.dtype)
+        received = [place.incoming(b) for b in self.buffers]
+        if not self.side:
+            return Message(self.codec.decode(received, self.dtype))
+        return Message(self.codec.decode(received[:-1], self.dtype), received[-1])
 
 
 NOTHING = PendingRecv(None)  # what a pipeline end receives from beyond itself
@@ -374,26 +388,29 @@ class Communicator:
             bandwidth_mbps, latency_ms = self.link
             time.sleep(latency_ms / 1e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if bandwidth_mbps else 0.0))
 
-    def _outgoing(self, tensor: torch.Tensor, codec: Codec) -> list[torch.Tensor]:
-        """``tensor`` as wire tensors where the pipeline's backend reads them, counted and
+    def _outgoing(self, message: Message, codec: Codec) -> list[torch.Tensor]:
+        """``message`` as wire tensors where the pipeline's backend reads them, counted and
         (under link emulation) held to the link's rate. Encoding runs on the compute device."""
-        wire = codec.encode(tensor.detach())
+        wire = codec.encode(message.tensor.detach())
+        if message.side is not None:
+            wire.append(message.side.detach().float())
         sent = sum(w.nbytes for w in wire)
         self.bytes_sent += sent
         self._hold_link(sent)
         return self.pp_place.outgoing(wire)
 
-    def _incoming(self, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec) -> list[torch.Tensor]:
-        return [self.pp_place.buffer(s, d) for s, d in codec.wire(shape, dtype)]
+    def _incoming(self, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec, side: int) -> list[torch.Tensor]:
+        wire = codec.wire(shape, dtype) + ([((side,), torch.float32)] if side else [])
+        return [self.pp_place.buffer(s, d) for s, d in wire]
 
     def _p2p(self, op: Callable, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         """On the pipeline's own group: under NCCL its communicator holds this pipeline's ranks only."""
         return dist.P2POp(op, tensor, peer, group=self._pipeline_group)
 
-    def _send(self, lane: str, what: str, peer: int, tensor: torch.Tensor, codec: Codec, wait: bool) -> None:
+    def _send(self, lane: str, what: str, peer: int, message: Message, codec: Codec, wait: bool) -> None:
         """Send to one peer. ``wait=False`` leaves the send in flight until ``flush()``, so moving
         one micro-batch overlaps computing the next."""
-        wire = self._outgoing(tensor, codec)
+        wire = self._outgoing(message, codec)
         with self.tracer.span(lane), self._guard(what, peer):
             works = dist.batch_isend_irecv([self._p2p(dist.isend, w, peer) for w in wire])
             if wait:
@@ -403,27 +420,27 @@ class Communicator:
                 self._in_flight.append((works, wire))
 
     def _post_recv(
-        self, lane: str, what: str, peer: int, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec
+        self, lane: str, what: str, peer: int, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec, side: int
     ) -> PendingRecv:
         """Post a receive now and wait for it later: the transport (Gloo included) moves the
         data only once a receive is posted, so posting before a compute overlaps the two."""
-        buffers = self._incoming(shape, dtype, codec)
+        buffers = self._incoming(shape, dtype, codec, side)
         with self._guard(what, peer):
             works = dist.batch_isend_irecv([self._p2p(dist.irecv, b, peer) for b in buffers])
-        return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype)
+        return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype, side)
 
     def _post_exchange(
-        self, lane: str, what: str, peer: int, tensor: torch.Tensor, send_codec: Codec,
-        shape: tuple[int, ...], dtype: torch.dtype, recv_codec: Codec,
+        self, lane: str, what: str, peer: int, message: Message, send_codec: Codec,
+        shape: tuple[int, ...], dtype: torch.dtype, side: int, recv_codec: Codec,
     ) -> PendingRecv:  # fmt: skip
         """Send to and receive from one peer in one batch; ``wait()`` waits for both. NCCL runs
         the operations between two ranks in order on one stream: a send and a receive in opposite
         directions posted apart could each wait behind the other side's (a deadlock)."""
-        wire, buffers = self._outgoing(tensor, send_codec), self._incoming(shape, dtype, recv_codec)
+        wire, buffers = self._outgoing(message, send_codec), self._incoming(shape, dtype, recv_codec, side)
         ops = [self._p2p(dist.isend, w, peer) for w in wire] + [self._p2p(dist.irecv, b, peer) for b in buffers]
         with self._guard(what, peer):
             works = dist.batch_isend_irecv(ops)
-        return PendingRecv(self, lane, what, peer, works, buffers, recv_codec, dtype, sending=wire)
+        return PendingRecv(self, lane, what, peer, works, buffers, recv_codec, dtype, side, sending=wire)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -433,62 +450,65 @@ class Communicator:
                     work.wait()
         self._in_flight.clear()
 
-    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> PendingRecv:
+    # Receives name what they expect: the tensor's shape and dtype (before the codec) and
+    # ``side``, the count of exact fp32 values travelling beside it (0: none).
+
+    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> PendingRecv:
         """The previous stage's activations (``wait()`` gives None on the first stage)."""
         if self.topo.is_first_stage:
             return NOTHING
         return self._post_recv("forward recv", "receive of activations", self.topo.rank - 1, shape, dtype,
-                               self.act_codec)  # fmt: skip
+                               self.act_codec, side)  # fmt: skip
 
-    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> PendingRecv:
+    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> PendingRecv:
         """The gradient of our output from the next stage (``wait()`` gives None on the last stage)."""
         if self.topo.is_last_stage:
             return NOTHING
         return self._post_recv("backward recv", "receive of gradients", self.topo.rank + 1, shape, dtype,
-                               self.grad_codec)  # fmt: skip
+                               self.grad_codec, side)  # fmt: skip
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        return self.post_recv_forward(shape, dtype).wait()
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
+        return self.post_recv_forward(shape, dtype, side).wait()
 
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        return self.post_recv_backward(shape, dtype).wait()
+    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
+        return self.post_recv_backward(shape, dtype, side).wait()
 
-    def send_forward(self, tensor: torch.Tensor, wait: bool = True) -> None:
+    def send_forward(self, message: Message, wait: bool = True) -> None:
         if not self.topo.is_last_stage:
-            self._send("forward send", "send of activations", self.topo.rank + 1, tensor, self.act_codec, wait)
+            self._send("forward send", "send of activations", self.topo.rank + 1, message, self.act_codec, wait)
 
-    def send_backward(self, tensor: torch.Tensor | None, wait: bool = True) -> None:
+    def send_backward(self, message: Message | None, wait: bool = True) -> None:
         if not self.topo.is_first_stage:
-            if tensor is None:
+            if message is None:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
-            self._send("backward send", "send of gradients", self.topo.rank - 1, tensor, self.grad_codec, wait)
+            self._send("backward send", "send of gradients", self.topo.rank - 1, message, self.grad_codec, wait)
 
     def send_forward_recv_backward(
-        self, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor | None:
+        self, message: Message, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
+    ) -> Message | None:
         """1F1B steady state: our activations out and their gradient in, with the next stage."""
         if self.topo.is_last_stage:
             return None
         return self._post_exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
-                                   tensor, self.act_codec, shape, dtype, self.grad_codec).wait()  # fmt: skip
+                                   message, self.act_codec, shape, dtype, side, self.grad_codec).wait()  # fmt: skip
 
     def send_backward_recv_forward(
-        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor | None:
+        self, message: Message | None, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
+    ) -> Message | None:
         """1F1B steady state: our input's gradient out and the next activations in."""
-        return self.post_send_backward_recv_forward(tensor, shape, dtype).wait()
+        return self.post_send_backward_recv_forward(message, shape, dtype, side).wait()
 
     def post_send_backward_recv_forward(
-        self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+        self, message: Message | None, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
     ) -> PendingRecv:
         """The same, posted: ``wait()`` gives the activations (None on the first stage), so the
         zero-bubble schedule computes weight gradients while both travel."""
         if self.topo.is_first_stage:
             return NOTHING
-        if tensor is None:
+        if message is None:
             raise RuntimeError("no gradient to send back: the stage input did not require grad")
         return self._post_exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
-                                   tensor, self.grad_codec, shape, dtype, self.act_codec)  # fmt: skip
+                                   message, self.grad_codec, shape, dtype, side, self.act_codec)  # fmt: skip
 
     # -- collectives --------------------------------------------------------------------------
 

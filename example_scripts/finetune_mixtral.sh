@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fine-tune Mixtral (or Qwen3-MoE) over several nodes (see launch_node.sh for every setting). All
 # experts of a layer sit on its stage: a Mixtral-8x7B layer is ~1.4 G parameters (22 GB with
-# gradients and AdamW state in fp32), so give it many stages or LoRA (finetune_lora.sh).
+# gradients and AdamW state in fp32), so give it many stages or LoRA (finetune_lora.sh). Hub
+# configs leave the routers' load-balancing loss off (as HF trains them by default); pass
+# --moe-aux-loss-coef 0.02 (Mixtral's pretraining weight) to keep the experts balanced.
 #
 #   python convert/from_hf.py --model-name mistralai/Mixtral-8x7B-Instruct-v0.1 --save-dir pretrained/Mixtral-8x7B
 #   python -m pipeline.check --model-name pretrained/Mixtral-8x7B               # needs ~2 copies in RAM

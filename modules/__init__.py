@@ -77,12 +77,6 @@ def family_of(config: object, requested: str | None = None) -> Family:
             f"{model_type}: config.json sets use_bidirectional_attention (an embedding model, not a causal LM); "
             "this trainer fine-tunes causal language models only"
         )
-    if getattr(config, "output_router_logits", False):
-        raise ValueError(
-            f"{model_type}: config.json sets output_router_logits (the routers' load-balancing loss), "
-            "which the pipeline does not compute yet; set it to false (HF's default) to train the routers "
-            "through the language-model loss alone"
-        )
     if requested is not None and family_for(requested) is not family:
         raise ValueError(
             f"--model-type {requested} contradicts config.json's model_type {model_type!r} ({family.name}); "
@@ -95,13 +89,25 @@ def attention_implementation(config: object) -> str:
     """The attention kernel HF's own model runs for ``config``: SDPA, except eager where the
     model cannot run SDPA (Gemma 2's class says so) or soft-caps its attention logits (SDPA has
     no soft-capping). Stages and the single-process reference use the same one."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    return "sdpa" if getattr(_causal_lm_class(config), "_supports_sdpa", True) else "eager"
+
+
+def experts_implementation(config: object) -> str | None:
+    """The fused experts' kernel HF's own model runs: ``grouped_mm`` where its class can switch
+    kernels (one batched matmul over all experts, not a loop over them), None for models without."""
+    model_class = _causal_lm_class(config)
+    if model_class is None or not model_class._can_set_experts_implementation():
+        return None
+    return "grouped_mm"
+
+
+def _causal_lm_class(config: object) -> type | None:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "eager"
-    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
-    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
 
 
 def describe_model(config: object) -> str:
@@ -132,7 +138,12 @@ def describe_model(config: object) -> str:
             said.append(f"{what} soft-capped at {getattr(config, name)}")
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if family.experts is not None and experts:
-        said.append(f"{experts} experts, top-{config.num_experts_per_tok}, no router loss")
+        loss = (
+            f"router load-balancing loss x {config.router_aux_loss_coef:g}"
+            if getattr(config, "output_router_logits", False)
+            else "no router loss (output_router_logits off)"
+        )
+        said.append(f"{experts} experts, top-{config.num_experts_per_tok}, {loss}")
     return "; ".join(said)
 
 
@@ -161,4 +172,5 @@ def load_config(model_dir: str | Path, requested: str | None = None) -> object:
     config, _ = read_config(model_dir, requested)
     # One attention kernel everywhere, so stages and the HF reference compute the same thing.
     config._attn_implementation = attention_implementation(config)
+    config._experts_implementation = experts_implementation(config)
     return config

@@ -51,6 +51,11 @@ class Decoder:
         modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
         return getattr(modeling, self.prefix + suffix)
 
+    def router(self) -> tuple[type, int]:
+        """The router class and the index of its logits, as HF's model records them."""
+        recorder = self.hf_class("PreTrainedModel")._can_record_outputs["router_logits"]
+        return recorder.target_class, recorder.index
+
     def embedding(self, config: object) -> Embedding:
         scale = config.hidden_size**0.5 if self.gemma else None
         return Embedding(
@@ -80,6 +85,7 @@ class Decoder:
             tied_keys=("embed_tokens.weight", "lm_head.weight"),
             norm_init=0.0 if self.gemma else 1.0,
             experts=self.experts,
+            router=self.router if self.experts is not None else None,
         )
 
 
@@ -93,8 +99,8 @@ DECODERS = (
     Decoder("gemma", ("gemma",), "gemma", "Gemma", gemma=True),
     Decoder("gemma2", ("gemma2",), "gemma2", "Gemma2", gemma=True),  # soft-capping, alternating windows
     Decoder("gemma3", ("gemma3_text",), "gemma3", "Gemma3", gemma=True),  # rotary table per layer kind
-    # all experts of a layer on its stage; routers trained without the load-balancing loss (HF's
-    # default, output_router_logits false; modules.family_of refuses it on)
+    # all experts of a layer on its stage; the routers' load-balancing loss as the config (or
+    # --moe-aux-loss-coef) says, computed across the stages (modules/routing.py)
     Decoder("mixtral", ("mixtral",), "mixtral", "Mixtral", experts=MIXTRAL),
     Decoder("qwen3_moe", ("qwen3_moe",), "qwen3_moe", "Qwen3Moe", experts=QWEN_MOE),
 )

@@ -108,6 +108,8 @@ class Family:
     norm_init: float = 1.0
     # Mixture-of-experts layers: per-expert tensors on disk, fused in memory (modules/experts.py).
     experts: ExpertLayout | None = None
+    # Its routers: HF's router class and where its output holds the logits (modules/routing.py).
+    router: Callable[[], tuple[type, int]] | None = None
     # Names HF's files use where they differ from the in-memory ones: read and written.
     disk_rules: tuple[KeyRule, ...] = ()
     # Names of older files, still read, never written.

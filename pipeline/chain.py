@@ -73,6 +73,17 @@ class StageChain(nn.Module):
             hidden = stage(hidden)
         return hidden  # (micro, seq, vocab)
 
+    def routed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits and, where the config asks for it, the routers' load-balancing loss
+        (HF's ``aux_loss``, without the coefficient; modules.routing), else None."""
+        balance = self.stages[0].balance
+        if balance is None:
+            return self(input_ids), None
+        hidden, sums = input_ids, balance.start(input_ids.device)
+        for stage in self.stages:
+            hidden, sums = stage.routed(hidden, sums)
+        return hidden, balance.loss(sums)
+
     def _tied_copies(self) -> list[nn.Parameter]:
         return [copy for stage in self.stages if (copy := stage.tied_copy()) is not None]
 

@@ -102,8 +102,10 @@ def compare(
 
     hf_out = hf(input_ids=ids, labels=ids)
     hf_out.loss.backward()
-    logits = chain(ids)  # (batch, seq, vocab)
+    logits, aux = chain.routed(ids)  # (batch, seq, vocab)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    if aux is not None:  # HF adds the routers' load-balancing loss with the config's coefficient
+        loss = loss + config.router_aux_loss_coef * aux
     loss.backward()
     chain.sum_tied_grads()
     grad_norm = chain.clip_grads(float("inf"))

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from comm.process_group import Communicator
+from comm.process_group import Communicator, Message
+from modules.routing import LoadBalance
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 
 
@@ -59,6 +60,17 @@ class GradientWatch(Protocol):
 
 
 @dataclass
+class RouterLoss:
+    """A mixture of experts' load-balancing loss over one step (modules.routing): each
+    micro-batch's router sums travel beside its activations, and the last stage adds
+    ``weight * aux`` to the micro-batch's loss; ``total`` sums the step's aux values there."""
+
+    balance: LoadBalance
+    weight: float  # the coefficient over the step's micro-batches (all replicas), times any loss scale
+    total: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+
+
+@dataclass
 class StepSpec:
     """What every micro-batch of a step shares."""
 
@@ -72,6 +84,20 @@ class StepSpec:
     # back to it, so only the link carries 16 bits, not every later block.
     carry_dtype: torch.dtype = torch.float32
     watch: GradientWatch | None = None  # told of the last backward's gradients as they are formed
+    router_loss: RouterLoss | None = None  # a mixture of experts' load balancing (train only)
+
+    @property
+    def side(self) -> int:
+        """fp32 values every message carries beside the activations (or their gradients)."""
+        return self.router_loss.balance.size if self.router_loss is not None else 0
+
+
+@dataclass
+class _Held:
+    """One micro-batch between its forward and its backward on this stage."""
+
+    inputs: tuple[torch.Tensor, ...]  # the received activations (and router sums): their gradients go back
+    outputs: tuple[torch.Tensor, ...]  # the loss, or the activations (and router sums) sent on
 
 
 class _Runner:
@@ -87,30 +113,50 @@ class _Runner:
         self.last = micro_batches - 1
         self.loss_total = torch.zeros((), dtype=torch.float32)
 
-    def forward(self, i: int, micro: MicroBatch, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (input, output); the output is the loss on the last stage."""
-        spec = self.spec
-        if x is None:
+    def forward(self, i: int, micro: MicroBatch, received: Message | None) -> _Held:
+        """The outputs are the loss on the last stage."""
+        spec, routing = self.spec, self.spec.router_loss
+        if received is None:
             x = micro.input_ids
+            sums = routing.balance.start(x.device) if routing is not None else None
         else:
-            x = x.to(spec.carry_dtype)  # (micro, seq, hidden)
+            x = received.tensor.to(spec.carry_dtype)  # (micro, seq, hidden)
             x.requires_grad_(spec.train)
+            sums = received.side
+            if sums is not None:
+                sums.requires_grad_(spec.train)  # its gradient reaches the earlier stages' routers
         autocast = torch.autocast(x.device.type, dtype=spec.compute_dtype, enabled=spec.compute_dtype is not None)
         with self.comm.tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(spec.train), autocast:
-            y = self.stage(x)
+            if routing is None:
+                outputs = (self.stage(x),)
+            else:
+                outputs = self.stage.routed(x, sums)
             if micro.labels is not None:
-                y = spec.loss_fn(y, micro.labels)
-                self.loss_total = self.loss_total.to(y.device) + y.detach().float()
-        return x, y
+                loss = spec.loss_fn(outputs[0], micro.labels)
+                if routing is not None and spec.train:
+                    aux = routing.balance.loss(outputs[1])
+                    loss = loss + routing.weight * aux
+                    routing.total = routing.total.to(aux.device) + aux.detach()
+                self.loss_total = self.loss_total.to(loss.device) + loss.detach().float()
+                outputs = (loss,)
+        inputs = (x,) if received is None or sums is None else (x, sums)
+        return _Held(inputs, outputs)
 
-    def backward(self, i: int, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    def backward(self, i: int, held: _Held, grad: Message | None) -> Message | None:
         """Returns the gradient of the stage input as it travels (None on the first stage)."""
         deferring = self.deferred.deferring() if self.deferred is not None else nullcontext()
         if self.spec.watch is not None and i == self.last:
             self.spec.watch.arm(self.deferred.params if self.deferred is not None else ())
+        grads = None
+        if grad is not None:
+            grads = (grad.tensor.to(held.outputs[0].dtype),) + ((grad.side,) if grad.side is not None else ())
         with self.comm.tracer.span("backward compute", f"B{i}"), deferring:
-            torch.autograd.backward(y, grad_tensors=grad.to(y.dtype) if grad is not None else None)
-        return self.sendable(x.grad) if x.requires_grad else None
+            torch.autograd.backward(held.outputs, grad_tensors=grads)
+        x = held.inputs[0]
+        if not x.requires_grad:
+            return None
+        side = held.inputs[1].grad if len(held.inputs) > 1 else None
+        return Message(x.grad.detach().to(self.spec.activation_dtype), side)
 
     def weights(self, i: int) -> None:
         """W of micro-batch i (the oldest whose W has not run): its linear layers' weight gradients."""
@@ -119,8 +165,10 @@ class _Runner:
             with self.comm.tracer.span("backward compute", f"W{i}"):
                 self.deferred.run_oldest(watch.accumulated if watch is not None else None)
 
-    def sendable(self, y: torch.Tensor) -> torch.Tensor:
-        return y.detach().to(self.spec.activation_dtype)
+    def sendable(self, held: _Held) -> Message:
+        """The activations (and router sums) to send on; the last stage sends nothing."""
+        y, *side = held.outputs
+        return Message(y.detach().to(self.spec.activation_dtype), side[0].detach() if side else None)
 
 
 def gpipe_step(
@@ -130,24 +178,24 @@ def gpipe_step(
     the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere.
     Each receive is posted one micro-batch ahead, so its data moves while this one computes."""
     m = len(micro_batches)
-    run, shape, dtype = _Runner(stage, comm, spec, m), spec.activation_shape, spec.activation_dtype
-    held: list[tuple[torch.Tensor, torch.Tensor]] = []
-    incoming = comm.post_recv_forward(shape, dtype)
+    run, expect = _Runner(stage, comm, spec, m), (spec.activation_shape, spec.activation_dtype, spec.side)
+    held: list[_Held] = []
+    incoming = comm.post_recv_forward(*expect)
     for i, micro in enumerate(micro_batches):
-        x_in = incoming.wait()
+        received = incoming.wait()
         if i + 1 < m:
-            incoming = comm.post_recv_forward(shape, dtype)
-        x, y = run.forward(i, micro, x_in)
-        comm.send_forward(run.sendable(y), wait=False)  # travels while the next micro-batch computes
+            incoming = comm.post_recv_forward(*expect)
+        done = run.forward(i, micro, received)
+        comm.send_forward(run.sendable(done), wait=False)  # travels while the next micro-batch computes
         if spec.train:
-            held.append((x, y))
+            held.append(done)
     if held:
-        incoming = comm.post_recv_backward(shape, dtype)
-    for i, (x, y) in enumerate(held):
+        incoming = comm.post_recv_backward(*expect)
+    for i, done in enumerate(held):
         grad = incoming.wait()
         if i + 1 < m:
-            incoming = comm.post_recv_backward(shape, dtype)
-        comm.send_backward(run.backward(i, x, y, grad), wait=False)
+            incoming = comm.post_recv_backward(*expect)
+        comm.send_backward(run.backward(i, done, grad), wait=False)
     comm.flush()
     return run.loss_total
 
@@ -182,35 +230,33 @@ def _one_forward_one_backward(
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
     topo, m = comm.topo, len(micro_batches)
-    run, shape, dtype = _Runner(stage, comm, spec, m, weights), spec.activation_shape, spec.activation_dtype
+    run, expect = _Runner(stage, comm, spec, m, weights), (spec.activation_shape, spec.activation_dtype, spec.side)
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
     lag = topo.stage if weights is not None else 0  # backwards whose W waits
-    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    held: list[_Held] = []
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
-        x, y = run.forward(i, micro_batches[i], comm.recv_forward(shape, dtype))
-        comm.send_forward(run.sendable(y), wait=False)  # travels while the next forward computes
-        held.append((x, y))
+        done = run.forward(i, micro_batches[i], comm.recv_forward(*expect))
+        comm.send_forward(run.sendable(done), wait=False)  # travels while the next forward computes
+        held.append(done)
     # steady state: one forward, one backward; sends and receives paired with each neighbour
-    x_next = comm.recv_forward(shape, dtype) if warmup < m else None
+    received = comm.recv_forward(*expect) if warmup < m else None
     for k, i in enumerate(range(warmup, m)):
-        x, y = run.forward(i, micro_batches[i], x_next)
-        held.append((x, y))
-        grad = comm.send_forward_recv_backward(run.sendable(y), shape, dtype)
-        x_old, y_old = held.pop(0)
-        grad_in = run.backward(k, x_old, y_old, grad)
+        done = run.forward(i, micro_batches[i], received)
+        held.append(done)
+        grad = comm.send_forward_recv_backward(run.sendable(done), *expect)
+        grad_in = run.backward(k, held.pop(0), grad)
         if i == m - 1:
             comm.send_backward(grad_in, wait=False)
             incoming = None
         else:
-            incoming = comm.post_send_backward_recv_forward(grad_in, shape, dtype)
+            incoming = comm.post_send_backward_recv_forward(grad_in, *expect)
         if k >= lag:
             run.weights(k - lag)
-        x_next = incoming.wait() if incoming is not None else None
+        received = incoming.wait() if incoming is not None else None
     # cool-down: the backwards left, then the weight gradients still waiting
     for k in range(m - warmup, m):
-        x_old, y_old = held.pop(0)
-        grad_in = run.backward(k, x_old, y_old, comm.recv_backward(shape, dtype))
+        grad_in = run.backward(k, held.pop(0), comm.recv_backward(*expect))
         comm.send_backward(grad_in, wait=False)
         if k >= lag:
             run.weights(k - lag)

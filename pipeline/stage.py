@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 from modules.layout import load_part
 from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is_adapter_parameter, load_adapter_state
+from modules.routing import load_balance
 
 
 def saved_part_names(layers: Iterable[int], is_first: bool, is_last: bool, lora: bool) -> list[str]:
@@ -56,6 +57,8 @@ class Stage(nn.Module):
         self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
         self.family = family
         self.config = config
+        # a mixture of experts' load-balancing loss, when the config asks for it (``routed``)
+        self.balance = load_balance(config, family.router() if family.router is not None else None)
         self.lora: LoraSpec | None = None  # set by add_lora: base frozen, adapters trained
         if self.tied_keys and self.embedding is not None and self.head is not None:
             # One stage holds both ends: one tensor, as in the HF model (tied after to_empty,
@@ -147,6 +150,15 @@ class Stage(nn.Module):
             return
         for part, module in self.saved_parts().items():
             load_adapter_state(module, load_part(directory, prefix + part), f"{directory}/{prefix}{part}")
+
+    def routed(self, x: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``, and the router sums ``sums`` with this stage's routers added
+        (modules.routing; a stage without routers passes them on)."""
+        if self.balance is None:
+            raise ValueError("this model's config does not ask for the router load-balancing loss")
+        with self.balance.recording(self.layers) as logits:
+            out = self(x)
+        return out, self.balance.add(sums, logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)

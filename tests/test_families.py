@@ -4,11 +4,13 @@ GPT-J, LLaMA (GQA, scaled RoPE, tied embeddings) and GPT-2 train through real ra
 LLaMA-layout families of ``modules.decoders`` (Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, OLMo 2, and
 LLaMA with a padding token) each as one tiny model with its quirks on (``tiny_config``), trained
 by their stages chained in one process at pp=1 and on an uneven pp=2 split; Gemma 2, which has
-the most of them, also through real ranks.
+the most of them, also through real ranks. The MoE routers' load-balancing loss equals HF's per
+micro-batch on 1, 2 and 3 chained stages, and trains as HF's through three real ranks.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.helpers import (
     LR,
     SEED,
     SEQ,
+    STEPS,
     WARMUP,
     assert_all_ok,
     assert_same_state,
@@ -327,16 +330,144 @@ def test_check_command_passes_and_catches_a_difference(tmp_path: Path, monkeypat
     assert exc.value.code == 1
 
 
-def test_router_loss_is_refused_until_the_pipeline_computes_it(tmp_path: Path) -> None:
-    """output_router_logits on would make HF add the load-balancing loss, which needs per-expert
-    statistics of every stage: refused with the way to train without it."""
-    import json
+# -- the routers' load-balancing loss -----------------------------------------------------------
 
-    _, shards = tiny_converted(tmp_path, "mixtral", num_layers=2)
-    config = json.loads((shards / "config.json").read_text())
-    (shards / "config.json").write_text(json.dumps({**config, "output_router_logits": True}))
-    with pytest.raises(ValueError, match=r"output_router_logits .* set it to false"):
-        load_config(shards)
+ROUTER_COEF = 0.3  # far above HF's 0.001-0.02, so a wrong aux term shows in the loss and weights
+
+
+def with_router_loss_on(*folders: Path) -> None:
+    """Turn HF's load-balancing loss on in each model folder's config.json (HF's default is off)."""
+    for folder in folders:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(output_router_logits=True, router_aux_loss_coef=ROUTER_COEF)
+        (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_router_loss_per_micro_batch_equals_hf_at_pp2_and_pp3(family: str, tmp_path: Path) -> None:
+    """The aux loss our stages form from the sums passed along equals HF's ``aux_loss`` for the
+    same micro-batch bit for bit, and every router's gradient (and the loss's) equals HF's, on 1,
+    2 and 3 stages (Qwen3-MoE's layer 1 is dense: its stage passes the sums on)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chain import StageChain
+
+    hf_dir, shards = tiny_converted(tmp_path, family, num_layers=5)
+    with_router_loss_on(hf_dir, shards)
+    config = load_config(shards)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=config._attn_implementation)
+    ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    out = hf(input_ids=ids, labels=ids)
+    out.loss.backward()
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    for splits in ([range(0, 5)], [range(0, 2), range(2, 5)], [range(0, 1), range(1, 3), range(3, 5)]):
+        chain = StageChain(family_for(config.model_type), config, splits)
+        chain.load(str(shards))
+        logits, aux = chain.routed(ids)
+        assert torch.equal(aux, out.aux_loss), splits
+        assert torch.equal(logits, out.logits), splits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
+        (ce + ROUTER_COEF * aux).backward()
+        chain.sum_tied_grads()
+        routers = 0
+        for part, module in chain.parts():
+            for local, param in module.named_parameters():
+                reference = hf_params[chain.family.shard_to_hf(part, local)].grad
+                torch.testing.assert_close(param.grad, reference, msg=f"{splits} {part}.{local}")
+                routers += local.endswith("mlp.gate.weight") and bool(param.grad.abs().sum() > 0)
+        # every router got a gradient (Mixtral's five; Qwen3-MoE's four beside its dense layer)
+        assert routers == sum(isinstance(m, chain.stages[0].balance.router) for m in hf.modules()) >= 4, splits
+    assert out.aux_loss > 1.0  # E * sum(share x prob) is 1 when perfectly balanced: a real value
+
+
+def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> tuple[list, list, list, dict]:
+    """HF's model trained in one process as the trainer defines a step with the router loss: the
+    mean token loss over the global batch plus the coefficient times the mean over micro-batches
+    of HF's ``aux_loss`` for each micro-batch alone. Losses, norms, aux means, final weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chain import exact_norm
+    from tests.helpers import _train_in_process
+    from trainer.data import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    config = load_config(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=config._attn_implementation)
+    model.train()
+    trained = list(model.parameters())
+    auxes: list[float] = []
+
+    def loss_of(batch: object) -> torch.Tensor:
+        count, tokens, total, aux_sum = per_step // micro, batch.loss_tokens(), 0.0, 0.0
+        for start in range(0, per_step, micro):
+            rows = slice(start, start + micro)
+            out = model(input_ids=batch.input_ids[rows])  # HF's aux_loss of this micro-batch alone
+            logits, labels = out.logits[:, :-1].reshape(-1, config.vocab_size), batch.labels[rows, 1:].reshape(-1)
+            ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            total = total + ce / tokens + ROUTER_COEF * out.aux_loss / count
+            aux_sum += out.aux_loss.item()
+        auxes.append(aux_sum / count)
+        return total
+
+    def clip(limit: float) -> torch.Tensor:
+        norm = exact_norm([p.grad for p in trained])
+        torch.nn.utils.clip_grad_norm_(trained, limit)
+        return norm
+
+    losses, norms = _train_in_process(
+        trained, loss_of, clip, hf_dir, tasks, SEQ, SEED, per_step, STEPS, LR, WARMUP, 1.0
+    )
+    return losses, norms, auxes, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_mixtral_router_loss_through_three_ranks_matches_hf(
+    two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Mixtral over three real ranks under zero bubble, two micro-batches a step: the router sums
+    travel beside the activations (and their gradient beside the activations' gradient through
+    the middle stage); ``--moe-aux-loss-coef`` turns the loss on over a config that leaves it off.
+    Loss, gradient norm and the aux_loss column per step, and the final weights, equal HF's."""
+    hf, shards = tiny_converted(tmp_path_factory.mktemp("mixtral_ranks"), "mixtral", num_layers=5)
+    ckpt = tmp_path / "ckpt"
+    args = train_args(shards, two_tasks, ckpt, pp=3, dp=1, batch=4, micro=2, accum=1)
+    flags = ["--pp-mode", "zb1", "--moe-aux-loss-coef", str(ROUTER_COEF)]
+    assert_all_ok(launch([*args, *flags], 3, tmp_path))
+    with_router_loss_on(hf)
+    ref_losses, ref_norms, ref_auxes, ref_state = hf_router_reference(hf, two_tasks, per_step=4, micro=2)
+    rows = [r for r in read_metrics(ckpt) if "loss" in r]
+    assert [r["loss"] for r in rows] == pytest.approx(ref_losses, abs=LOSS_ATOL, rel=0)
+    assert [r["aux_loss"] for r in rows] == pytest.approx(ref_auxes, abs=1e-6, rel=0)
+    assert [r["grad_norm"] for r in rows] == pytest.approx(ref_norms, rel=1e-5)
+    assert min(ref_auxes) > 1.0 and rows[-1]["loss"] < rows[0]["loss"]
+    assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), ref_state)
+
+
+def test_router_loss_flag_is_checked(tmp_path: Path, two_tasks: str) -> None:
+    """--moe-aux-loss-coef on a model without experts, or below 0, is refused in one line; 0
+    turns a config's loss off and the start-up line says which loss the routers train with."""
+    from modules import describe_model
+    from modules.routing import with_router_loss
+    from pipeline.stage import Stage
+
+    _, shards = tiny_converted(tmp_path / "moe", "mixtral", num_layers=2)
+    with_router_loss_on(shards)
+    config = load_config(shards)
+    assert f"router load-balancing loss x {ROUTER_COEF:g}" in describe_model(config)
+    family = family_for(config.model_type)
+    assert Stage(family, config, range(0, 2), True, True).balance.coef == ROUTER_COEF
+    off = with_router_loss(load_config(shards), 0.0)
+    assert Stage(family, off, range(0, 2), True, True).balance is None
+    assert "no router loss" in describe_model(off)
+    with pytest.raises(ValueError, match="negative; use 0"):
+        with_router_loss(config, -0.1)
+    from trainer.cli import config_from_args, parse_args
+    from trainer.startup import plan_stage
+
+    _, dense = tiny_converted(tmp_path / "dense", "llama", num_layers=2)
+    args = train_args(dense, two_tasks, tmp_path / "ckpt", pp=1, dp=1, batch=2, micro=1, accum=1)
+    cfg = config_from_args(parse_args([*args, "--rank", "0", "--moe-aux-loss-coef", "0.01"]))
+    with pytest.raises(ValueError, match="--moe-aux-loss-coef: llama models have no experts to balance; drop the flag"):
+        plan_stage(cfg)
 
 
 def test_expert_layout_refuses_missing_experts() -> None:

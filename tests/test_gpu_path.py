@@ -97,7 +97,7 @@ def test_nccl_without_cuda_is_refused_by_the_flags(two_tasks: str) -> None:
 
 def _staged_rank(rank: int, port: int, out: str) -> None:
     import comm.process_group as process_group
-    from comm.process_group import CommConfig, Communicator
+    from comm.process_group import CommConfig, Communicator, Message
 
     torch.set_num_threads(1)
     topo = Topology(rank, 2, 2)  # ranks 0, 2: stage 0; ranks 1, 3: stage 1
@@ -107,12 +107,14 @@ def _staged_rank(rank: int, port: int, out: str) -> None:
     mark = float(10 * topo.replica + 1)
     shape = (2, 3)
     if topo.is_first_stage:
-        comm.send_forward(torch.full(shape, mark), wait=False)
+        comm.send_forward(Message(torch.full(shape, mark)), wait=False)
         comm.flush()
-        seen["exchange"] = comm.send_forward_recv_backward(torch.full(shape, mark + 1), shape, torch.float32).tolist()
+        received = comm.send_forward_recv_backward(Message(torch.full(shape, mark + 1)), shape, torch.float32)
+        seen["exchange"] = received.tensor.tolist()
     else:
-        seen["forward"] = comm.recv_forward(shape, torch.float32).tolist()
-        seen["exchange"] = comm.send_backward_recv_forward(torch.full(shape, -mark), shape, torch.float32).tolist()
+        seen["forward"] = comm.recv_forward(shape, torch.float32).tensor.tolist()
+        received = comm.send_backward_recv_forward(Message(torch.full(shape, -mark)), shape, torch.float32)
+        seen["exchange"] = received.tensor.tolist()
     data = torch.tensor([float(rank)])
     comm.all_reduce_data(data)
     seen["data"] = data.tolist()
@@ -186,19 +188,19 @@ class SentDtypes(LoopbackComm):
         super().__init__(1, 3)
         self.sent: list[torch.dtype] = []
 
-    def send_forward(self, tensor, wait=True) -> None:
-        self.sent.append(tensor.dtype)
+    def send_forward(self, message, wait=True) -> None:
+        self.sent.append(message.tensor.dtype)
 
-    def send_backward(self, tensor, wait=True) -> None:
-        self.sent.append(tensor.dtype)
+    def send_backward(self, message, wait=True) -> None:
+        self.sent.append(message.tensor.dtype)
 
-    def send_forward_recv_backward(self, tensor, shape, dtype):
-        self.sent.append(tensor.dtype)
-        return super().send_forward_recv_backward(tensor, shape, dtype)
+    def send_forward_recv_backward(self, message, shape, dtype, side=0):
+        self.sent.append(message.tensor.dtype)
+        return super().send_forward_recv_backward(message, shape, dtype, side)
 
-    def send_backward_recv_forward(self, tensor, shape, dtype):
-        self.sent.append(tensor.dtype)
-        return super().send_backward_recv_forward(tensor, shape, dtype)
+    def send_backward_recv_forward(self, message, shape, dtype, side=0):
+        self.sent.append(message.tensor.dtype)
+        return super().send_backward_recv_forward(message, shape, dtype, side)
 
 
 @pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from comm.compress import Codec
+from comm.process_group import Message
 from comm.trace import LANES, Tracer
 from pipeline.schedule import StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.weight_grad import deferred_weight_grads
@@ -138,13 +139,12 @@ class RecordingComm(LoopbackComm):
 
     def _recv(self, peer: int, shape, dtype) -> Posted:
         group = self._post(peer, ("recv",))
-        tensor = torch.randn(shape, dtype=dtype)
-        return RecordedWait(self.program, group, tensor)
+        return RecordedWait(self.program, group, Message(torch.randn(shape, dtype=dtype)))
 
-    def post_recv_forward(self, shape, dtype):
+    def post_recv_forward(self, shape, dtype, side=0):
         return Posted(None) if self.topo.is_first_stage else self._recv(self.topo.stage - 1, shape, dtype)
 
-    def post_recv_backward(self, shape, dtype):
+    def post_recv_backward(self, shape, dtype, side=0):
         return Posted(None) if self.topo.is_last_stage else self._recv(self.topo.stage + 1, shape, dtype)
 
     def _send(self, peer: int, wait: bool) -> None:
@@ -154,29 +154,29 @@ class RecordingComm(LoopbackComm):
         else:
             self._unflushed.append(group)
 
-    def send_forward(self, tensor, wait=True) -> None:
+    def send_forward(self, message, wait=True) -> None:
         if not self.topo.is_last_stage:
             self._send(self.topo.stage + 1, wait)
 
-    def send_backward(self, tensor, wait=True) -> None:
+    def send_backward(self, message, wait=True) -> None:
         if not self.topo.is_first_stage:
             self._send(self.topo.stage - 1, wait)
 
-    def _exchange(self, peer: int, shape, dtype) -> torch.Tensor:
+    def _exchange(self, peer: int, shape, dtype) -> Message:
         self.program.append(("wait", self._post(peer, ("send", "recv"))))
-        return torch.randn(shape, dtype=dtype)
+        return Message(torch.randn(shape, dtype=dtype))
 
-    def send_forward_recv_backward(self, tensor, shape, dtype):
+    def send_forward_recv_backward(self, message, shape, dtype, side=0):
         return None if self.topo.is_last_stage else self._exchange(self.topo.stage + 1, shape, dtype)
 
-    def send_backward_recv_forward(self, tensor, shape, dtype):
+    def send_backward_recv_forward(self, message, shape, dtype, side=0):
         return None if self.topo.is_first_stage else self._exchange(self.topo.stage - 1, shape, dtype)
 
-    def post_send_backward_recv_forward(self, tensor, shape, dtype):
+    def post_send_backward_recv_forward(self, message, shape, dtype, side=0):
         if self.topo.is_first_stage:
             return Posted(None)
         group = self._post(self.topo.stage - 1, ("send", "recv"))
-        return RecordedWait(self.program, group, torch.randn(shape, dtype=dtype))
+        return RecordedWait(self.program, group, Message(torch.randn(shape, dtype=dtype)))
 
     def flush(self) -> None:
         self.program += [("wait", group) for group in self._unflushed]
@@ -184,13 +184,13 @@ class RecordingComm(LoopbackComm):
 
 
 class RecordedWait(Posted):
-    def __init__(self, program: list[tuple], group: int, tensor: torch.Tensor) -> None:
-        super().__init__(tensor)
+    def __init__(self, program: list[tuple], group: int, message: Message) -> None:
+        super().__init__(message)
         self.program, self.group = program, group
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> Message:
         self.program.append(("wait", self.group))
-        return self.tensor
+        return self.message
 
 
 def replay_in_order(programs: list[list[tuple]]) -> None:

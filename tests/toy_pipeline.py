@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from comm.process_group import Message
 from comm.topology import Topology
 from comm.trace import NULL_TRACER
 from pipeline.schedule import MicroBatch, StepSpec
@@ -13,11 +14,11 @@ HIDDEN, SEQ = 8, 4
 
 
 class Posted:
-    def __init__(self, tensor: torch.Tensor | None) -> None:
-        self.tensor = tensor
+    def __init__(self, message: Message | None) -> None:
+        self.message = message
 
-    def wait(self) -> torch.Tensor | None:
-        return self.tensor
+    def wait(self) -> Message | None:
+        return self.message
 
 
 class LoopbackComm:
@@ -27,34 +28,34 @@ class LoopbackComm:
         self.topo = Topology(stage, stages, 1)
         self.tracer = NULL_TRACER
 
-    def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool) -> torch.Tensor | None:
-        return None if skip else torch.randn(shape, dtype=dtype)
+    def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool, side: int) -> Message | None:
+        return None if skip else Message(torch.randn(shape, dtype=dtype), torch.randn(side) if side else None)
 
-    def post_recv_forward(self, shape, dtype):
-        return Posted(self._fresh(shape, dtype, self.topo.is_first_stage))
+    def post_recv_forward(self, shape, dtype, side=0):
+        return Posted(self._fresh(shape, dtype, self.topo.is_first_stage, side))
 
-    def post_recv_backward(self, shape, dtype):
-        return Posted(self._fresh(shape, dtype, self.topo.is_last_stage))
+    def post_recv_backward(self, shape, dtype, side=0):
+        return Posted(self._fresh(shape, dtype, self.topo.is_last_stage, side))
 
-    def recv_forward(self, shape, dtype):
-        return self.post_recv_forward(shape, dtype).wait()
+    def recv_forward(self, shape, dtype, side=0):
+        return self.post_recv_forward(shape, dtype, side).wait()
 
-    def recv_backward(self, shape, dtype):
-        return self.post_recv_backward(shape, dtype).wait()
+    def recv_backward(self, shape, dtype, side=0):
+        return self.post_recv_backward(shape, dtype, side).wait()
 
-    def send_forward_recv_backward(self, tensor, shape, dtype):
-        return self.recv_backward(shape, dtype)
+    def send_forward_recv_backward(self, message, shape, dtype, side=0):
+        return self.recv_backward(shape, dtype, side)
 
-    def send_backward_recv_forward(self, tensor, shape, dtype):
-        return self.recv_forward(shape, dtype)
+    def send_backward_recv_forward(self, message, shape, dtype, side=0):
+        return self.recv_forward(shape, dtype, side)
 
-    def post_send_backward_recv_forward(self, tensor, shape, dtype):
-        return Posted(self.send_backward_recv_forward(tensor, shape, dtype))
+    def post_send_backward_recv_forward(self, message, shape, dtype, side=0):
+        return Posted(self.send_backward_recv_forward(message, shape, dtype, side))
 
-    def send_forward(self, tensor, wait=True) -> None:
+    def send_forward(self, message, wait=True) -> None:
         pass
 
-    def send_backward(self, tensor, wait=True) -> None:
+    def send_backward(self, message, wait=True) -> None:
         pass
 
     def flush(self) -> None:
@@ -105,10 +106,10 @@ class KeyedLoopbackComm(LoopbackComm):
         n = self.received[way]
         self.received[way] += 1
         generator = torch.Generator().manual_seed(1000 * (way == "backward") + n)
-        return Posted(torch.randn(shape, generator=generator).to(dtype))
+        return Posted(Message(torch.randn(shape, generator=generator).to(dtype)))
 
-    def post_recv_forward(self, shape, dtype):
+    def post_recv_forward(self, shape, dtype, side=0):
         return self._keyed("forward", shape, dtype, self.topo.is_first_stage)
 
-    def post_recv_backward(self, shape, dtype):
+    def post_recv_backward(self, shape, dtype, side=0):
         return self._keyed("backward", shape, dtype, self.topo.is_last_stage)

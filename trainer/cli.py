@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: balanced by parameter count)",
     )
     m.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
+    m.add_argument(
+        "--moe-aux-loss-coef",
+        type=float,
+        default=None,
+        help="mixture of experts: weight of the routers' load-balancing loss (0: off; default: as config.json "
+        "says, HF's rule: on with router_aux_loss_coef where output_router_logits is true)",
+    )
 
     lo = p.add_argument_group("LoRA (base weights frozen, adapters trained, saved and synced)")
     lo.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters (0: full fine-tuning)")
@@ -403,6 +410,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             load_pretrained=args.load_pretrained_model,
             layers_per_stage=args.num_layers,
             embedding_dim=args.embedding_dim,
+            moe_aux_loss_coef=args.moe_aux_loss_coef,
         ),
         data=data_config(args),
         evaluation=EvalConfig(eval_path(args.evaluation_data), args.evaluation_steps, args.evaluation_num_batch),

@@ -27,6 +27,7 @@ class ModelConfig:
     load_pretrained: bool = True
     layers_per_stage: tuple[int, ...] | None = None
     embedding_dim: int | None = None
+    moe_aux_loss_coef: float | None = None  # None: the config's choice (modules.routing.with_router_loss)
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,12 @@ class RunConfig:
             "data_parallel": {**asdict(self.dp), "bucket_mb": self.dp.bucket_bytes},
             "profiling": self.profiling,
             # Paths may differ between nodes; what they hold and how it is used may not.
-            "model": [self.model.model_type, self.model.load_pretrained, self.model.layers_per_stage],
+            "model": [
+                self.model.model_type,
+                self.model.load_pretrained,
+                self.model.layers_per_stage,
+                self.model.moe_aux_loss_coef,
+            ],
             "data": [
                 [t.weight for t in self.data.tasks],
                 self.data.seq_length,

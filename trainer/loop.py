@@ -27,7 +27,7 @@ from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules import describe_model
 from modules.layout import latest_step
-from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, StepSpec
+from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
@@ -233,14 +233,30 @@ class Trainer:
             update=self.optimizer.update_bytes,
         )
 
+    def _micro_batches_per_step(self) -> int:
+        """Micro-batches in a global batch, over all replicas."""
+        return self.slots_per_step * self.cfg.batch.micro_batches
+
+    def _router_loss(self, scale: float = 1.0) -> RouterLoss | None:
+        """The routers' load-balancing loss of one step (None where the model has none): each
+        micro-batch adds ``coef * aux`` over the step's micro-batches (times the fp16 ``scale``),
+        so the step's loss is the language-model loss plus ``coef`` times the mean aux."""
+        balance = self.stage.balance
+        if balance is None:
+            return None
+        return RouterLoss(balance, balance.coef * scale / self._micro_batches_per_step())
+
     def _run_slots(
-        self, batch: Batch | None, slots: range, normalizer: float, train: bool, watch: GradientWatch | None = None
-    ) -> torch.Tensor:
-        """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients."""
+        self, batch: Batch | None, slots: range, normalizer: float, train: bool,
+        watch: GradientWatch | None = None, router: RouterLoss | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients.
+        ``router``: the step's router loss (evaluation passes one too: the sums still travel)."""
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
-        spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE)
+        spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE,
+                        router_loss=router or self._router_loss())  # fmt: skip
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         passes = self._passes(slots)
@@ -270,8 +286,12 @@ class Trainer:
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad()
         watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
+        # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
+        router = self._router_loss(scale)
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, True, watch)
+            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, True, watch, router)
+        # the step's totals summed over the replicas: its loss (and the routers' summed aux)
+        totals = loss.reshape(1) if router is None else torch.stack([loss, router.total.to(loss)])
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -284,11 +304,11 @@ class Trainer:
         skip = next((i for i, p in enumerate(self.params) if p is tied), None) if self.topo.is_last_stage else None
         lost = 0.0  # an elastic run's flag: another replica was lost, so this pipeline must not step
         try:
-            loss, sq = self.optimizer.reduce(loss, tied, skip, scale)
+            totals, sq = self.optimizer.reduce(totals, tied, skip, scale)
         except ReplicaLostError as err:
             log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
             lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
-        loss = loss / scale
+        loss = totals[0] / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
@@ -347,6 +367,8 @@ class Trainer:
             **stage_peaks,
             **stage_estimates,
         }
+        if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
+            row["aux_loss"] = float(totals[1]) / self._micro_batches_per_step()
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:

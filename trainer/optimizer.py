@@ -211,19 +211,20 @@ class ReplicatedOptimizer(StageOptimizer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the gradients (--dp-mode allreduce) and the loss over the replicas, gradients
         divided by the fp16 loss ``scale``; returns the summed loss and this stage's squared
-        gradient norm without parameter ``skip``."""
+        gradient norm without parameter ``skip``. ``loss`` may be a vector of the step's totals
+        (the loss and the router loss): each is summed."""
         comm, device = self.comm, self.device
-        loss = loss.to(device).reshape(1)
+        loss = loss.to(device).reshape(-1)
         bucketed = self._bucketed()
         if scale != 1.0:  # back to true units before anything else sees them (compression included)
             for p in self.params:
                 if not bucketed or p is tied:  # buckets divide their own before they are summed
                     p.grad.div_(scale)
         if comm.topo.data_size == 1:  # nothing to sum: no copy of the gradients either
-            summed = loss[0].detach()
+            summed = loss.detach()
         elif self.mode != "allreduce":  # replicas step on their own gradients; only the loss is shared
             comm.all_reduce_data(loss)
-            summed = loss[0].detach() / comm.topo.data_size  # the mean of the replicas' losses
+            summed = loss.detach() / comm.topo.data_size  # the mean of the replicas' losses
         elif bucketed:
             # The buckets are on their way; a tied copy (summed exactly: compressed, the two ends
             # would round it apart) and the loss follow as one message.
@@ -242,11 +243,11 @@ class ReplicatedOptimizer(StageOptimizer):
         return summed.cpu(), squared_norm(norms, self.layout, skip)
 
     def _sum_exact(self, grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-        """All-reduce ``grads`` (in place) and the loss as one message; returns the summed loss."""
+        """All-reduce ``grads`` (in place) and the loss (totals) as one message; returns the summed loss."""
         flat = torch.cat([*(g.reshape(-1) for g in grads), loss.to(grads[0] if grads else loss)])
         self.comm.all_reduce_data(flat)
-        unflatten(flat[:-1], grads)
-        return flat[-1].detach()
+        unflatten(flat[: -loss.numel()], grads)
+        return flat[-loss.numel() :].detach()
 
     def rollback(self) -> None:
         for compressor in self.compressors:
@@ -359,15 +360,17 @@ class ShardedOptimizer(StageOptimizer):
         if scale != 1.0:
             self.grads.div_(scale)
         comm.reduce_scatter_data(grad, self.grads)  # in place (NCCL and Gloo allow it)
-        norms = torch.zeros(len(self.layout.pieces) + 1, dtype=torch.float64, device=grad.device)
+        totals = loss.reshape(-1).to(grad.device, torch.float64)
+        pieces = len(self.layout.pieces)
+        norms = torch.zeros(pieces + totals.numel(), dtype=torch.float64, device=grad.device)
         for k, (_, a, b) in enumerate(self.layout.pieces):
             if self.start <= a < self.stop:
                 norms[k] = piece_norm(grad[a - self.start : b - self.start])
         # fp32 loss summed in float64 over two replicas is exact; rounded back, it is the fp32 sum
-        norms[-1] = loss.to(grad.device, torch.float64).reshape(())
+        norms[pieces:] = totals
         comm.all_reduce_data(norms)
-        summed = norms[-1].to(torch.float32)
-        return summed.cpu(), squared_norm(norms[:-1], self.layout, skip)
+        summed = norms[pieces:].to(torch.float32)
+        return summed.cpu(), squared_norm(norms[:pieces], self.layout, skip)
 
     def rollback(self) -> None:
         pass  # nothing is compressed: --dp-compress is refused with sharding

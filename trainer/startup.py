@@ -10,6 +10,7 @@ import torch
 
 from comm.process_group import Communicator
 from modules import Family, family_for, load_config
+from modules.routing import with_router_loss
 from pipeline.partition import PartWeights, split_layers
 from trainer.config import RunConfig
 from trainer.memory import device_memory_bytes
@@ -38,6 +39,9 @@ def plan_stage(cfg: RunConfig) -> Plan:
     connecting), and this rank's layers split by compute alone (``place_stage`` adds memory)."""
     model_config = load_config(cfg.model.model_name, cfg.model.model_type)
     family = family_for(model_config.model_type)
+    if cfg.model.moe_aux_loss_coef is not None and family.router is None:
+        raise ValueError(f"--moe-aux-loss-coef: {family.name} models have no experts to balance; drop the flag")
+    model_config = with_router_loss(model_config, cfg.model.moe_aux_loss_coef)
     if cfg.model.embedding_dim is not None and cfg.model.embedding_dim != model_config.hidden_size:
         raise ValueError(
             f"--embedding-dim {cfg.model.embedding_dim} != hidden size {model_config.hidden_size} in config.json; "
