@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         if args.preview_data > 0:  # no process group: a look at the data mix, then exit
-            preview(data_config(args), args.tokenizer_name or args.model_name, args.preview_data, sys.stdout)
+            tokenizer = args.tokenizer_name or args.model_name
+            preview(data_config(args), tokenizer, args.preview_data, sys.stdout, args.preview_format)
             return
         cfg = config_from_args(args)
     except (ValueError, OSError) as err:

@@ -130,7 +130,7 @@ def test_skip_bad_lines_skips_and_counts(tmp_path: Path, tokenizer: object) -> N
 
 
 def test_preview_prints_sequences_without_a_process_group(
-    tiny_shards: Path, tmp_path: Path, records: list[dict]
+    tiny_shards: Path, tmp_path: Path, records: list[dict], tokenizer: object
 ) -> None:
     text = write_jsonl(tmp_path / "text.jsonl", bundled_texts()[:40])
     qa = write_records(tmp_path / "qa.jsonl", records)
@@ -141,7 +141,12 @@ def test_preview_prints_sequences_without_a_process_group(
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 12 and {r["task"] for r in rows} == {str(text), str(qa)}
-    assert all(set(row) == {"task", "text", "loss_tokens"} and row["text"] for row in rows)
+    keys = {"task", "text", "loss_tokens", "input_ids", "labels"}
+    assert all(set(row) == keys and row["text"] for row in rows)
+    # exactly the stream's first sequences, as the first steps train on them
+    first = TokenStream(parse_task_names(f"{text}:0.5,{qa}:0.5"), tokenizer, SEQ, seed=42).next_batch(12)
+    assert [r["input_ids"] for r in rows] == first.input_ids.tolist()
+    assert [r["labels"] for r in rows] == first.labels.tolist()
     # plain text: every token but the first is predicted; instructions: prompts are not trained on
     assert {r["loss_tokens"] for r in rows if r["task"] == str(text)} == {SEQ - 1}
     qa_counts = [r["loss_tokens"] for r in rows if r["task"] == str(qa)]

@@ -136,6 +136,30 @@ def test_first_step_equals_hf_on_real_weights(smollm2_shards: Path) -> None:
     assert 0.5 < result.hf_loss < 4.0  # a trained model on text it can read, not random weights (~10.8)
 
 
+def test_chat_masking_with_the_real_template(smollm2_hf: Path) -> None:
+    """SmolLM2's own template (no generation markers: split by rendering growing prefixes, a
+    default system prompt added where the conversation has none): the trained tokens are the
+    assistant turns with their closing <|im_end|>, multi-turn, with a tool turn, with and without a
+    system prompt; the tokens are the template's own tokenisation."""
+    from transformers import AutoTokenizer
+
+    from tests.test_chat_data import MULTI_TURN, trained_runs
+    from trainer.chat import ChatTemplate
+    from trainer.sources import Conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
+    chat = ChatTemplate(tokenizer)
+    assert chat.template and not chat.marked
+    for turns in (MULTI_TURN, MULTI_TURN[1:]):
+        tokens, targets = chat.encode(Conversation(turns, "chat.jsonl:1"))
+        expected = ["Hello! How can I help?<|im_end|>", "It is sunny in Lima.<|im_end|>"]
+        assert trained_runs(tokenizer, tokens, targets) == expected
+        messages = [{"role": role, "content": content} for role, content in turns]
+        assert tokens == list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        assert tokenizer.decode(tokens).startswith("<|im_start|>system\n" + ("Answer briefly." if turns is MULTI_TURN
+                                                                              else "You are a helpful"))  # fmt: skip
+
+
 def fine_tune_args(shards: Path, data: Path, ckpt: Path) -> list[str]:
     return [
         "--model-name", str(shards), "--task-name", str(data), "--seq-length", str(SEQ),

@@ -95,13 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--task-name",
         required=True,
-        help="path[:weight],... of .jsonl, .jsonl.zst, .csv files or "
-        "datasets folders; records hold 'text', or 'prompt' with 'completion'/'generation'/'response'",
+        help="path[:weight],... of .jsonl, .jsonl.zst, .csv, .parquet files or datasets folders; records hold 'text', "
+        "'prompt' with 'completion'/'generation'/'response', chat 'messages', ShareGPT 'conversations', or alpaca "
+        "'instruction'/'input'/'output' (conversations go through the chat template; assistant turns are trained)",
     )
     d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
     d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
     d.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed records, not stop")
+    d.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template for conversation records (default: the tokenizer's own chat_template)",
+    )
     d.add_argument("--preview-data", type=int, default=0, metavar="N", help="print N sampled sequences and exit")
+    d.add_argument(
+        "--preview-format",
+        choices=("json", "text"),
+        default="json",
+        help="--preview-data as JSON lines with input_ids and labels (default), or as text with the trained "
+        "tokens marked [[like this]]",
+    )
     d.add_argument("--evaluation-data", default=None, help="held-out data (any --task-name file type)")
     d.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every K steps (0: after the last)")
     d.add_argument("--evaluation-num-batch", type=int, default=10, help="global batches per evaluation")
@@ -340,7 +354,13 @@ def _env_int(name: str) -> int | None:
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed, args.skip_bad_lines)
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat-template {path}: no such file (give a Jinja chat template file)")
+        template = path.read_text(encoding="utf-8")
+    return DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed, args.skip_bad_lines, template)
 
 
 def eval_path(path: str | None) -> Path | None:

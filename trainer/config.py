@@ -36,6 +36,7 @@ class DataConfig:
     seq_length: int
     seed: int = 42
     skip_bad_lines: bool = False
+    chat_template: str | None = None  # --chat-template's text (None: the tokenizer's own)
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -339,6 +340,7 @@ class RunConfig:
                 self.data.seq_length,
                 self.data.seed,
                 self.data.skip_bad_lines,
+                self.data.chat_template,
             ],
             "evaluation": [self.evaluation.path is not None, self.evaluation.every_steps, self.evaluation.num_batches],
             "batch": asdict(self.batch),

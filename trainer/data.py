@@ -8,6 +8,11 @@ back to back with EOS after each, and starts over from its first record when it 
 
     tokens   [ prompt ... | completion ... EOS | text ............ EOS | prompt ...
     targets  [ 0 0 0 0 0  | 1 1 1 1 1 1 1  1  | 1 1 1 1 1 1 1 1 1   1  | 0 0 0 ...
+
+A conversation is its chat template's rendering, the assistant's turns trained (trainer.chat):
+
+    tokens   [ <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n | Hello!<|im_end|> | \n ...
+    targets  [ 0 ...                                                  | 1 ...            | 0 ...
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import math
 import queue
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.sources import Source, source_kind
+from trainer.chat import ChatTemplate
+from trainer.sources import Conversation, Example, Source, source_kind
 
 READ_CHUNK = 64  # examples tokenised together: the fast tokenizer works best in batches
 IGNORE_INDEX = -100  # label of a token that is not trained on
@@ -49,7 +56,7 @@ def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
     """``a.jsonl:0.2,b.jsonl.zst:0.8`` -> tasks with normalised weights (default weight 1)."""
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     if not entries:
-        raise ValueError("--task-name is empty; give path[:weight],... of jsonl, jsonl.zst or csv files")
+        raise ValueError("--task-name is empty; give path[:weight],... of jsonl, jsonl.zst, csv or parquet files")
     raw: list[tuple[Path, float]] = []
     for entry in entries:
         path_text, weight = entry, 1.0
@@ -76,23 +83,38 @@ def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
 
 
 class TaskPacker:
-    """Packs one task's examples into fixed-length sequences, EOS after every example."""
+    """Packs one task's examples into fixed-length sequences: text and prompt/completion
+    examples with EOS after each, conversations as their chat template renders them (which
+    closes every turn with its own end-of-turn token)."""
 
-    def __init__(self, source: Source, tokenizer: object, eos_id: int) -> None:
+    def __init__(self, source: Source, tokenizer: object, eos_id: int, chat: ChatTemplate) -> None:
         self.source = source
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+        self.chat = chat
         self.tokens: list[int] = []
         self.targets: list[int] = []  # 1 where the token is trained on
 
     def _refill(self) -> None:
         examples = self.source.read(READ_CHUNK)
+        plain = [e for e in examples if isinstance(e, Example)]
         encode = self.tokenizer
-        prompts = encode([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-        completions = encode([e.completion for e in examples], add_special_tokens=False)["input_ids"]
-        for prompt, completion in zip(prompts, completions, strict=True):
-            self.tokens += prompt + completion + [self.eos_id]
-            self.targets += [0] * len(prompt) + [1] * (len(completion) + 1)
+        prompts = iter(encode([e.prompt for e in plain], add_special_tokens=False)["input_ids"]) if plain else None
+        completions = (
+            iter(encode([e.completion for e in plain], add_special_tokens=False)["input_ids"]) if plain else None
+        )
+        for example in examples:  # in file order
+            if isinstance(example, Conversation):
+                tokens, targets = self.chat.encode(example)
+                self.tokens += tokens
+                self.targets += targets
+            else:
+                prompt, completion = next(prompts), next(completions)
+                self.tokens += prompt + completion + [self.eos_id]
+                self.targets += [0] * len(prompt) + [1] * (len(completion) + 1)
+
+    def _encoded(self, texts: list[str]) -> Iterator[list[int]]:
+        return iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
 
     def next_sequence(self, length: int) -> tuple[list[int], list[int]]:
         while len(self.tokens) < length:
@@ -113,15 +135,18 @@ class TokenStream:
     """The global stream of sequences: ``next_batch(n)`` draws the next ``n``."""
 
     def __init__(
-        self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False
-    ) -> None:
+        self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False,
+        chat_template: str | None = None,
+    ) -> None:  # fmt: skip
+        """``chat_template``: the Jinja text conversations are rendered with (default: the tokenizer's)."""
         eos_id = getattr(tokenizer, "eos_token_id", None)
         if eos_id is None:
             raise ValueError("the tokenizer has no EOS token; packing needs one between examples")
         self.tasks = tasks
         self.seq_length = seq_length
         self.rng = random.Random(seed)
-        self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id) for t in tasks]
+        chat = ChatTemplate(tokenizer, chat_template)
+        self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, chat) for t in tasks]
         self.weights = [t.weight for t in tasks]
 
     def next_batch(self, count: int) -> Batch:

@@ -125,8 +125,9 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
+            data = cfg.data
             self.stream = TokenStream(
-                cfg.data.tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines
+                data.tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template
             )
             self.data_state = self.stream.state_dict()
         if joining:
@@ -437,7 +438,10 @@ class Trainer:
         stream = None
         if self.has_data:
             tasks = parse_task_names(str(cfg.evaluation.path))
-            stream = TokenStream(tasks, self.tokenizer, cfg.data.seq_length, cfg.data.seed, cfg.data.skip_bad_lines)
+            data = cfg.data
+            stream = TokenStream(
+                tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template
+            )
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
         launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with

@@ -1,7 +1,10 @@
 """``--preview-data N``: print the first N sequences of the stream and exit, without any process group.
 
-One JSON object per line: ``task`` (its file), ``text`` (decoded) and ``loss_tokens`` (how
-many of its tokens the loss counts), so a mix can be checked before renting GPUs.
+``--preview-format json`` (default): one JSON object per line: ``task`` (its file), ``text``
+(decoded), ``loss_tokens`` (how many of its tokens the loss counts), and ``input_ids`` and
+``labels`` (-100 where a token is not trained), exactly what the first steps train on.
+``--preview-format text``: each sequence as text, the trained tokens inside ``[[ ]]`` (in
+colour on a terminal), so a mix and its chat masking can be checked before renting GPUs.
 """
 
 from __future__ import annotations
@@ -9,22 +12,47 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
+import torch
+
 from trainer.config import DataConfig
 from trainer.data import IGNORE_INDEX, TokenStream
 
+TRAINED_COLOUR, PLAIN = "\033[1;32m", "\033[0m"
 
-def preview(data: DataConfig, tokenizer_name: str, count: int, out: TextIO) -> None:
+
+def preview(data: DataConfig, tokenizer_name: str, count: int, out: TextIO, form: str = "json") -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    stream = TokenStream(data.tasks, tokenizer, data.seq_length, data.seed, data.skip_bad_lines)
-    for _ in range(count):
+    stream = TokenStream(data.tasks, tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template)
+    colour = out.isatty()
+    for n in range(count):
         batch = stream.next_batch(1)
-        labels = batch.labels[0]
+        ids, labels = batch.input_ids[0], batch.labels[0]
+        task = str(data.tasks[batch.tasks[0]].path)
+        if form == "text":
+            out.write(f"--- sequence {n + 1} ({task}) ---\n{marked_text(tokenizer, ids, labels, colour)}\n")
+            continue
         row = {
-            "task": str(data.tasks[batch.tasks[0]].path),
-            "text": tokenizer.decode(batch.input_ids[0]),
+            "task": task,
+            "text": tokenizer.decode(ids),
             "loss_tokens": int((labels[1:] != IGNORE_INDEX).sum()),
+            "input_ids": ids.tolist(),
+            "labels": labels.tolist(),
         }
         out.write(json.dumps(row) + "\n")
     out.flush()
+
+
+def marked_text(tokenizer: object, ids: torch.Tensor, labels: torch.Tensor, colour: bool = False) -> str:
+    """The sequence decoded run by run, each run of trained tokens inside ``[[ ]]`` (or coloured)."""
+    trained = (labels != IGNORE_INDEX).tolist()
+    pieces, start = [], 0
+    for end in range(1, len(trained) + 1):
+        if end == len(trained) or trained[end] != trained[start]:
+            text = tokenizer.decode(ids[start:end])
+            if trained[start]:
+                text = f"{TRAINED_COLOUR}{text}{PLAIN}" if colour else f"[[{text}]]"
+            pieces.append(text)
+            start = end
+    return "".join(pieces)

@@ -1,9 +1,11 @@
-"""Reading training examples from files: jsonl, jsonl.zst, csv and ``datasets`` folders.
+"""Reading training examples from files: jsonl, jsonl.zst, csv, parquet and ``datasets`` folders.
 
 A source yields examples in file order, forever (it starts over at the end: a new epoch), and
 its position is a record count, so a resumed run re-opens the file and skips exactly that many
-records. Each record is either plain text (every token trained) or a prompt with a
-completion (only the completion and its EOS trained).
+records. Each record is plain text (every token trained), a prompt with a completion (only
+the completion and its EOS trained), or a conversation (``Conversation``: OpenAI/TRL
+``messages``, ShareGPT ``conversations``, alpaca ``instruction``/``input``/``output``), which
+``trainer.chat`` renders through the chat template, training the assistant's turns.
 """
 
 from __future__ import annotations
@@ -13,12 +15,21 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 COMPLETION_FIELDS = ("completion", "generation", "response")
-EXPECTED = "a 'text' field, or 'prompt' with one of " + "/".join(f"'{f}'" for f in COMPLETION_FIELDS)
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speakers (and LLaMA-Factory's tool-calling ones) as chat roles
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}  # fmt: skip
+EXPECTED = (
+    "'text'; 'prompt' with one of " + "/".join(f"'{f}'" for f in COMPLETION_FIELDS) + "; 'messages' "
+    "(role/content turns); 'conversations' (ShareGPT from/value turns); or 'instruction' with 'output' (alpaca)"
+)
 MAX_REPORTED_BAD_LINES = 10
 
 
@@ -28,19 +39,68 @@ class Example:
     completion: str  # trained on
 
 
-def example_from_record(record: object, where: str) -> Example:
+@dataclass(frozen=True)
+class Conversation:
+    """Chat turns, rendered by the tokenizer's chat template (trainer.chat); the assistant's
+    turns are trained on, the others are context."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content), role one of ROLES
+    where: str = field(default="", compare=False)  # file:line, for errors found when rendering
+
+
+def example_from_record(record: object, where: str) -> Example | Conversation:
     """The example a decoded record holds; a record of another shape names ``where`` and the fields expected."""
     if isinstance(record, dict):
         if isinstance(record.get("text"), str):
             return Example("", record["text"])
         if isinstance(record.get("prompt"), str):
-            for field in COMPLETION_FIELDS:
-                if isinstance(record.get(field), str):
-                    return Example(record["prompt"], record[field])
+            for name in COMPLETION_FIELDS:
+                if isinstance(record.get(name), str):
+                    return Example(record["prompt"], record[name])
+        if record.get("messages") is not None:
+            return _conversation(record["messages"], "role", "content", {r: r for r in ROLES}, where)
+        if record.get("conversations") is not None:
+            return _conversation(record["conversations"], "from", "value", SHAREGPT_ROLES, where)
+        if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+            return _alpaca(record, where)
         found = f"fields {sorted(record)}"
     else:
         found = f"a JSON {type(record).__name__}"
     raise ValueError(f"{where}: expected {EXPECTED}; found {found}")
+
+
+def _conversation(turns: object, role_key: str, content_key: str, roles: dict, where: str) -> Conversation:
+    """Turns as (role, content) pairs, every one checked: a known role, string content, and at
+    least one assistant turn (nothing else would be trained)."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: empty conversation (expected a non-empty list of turns)")
+    messages = []
+    for n, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: turn {n} is a JSON {type(turn).__name__}, not an object")
+        speaker, content = turn.get(role_key), turn.get(content_key)
+        if speaker not in roles:
+            raise ValueError(f"{where}: turn {n} has unknown {role_key} {speaker!r}; expected one of {sorted(roles)}")
+        if not isinstance(content, str):
+            raise ValueError(
+                f"{where}: turn {n}'s {content_key} is a JSON {type(content).__name__}, not a string "
+                "(multimodal content parts are not supported)"
+            )
+        messages.append((roles[speaker], content))
+    if not any(role == "assistant" for role, _ in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing of it would be trained")
+    return Conversation(tuple(messages), where)
+
+
+def _alpaca(record: dict, where: str) -> Conversation:
+    """An alpaca record as one exchange: the instruction (and its input, on the next line, as
+    LLaMA-Factory joins them) from the user, the output from the assistant."""
+    for name in ("input", "system"):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            raise ValueError(f"{where}: '{name}' is a JSON {type(record[name]).__name__}, not a string")
+    query = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
+    system = (("system", record["system"]),) if record.get("system") else ()
+    return Conversation((*system, ("user", query), ("assistant", record["output"])), where)
 
 
 def source_kind(path: Path) -> str:
@@ -56,7 +116,9 @@ def source_kind(path: Path) -> str:
         return "jsonl"
     if name.endswith(".csv"):
         return "csv"
-    raise ValueError(f"{path}: unsupported file type; use .jsonl, .jsonl.zst, .csv or a datasets folder")
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(f"{path}: unsupported file type; use .jsonl, .jsonl.zst, .csv, .parquet or a datasets folder")
 
 
 class Source:
@@ -81,6 +143,8 @@ class Source:
             return ((i + 1, data[i]) for i in range(len(data)))
         if self.kind == "csv":
             return self._csv_rows()
+        if self.kind == "parquet":
+            return self._parquet_rows()
         return self._lines()
 
     def _lines(self) -> Iterator[tuple[int, object]]:
@@ -91,6 +155,14 @@ class Source:
 
                 stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
             yield from enumerate(stream, start=1)
+
+    def _parquet_rows(self) -> Iterator[tuple[int, object]]:
+        """Rows as records (a list column of structs, such as ``messages``, as a list of dicts),
+        numbered from 1, read a row group's batch at a time."""
+        import pyarrow.parquet as pq
+
+        rows = (row for batch in pq.ParquetFile(self.path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        yield from enumerate(rows, start=1)
 
     def _csv_rows(self) -> Iterator[tuple[int, object]]:
         with open(self.path, newline="", encoding="utf-8") as f:
@@ -108,9 +180,9 @@ class Source:
 
     # -- examples -----------------------------------------------------------------------------
 
-    def read(self, count: int) -> list[Example]:
+    def read(self, count: int) -> list[Example | Conversation]:
         """The next ``count`` examples, starting a new epoch at the end of the file."""
-        examples: list[Example] = []
+        examples: list[Example | Conversation] = []
         whole_pass, found_in_pass = self.position == 0, 0
         while len(examples) < count:
             item = self._next_record()
@@ -126,7 +198,7 @@ class Source:
                 found_in_pass += 1
         return examples
 
-    def _decode(self, line_no: int, record: object) -> Example | None:
+    def _decode(self, line_no: int, record: object) -> Example | Conversation | None:
         where = f"{self.path}:{line_no}"
         try:
             if isinstance(record, bytes):
