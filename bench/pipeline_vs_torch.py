@@ -84,7 +84,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from bench.common import ROOT, build_model, rank_core
 from bench.common import run as run_trainer
-from comm.process_group import CommConfig, Communicator, Message
+from comm.process_group import CommConfig, Communicator, Expected, Message
 from comm.topology import Topology
 from comm.trace import LANES, Tracer
 from convert.tiny_model import tiny_config
@@ -131,32 +131,29 @@ class _OrderOnlyComm:
         done.set_result(tensor)
         return done
 
-    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> torch.futures.Future:
-        return self._arrived(None if self.topo.is_first_stage else Message(torch.zeros(shape, dtype=dtype)))
+    def _zeros(self, expected: Expected, end: bool) -> torch.futures.Future:
+        return self._arrived(None if end else Message(torch.zeros(expected.shape, dtype=expected.dtype)))
 
-    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> torch.futures.Future:
-        return self._arrived(None if self.topo.is_last_stage else Message(torch.zeros(shape, dtype=dtype)))
+    def post_recv_forward(self, expected: Expected) -> torch.futures.Future:
+        return self._zeros(expected, self.topo.is_first_stage)
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
-        return self.post_recv_forward(shape, dtype).wait()
+    def post_recv_backward(self, expected: Expected) -> torch.futures.Future:
+        return self._zeros(expected, self.topo.is_last_stage)
 
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
-        return self.post_recv_backward(shape, dtype).wait()
+    def recv_forward(self, expected: Expected) -> Message | None:
+        return self.post_recv_forward(expected).wait()
 
-    def send_forward_recv_backward(
-        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> Message | None:
-        return self.recv_backward(shape, dtype)
+    def recv_backward(self, expected: Expected) -> Message | None:
+        return self.post_recv_backward(expected).wait()
 
-    def send_backward_recv_forward(
-        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> Message | None:
-        return self.recv_forward(shape, dtype)
+    def send_forward_recv_backward(self, _: object, expected: Expected) -> Message | None:
+        return self.recv_backward(expected)
 
-    def post_send_backward_recv_forward(
-        self, _: object, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> torch.futures.Future:
-        return self.post_recv_forward(shape, dtype)
+    def send_backward_recv_forward(self, _: object, expected: Expected) -> Message | None:
+        return self.recv_forward(expected)
+
+    def post_send_backward_recv_forward(self, _: object, expected: Expected) -> torch.futures.Future:
+        return self.post_recv_forward(expected)
 
     def send_forward(self, _: object, wait: bool = True) -> None:
         pass

@@ -118,14 +118,35 @@ def nccl_groups(topo: Topology, backend: str, dp_backend: str) -> list[list[int]
     return groups
 
 
+POSITION_DTYPE = torch.int32  # token positions on the wire (a sequence is far shorter than 2**31)
+
+
 @dataclass(frozen=True)
 class Message:
     """What crosses a pipeline link: an activation or its gradient (``tensor``, through the link's
-    codec) and, where the model needs them, fp32 values sent exactly beside it (``side``: a
-    mixture of experts' router sums, modules.routing)."""
+    codec) and, sent exactly beside it where the step needs them: ``side``, fp32 values that
+    travel both ways (a mixture of experts' router sums, modules.routing), and ``positions``,
+    the tokens' position ids (micro, seq), forward only (examples packed apart, trainer.data)."""
 
     tensor: torch.Tensor
     side: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a pipeline receive expects: the tensor's shape and dtype before the link's codec,
+    ``side`` fp32 values beside it (0: none), and whether the tokens' positions come too."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    side: int = 0
+    positions: bool = False
+
+    def extras(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """The exact wire tensors after the codec's, in the order ``Communicator._outgoing`` sends them."""
+        side = [((self.side,), torch.float32)] if self.side else []
+        return side + ([(self.shape[:-1], POSITION_DTYPE)] if self.positions else [])
 
 
 @dataclass
@@ -139,8 +160,7 @@ class PendingRecv:
     works: list = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
     codec: Codec | None = None
-    dtype: torch.dtype | None = None
-    side: int = 0  # fp32 values beside the tensor (the last buffer)
+    expected: Expected | None = None
     sending: list[torch.Tensor] = field(default_factory=list)  # an exchange's outgoing wire, alive until wait()
 
     def wait(self) -> Message | None:
@@ -151,11 +171,13 @@ class PendingRecv:
         with self.comm.tracer.span(self.lane), self.comm._guard(self.what, self.peer):
             for work in self.works:
                 work.wait()
-        place = self.comm.pp_place
+        place, expected = self.comm.pp_place, self.expected
         received = [place.incoming(b) for b in self.buffers]
-        if not self.side:
-            return Message(self.codec.decode(received, self.dtype))
-        return Message(self.codec.decode(received[:-1], self.dtype), received[-1])
+        coded = len(received) - len(expected.extras())
+        extras = iter(received[coded:])
+        side = next(extras) if expected.side else None
+        positions = next(extras).long() if expected.positions else None
+        return Message(self.codec.decode(received[:coded], expected.dtype), side, positions)
 
 
 NOTHING = PendingRecv(None)  # what a pipeline end receives from beyond itself
@@ -394,13 +416,15 @@ class Communicator:
         wire = codec.encode(message.tensor.detach())
         if message.side is not None:
             wire.append(message.side.detach().float())
+        if message.positions is not None:
+            wire.append(message.positions.to(POSITION_DTYPE))
         sent = sum(w.nbytes for w in wire)
         self.bytes_sent += sent
         self._hold_link(sent)
         return self.pp_place.outgoing(wire)
 
-    def _incoming(self, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec, side: int) -> list[torch.Tensor]:
-        wire = codec.wire(shape, dtype) + ([((side,), torch.float32)] if side else [])
+    def _incoming(self, expected: Expected, codec: Codec) -> list[torch.Tensor]:
+        wire = codec.wire(expected.shape, expected.dtype) + expected.extras()
         return [self.pp_place.buffer(s, d) for s, d in wire]
 
     def _p2p(self, op: Callable, tensor: torch.Tensor, peer: int) -> dist.P2POp:
@@ -419,28 +443,26 @@ class Communicator:
             else:
                 self._in_flight.append((works, wire))
 
-    def _post_recv(
-        self, lane: str, what: str, peer: int, shape: tuple[int, ...], dtype: torch.dtype, codec: Codec, side: int
-    ) -> PendingRecv:
+    def _post_recv(self, lane: str, what: str, peer: int, expected: Expected, codec: Codec) -> PendingRecv:
         """Post a receive now and wait for it later: the transport (Gloo included) moves the
         data only once a receive is posted, so posting before a compute overlaps the two."""
-        buffers = self._incoming(shape, dtype, codec, side)
+        buffers = self._incoming(expected, codec)
         with self._guard(what, peer):
             works = dist.batch_isend_irecv([self._p2p(dist.irecv, b, peer) for b in buffers])
-        return PendingRecv(self, lane, what, peer, works, buffers, codec, dtype, side)
+        return PendingRecv(self, lane, what, peer, works, buffers, codec, expected)
 
     def _post_exchange(
-        self, lane: str, what: str, peer: int, message: Message, send_codec: Codec,
-        shape: tuple[int, ...], dtype: torch.dtype, side: int, recv_codec: Codec,
+        self, lane: str, what: str, peer: int, message: Message, send_codec: Codec, expected: Expected,
+        recv_codec: Codec,
     ) -> PendingRecv:  # fmt: skip
         """Send to and receive from one peer in one batch; ``wait()`` waits for both. NCCL runs
         the operations between two ranks in order on one stream: a send and a receive in opposite
         directions posted apart could each wait behind the other side's (a deadlock)."""
-        wire, buffers = self._outgoing(message, send_codec), self._incoming(shape, dtype, recv_codec, side)
+        wire, buffers = self._outgoing(message, send_codec), self._incoming(expected, recv_codec)
         ops = [self._p2p(dist.isend, w, peer) for w in wire] + [self._p2p(dist.irecv, b, peer) for b in buffers]
         with self._guard(what, peer):
             works = dist.batch_isend_irecv(ops)
-        return PendingRecv(self, lane, what, peer, works, buffers, recv_codec, dtype, side, sending=wire)
+        return PendingRecv(self, lane, what, peer, works, buffers, recv_codec, expected, sending=wire)
 
     def flush(self) -> None:
         """Wait for every send still in flight (before the next phase reuses the link)."""
@@ -450,28 +472,23 @@ class Communicator:
                     work.wait()
         self._in_flight.clear()
 
-    # Receives name what they expect: the tensor's shape and dtype (before the codec) and
-    # ``side``, the count of exact fp32 values travelling beside it (0: none).
-
-    def post_recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> PendingRecv:
+    def post_recv_forward(self, expected: Expected) -> PendingRecv:
         """The previous stage's activations (``wait()`` gives None on the first stage)."""
         if self.topo.is_first_stage:
             return NOTHING
-        return self._post_recv("forward recv", "receive of activations", self.topo.rank - 1, shape, dtype,
-                               self.act_codec, side)  # fmt: skip
+        return self._post_recv("forward recv", "receive of activations", self.topo.rank - 1, expected, self.act_codec)
 
-    def post_recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> PendingRecv:
+    def post_recv_backward(self, expected: Expected) -> PendingRecv:
         """The gradient of our output from the next stage (``wait()`` gives None on the last stage)."""
         if self.topo.is_last_stage:
             return NOTHING
-        return self._post_recv("backward recv", "receive of gradients", self.topo.rank + 1, shape, dtype,
-                               self.grad_codec, side)  # fmt: skip
+        return self._post_recv("backward recv", "receive of gradients", self.topo.rank + 1, expected, self.grad_codec)
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
-        return self.post_recv_forward(shape, dtype, side).wait()
+    def recv_forward(self, expected: Expected) -> Message | None:
+        return self.post_recv_forward(expected).wait()
 
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0) -> Message | None:
-        return self.post_recv_backward(shape, dtype, side).wait()
+    def recv_backward(self, expected: Expected) -> Message | None:
+        return self.post_recv_backward(expected).wait()
 
     def send_forward(self, message: Message, wait: bool = True) -> None:
         if not self.topo.is_last_stage:
@@ -483,24 +500,18 @@ class Communicator:
                 raise RuntimeError("no gradient to send back: the stage input did not require grad")
             self._send("backward send", "send of gradients", self.topo.rank - 1, message, self.grad_codec, wait)
 
-    def send_forward_recv_backward(
-        self, message: Message, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> Message | None:
+    def send_forward_recv_backward(self, message: Message, expected: Expected) -> Message | None:
         """1F1B steady state: our activations out and their gradient in, with the next stage."""
         if self.topo.is_last_stage:
             return None
         return self._post_exchange("forward send", "activation/gradient exchange", self.topo.rank + 1,
-                                   message, self.act_codec, shape, dtype, side, self.grad_codec).wait()  # fmt: skip
+                                   message, self.act_codec, expected, self.grad_codec).wait()  # fmt: skip
 
-    def send_backward_recv_forward(
-        self, message: Message | None, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> Message | None:
+    def send_backward_recv_forward(self, message: Message | None, expected: Expected) -> Message | None:
         """1F1B steady state: our input's gradient out and the next activations in."""
-        return self.post_send_backward_recv_forward(message, shape, dtype, side).wait()
+        return self.post_send_backward_recv_forward(message, expected).wait()
 
-    def post_send_backward_recv_forward(
-        self, message: Message | None, shape: tuple[int, ...], dtype: torch.dtype, side: int = 0
-    ) -> PendingRecv:
+    def post_send_backward_recv_forward(self, message: Message | None, expected: Expected) -> PendingRecv:
         """The same, posted: ``wait()`` gives the activations (None on the first stage), so the
         zero-bubble schedule computes weight gradients while both travel."""
         if self.topo.is_first_stage:
@@ -508,7 +519,7 @@ class Communicator:
         if message is None:
             raise RuntimeError("no gradient to send back: the stage input did not require grad")
         return self._post_exchange("backward send", "gradient/activation exchange", self.topo.rank - 1,
-                                   message, self.grad_codec, shape, dtype, side, self.act_codec)  # fmt: skip
+                                   message, self.grad_codec, expected, self.act_codec)  # fmt: skip
 
     # -- collectives --------------------------------------------------------------------------
 

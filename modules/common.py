@@ -46,13 +46,15 @@ class Embedding(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return getattr(self, self.token_name)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (micro, seq): where packed examples restart their positions (None: 0..seq-1)."""
         hidden = self.token_embedding(input_ids)  # (micro, seq, hidden)
         if self.scale is not None:
             hidden = hidden * torch.tensor(self.scale).to(hidden.dtype)
         if self.position_name is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            hidden = hidden + getattr(self, self.position_name)(positions)
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            hidden = hidden + getattr(self, self.position_name)(position_ids)
         return self.dropout(hidden)
 
 
@@ -102,6 +104,8 @@ class BlockInputs:
 class BlockContext(nn.Module):
     """Position ids, the causal masks and the rotary cos/sin, computed once per micro-batch on
     each stage and handed to every block, as HF's model computes them once for all its layers.
+    Position ids that restart (examples packed apart, trainer.data) make HF's mask builders give
+    each example a causal block of its own, for every attention implementation.
 
     ``rotary`` None: learned positions (GPT-2), whose blocks take the mask only."""
 
@@ -113,8 +117,9 @@ class BlockContext(nn.Module):
         # Gemma 3 keeps one rotary table per attention kind (other base frequency for local layers)
         self.rotary_per_kind = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
 
-    def forward(self, hidden: torch.Tensor) -> BlockInputs:
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, seq)
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> BlockInputs:
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, seq)
         kinds = set(self.kinds)
         masks = attention_masks(self.config, hidden, position_ids, kinds)
         by_kind = {kind: {"attention_mask": masks[kind]} for kind in kinds}

@@ -1,4 +1,7 @@
-"""Attention masks for packed, unpadded sequences, as Hugging Face's models build them.
+"""Attention masks for packed sequences, as Hugging Face's models build them.
+
+Position ids that restart (examples packed apart, trainer.data) give every example a causal
+block of its own; HF's builders find them only where no cache is passed, as in training.
 
 A model's layers attend in one of two ways: full causal attention, or causal attention over a
 sliding window of ``config.sliding_window`` tokens. Which layer does which is the model's
@@ -33,7 +36,8 @@ def layer_kinds(config: object) -> list[str]:
 def attention_masks(
     config: object, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]
 ) -> dict[str, object]:
-    """The mask HF's decoder layers expect for each of ``kinds``, for sequences without padding.
+    """The mask HF's decoder layers expect for each of ``kinds``; ``position_ids`` (1 or micro,
+    seq) that restart keep packed examples apart.
 
     With SDPA and full attention this is usually ``None`` (the kernel's own causal flag is
     used); with eager attention or a sliding window it is a 4-D mask. Either way it is what the

@@ -67,21 +67,23 @@ class StageChain(nn.Module):
             for local, tensor in module.state_dict().items()
         }
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = input_ids
         for stage in self.stages:
-            hidden = stage(hidden)
+            hidden = stage(hidden, position_ids)
         return hidden  # (micro, seq, vocab)
 
-    def routed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def routed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits and, where the config asks for it, the routers' load-balancing loss
         (HF's ``aux_loss``, without the coefficient; modules.routing), else None."""
         balance = self.stages[0].balance
         if balance is None:
-            return self(input_ids), None
+            return self(input_ids, position_ids), None
         hidden, sums = input_ids, balance.start(input_ids.device)
         for stage in self.stages:
-            hidden, sums = stage.routed(hidden, sums)
+            hidden, sums = stage.routed(hidden, sums, position_ids)
         return hidden, balance.loss(sums)
 
     def _tied_copies(self) -> list[nn.Parameter]:

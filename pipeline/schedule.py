@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from comm.process_group import Communicator, Message
+from comm.process_group import Communicator, Expected, Message
 from modules.routing import LoadBalance
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 
@@ -42,6 +42,7 @@ from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 class MicroBatch:
     input_ids: torch.Tensor | None  # (micro, seq) on the first stage, else None
     labels: torch.Tensor | None  # (micro, seq) on the last stage, else None
+    position_ids: torch.Tensor | None = None  # (micro, seq) on the first stage (None: 0..seq-1)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,11 +86,14 @@ class StepSpec:
     carry_dtype: torch.dtype = torch.float32
     watch: GradientWatch | None = None  # told of the last backward's gradients as they are formed
     router_loss: RouterLoss | None = None  # a mixture of experts' load balancing (train only)
+    # the first stage's position ids travel with the activations (examples packed apart restart
+    # them); otherwise every stage counts 0..seq-1
+    positions: bool = False
 
-    @property
-    def side(self) -> int:
-        """fp32 values every message carries beside the activations (or their gradients)."""
-        return self.router_loss.balance.size if self.router_loss is not None else 0
+    def expected(self, forward: bool) -> Expected:
+        """What a stage receives: activations (forward) or their gradients, and what travels beside."""
+        side = self.router_loss.balance.size if self.router_loss is not None else 0
+        return Expected(self.activation_shape, self.activation_dtype, side, forward and self.positions)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class _Held:
 
     inputs: tuple[torch.Tensor, ...]  # the received activations (and router sums): their gradients go back
     outputs: tuple[torch.Tensor, ...]  # the loss, or the activations (and router sums) sent on
+    positions: torch.Tensor | None  # the tokens' position ids, sent on with the activations
 
 
 class _Runner:
@@ -117,20 +122,20 @@ class _Runner:
         """The outputs are the loss on the last stage."""
         spec, routing = self.spec, self.spec.router_loss
         if received is None:
-            x = micro.input_ids
+            x, positions = micro.input_ids, micro.position_ids if spec.positions else None
             sums = routing.balance.start(x.device) if routing is not None else None
         else:
-            x = received.tensor.to(spec.carry_dtype)  # (micro, seq, hidden)
+            x, positions = received.tensor.to(spec.carry_dtype), received.positions  # (micro, seq, hidden)
             x.requires_grad_(spec.train)
             sums = received.side
             if sums is not None:
                 sums.requires_grad_(spec.train)  # its gradient reaches the earlier stages' routers
         autocast = torch.autocast(x.device.type, dtype=spec.compute_dtype, enabled=spec.compute_dtype is not None)
         with self.comm.tracer.span("forward compute", f"F{i}"), torch.set_grad_enabled(spec.train), autocast:
-            if routing is None:
-                outputs = (self.stage(x),)
+            if routing is None:  # a stage module takes the positions only where they travel
+                outputs = (self.stage(x) if positions is None else self.stage(x, positions),)
             else:
-                outputs = self.stage.routed(x, sums)
+                outputs = self.stage.routed(x, sums, positions)
             if micro.labels is not None:
                 loss = spec.loss_fn(outputs[0], micro.labels)
                 if routing is not None and spec.train:
@@ -140,7 +145,7 @@ class _Runner:
                 self.loss_total = self.loss_total.to(loss.device) + loss.detach().float()
                 outputs = (loss,)
         inputs = (x,) if received is None or sums is None else (x, sums)
-        return _Held(inputs, outputs)
+        return _Held(inputs, outputs, positions)
 
     def backward(self, i: int, held: _Held, grad: Message | None) -> Message | None:
         """Returns the gradient of the stage input as it travels (None on the first stage)."""
@@ -168,7 +173,7 @@ class _Runner:
     def sendable(self, held: _Held) -> Message:
         """The activations (and router sums) to send on; the last stage sends nothing."""
         y, *side = held.outputs
-        return Message(y.detach().to(self.spec.activation_dtype), side[0].detach() if side else None)
+        return Message(y.detach().to(self.spec.activation_dtype), side[0].detach() if side else None, held.positions)
 
 
 def gpipe_step(
@@ -178,23 +183,23 @@ def gpipe_step(
     the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere.
     Each receive is posted one micro-batch ahead, so its data moves while this one computes."""
     m = len(micro_batches)
-    run, expect = _Runner(stage, comm, spec, m), (spec.activation_shape, spec.activation_dtype, spec.side)
+    run, forward, backward = _Runner(stage, comm, spec, m), spec.expected(True), spec.expected(False)
     held: list[_Held] = []
-    incoming = comm.post_recv_forward(*expect)
+    incoming = comm.post_recv_forward(forward)
     for i, micro in enumerate(micro_batches):
         received = incoming.wait()
         if i + 1 < m:
-            incoming = comm.post_recv_forward(*expect)
+            incoming = comm.post_recv_forward(forward)
         done = run.forward(i, micro, received)
         comm.send_forward(run.sendable(done), wait=False)  # travels while the next micro-batch computes
         if spec.train:
             held.append(done)
     if held:
-        incoming = comm.post_recv_backward(*expect)
+        incoming = comm.post_recv_backward(backward)
     for i, done in enumerate(held):
         grad = incoming.wait()
         if i + 1 < m:
-            incoming = comm.post_recv_backward(*expect)
+            incoming = comm.post_recv_backward(backward)
         comm.send_backward(run.backward(i, done, grad), wait=False)
     comm.flush()
     return run.loss_total
@@ -230,33 +235,33 @@ def _one_forward_one_backward(
     if not spec.train:
         return gpipe_step(stage, comm, micro_batches, spec)  # forwards only: nothing to interleave
     topo, m = comm.topo, len(micro_batches)
-    run, expect = _Runner(stage, comm, spec, m, weights), (spec.activation_shape, spec.activation_dtype, spec.side)
+    run, forward, backward = _Runner(stage, comm, spec, m, weights), spec.expected(True), spec.expected(False)
     warmup = min(topo.pipeline_size - topo.stage - 1, m)
     lag = topo.stage if weights is not None else 0  # backwards whose W waits
     held: list[_Held] = []
     # warm-up: forwards only, filling the pipeline
     for i in range(warmup):
-        done = run.forward(i, micro_batches[i], comm.recv_forward(*expect))
+        done = run.forward(i, micro_batches[i], comm.recv_forward(forward))
         comm.send_forward(run.sendable(done), wait=False)  # travels while the next forward computes
         held.append(done)
     # steady state: one forward, one backward; sends and receives paired with each neighbour
-    received = comm.recv_forward(*expect) if warmup < m else None
+    received = comm.recv_forward(forward) if warmup < m else None
     for k, i in enumerate(range(warmup, m)):
         done = run.forward(i, micro_batches[i], received)
         held.append(done)
-        grad = comm.send_forward_recv_backward(run.sendable(done), *expect)
+        grad = comm.send_forward_recv_backward(run.sendable(done), backward)
         grad_in = run.backward(k, held.pop(0), grad)
         if i == m - 1:
             comm.send_backward(grad_in, wait=False)
             incoming = None
         else:
-            incoming = comm.post_send_backward_recv_forward(grad_in, *expect)
+            incoming = comm.post_send_backward_recv_forward(grad_in, forward)
         if k >= lag:
             run.weights(k - lag)
         received = incoming.wait() if incoming is not None else None
     # cool-down: the backwards left, then the weight gradients still waiting
     for k in range(m - warmup, m):
-        grad_in = run.backward(k, held.pop(0), comm.recv_backward(*expect))
+        grad_in = run.backward(k, held.pop(0), comm.recv_backward(backward))
         comm.send_backward(grad_in, wait=False)
         if k >= lag:
             run.weights(k - lag)

@@ -151,18 +151,21 @@ class Stage(nn.Module):
         for part, module in self.saved_parts().items():
             load_adapter_state(module, load_part(directory, prefix + part), f"{directory}/{prefix}{part}")
 
-    def routed(self, x: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def routed(
+        self, x: torch.Tensor, sums: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``, and the router sums ``sums`` with this stage's routers added
         (modules.routing; a stage without routers passes them on)."""
         if self.balance is None:
             raise ValueError("this model's config does not ask for the router load-balancing loss")
         with self.balance.recording(self.layers) as logits:
-            out = self(x)
+            out = self(x, position_ids)
         return out, self.balance.add(sums, logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(x) if self.embedding is not None else x  # (micro, seq, hidden)
-        inputs = self.context(hidden)  # masks and rotary tables, once per micro-batch
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (micro, seq): where packed examples restart their positions (None: 0..seq-1)."""
+        hidden = self.embedding(x, position_ids) if self.embedding is not None else x  # (micro, seq, hidden)
+        inputs = self.context(hidden, position_ids)  # masks and rotary tables, once per micro-batch
         for index, layer in zip(self.layer_ids, self.layers.values(), strict=True):
             if self.recompute and torch.is_grad_enabled():
                 # Non-reentrant: kwargs pass through and only what the backward needs is kept.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,18 @@ def two_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
     a = write_jsonl(root / "stories.jsonl", texts[:200])
     b = write_jsonl(root / "more.jsonl", [t.upper() for t in texts[200:]])
     return f"{a}:0.7,{b}:0.3"
+
+
+@pytest.fixture(scope="session")
+def short_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Clauses (a few to a dozen tokens each) as text, and short questions with answers:
+    several examples fit in a sequence, so documents packing restarts positions inside it."""
+    root = tmp_path_factory.mktemp("short")
+    clauses = [c.strip() for text in bundled_texts() for c in re.split(r"[,.;] ", text) if len(c.strip()) > 8]
+    text = write_jsonl(root / "clauses.jsonl", clauses[:1000])
+    qa = write_zst(root / "qa.jsonl.zst", [{"prompt": f"{c[:8]}?", "completion": " " + c[8:30]}
+                                           for c in clauses[1000:1500]])  # fmt: skip
+    return f"{text}:0.6,{qa}:0.4"
 
 
 @pytest.fixture(scope="session")

@@ -172,7 +172,10 @@ def hf_reference_training(
 
     def loss_of(batch: object) -> torch.Tensor:
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            return model(input_ids=batch.input_ids, labels=batch.labels).loss
+            # restarting positions: HF's own mask builder keeps packed examples apart (it looks for
+            # them only without a cache, so use_cache=False, as a training forward runs)
+            positions = batch.positions()
+            return model(input_ids=batch.input_ids, labels=batch.labels, position_ids=positions, use_cache=False).loss
 
     def clip(limit: float) -> torch.Tensor:
         """HF's own clipping; the norm reported is the exact one (float64), as the trainer's is:
@@ -231,7 +234,7 @@ def chained_training(
     chain.train()
 
     def loss_of(batch: object) -> torch.Tensor:
-        return token_loss(chain(batch.input_ids), batch.labels, batch.loss_tokens())
+        return token_loss(chain(batch.input_ids, batch.positions()), batch.labels, batch.loss_tokens())
 
     def clip(limit: float) -> torch.Tensor:
         chain.sum_tied_grads()

@@ -168,7 +168,7 @@ def test_chat_preview_feeds_hf_the_first_step(
 
     data, template = chat_file(tmp_path / "chat.jsonl"), tmp_path / "chatml.jinja"
     template.write_text(CHATML)
-    base = ["--model-name", str(tiny_shards), "--task-name", str(data), "--seq-length", "128", "--seed", str(SEED),
+    base = ["--model-name", str(tiny_shards), "--task-name", str(data), "--seq-length", "256", "--seed", str(SEED),
             "--chat-template", str(template)]  # fmt: skip
     env = {**OFFLINE_ENV, "PATH": ""}
     cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), *base, "--preview-data", "4"]
@@ -180,12 +180,14 @@ def test_chat_preview_feeds_hf_the_first_step(
 
     ckpt = tmp_path / "ckpt"
     args = train_args(tiny_shards, str(data), ckpt, pp=2, dp=1, batch=4, micro=2, accum=1)
-    args = [*args, "--seq-length", "128", "--chat-template", str(template), "--total-steps", "1", "--warmup-steps", "0"]
+    args = [*args, "--seq-length", "256", "--chat-template", str(template), "--total-steps", "1", "--warmup-steps", "0"]
     assert_all_ok(launch(args, 2, tmp_path))
     model = AutoModelForCausalLM.from_pretrained(tiny_hf)
     ids, labels = torch.tensor([r["input_ids"] for r in rows]), torch.tensor([r["labels"] for r in rows])
+    positions = torch.tensor([[p for n in r["lengths"] for p in range(n)] for r in rows])
+    assert any(len(r["lengths"]) > 2 for r in rows)  # several conversations a sequence, kept apart
     with torch.no_grad():
-        hf_loss = model(input_ids=ids, labels=labels).loss.item()
+        hf_loss = model(input_ids=ids, labels=labels, position_ids=positions, use_cache=False).loss.item()
     (first,) = [r["loss"] for r in read_metrics(ckpt) if "loss" in r]
     assert first == pytest.approx(hf_loss, abs=1e-5)
 

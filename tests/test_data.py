@@ -91,7 +91,8 @@ def test_empty_spec_names_the_flag() -> None:
 
 
 def make_stream(spec: str, tokenizer: object, seq_length: int = 16, seed: int = 3) -> TokenStream:
-    return TokenStream(parse_task_names(spec), tokenizer, seq_length, seed)
+    """The concat stream (documents packing: tests/test_packing.py)."""
+    return TokenStream(parse_task_names(spec), tokenizer, seq_length, seed, packing="concat")
 
 
 def test_stream_is_deterministic_per_seed(two_tasks: str, tokenizer: object) -> None:

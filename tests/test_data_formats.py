@@ -38,7 +38,10 @@ def write_records(path: Path, records: list[dict]) -> Path:
 
 
 def draw(path: Path | str, tokenizer: object, count: int = 40, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = TokenStream(parse_task_names(str(path)), tokenizer, SEQ, seed=3, **kwargs).next_batch(count)
+    """The concat stream: every example's tokens back to back, as the expectations below write it."""
+    batch = TokenStream(parse_task_names(str(path)), tokenizer, SEQ, seed=3, packing="concat", **kwargs).next_batch(
+        count
+    )
     return batch.input_ids, batch.labels
 
 
@@ -122,7 +125,7 @@ def test_skip_bad_lines_skips_and_counts(tmp_path: Path, tokenizer: object) -> N
     bad.write_text("\n".join([lines[0], "{not json", lines[1], '{"title": "no text"}', *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match=f"{bad}:2"):
         draw(bad, tokenizer)
-    stream = TokenStream(parse_task_names(str(bad)), tokenizer, SEQ, seed=3, skip_bad_lines=True)
+    stream = TokenStream(parse_task_names(str(bad)), tokenizer, SEQ, seed=3, skip_bad_lines=True, packing="concat")
     skipped = stream.next_batch(40)
     assert torch.equal(skipped.input_ids, draw(good, tokenizer)[0])
     (task_state,) = stream.state_dict()["tasks"].values()
@@ -141,12 +144,14 @@ def test_preview_prints_sequences_without_a_process_group(
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 12 and {r["task"] for r in rows} == {str(text), str(qa)}
-    keys = {"task", "text", "loss_tokens", "input_ids", "labels"}
+    keys = {"task", "text", "loss_tokens", "input_ids", "labels", "lengths"}
     assert all(set(row) == keys and row["text"] for row in rows)
     # exactly the stream's first sequences, as the first steps train on them
     first = TokenStream(parse_task_names(f"{text}:0.5,{qa}:0.5"), tokenizer, SEQ, seed=42).next_batch(12)
     assert [r["input_ids"] for r in rows] == first.input_ids.tolist()
     assert [r["labels"] for r in rows] == first.labels.tolist()
+    assert [r["lengths"] for r in rows] == [first.lengths(i) for i in range(12)]
+    assert all(sum(r["lengths"]) == SEQ for r in rows)
     # plain text: every token but the first is predicted; instructions: prompts are not trained on
     assert {r["loss_tokens"] for r in rows if r["task"] == str(text)} == {SEQ - 1}
     qa_counts = [r["loss_tokens"] for r in rows if r["task"] == str(qa)]

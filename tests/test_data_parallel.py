@@ -120,7 +120,11 @@ def test_local_sgd_matches_replicas_averaged_every_h_steps(
         batch = stream.next_batch(8)
         for r, (model, optimizer, scheduler) in enumerate(zip(models, optimizers, schedulers, strict=True)):
             mine = slice(4 * r, 4 * r + 4)
-            model(input_ids=batch.input_ids[mine], labels=batch.labels[mine]).loss.backward()
+            positions = batch.positions()[mine]
+            out = model(
+                input_ids=batch.input_ids[mine], labels=batch.labels[mine], position_ids=positions, use_cache=False
+            )
+            out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()

@@ -73,7 +73,12 @@ def diloco_reference(
         step_losses = []
         for r, (model, optimizer, scheduler) in enumerate(zip(models, optimizers, schedulers, strict=True)):
             mine = slice(4 * r, 4 * r + 4)
-            loss = model(input_ids=batch.input_ids[mine], labels=batch.labels[mine]).loss
+            loss = model(
+                input_ids=batch.input_ids[mine],
+                labels=batch.labels[mine],
+                position_ids=batch.positions()[mine],
+                use_cache=False,
+            ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

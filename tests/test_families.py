@@ -401,7 +401,8 @@ def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> 
         count, tokens, total, aux_sum = per_step // micro, batch.loss_tokens(), 0.0, 0.0
         for start in range(0, per_step, micro):
             rows = slice(start, start + micro)
-            out = model(input_ids=batch.input_ids[rows])  # HF's aux_loss of this micro-batch alone
+            # HF's aux_loss of this micro-batch alone, its examples kept apart (found without a cache)
+            out = model(input_ids=batch.input_ids[rows], position_ids=batch.positions()[rows], use_cache=False)
             logits, labels = out.logits[:, :-1].reshape(-1, config.vocab_size), batch.labels[rows, 1:].reshape(-1)
             ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
             total = total + ce / tokens + ROUTER_COEF * out.aux_loss / count
@@ -421,19 +422,20 @@ def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> 
 
 
 def test_mixtral_router_loss_through_three_ranks_matches_hf(
-    two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    short_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Mixtral over three real ranks under zero bubble, two micro-batches a step: the router sums
     travel beside the activations (and their gradient beside the activations' gradient through
-    the middle stage); ``--moe-aux-loss-coef`` turns the loss on over a config that leaves it off.
-    Loss, gradient norm and the aux_loss column per step, and the final weights, equal HF's."""
+    the middle stage), and so do the positions of examples packed apart (sliding windows inside
+    each); ``--moe-aux-loss-coef`` turns the loss on over a config that leaves it off. Loss,
+    gradient norm and the aux_loss column per step, and the final weights, equal HF's."""
     hf, shards = tiny_converted(tmp_path_factory.mktemp("mixtral_ranks"), "mixtral", num_layers=5)
     ckpt = tmp_path / "ckpt"
-    args = train_args(shards, two_tasks, ckpt, pp=3, dp=1, batch=4, micro=2, accum=1)
+    args = train_args(shards, short_tasks, ckpt, pp=3, dp=1, batch=4, micro=2, accum=1)
     flags = ["--pp-mode", "zb1", "--moe-aux-loss-coef", str(ROUTER_COEF)]
     assert_all_ok(launch([*args, *flags], 3, tmp_path))
     with_router_loss_on(hf)
-    ref_losses, ref_norms, ref_auxes, ref_state = hf_router_reference(hf, two_tasks, per_step=4, micro=2)
+    ref_losses, ref_norms, ref_auxes, ref_state = hf_router_reference(hf, short_tasks, per_step=4, micro=2)
     rows = [r for r in read_metrics(ckpt) if "loss" in r]
     assert [r["loss"] for r in rows] == pytest.approx(ref_losses, abs=LOSS_ATOL, rel=0)
     assert [r["aux_loss"] for r in rows] == pytest.approx(ref_auxes, abs=1e-6, rel=0)

@@ -97,7 +97,7 @@ def test_nccl_without_cuda_is_refused_by_the_flags(two_tasks: str) -> None:
 
 def _staged_rank(rank: int, port: int, out: str) -> None:
     import comm.process_group as process_group
-    from comm.process_group import CommConfig, Communicator, Message
+    from comm.process_group import CommConfig, Communicator, Expected, Message
 
     torch.set_num_threads(1)
     topo = Topology(rank, 2, 2)  # ranks 0, 2: stage 0; ranks 1, 3: stage 1
@@ -109,11 +109,11 @@ def _staged_rank(rank: int, port: int, out: str) -> None:
     if topo.is_first_stage:
         comm.send_forward(Message(torch.full(shape, mark)), wait=False)
         comm.flush()
-        received = comm.send_forward_recv_backward(Message(torch.full(shape, mark + 1)), shape, torch.float32)
+        received = comm.send_forward_recv_backward(Message(torch.full(shape, mark + 1)), Expected(shape, torch.float32))
         seen["exchange"] = received.tensor.tolist()
     else:
-        seen["forward"] = comm.recv_forward(shape, torch.float32).tensor.tolist()
-        received = comm.send_backward_recv_forward(Message(torch.full(shape, -mark)), shape, torch.float32)
+        seen["forward"] = comm.recv_forward(Expected(shape, torch.float32)).tensor.tolist()
+        received = comm.send_backward_recv_forward(Message(torch.full(shape, -mark)), Expected(shape, torch.float32))
         seen["exchange"] = received.tensor.tolist()
     data = torch.tensor([float(rank)])
     comm.all_reduce_data(data)
@@ -194,13 +194,13 @@ class SentDtypes(LoopbackComm):
     def send_backward(self, message, wait=True) -> None:
         self.sent.append(message.tensor.dtype)
 
-    def send_forward_recv_backward(self, message, shape, dtype, side=0):
+    def send_forward_recv_backward(self, message, expected):
         self.sent.append(message.tensor.dtype)
-        return super().send_forward_recv_backward(message, shape, dtype, side)
+        return super().send_forward_recv_backward(message, expected)
 
-    def send_backward_recv_forward(self, message, shape, dtype, side=0):
+    def send_backward_recv_forward(self, message, expected):
         self.sent.append(message.tensor.dtype)
-        return super().send_backward_recv_forward(message, shape, dtype, side)
+        return super().send_backward_recv_forward(message, expected)
 
 
 @pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step])

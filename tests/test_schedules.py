@@ -137,15 +137,15 @@ class RecordingComm(LoopbackComm):
         self.program.append(("post", group, peer, ops))
         return group
 
-    def _recv(self, peer: int, shape, dtype) -> Posted:
+    def _recv(self, peer: int, expected) -> Posted:
         group = self._post(peer, ("recv",))
-        return RecordedWait(self.program, group, Message(torch.randn(shape, dtype=dtype)))
+        return RecordedWait(self.program, group, Message(torch.randn(expected.shape, dtype=expected.dtype)))
 
-    def post_recv_forward(self, shape, dtype, side=0):
-        return Posted(None) if self.topo.is_first_stage else self._recv(self.topo.stage - 1, shape, dtype)
+    def post_recv_forward(self, expected):
+        return Posted(None) if self.topo.is_first_stage else self._recv(self.topo.stage - 1, expected)
 
-    def post_recv_backward(self, shape, dtype, side=0):
-        return Posted(None) if self.topo.is_last_stage else self._recv(self.topo.stage + 1, shape, dtype)
+    def post_recv_backward(self, expected):
+        return Posted(None) if self.topo.is_last_stage else self._recv(self.topo.stage + 1, expected)
 
     def _send(self, peer: int, wait: bool) -> None:
         group = self._post(peer, ("send",))
@@ -162,21 +162,21 @@ class RecordingComm(LoopbackComm):
         if not self.topo.is_first_stage:
             self._send(self.topo.stage - 1, wait)
 
-    def _exchange(self, peer: int, shape, dtype) -> Message:
+    def _exchange(self, peer: int, expected) -> Message:
         self.program.append(("wait", self._post(peer, ("send", "recv"))))
-        return Message(torch.randn(shape, dtype=dtype))
+        return Message(torch.randn(expected.shape, dtype=expected.dtype))
 
-    def send_forward_recv_backward(self, message, shape, dtype, side=0):
-        return None if self.topo.is_last_stage else self._exchange(self.topo.stage + 1, shape, dtype)
+    def send_forward_recv_backward(self, message, expected):
+        return None if self.topo.is_last_stage else self._exchange(self.topo.stage + 1, expected)
 
-    def send_backward_recv_forward(self, message, shape, dtype, side=0):
-        return None if self.topo.is_first_stage else self._exchange(self.topo.stage - 1, shape, dtype)
+    def send_backward_recv_forward(self, message, expected):
+        return None if self.topo.is_first_stage else self._exchange(self.topo.stage - 1, expected)
 
-    def post_send_backward_recv_forward(self, message, shape, dtype, side=0):
+    def post_send_backward_recv_forward(self, message, expected):
         if self.topo.is_first_stage:
             return Posted(None)
         group = self._post(self.topo.stage - 1, ("send", "recv"))
-        return RecordedWait(self.program, group, Message(torch.randn(shape, dtype=dtype)))
+        return RecordedWait(self.program, group, Message(torch.randn(expected.shape, dtype=expected.dtype)))
 
     def flush(self) -> None:
         self.program += [("wait", group) for group in self._unflushed]
@@ -348,10 +348,11 @@ def test_compressed_activations_cut_bytes_and_keep_the_loss(tiny_shards: Path, t
         runs[name] = read_metrics(folder / "ckpt")
     hidden, tokens = 32, 2 * 32  # tiny model width; tokens per micro-batch (2 x seq 32)
     plain = 2 * tokens * hidden * 4  # 2 micro-batches one way, fp32
-    assert {r["comm_bytes"] for r in runs["none"]} == {2 * plain}
+    positions = 2 * tokens * 4  # examples packed apart: the activations carry int32 positions, exact
+    assert {r["comm_bytes"] for r in runs["none"]} == {2 * plain + positions}
     # a token: its values, one bf16 scale (32 channels are one group), activations 2 outliers
     # (int16 position, fp32 value); gradients none
-    int8, int4 = 2 * tokens * (hidden + 2 + 2 * 6), 2 * tokens * (hidden // 2 + 2 + 2 * 6)
+    int8, int4 = 2 * tokens * (hidden + 2 + 2 * 6) + positions, 2 * tokens * (hidden // 2 + 2 + 2 * 6) + positions
     int8_grad = 2 * tokens * (hidden + 2)
     assert {r["comm_bytes"] for r in runs["int8"]} == {int8 + int8_grad}
     assert {r["comm_bytes"] for r in runs["int4"]} == {int4 + int8_grad}

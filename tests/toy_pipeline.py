@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from comm.process_group import Message
+from comm.process_group import Expected, Message
 from comm.topology import Topology
 from comm.trace import NULL_TRACER
 from pipeline.schedule import MicroBatch, StepSpec
@@ -28,29 +28,33 @@ class LoopbackComm:
         self.topo = Topology(stage, stages, 1)
         self.tracer = NULL_TRACER
 
-    def _fresh(self, shape: tuple[int, ...], dtype: torch.dtype, skip: bool, side: int) -> Message | None:
-        return None if skip else Message(torch.randn(shape, dtype=dtype), torch.randn(side) if side else None)
+    def _fresh(self, expected: Expected, skip: bool) -> Message | None:
+        if skip:
+            return None
+        side = torch.randn(expected.side) if expected.side else None
+        positions = torch.arange(expected.shape[1]).expand(expected.shape[:-1]) if expected.positions else None
+        return Message(torch.randn(expected.shape, dtype=expected.dtype), side, positions)
 
-    def post_recv_forward(self, shape, dtype, side=0):
-        return Posted(self._fresh(shape, dtype, self.topo.is_first_stage, side))
+    def post_recv_forward(self, expected):
+        return Posted(self._fresh(expected, self.topo.is_first_stage))
 
-    def post_recv_backward(self, shape, dtype, side=0):
-        return Posted(self._fresh(shape, dtype, self.topo.is_last_stage, side))
+    def post_recv_backward(self, expected):
+        return Posted(self._fresh(expected, self.topo.is_last_stage))
 
-    def recv_forward(self, shape, dtype, side=0):
-        return self.post_recv_forward(shape, dtype, side).wait()
+    def recv_forward(self, expected):
+        return self.post_recv_forward(expected).wait()
 
-    def recv_backward(self, shape, dtype, side=0):
-        return self.post_recv_backward(shape, dtype, side).wait()
+    def recv_backward(self, expected):
+        return self.post_recv_backward(expected).wait()
 
-    def send_forward_recv_backward(self, message, shape, dtype, side=0):
-        return self.recv_backward(shape, dtype, side)
+    def send_forward_recv_backward(self, message, expected):
+        return self.recv_backward(expected)
 
-    def send_backward_recv_forward(self, message, shape, dtype, side=0):
-        return self.recv_forward(shape, dtype, side)
+    def send_backward_recv_forward(self, message, expected):
+        return self.recv_forward(expected)
 
-    def post_send_backward_recv_forward(self, message, shape, dtype, side=0):
-        return Posted(self.send_backward_recv_forward(message, shape, dtype, side))
+    def post_send_backward_recv_forward(self, message, expected):
+        return Posted(self.send_backward_recv_forward(message, expected))
 
     def send_forward(self, message, wait=True) -> None:
         pass
@@ -100,16 +104,16 @@ class KeyedLoopbackComm(LoopbackComm):
         super().__init__(stage, stages)
         self.received = {"forward": 0, "backward": 0}
 
-    def _keyed(self, way: str, shape, dtype, skip: bool) -> Posted:
+    def _keyed(self, way: str, expected: Expected, skip: bool) -> Posted:
         if skip:
             return Posted(None)
         n = self.received[way]
         self.received[way] += 1
         generator = torch.Generator().manual_seed(1000 * (way == "backward") + n)
-        return Posted(Message(torch.randn(shape, generator=generator).to(dtype)))
+        return Posted(Message(torch.randn(expected.shape, generator=generator).to(expected.dtype)))
 
-    def post_recv_forward(self, shape, dtype, side=0):
-        return self._keyed("forward", shape, dtype, self.topo.is_first_stage)
+    def post_recv_forward(self, expected):
+        return self._keyed("forward", expected, self.topo.is_first_stage)
 
-    def post_recv_backward(self, shape, dtype, side=0):
-        return self._keyed("backward", shape, dtype, self.topo.is_last_stage)
+    def post_recv_backward(self, expected):
+        return self._keyed("backward", expected, self.topo.is_last_stage)

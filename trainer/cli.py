@@ -26,7 +26,7 @@ from trainer.config import (
     OptimConfig,
     RunConfig,
 )
-from trainer.data import parse_task_names
+from trainer.data import PACKING, parse_task_names
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:7033"
 
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
     d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
     d.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed records, not stop")
+    d.add_argument(
+        "--packing",
+        choices=PACKING,
+        default=None,
+        help="documents: whole examples packed, each attending only to itself, positions restarting (default for "
+        "a new run); concat: tokens back to back across examples (the default before this flag; a run "
+        "checkpointed then resumes with it); none: one example a sequence, padded",
+    )
     d.add_argument(
         "--chat-template",
         default=None,
@@ -360,7 +368,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         if not path.is_file():
             raise FileNotFoundError(f"--chat-template {path}: no such file (give a Jinja chat template file)")
         template = path.read_text(encoding="utf-8")
-    return DataConfig(parse_task_names(args.task_name), args.seq_length, args.seed, args.skip_bad_lines, template)
+    tasks = parse_task_names(args.task_name)
+    return DataConfig(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing)
 
 
 def eval_path(path: str | None) -> Path | None:

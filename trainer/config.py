@@ -37,6 +37,7 @@ class DataConfig:
     seed: int = 42
     skip_bad_lines: bool = False
     chat_template: str | None = None  # --chat-template's text (None: the tokenizer's own)
+    packing: str | None = None  # --packing; None: documents, or what a resumed stream recorded
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -341,6 +342,7 @@ class RunConfig:
                 self.data.seed,
                 self.data.skip_bad_lines,
                 self.data.chat_template,
+                self.data.packing,
             ],
             "evaluation": [self.evaluation.path is not None, self.evaluation.every_steps, self.evaluation.num_batches],
             "batch": asdict(self.batch),

@@ -1,23 +1,37 @@
-"""One global stream of packed token sequences, drawn from a weighted mix of tasks.
+"""One global stream of token sequences, drawn from a weighted mix of tasks.
 
-The stream depends only on the tasks, the tokenizer, ``--seq-length`` and ``--seed``; the
-topology only decides who computes which slice of it. Its position is part of every checkpoint.
+The stream depends only on the tasks, the tokenizer, ``--seq-length``, ``--seed`` and
+``--packing``; the topology only decides who computes which slice of it. Its position is part of
+every checkpoint.
 
-Each sequence comes from one task, picked by normalised weight; a task packs its examples
-back to back with EOS after each, and starts over from its first record when it runs out:
+Each sequence comes from one task, picked by normalised weight; a task reads its examples in
+file order and starts over from its first record when it runs out. A text or prompt/completion
+example ends with EOS; a conversation is its chat template's rendering (trainer.chat). How
+examples become sequences (``--packing``):
 
-    tokens   [ prompt ... | completion ... EOS | text ............ EOS | prompt ...
-    targets  [ 0 0 0 0 0  | 1 1 1 1 1 1 1  1  | 1 1 1 1 1 1 1 1 1   1  | 0 0 0 ...
+- ``documents`` (default): whole examples back to back, each attending only to itself with its
+  position ids restarting at 0 (so its loss and gradients are those of the example run alone;
+  its first token, which has nothing before it, is not trained); an example that does not fit
+  in what is left starts the next sequence, and the rest is padding (its own block, untrained):
 
-A conversation is its chat template's rendering, the assistant's turns trained (trainer.chat):
+    tokens     [ prompt .. completion .. EOS | text ....... EOS | pad pad ]
+    positions  [ 0 1 2 ...                   | 0 1 2 ...       | 0 1     ]
+    targets    [ 0 0 0 .. 1 1 1 1 1 1 1  1   | 0 1 1 1 1 1  1  | 0 0     ]
 
-    tokens   [ <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n | Hello!<|im_end|> | \n ...
-    targets  [ 0 ...                                                  | 1 ...            | 0 ...
+- ``concat``: the tokens of every example back to back, cut every ``--seq-length`` tokens
+  wherever that falls; attention and positions run on across examples (the stream of the
+  trainers this one descends from, and of runs checkpointed before ``--packing`` existed);
+- ``none``: one example a sequence, padded.
+
+An example longer than ``--seq-length`` is cut to its first ``--seq-length`` tokens under
+``documents`` and ``none`` (logged once per task, counted in the data state).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
 import math
 import queue
 import random
@@ -31,8 +45,10 @@ import torch
 from trainer.chat import ChatTemplate
 from trainer.sources import Conversation, Example, Source, source_kind
 
+PACKING = ("documents", "concat", "none")
 READ_CHUNK = 64  # examples tokenised together: the fast tokenizer works best in batches
 IGNORE_INDEX = -100  # label of a token that is not trained on
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,17 @@ class Batch:
     input_ids: torch.Tensor  # (n, seq)
     labels: torch.Tensor  # (n, seq): the token where it is trained on, else IGNORE_INDEX
     tasks: tuple[int, ...]  # index of the task each sequence came from
+    position_ids: torch.Tensor | None = None  # (n, seq): restarting at 0 with each example (None: 0..seq-1)
+
+    def positions(self) -> torch.Tensor:
+        if self.position_ids is not None:
+            return self.position_ids
+        return torch.arange(self.input_ids.shape[1]).expand_as(self.input_ids)
+
+    def lengths(self, row: int) -> list[int]:
+        """The lengths of the blocks of sequence ``row`` (examples, and padding), from its positions."""
+        starts = [*(self.positions()[row] == 0).nonzero().flatten().tolist(), self.input_ids.shape[1]]
+        return [b - a for a, b in itertools.pairwise(starts)]
 
     def loss_tokens(self) -> int:
         """Tokens the loss counts: every trained token that has a token before it."""
@@ -83,52 +110,103 @@ def parse_task_names(spec: str) -> tuple[TaskSpec, ...]:
 
 
 class TaskPacker:
-    """Packs one task's examples into fixed-length sequences: text and prompt/completion
-    examples with EOS after each, conversations as their chat template renders them (which
-    closes every turn with its own end-of-turn token)."""
+    """Cuts one task's examples into sequences of ``length`` tokens, as ``packing`` says (module
+    docstring): text and prompt/completion examples end with EOS, conversations as their chat
+    template closes them. Returns each sequence's tokens, targets and position ids."""
 
-    def __init__(self, source: Source, tokenizer: object, eos_id: int, chat: ChatTemplate) -> None:
+    def __init__(
+        self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate, packing: str
+    ) -> None:
         self.source = source
         self.tokenizer = tokenizer
-        self.eos_id = eos_id
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.chat = chat
-        self.tokens: list[int] = []
+        self.packing = packing
+        self.tokens: list[int] = []  # concat: tokens read but not yet cut into sequences
         self.targets: list[int] = []  # 1 where the token is trained on
+        self.pending: list[tuple[list[int], list[int]]] = []  # documents/none: whole examples not yet placed
+        self.truncated = 0  # examples cut to the sequence length
 
-    def _refill(self) -> None:
+    def _examples(self) -> list[tuple[list[int], list[int]]]:
+        """The next examples of the file as (tokens, targets), in file order."""
         examples = self.source.read(READ_CHUNK)
-        plain = [e for e in examples if isinstance(e, Example)]
-        encode = self.tokenizer
-        prompts = iter(encode([e.prompt for e in plain], add_special_tokens=False)["input_ids"]) if plain else None
-        completions = (
-            iter(encode([e.completion for e in plain], add_special_tokens=False)["input_ids"]) if plain else None
-        )
-        for example in examples:  # in file order
+        plain = [e for e in examples if isinstance(e, Example)]  # tokenised together, the fast way
+        prompts, completions = self._encoded([e.prompt for e in plain]), self._encoded([e.completion for e in plain])
+        encoded = []
+        for example in examples:
             if isinstance(example, Conversation):
-                tokens, targets = self.chat.encode(example)
-                self.tokens += tokens
-                self.targets += targets
+                encoded.append(self.chat.encode(example))
             else:
                 prompt, completion = next(prompts), next(completions)
-                self.tokens += prompt + completion + [self.eos_id]
-                self.targets += [0] * len(prompt) + [1] * (len(completion) + 1)
+                encoded.append((prompt + completion + [self.eos_id], [0] * len(prompt) + [1] * (len(completion) + 1)))
+        return encoded
 
     def _encoded(self, texts: list[str]) -> Iterator[list[int]]:
         return iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
 
-    def next_sequence(self, length: int) -> tuple[list[int], list[int]]:
-        while len(self.tokens) < length:
-            self._refill()
-        tokens, targets = self.tokens[:length], self.targets[:length]
-        del self.tokens[:length], self.targets[:length]
-        return tokens, targets
+    def next_sequence(self, length: int) -> tuple[list[int], list[int], list[int]]:
+        if self.packing == "concat":
+            while len(self.tokens) < length:
+                for tokens, targets in self._examples():
+                    self.tokens += tokens
+                    self.targets += targets
+            tokens, targets = self.tokens[:length], self.targets[:length]
+            del self.tokens[:length], self.targets[:length]
+            return tokens, targets, list(range(length))
+        tokens, targets, positions = [], [], []
+        while True:
+            if not self.pending:
+                self.pending = self._examples()
+            size = min(len(self.pending[0][0]), length)
+            if tokens and len(tokens) + size > length:
+                break  # it starts the next sequence
+            example, trained = self.pending.pop(0)
+            if len(example) > length:
+                self._truncating(len(example), length)
+            tokens += example[:size]
+            targets += [0, *trained[1:size]]  # its first token has nothing before it in the example
+            positions += range(size)
+            if self.packing == "none" or len(tokens) == length:
+                break
+        pad = length - len(tokens)  # padding: its own block of positions, never trained
+        return tokens + [self.pad_id] * pad, targets + [0] * pad, positions + list(range(pad))
+
+    def _truncating(self, size: int, length: int) -> None:
+        if self.truncated == 0:
+            log.warning(
+                "%s: an example of %d tokens is longer than --seq-length %d; such examples are cut to their "
+                "first %d tokens (the rest is not trained; counted in the data state, logged once per task); "
+                "--packing concat trains on every token of long documents",
+                self.source.path, size, length, length,
+            )  # fmt: skip
+        self.truncated += 1
 
     def state_dict(self) -> dict:
-        return {"source": self.source.state_dict(), "tokens": list(self.tokens), "targets": list(self.targets)}
+        return {
+            "source": self.source.state_dict(),
+            "tokens": list(self.tokens),
+            "targets": list(self.targets),
+            "pending": [[list(t), list(m)] for t, m in self.pending],
+            "truncated": self.truncated,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self.tokens, self.targets = list(state["tokens"]), list(state["targets"])
+        self.pending = [(list(t), list(m)) for t, m in state.get("pending", [])]
+        self.truncated = state.get("truncated", 0)
+
+
+def resumed_packing(requested: str | None, data_state: dict) -> str:
+    """The packing a resumed stream goes on with: the one its checkpoint recorded (a checkpoint
+    from before --packing existed packed ``concat``); an explicit ``requested`` must agree."""
+    recorded = data_state.get("packing", "concat")
+    if requested is not None and requested != recorded:
+        raise ValueError(
+            f"--packing {requested}, but the checkpoint's data stream was packed {recorded}; resume with "
+            f"--packing {recorded} (or leave the flag out), or start a new run in another --checkpoint-path"
+        )
+    return recorded
 
 
 class TokenStream:
@@ -136,39 +214,55 @@ class TokenStream:
 
     def __init__(
         self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False,
-        chat_template: str | None = None,
+        chat_template: str | None = None, packing: str | None = None,
     ) -> None:  # fmt: skip
-        """``chat_template``: the Jinja text conversations are rendered with (default: the tokenizer's)."""
+        """``chat_template``: the Jinja text conversations are rendered with (default: the
+        tokenizer's). ``packing``: one of PACKING; None is ``documents`` for a new stream and the
+        recorded one for a resumed stream (``resumed_packing``)."""
+        if packing is not None and packing not in PACKING:
+            raise ValueError(f"--packing {packing!r}: choose one of {', '.join(PACKING)}")
         eos_id = getattr(tokenizer, "eos_token_id", None)
         if eos_id is None:
             raise ValueError("the tokenizer has no EOS token; packing needs one between examples")
+        pad_id = getattr(tokenizer, "pad_token_id", None)
         self.tasks = tasks
         self.seq_length = seq_length
+        self.requested, self.packing = packing, packing or "documents"
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
-        self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, chat) for t in tasks]
+        self.packers = [
+            TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, eos_id if pad_id is None else pad_id, chat,
+                       self.packing)
+            for t in tasks
+        ]  # fmt: skip
         self.weights = [t.weight for t in tasks]
 
     def next_batch(self, count: int) -> Batch:
-        rows, masks, picked = [], [], []
+        rows, masks, positions, picked = [], [], [], []
         for _ in range(count):
             (task,) = self.rng.choices(range(len(self.packers)), weights=self.weights)
-            tokens, targets = self.packers[task].next_sequence(self.seq_length)
+            tokens, targets, places = self.packers[task].next_sequence(self.seq_length)
             rows.append(tokens)
             masks.append(targets)
+            positions.append(places)
             picked.append(task)
         input_ids = torch.tensor(rows, dtype=torch.long)  # (count, seq)
         labels = input_ids.masked_fill(torch.tensor(masks, dtype=torch.long) == 0, IGNORE_INDEX)
-        return Batch(input_ids, labels, tuple(picked))
+        return Batch(input_ids, labels, tuple(picked), torch.tensor(positions, dtype=torch.long))
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
         return {
             "rng": [version, list(internal), gauss],
+            "packing": self.packing,
             "tasks": {str(t.path): p.state_dict() for t, p in zip(self.tasks, self.packers, strict=True)},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        packing = resumed_packing(self.requested, state)
+        if "packing" not in state:
+            log.warning("the checkpoint's data stream predates --packing: it goes on packed as it was, concat")
+        self.packing = packing
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         for task, packer in zip(self.tasks, self.packers, strict=True):
@@ -177,6 +271,7 @@ class TokenStream:
                     f"the checkpoint's data state has no task {task.path}; resume with the same --task-name"
                 )
             packer.load_state_dict(state["tasks"][str(task.path)])
+            packer.packing = packing
 
 
 class Prefetcher:
@@ -201,7 +296,8 @@ class Prefetcher:
             while not self._stop.is_set():
                 batch = self._stream.next_batch(self._per_step)
                 if self._pin:
-                    batch = Batch(batch.input_ids.pin_memory(), batch.labels.pin_memory(), batch.tasks)
+                    pinned = [t.pin_memory() for t in (batch.input_ids, batch.labels, batch.positions())]
+                    batch = Batch(pinned[0], pinned[1], batch.tasks, pinned[2])
                 item = (batch, copy.deepcopy(self._stream.state_dict()))
                 while not self._stop.is_set():
                     try:

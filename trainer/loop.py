@@ -31,7 +31,7 @@ from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, RouterLoss, 
 from pipeline.stage import Stage
 from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
-from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names
+from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names, resumed_packing
 from trainer.diloco import DiLoCo
 from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
@@ -70,6 +70,9 @@ class Trainer:
         self.tokenizer = None
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
+        # how examples become sequences: the flag, else documents for a new run and what a
+        # resumed run's stream recorded (every rank: the first stage's positions travel if not concat)
+        self.packing = cfg.data.packing or "documents"
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
@@ -127,8 +130,9 @@ class Trainer:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
             data = cfg.data
             self.stream = TokenStream(
-                data.tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template
-            )
+                data.tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
+                data.packing,
+            )  # fmt: skip
             self.data_state = self.stream.state_dict()
         if joining:
             return
@@ -147,6 +151,7 @@ class Trainer:
             if self.scaler is not None and "loss_scale" in state:
                 self.scaler.load_state_dict(state["loss_scale"])
             self.nonfinite_run = state.get("nonfinite_run", 0)
+            self.packing = resumed_packing(cfg.data.packing, state["data"])
             if self.stream is not None:
                 self.stream.load_state_dict(state["data"])
                 self.data_state = state["data"]
@@ -170,11 +175,12 @@ class Trainer:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
         ids = self._to_device(batch.input_ids[self._rows(slot)])
         labels = self._to_device(batch.labels[self._rows(slot)])
+        positions = self._to_device(batch.positions()[self._rows(slot)])
+        first, last = topo.is_first_stage, topo.is_last_stage
+        rows = [slice(i, i + m) for i in range(0, size, m)]
         return [
-            MicroBatch(
-                ids[i : i + m] if topo.is_first_stage else None, labels[i : i + m] if topo.is_last_stage else None
-            )
-            for i in range(0, size, m)
+            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if first else None)
+            for r in rows
         ]
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -257,7 +263,7 @@ class Trainer:
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
         spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE,
-                        router_loss=router or self._router_loss())  # fmt: skip
+                        router_loss=router or self._router_loss(), positions=self.packing != "concat")  # fmt: skip
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         passes = self._passes(slots)
@@ -440,8 +446,9 @@ class Trainer:
             tasks = parse_task_names(str(cfg.evaluation.path))
             data = cfg.data
             stream = TokenStream(
-                tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template
-            )
+                tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
+                self.packing,
+            )  # fmt: skip
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
         launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with
@@ -567,6 +574,7 @@ class Trainer:
         self.step, self.nonfinite_run = header["step"], header["nonfinite_run"]
         if self.scaler is not None:
             self.scaler.load_state_dict(header["loss_scale"])
+        self.packing = resumed_packing(self.cfg.data.packing, header["data"])
         if self.stream is not None:
             self.stream.load_state_dict(header["data"])
             self.data_state = header["data"]

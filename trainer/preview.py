@@ -2,7 +2,8 @@
 
 ``--preview-format json`` (default): one JSON object per line: ``task`` (its file), ``text``
 (decoded), ``loss_tokens`` (how many of its tokens the loss counts), and ``input_ids`` and
-``labels`` (-100 where a token is not trained), exactly what the first steps train on.
+``labels`` (-100 where a token is not trained), exactly what the first steps train on, and
+``lengths``, the blocks its positions restart at (its examples, and any padding).
 ``--preview-format text``: each sequence as text, the trained tokens inside ``[[ ]]`` (in
 colour on a terminal), so a mix and its chat masking can be checked before renting GPUs.
 """
@@ -24,7 +25,9 @@ def preview(data: DataConfig, tokenizer_name: str, count: int, out: TextIO, form
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    stream = TokenStream(data.tasks, tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template)
+    stream = TokenStream(
+        data.tasks, tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template, data.packing
+    )
     colour = out.isatty()
     for n in range(count):
         batch = stream.next_batch(1)
@@ -39,6 +42,7 @@ def preview(data: DataConfig, tokenizer_name: str, count: int, out: TextIO, form
             "loss_tokens": int((labels[1:] != IGNORE_INDEX).sum()),
             "input_ids": ids.tolist(),
             "labels": labels.tolist(),
+            "lengths": batch.lengths(0),  # its examples (and padding), as the positions restart
         }
         out.write(json.dumps(row) + "\n")
     out.flush()
