@@ -2,12 +2,15 @@
 
     python bench/data_throughput.py [--seq-length 2048] [--sequences 200]
 
-Builds a 4096-entry byte-level BPE tokenizer and two tasks (plain text jsonl and instruction
-records in jsonl.zst) offline, then times, pinned to one core with one thread:
-  data     TokenStream.next_batch: read, tokenise in batches, pack, mask, sample by weight
+Builds a 4096-entry byte-level BPE tokenizer and three tasks (plain text jsonl, instruction
+records in jsonl.zst, and chat conversations) offline, then times, pinned to one core with one
+thread:
+  data     TokenStream.next_batch: read, tokenise in batches (conversations one by one through a
+           ChatML template, their assistant turns found by rendering growing prefixes), pack
+           (--packing concat, and documents with its positions and padding), mask, sample by weight
   trainer  one optimizer step (forward, backward, AdamW) of the tiny quickstart GPT-NeoX
-and prints both rates and their ratio. A real model consumes far fewer tokens per second
-than the tiny one, so the ratio printed is a lower bound on the data path's headroom.
+and prints the rates and their ratios. A real model consumes far fewer tokens per second than
+the tiny one, so the ratios printed are lower bounds on the data path's headroom.
 """
 
 from __future__ import annotations
@@ -57,10 +60,34 @@ def write_tasks(folder: Path, texts: list[str]) -> str:
     return f"{plain}:0.7,{qa}:0.3"
 
 
-def time_data(spec: str, tokenizer: object, seq: int, sequences: int, repeats: int) -> float:
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_chat(folder: Path, texts: list[str]) -> str:
+    """Conversations of one or two exchanges: a question from a text's first words, the rest as answers."""
+    path = folder / "chat.jsonl"
+    with open(path, "w") as f:
+        for n, text in enumerate(texts):
+            words = text.split()
+            turns = [{"role": "system", "content": "Answer in full sentences."},
+                     {"role": "user", "content": " ".join(words[:12]) + "?"},
+                     {"role": "assistant", "content": " ".join(words[12:])}]  # fmt: skip
+            if n % 2:
+                turns += [{"role": "user", "content": "Say it shorter."},
+                          {"role": "assistant", "content": " ".join(words[12:40])}]  # fmt: skip
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return str(path)
+
+
+def time_data(
+    spec: str, tokenizer: object, seq: int, sequences: int, repeats: int, packing: str, chat: str | None = None
+) -> float:
     rates = []
     for r in range(repeats):
-        stream = TokenStream(parse_task_names(spec), tokenizer, seq, seed=r)
+        stream = TokenStream(parse_task_names(spec), tokenizer, seq, seed=r, chat_template=chat, packing=packing)
         started = time.perf_counter()
         stream.next_batch(sequences)
         rates.append(sequences * seq / (time.perf_counter() - started))
@@ -98,13 +125,21 @@ def main() -> None:
 
     texts = synthetic_corpus(seed=0, docs=4000)
     tokenizer = train_tokenizer(texts[:500], vocab_size=4096)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    measured = {}
     with tempfile.TemporaryDirectory() as tmp:
-        spec = write_tasks(Path(tmp), texts)
-        data = time_data(spec, tokenizer, args.seq_length, args.sequences, args.repeats)
+        spec, chat = write_tasks(Path(tmp), texts), write_chat(Path(tmp), texts[:2000])
+        for packing in ("concat", "documents"):
+            rate = time_data(spec, tokenizer, args.seq_length, args.sequences, args.repeats, packing)
+            measured[f"text + instructions, --packing {packing}"] = rate
+        measured["chat template + --packing documents"] = time_data(
+            chat, tokenizer, args.seq_length, args.sequences, args.repeats, "documents", CHATML
+        )
     trainer = time_trainer(len(tokenizer), min(args.seq_length, 512), batch=8, repeats=args.repeats)
-    log.info("data path (sample + tokenise + pack), 1 core: %10.0f tokens/s", data)
-    log.info("trainer step, tiny 4-layer GPT-NeoX, 1 core:  %10.0f tokens/s", trainer)
-    log.info("ratio data / trainer:                         %10.1fx", data / trainer)
+    log.info("seq %d, 1 core, tokens/s (ratio to the trainer's step rate)", args.seq_length)
+    for what, rate in measured.items():
+        log.info("  data: %-40s %10.0f  (%5.1fx)", what, rate, rate / trainer)
+    log.info("  trainer step, tiny 4-layer GPT-NeoX:          %10.0f", trainer)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,9 @@ def test_chat_stream_resumes_bit_exactly_mid_epoch(tmp_path: Path, tokenizer: ob
     rest = tail.next_batch(19)
     assert torch.equal(rest.input_ids, whole.input_ids[11:]) and torch.equal(rest.labels, whole.labels[11:])
     assert (whole.labels != IGNORE_INDEX).any() and (whole.labels == IGNORE_INDEX).any()
+    other = TokenStream(tasks, tokenizer, 32, seed=3, chat_template=CHATML_MARKED)  # renders the same, but another
+    with pytest.raises(ValueError, match="rendered conversations with another chat template"):
+        other.load_state_dict(head.state_dict())
 
 
 def test_chat_preview_feeds_hf_the_first_step(

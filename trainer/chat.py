@@ -16,6 +16,7 @@ it (the model must learn to stop). The assistant's tokens are found in one of tw
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from jinja2 import TemplateError
@@ -36,6 +37,10 @@ class ChatTemplate:
         special = set(getattr(tokenizer, "all_special_ids", []))
         special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         self.special_ids = special
+
+    def fingerprint(self) -> str | None:
+        """A short hash of the template text, which a checkpoint's data state records (None: no template)."""
+        return hashlib.sha256(self.template.encode()).hexdigest()[:16] if self.template is not None else None
 
     def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
         where = conversation.where

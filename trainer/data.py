@@ -230,6 +230,7 @@ class TokenStream:
         self.requested, self.packing = packing, packing or "documents"
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
+        self.chat_template = chat.fingerprint()
         self.packers = [
             TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, eos_id if pad_id is None else pad_id, chat,
                        self.packing)
@@ -255,11 +256,17 @@ class TokenStream:
         return {
             "rng": [version, list(internal), gauss],
             "packing": self.packing,
+            "chat_template": self.chat_template,
             "tasks": {str(t.path): p.state_dict() for t, p in zip(self.tasks, self.packers, strict=True)},
         }
 
     def load_state_dict(self, state: dict) -> None:
         packing = resumed_packing(self.requested, state)
+        if state.get("chat_template", self.chat_template) != self.chat_template:
+            raise ValueError(
+                "the checkpoint's data stream rendered conversations with another chat template; resume with "
+                "the --chat-template (and tokenizer) it used, or start a new run in another --checkpoint-path"
+            )
         if "packing" not in state:
             log.warning("the checkpoint's data stream predates --packing: it goes on packed as it was, concat")
         self.packing = packing
