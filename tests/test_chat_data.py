@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import OFFLINE_ENV, ROOT, SEED, assert_all_ok, launch, read_metrics, train_args
+from convert.to_hf import convert_to_hf
+from tests.helpers import (
+    OFFLINE_ENV,
+    ROOT,
+    SEED,
+    assert_all_ok,
+    launch,
+    load_hf_state,
+    read_metrics,
+    resume_elsewhere,
+    train_args,
+)
 from trainer.chat import ChatTemplate
 from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.sources import Conversation, Source, example_from_record
@@ -162,11 +173,13 @@ def test_chat_stream_resumes_bit_exactly_mid_epoch(tmp_path: Path, tokenizer: ob
         other.load_state_dict(head.state_dict())
 
 
-def test_chat_preview_feeds_hf_the_first_step(
+def test_chat_preview_feeds_hf_the_first_step_and_a_resume_is_exact(
     tiny_hf: Path, tiny_shards: Path, tmp_path: Path, tokenizer: object
 ) -> None:
     """--chat-template FILE over a tokenizer without one: the preview shows the assistant turns
-    marked, and its input_ids and labels, fed to HF's own model, give the trainer's first loss."""
+    marked, and its input_ids and labels, fed to HF's own model, give the trainer's first loss.
+    The run's step-5 checkpoint (mid-epoch, conversations packed as documents) resumed in one
+    process ends where the run ended."""
     from transformers import AutoModelForCausalLM
 
     data, template = chat_file(tmp_path / "chat.jsonl"), tmp_path / "chatml.jinja"
@@ -183,16 +196,18 @@ def test_chat_preview_feeds_hf_the_first_step(
 
     ckpt = tmp_path / "ckpt"
     args = train_args(tiny_shards, str(data), ckpt, pp=2, dp=1, batch=4, micro=2, accum=1)
-    args = [*args, "--seq-length", "256", "--chat-template", str(template), "--total-steps", "1", "--warmup-steps", "0"]
-    assert_all_ok(launch(args, 2, tmp_path))
+    flags = ("--seq-length", "256", "--chat-template", str(template))
+    assert_all_ok(launch([*args, *flags], 2, tmp_path))
     model = AutoModelForCausalLM.from_pretrained(tiny_hf)
     ids, labels = torch.tensor([r["input_ids"] for r in rows]), torch.tensor([r["labels"] for r in rows])
     positions = torch.tensor([[p for n in r["lengths"] for p in range(n)] for r in rows])
     assert any(len(r["lengths"]) > 2 for r in rows)  # several conversations a sequence, kept apart
     with torch.no_grad():
         hf_loss = model(input_ids=ids, labels=labels, position_ids=positions, use_cache=False).loss.item()
-    (first,) = [r["loss"] for r in read_metrics(ckpt) if "loss" in r]
+    first = next(r["loss"] for r in read_metrics(ckpt) if "loss" in r)
     assert first == pytest.approx(hf_loss, abs=1e-5)
+    final = load_hf_state(convert_to_hf(ckpt, tmp_path / "final"))
+    resume_elsewhere(tiny_shards, str(data), ckpt, final, tmp_path / "resumed", flags)
 
 
 def test_parquet_conversations_equal_jsonl_and_resume(tmp_path: Path, tokenizer: object) -> None:
