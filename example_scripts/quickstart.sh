@@ -19,7 +19,7 @@ python convert/from_hf.py --model-name "$out/tiny-hf" --save-dir "$out/tiny-shar
 bash example_scripts/launch_local.sh 4 \
     --model-name "$out/tiny-shards" --task-name "$data" \
     --pipeline-group-size 2 --data-group-size 2 --dist-url "tcp://127.0.0.1:$port" \
-    --seq-length 64 --batch-size 4 --micro-batch-size 2 \
+    --seq-length 128 --batch-size 4 --micro-batch-size 2 \
     --lr 5e-3 --warmup-steps 10 --total-steps 300 --log-interval 25 \
     --checkpoint-path "$out/checkpoints" --checkpoint-steps 100
 
