@@ -11,7 +11,7 @@ cores there are, bench.common.rank_core) with --profiling tidy_profiling, and re
             gradients, averaged over stages; under gpipe and 1f1b the backward holds W
   measured  the idle share as trainer/profiling.py's summarize computes it: per rank,
             1 - (forward + backward compute) / the rank's pipeline span, averaged over ranks
-  theory    the same share in an event simulation of that schedule (bench.pipeline_vs_torch.simulate):
+  theory    the same share in an event simulation of that schedule (pipeline.simulate):
             each stage's order read off pipeline.schedule's own code, each F, B, W taking its
             stage's mean from the same run, links free; every rank's span runs from the step's
             start to its own last op, as in summarize
@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import build_model, rank_core, run  # noqa: E402
-from bench.pipeline_vs_torch import TRACED_LANES, closed_form_idle, schedule_orders, simulate  # noqa: E402
 from comm.topology import Topology  # noqa: E402
 from comm.trace import LANES  # noqa: E402
 from pipeline.schedule import SCHEDULES  # noqa: E402
+from pipeline.simulate import TRACED_LANES, closed_form_idle, schedule_orders, simulate  # noqa: E402
 from trainer.profiling import summarize  # noqa: E402
 
 log = logging.getLogger("bench.bubble")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from bench.netns import NetHosts
+from comm.rendezvous import free_port
 from convert.from_hf import convert_from_hf
 from convert.tiny_model import read_texts, tiny_config, train_tokenizer
 
@@ -42,13 +42,6 @@ def build_model(folder: Path, corpus: Path) -> Path:
     model.save_pretrained(folder / "hf")
     tokenizer.save_pretrained(folder / "hf")
     return convert_from_hf(folder / "hf", folder / "shards")
-
-
-def free_port() -> int:
-    """A free local port (closed again before the ranks bind it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_core(rank: int) -> int:

@@ -9,6 +9,7 @@ exchange tensors.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -18,6 +19,13 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from comm.topology import Topology
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (closed again before a rank binds it): for local launches."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def store_address(dist_url: str) -> tuple[str, int] | None:

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 out="quickstart_run/$(date +%Y%m%d-%H%M%S)"
 data=example_scripts/data/tiny.jsonl
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(python -c 'from comm.rendezvous import free_port; print(free_port())')
 
 python convert/tiny_model.py --save-dir "$out/tiny-hf" --corpus "$data" --num-layers 4
 python convert/from_hf.py --model-name "$out/tiny-hf" --save-dir "$out/tiny-shards"

@@ -158,3 +158,29 @@ def test_launch_local_stops_every_rank_on_ctrl_c(tiny_shards: Path, two_tasks: s
         for child in psutil.Process(script.pid).children() if script.poll() is None else []:
             child.kill()
         script.kill()
+
+
+def test_pipeline_sums_gather_each_stage_s_slot_and_add_the_rest() -> None:
+    """Two stages' named statistics through a loopback all-reduce: plain names add up, per-stage
+    names come back as each stage's own value in its slot, in float64 (byte counts past 2**24)."""
+    import torch
+
+    from trainer.metrics import PipelineSums
+
+    stages = [PipelineSums(s, 2) for s in range(2)]
+    for s, sums in enumerate(stages):
+        sums.add("comm_bytes", 2**40 + s)
+        sums.add("peak", 100 + s, per_stage=True)
+        sums.add("lost", 0.0)
+    tensors = []
+
+    def all_reduce(tensor: torch.Tensor) -> None:  # the sum of both stages' tensors, in place
+        tensors.append(tensor)
+        if len(tensors) == 2:
+            total = tensors[0] + tensors[1]
+            for t in tensors:
+                t.copy_(total)
+
+    stages[0].reduce(all_reduce, torch.device("cpu"))  # its view is read before the other stage adds in
+    summed = stages[1].reduce(all_reduce, torch.device("cpu"))
+    assert summed == {"comm_bytes": [2**41 + 1], "peak": [100.0, 101.0], "lost": [0.0]}
