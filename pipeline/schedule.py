@@ -152,11 +152,13 @@ class _Runner:
         deferring = self.deferred.deferring() if self.deferred is not None else nullcontext()
         if self.spec.watch is not None and i == self.last:
             self.spec.watch.arm(self.deferred.params if self.deferred is not None else ())
-        grads = None
+        outputs, grads = held.outputs, None
         if grad is not None:
-            grads = (grad.tensor.to(held.outputs[0].dtype),) + ((grad.side,) if grad.side is not None else ())
+            grads = (grad.tensor.to(outputs[0].dtype),) + ((grad.side,) if grad.side is not None else ())
+            # a first stage without routers sends sums that carry no graph: nothing to differentiate
+            outputs, grads = zip(*((o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad), strict=True)
         with self.comm.tracer.span("backward compute", f"B{i}"), deferring:
-            torch.autograd.backward(held.outputs, grad_tensors=grads)
+            torch.autograd.backward(outputs, grad_tensors=grads)
         x = held.inputs[0]
         if not x.requires_grad:
             return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from comm.rendezvous import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"
 OFFLINE_ENV = {
@@ -22,12 +23,6 @@ OFFLINE_ENV = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -148,6 +143,7 @@ def peft_reference_model(hf_dir: Path, spec: object, seed: int) -> torch.nn.Modu
 def hf_reference_training(
     hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
     lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None, autocast: torch.dtype | None = None,
+    packing: str | None = None,
 ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:  # fmt: skip
     """Train HF's own model in one process on the same global batches; the oracle for every test.
 
@@ -184,7 +180,7 @@ def hf_reference_training(
         torch.nn.utils.clip_grad_norm_(trained, limit)
         return norm
 
-    schedule = (hf_dir, task_spec, seq_length, seed, per_step, steps, lr, warmup, max_grad_norm)
+    schedule = (hf_dir, task_spec, seq_length, seed, per_step, steps, lr, warmup, max_grad_norm, packing)
     losses, norms = _train_in_process(trained, loss_of, clip, *schedule)
     if lora is not None:
         from peft import get_peft_model_state_dict
@@ -196,6 +192,7 @@ def hf_reference_training(
 def _train_in_process(
     trained: list[torch.nn.Parameter], loss_of: Callable, clip: Callable, data_dir: Path, task_spec: str,
     seq_length: int, seed: int, per_step: int, steps: int, lr: float, warmup: int, max_grad_norm: float,
+    packing: str | None = None,
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """The oracle's loop: the run's global batches in order, AdamW, linear warm-up and decay, and
     clipping; ``loss_of(batch)`` is the model's mean loss, ``clip(limit)`` clips and returns the
@@ -204,7 +201,8 @@ def _train_in_process(
 
     from trainer.data import TokenStream, parse_task_names
 
-    stream = TokenStream(parse_task_names(task_spec), AutoTokenizer.from_pretrained(data_dir), seq_length, seed)
+    tokenizer = AutoTokenizer.from_pretrained(data_dir)
+    stream = TokenStream(parse_task_names(task_spec), tokenizer, seq_length, seed, packing=packing)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     losses, norms = [], []

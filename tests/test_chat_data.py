@@ -234,3 +234,48 @@ def test_parquet_conversations_equal_jsonl_and_resume(tmp_path: Path, tokenizer:
     tail.load_state_dict(head.state_dict())
     rest = tail.next_batch(23)
     assert torch.equal(rest.input_ids, whole.input_ids[17:]) and torch.equal(rest.labels, whole.labels[17:])
+
+
+def test_an_assistant_first_conversation(tokenizer: object) -> None:
+    """Opening with the assistant: its turn is trained from its text on, and what the template
+    renders before it (a default system prompt, as SmolLM2's and Qwen's templates add, and the
+    assistant's header) stays context."""
+    opening = Conversation((("assistant", "Welcome!"), ("user", "Hi"), ("assistant", "Hello.")), "chat.jsonl:7")
+    default_system = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n{% endif %}" + CHATML
+    )
+    for template in (CHATML, default_system):
+        tokens, targets = ChatTemplate(tokenizer, template).encode(opening)
+        assert trained_runs(tokenizer, tokens, targets) == ["Welcome!<|im_end|>", "Hello.<|im_end|>"]
+
+
+def test_a_conversation_the_template_rejects_is_skipped_and_counted(tmp_path: Path, tokenizer: object) -> None:
+    """A template's own raise_exception (roles out of order) names the line; --skip-bad-lines
+    skips and counts it, and the stream goes on with the other conversations."""
+    strict = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{% endfor %}" + CHATML
+    )
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "b"}]}  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)))
+    with pytest.raises(
+        ValueError, match=rf"{path}:2: .*roles must alternate.*; fix the record or pass --skip-bad-lines"
+    ):
+        TokenStream(parse_task_names(str(path)), tokenizer, 32, seed=1, chat_template=strict).next_batch(2)
+    stream = TokenStream(parse_task_names(str(path)), tokenizer, 32, seed=1, skip_bad_lines=True, chat_template=strict)
+    batch = stream.next_batch(4)
+    assert (batch.labels != IGNORE_INDEX).any()
+    (task,) = stream.state_dict()["tasks"].values()
+    assert task["source"]["bad_lines"] >= 1
+
+
+def test_only_a_stream_that_rendered_conversations_records_its_template(tmp_path: Path, tokenizer: object) -> None:
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "plain words only"}) + "\n")
+    plain = TokenStream(parse_task_names(str(text)), tokenizer, 32, seed=1, chat_template=CHATML)
+    plain.next_batch(2)
+    assert plain.state_dict()["chat_template"] is None
+    TokenStream(parse_task_names(str(text)), tokenizer, 32, seed=1).load_state_dict(plain.state_dict())  # accepted

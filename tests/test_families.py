@@ -95,8 +95,9 @@ def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tm
     state = compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
     config = load_config(shards)
     activations = 2 * 2 * (2 * SEQ * config.hidden_size * 4)  # 2 micro-batches of 2 x SEQ, there and back
+    positions = 2 * (2 * SEQ * 4)  # examples packed apart: int32 position ids beside the activations, forward
     tied = 2 * config.vocab_size * config.hidden_size * 4 if config.tie_word_embeddings else 0  # each end's copy
-    assert {r["comm_bytes"] for r in read_metrics(ckpt) if "loss" in r} == {activations + tied}
+    assert {r["comm_bytes"] for r in read_metrics(ckpt) if "loss" in r} == {activations + positions + tied}
     if family in ("llama", "gpt2"):  # tied: the two stages' copies stayed one tensor
         embedding = load_file(ckpt / "checkpoint_10" / "embs.safetensors")
         head = load_file(ckpt / "checkpoint_10" / "lm_head.safetensors")
@@ -378,6 +379,35 @@ def test_router_loss_per_micro_batch_equals_hf_at_pp2_and_pp3(family: str, tmp_p
         # every router got a gradient (Mixtral's five; Qwen3-MoE's four beside its dense layer)
         assert routers == sum(isinstance(m, chain.stages[0].balance.router) for m in hf.modules()) >= 4, splits
     assert out.aux_loss > 1.0  # E * sum(share x prob) is 1 when perfectly balanced: a real value
+
+
+def test_a_first_stage_without_routers_passes_the_sums_on() -> None:
+    """Qwen3-MoE with dense first layers: the first stage's sums carry no graph, yet the next
+    stage sends their gradient back; the backward takes what has a graph and trains the stage."""
+    from comm.process_group import Message
+    from convert.tiny_model import tiny_config
+    from modules import attention_implementation, experts_implementation
+    from pipeline.schedule import MicroBatch, RouterLoss, StepSpec, one_f_one_b_step
+    from tests.toy_pipeline import LoopbackComm
+
+    config = tiny_config("qwen3_moe", 64, 4)
+    config.mlp_only_layers, config.output_router_logits, config.router_aux_loss_coef = [0, 1], True, ROUTER_COEF
+    config._attn_implementation = attention_implementation(config)
+    config._experts_implementation = experts_implementation(config)
+    stage = Stage(family_for("qwen3_moe"), config, range(0, 2), is_first=True, is_last=False)
+    stage.init_parts(0.02, seed=0)
+    sent: list[Message] = []
+
+    class Recording(LoopbackComm):
+        def send_forward(self, message: Message, wait: bool = True) -> None:
+            sent.append(message)
+
+    spec = StepSpec((1, 8, config.hidden_size), torch.float32, loss_fn=lambda y, labels: y.sum(),
+                    router_loss=RouterLoss(stage.balance, ROUTER_COEF))  # fmt: skip
+    micro = [MicroBatch(torch.randint(0, 64, (1, 8)), None)] * 2
+    one_f_one_b_step(stage, Recording(0, 2), micro, spec)
+    assert all(m.side is not None and not m.side.any() for m in sent)  # no router yet: zero sums sent on
+    assert all(p.grad is not None for p in stage.parameters() if p.requires_grad and "experts" not in str(p.shape))
 
 
 def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> tuple[list, list, list, dict]:

@@ -159,12 +159,15 @@ def lora_run(tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path_factory:
     return ckpt
 
 
-def compare_to_peft(hf: Path, tasks: str, ckpt: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def compare_to_peft(
+    hf: Path, tasks: str, ckpt: Path, packing: str | None = None
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Losses, gradient norms and final adapters of a finished LoRA run equal PEFT's in one
     process; the checkpoint holds adapters (and their AdamW moments) only. Returns the rows
     and the adapters."""
     spec = LoraSpec.read(ckpt / "checkpoint_10")[0]
-    losses, norms, adapters = hf_reference_training(hf, tasks, SEQ, SEED, 4, STEPS, LR, WARMUP, lora=spec)
+    schedule = (SEQ, SEED, 4, STEPS, LR, WARMUP)
+    losses, norms, adapters = hf_reference_training(hf, tasks, *schedule, lora=spec, packing=packing)
     rows = [r for r in read_metrics(ckpt) if "loss" in r]
     assert [r["loss"] for r in rows] == pytest.approx(losses, abs=LOSS_ATOL, rel=0)
     assert losses[-1] < losses[0]
@@ -204,15 +207,16 @@ def test_lora_pipeline_matches_single_process_peft(lora_run: Path, tiny_hf: Path
 @pytest.mark.parametrize("mode", ["1f1b", "zb1"])
 def test_lora_tied_llama_1f1b_and_zb1_match_peft(mode: str, two_tasks: str, tmp_path: Path) -> None:
     """Tied embeddings stay frozen at both ends (no sum between them); chosen targets; under zb1
-    only the adapters' weight gradients wait for W (the frozen base computes input gradients)."""
+    only the adapters' weight gradients wait for W (the frozen base computes input gradients).
+    On the concat stream (the stories run on across sequences), whose loss falls within the 10 steps."""
     hf = build_tiny_model(tmp_path / "hf", bundled_texts(), "llama", num_layers=4, seed=1)
     shards = convert_from_hf(hf, tmp_path / "shards")
     ckpt = tmp_path / "ckpt"
     args = train_args(shards, two_tasks, ckpt, pp=2, dp=1, batch=4, micro=1, accum=1)
-    assert_all_ok(launch([*args, *LORA_FLAGS, "--pp-mode", mode, "--lora-target-modules", "v_proj", "q_proj"],
-                         2, tmp_path))  # fmt: skip
+    flags = [*LORA_FLAGS, "--pp-mode", mode, "--lora-target-modules", "v_proj", "q_proj", "--packing", "concat"]
+    assert_all_ok(launch([*args, *flags], 2, tmp_path))
     assert LoraSpec.read(ckpt / "checkpoint_10")[0].target_modules == ("q_proj", "v_proj")
-    compare_to_peft(hf, two_tasks, ckpt)
+    compare_to_peft(hf, two_tasks, ckpt, packing="concat")
 
 
 def test_lora_export_adapter_and_merged_give_our_logits(lora_run: Path, tiny_hf: Path, tiny_shards: Path,

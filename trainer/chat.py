@@ -37,6 +37,7 @@ class ChatTemplate:
         special = set(getattr(tokenizer, "all_special_ids", []))
         special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         self.special_ids = special
+        self.used = False  # whether a conversation was rendered (the template then shaped the stream)
 
     def fingerprint(self) -> str | None:
         """A short hash of the template text, which a checkpoint's data state records (None: no template)."""
@@ -50,6 +51,7 @@ class ChatTemplate:
                 "(a Jinja chat template, as in a tokenizer_config.json)"
             )
         messages = [{"role": role, "content": content} for role, content in conversation.messages]
+        self.used = True
         try:
             tokens, targets = self._marked(messages) if self.marked else self._by_prefixes(messages, where)
         except TemplateError as err:  # the template's own raise_exception (e.g. roles out of order) included
@@ -69,8 +71,8 @@ class ChatTemplate:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], True) if i else ""
             through = self._render(messages[: i + 1], False)
+            before = self._render(messages[:i], True) if i else self._opening()
             if not (whole.startswith(through) and through.startswith(before)):
                 raise ValueError(
                     f"{where}: {self.name} renders the first {i + 1} turns of this conversation as something "
@@ -84,6 +86,16 @@ class ChatTemplate:
         starts = [start for start, _ in encoded["offset_mapping"]]
         targets = [int(any(a <= start < b for a, b in spans)) for start in starts]
         return list(encoded["input_ids"]), targets
+
+    def _opening(self) -> str:
+        """What the template renders before the text of an assistant turn that opens a
+        conversation (HF renders no empty conversation to ask): what two openings that differ
+        from their first character share, a default system prompt included."""
+        first, second = (self._render([{"role": "assistant", "content": text}], False) for text in ("\x01", "\x02"))
+        shared = 0
+        while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+            shared += 1
+        return first[:shared]
 
     def _marked(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         out = self.tokenizer.apply_chat_template(

@@ -135,11 +135,30 @@ class TaskPacker:
         encoded = []
         for example in examples:
             if isinstance(example, Conversation):
-                encoded.append(self.chat.encode(example))
+                try:
+                    encoded.append(self.chat.encode(example))
+                except ValueError as err:  # one conversation the template cannot render or split
+                    if self.chat.template is None:
+                        raise
+                    if not self.source.skip_bad_lines:
+                        raise ValueError(f"{err}; fix the record or pass --skip-bad-lines") from None
+                    self.source.skipped(err)
             else:
                 prompt, completion = next(prompts), next(completions)
                 encoded.append((prompt + completion + [self.eos_id], [0] * len(prompt) + [1] * (len(completion) + 1)))
         return encoded
+
+    def _next_examples(self) -> list[tuple[list[int], list[int]]]:
+        """``_examples``, never empty: under --skip-bad-lines a whole chunk may be skipped, but not
+        a whole pass over the file."""
+        epoch = self.source.epoch
+        while not (examples := self._examples()):
+            if self.source.epoch > epoch + 1:
+                raise ValueError(
+                    f"{self.source.path}: no example of a whole pass over the file could be used (every "
+                    "conversation was skipped); fix the records or the chat template"
+                )
+        return examples
 
     def _encoded(self, texts: list[str]) -> Iterator[list[int]]:
         return iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
@@ -147,7 +166,7 @@ class TaskPacker:
     def next_sequence(self, length: int) -> tuple[list[int], list[int], list[int]]:
         if self.packing == "concat":
             while len(self.tokens) < length:
-                for tokens, targets in self._examples():
+                for tokens, targets in self._next_examples():
                     self.tokens += tokens
                     self.targets += targets
             tokens, targets = self.tokens[:length], self.targets[:length]
@@ -156,7 +175,7 @@ class TaskPacker:
         tokens, targets, positions = [], [], []
         while True:
             if not self.pending:
-                self.pending = self._examples()
+                self.pending = self._next_examples()
             size = min(len(self.pending[0][0]), length)
             if tokens and len(tokens) + size > length:
                 break  # it starts the next sequence
@@ -230,7 +249,7 @@ class TokenStream:
         self.requested, self.packing = packing, packing or "documents"
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
-        self.chat_template = chat.fingerprint()
+        self.chat, self.chat_template = chat, chat.fingerprint()
         self.packers = [
             TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, eos_id if pad_id is None else pad_id, chat,
                        self.packing)
@@ -256,13 +275,15 @@ class TokenStream:
         return {
             "rng": [version, list(internal), gauss],
             "packing": self.packing,
-            "chat_template": self.chat_template,
+            # the template that rendered conversations into this stream (None: none rendered yet)
+            "chat_template": self.chat_template if self.chat.used else None,
             "tasks": {str(t.path): p.state_dict() for t, p in zip(self.tasks, self.packers, strict=True)},
         }
 
     def load_state_dict(self, state: dict) -> None:
         packing = resumed_packing(self.requested, state)
-        if state.get("chat_template", self.chat_template) != self.chat_template:
+        recorded = state.get("chat_template")
+        if recorded is not None and recorded != self.chat_template:
             raise ValueError(
                 "the checkpoint's data stream rendered conversations with another chat template; resume with "
                 "the --chat-template (and tokenizer) it used, or start a new run in another --checkpoint-path"
@@ -270,6 +291,7 @@ class TokenStream:
         if "packing" not in state:
             log.warning("the checkpoint's data stream predates --packing: it goes on packed as it was, concat")
         self.packing = packing
+        self.chat.used = recorded is not None
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         for task, packer in zip(self.tasks, self.packers, strict=True):

@@ -35,7 +35,7 @@ from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_tas
 from trainer.diloco import DiLoCo
 from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import MetricsWriter, Progress, setup_logging
+from trainer.metrics import MetricsWriter, PipelineSums, Progress, setup_logging
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.profiling import Profiler
@@ -175,11 +175,12 @@ class Trainer:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
         ids = self._to_device(batch.input_ids[self._rows(slot)])
         labels = self._to_device(batch.labels[self._rows(slot)])
-        positions = self._to_device(batch.positions()[self._rows(slot)])
         first, last = topo.is_first_stage, topo.is_last_stage
+        travel = first and self.packing != "concat"  # concat: every stage counts 0..seq-1 itself
+        positions = self._to_device(batch.positions()[self._rows(slot)]) if travel else None
         rows = [slice(i, i + m) for i in range(0, size, m)]
         return [
-            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if first else None)
+            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None)
             for r in rows
         ]
 
@@ -241,8 +242,10 @@ class Trainer:
         )
 
     def _micro_batches_per_step(self) -> int:
-        """Micro-batches in a global batch, over all replicas."""
-        return self.slots_per_step * self.cfg.batch.micro_batches
+        """Micro-batches a step's loss averages over: the global batch's, or in local and diloco
+        mode (each replica steps on its own, as ``_loss_tokens`` counts) this replica's."""
+        slots = len(self._slots(self.slots_per_step)) if self.cfg.dp.steps_alone else self.slots_per_step
+        return slots * self.cfg.batch.micro_batches
 
     def _router_loss(self, scale: float = 1.0) -> RouterLoss | None:
         """The routers' load-balancing loss of one step (None where the model has none): each
@@ -258,12 +261,12 @@ class Trainer:
         watch: GradientWatch | None = None, router: RouterLoss | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients.
-        ``router``: the step's router loss (evaluation passes one too: the sums still travel)."""
+        ``router``: the step's router loss (None in evaluation, which reports the token loss alone)."""
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
         spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE,
-                        router_loss=router or self._router_loss(), positions=self.packing != "concat")  # fmt: skip
+                        router_loss=router, positions=self.packing != "concat")  # fmt: skip
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         passes = self._passes(slots)
@@ -326,21 +329,25 @@ class Trainer:
         self._dp_bytes_reported = dp_sent
         # and each stage's peak memory since the previous step's exchange (so its optimizer
         # update counts too) in a slot of its own: the sum is then a gather
-        pp = self.topo.pipeline_size
-        peaks, estimates = [0.0] * pp, [0.0] * pp
-        peaks[self.topo.stage] = float(self.memory.peak_bytes())
-        estimates[self.topo.stage] = float(self.estimate.total)
+        sums = PipelineSums(self.topo.stage, self.topo.pipeline_size)
+        sums.add("squared_norm", sq)
+        sums.add("comm_bytes", sent[0])
+        sums.add("dp_bytes", sent[1])
+        sums.add("trainable", self.trainable)
+        sums.add("peak_mem_bytes", self.memory.peak_bytes(), per_stage=True)
+        sums.add("peak_mem_estimate_bytes", self.estimate.total, per_stage=True)
+        sums.add("lost", lost)
         self.memory.reset()
-        values = [float(sq), *map(float, sent), self.trainable, *peaks, *estimates, lost]
-        sums = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self.comm.all_reduce_pipeline(sums)
-        if sums[-1] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
+        summed = sums.reduce(self.comm.all_reduce_pipeline, self.device)
+        if summed["lost"][0] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
             self.optimizer.rollback()
             raise ReplicasChanged(step)
-        grad_norm = float(sums[0].sqrt())
-        comm_bytes, dp_bytes, trainable = int(sums[1]), int(sums[2]), int(sums[3])
-        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(sums[4 : 4 + pp].tolist())}
-        stage_estimates = {f"peak_mem_estimate_bytes_stage{i}": int(v) for i, v in enumerate(sums[4 + pp :].tolist())}
+        grad_norm = math.sqrt(summed["squared_norm"][0])
+        comm_bytes, dp_bytes = int(summed["comm_bytes"][0]), int(summed["dp_bytes"][0])
+        trainable = int(summed["trainable"][0])
+        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(summed["peak_mem_bytes"])}
+        estimates = summed["peak_mem_estimate_bytes"]
+        stage_estimates = {f"peak_mem_estimate_bytes_stage{i}": int(v) for i, v in enumerate(estimates)}
         finite = math.isfinite(grad_norm)
         if not finite:
             self.optimizer.rollback()
@@ -554,6 +561,7 @@ class Trainer:
         header = {
             "step": self.step,
             "data": self.data_state,
+            "packing": self.packing,  # the data state lives on the first and last stages only
             "nonfinite_run": self.nonfinite_run,
             "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
             "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
@@ -574,7 +582,7 @@ class Trainer:
         self.step, self.nonfinite_run = header["step"], header["nonfinite_run"]
         if self.scaler is not None:
             self.scaler.load_state_dict(header["loss_scale"])
-        self.packing = resumed_packing(self.cfg.data.packing, header["data"])
+        self.packing = header["packing"]
         if self.stream is not None:
             self.stream.load_state_dict(header["data"])
             self.data_state = header["data"]

@@ -104,7 +104,7 @@ def _alpaca(record: dict, where: str) -> Conversation:
 
 
 def source_kind(path: Path) -> str:
-    """``jsonl``, ``zst``, ``csv`` or ``dataset``, or a ValueError naming what is supported."""
+    """``jsonl``, ``zst``, ``csv``, ``parquet`` or ``dataset``, or a ValueError naming what is supported."""
     name = path.name
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -214,10 +214,14 @@ class Source:
         except ValueError as err:
             if not self.skip_bad_lines:
                 raise
-            self.bad_lines += 1
-            if self.bad_lines <= MAX_REPORTED_BAD_LINES:
-                log.warning("skipped bad line (%d so far): %s", self.bad_lines, err)
+            self.skipped(err)
             return None
+
+    def skipped(self, err: ValueError) -> None:
+        """Count a record skipped under --skip-bad-lines (the first few are logged)."""
+        self.bad_lines += 1
+        if self.bad_lines <= MAX_REPORTED_BAD_LINES:
+            log.warning("skipped bad line (%d so far): %s", self.bad_lines, err)
 
     def state_dict(self) -> dict:
         return {"position": self.position, "epoch": self.epoch, "bad_lines": self.bad_lines}
