@@ -71,7 +71,8 @@ def train(shards: Path, setting: tuple[str, int, int], steps: int, seed: int = 7
     chain.train()
     from transformers import AutoTokenizer
 
-    stream = TokenStream(parse_task_names(str(CORPUS)), AutoTokenizer.from_pretrained(shards), 128, seed)
+    tokenizer = AutoTokenizer.from_pretrained(shards)
+    stream = TokenStream(parse_task_names(str(CORPUS)), tokenizer, 128, seed, packing="concat")  # as measured
     optimizer = torch.optim.AdamW(chain.parameters(), lr=2e-5, weight_decay=0.0)
     torch.manual_seed(seed)  # the gradients' stochastic rounding
     losses = []
