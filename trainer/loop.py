@@ -33,6 +33,7 @@ from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names, resumed_packing
 from trainer.diloco import DiLoCo
+from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import MetricsWriter, PipelineSums, Progress, setup_logging
@@ -148,6 +149,7 @@ class Trainer:
             )
         if resumed is not None:
             self.step, state = resumed
+            check_resume(cfg, state, self.step)  # another run's checkpoints: refused before any step
             if self.scaler is not None and "loss_scale" in state:
                 self.scaler.load_state_dict(state["loss_scale"])
             self.nonfinite_run = state.get("nonfinite_run", 0)
@@ -592,7 +594,8 @@ class Trainer:
     def checkpoint(self) -> None:
         state = None
         if self.topo.rank == 0:
-            state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run}
+            state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run,
+                     "run": RunIdentity.of(self.cfg).to_json(), "schedule": schedule_of(self.cfg)}  # fmt: skip
             if self.scaler is not None:
                 state["loss_scale"] = self.scaler.state_dict()
         cfg = self.cfg

@@ -1,0 +1,83 @@
+"""A checkpoint folder holds one run: a relaunch with another model, tokenizer, data mix or
+training settings is refused in one line naming what differs and the ways out; a changed
+learning-rate schedule resumes with a warning."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from convert.from_hf import convert_from_hf
+from convert.tiny_model import build_tiny_model
+from tests.helpers import assert_all_ok, bundled_texts, launch, read_metrics, train_args
+from trainer.cli import config_from_args, parse_args
+from trainer.config import RunConfig
+from trainer.identity import RunIdentity, check_resume, schedule_of
+
+
+def config(shards: Path, tasks: str, ckpt: Path, *extra: str) -> RunConfig:
+    args = train_args(shards, tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)
+    return config_from_args(parse_args([*args, "--rank", "0", *extra]))
+
+
+@pytest.fixture(scope="module")
+def other_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model of the same family and shapes as tiny_shards, other weights (another seed)."""
+    root = tmp_path_factory.mktemp("other_model")
+    hf = build_tiny_model(root / "hf", bundled_texts(), "gptneox", num_layers=5, seed=3)
+    return convert_from_hf(hf, root / "shards")
+
+
+def test_identity_is_by_content_and_each_difference_is_named(
+    tiny_shards: Path, other_shards: Path, two_tasks: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    run = config(tiny_shards, two_tasks, ckpt)
+    state = {"run": RunIdentity.of(run).to_json(), "schedule": schedule_of(run)}
+    copy = shutil.copytree(tiny_shards, tmp_path / "elsewhere" / "shards")
+    check_resume(config(copy, two_tasks, ckpt), state, 5)  # the same model in another folder: the same run
+    check_resume(run, {"step": 5}, 5)  # a checkpoint from before identities: nothing to compare
+
+    first, second = two_tasks.split(",")
+    for extra, what in (
+        ((), "model"),
+        (("--seq-length", "16"), "seq_length"),
+        (("--seed", "1"), "seed"),
+        (("--lora-rank", "4"), "lora"),
+    ):
+        shards = other_shards if what == "model" else tiny_shards
+        with pytest.raises(ValueError) as refused:
+            check_resume(config(shards, two_tasks, ckpt, *extra), state, 5)
+        message = str(refused.value)
+        assert "\n" not in message and f"{ckpt} holds checkpoints of another run ({what} " in message
+        assert f"--model-name {ckpt / 'checkpoint_5'} and a new --checkpoint-path" in message
+    reweighted = f"{first.rsplit(':', 1)[0]}:0.5,{second.rsplit(':', 1)[0]}:0.5"
+    with pytest.raises(ValueError, match=r"another run \(data "):
+        check_resume(config(tiny_shards, reweighted, ckpt), state, 5)
+
+    with caplog.at_level(logging.WARNING, logger="trainer.identity"):
+        check_resume(config(tiny_shards, two_tasks, ckpt, "--total-steps", "20", "--lr", "1e-3"), state, 5)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "total_steps 10 -> 20" in warning and "lr 0.002 -> 0.001" in warning and "step 5" in warning
+
+
+def test_a_relaunch_with_another_model_is_refused_before_training(
+    tiny_shards: Path, other_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Through the trainer: run A checkpoints at step 5; B, with another model of the same
+    shapes in A's folder, stops at start-up with the reason and leaves A's checkpoint as it was."""
+    ckpt = tmp_path / "ckpt"
+    args = train_args(tiny_shards, two_tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert_all_ok(launch([*args, "--total-steps", "5"], 1, tmp_path / "a"))
+    before = {p.name: p.read_bytes() for p in (ckpt / "checkpoint_5").iterdir()}
+    other = train_args(other_shards, two_tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)
+    (result,) = launch([*other, "--total-steps", "8"], 1, tmp_path / "b", timeout=120)
+    assert result.returncode == 1 and "holds checkpoints of another run (model " in result.output
+    assert "resumed from step" not in result.output
+    assert {p.name: p.read_bytes() for p in (ckpt / "checkpoint_5").iterdir()} == before
+    assert [r["step"] for r in read_metrics(ckpt) if "loss" in r] == [1, 2, 3, 4, 5]
