@@ -9,10 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from convert.from_hf import convert_from_hf
 from convert.tiny_model import build_tiny_model
-from tests.helpers import assert_all_ok, bundled_texts, launch, read_metrics, train_args
+from tests.helpers import SEED, SEQ, assert_all_ok, bundled_texts, launch, read_metrics, train_args
 from trainer.cli import config_from_args, parse_args
 from trainer.config import RunConfig
 from trainer.identity import RunIdentity, check_resume, schedule_of
@@ -68,7 +69,13 @@ def test_a_relaunch_with_another_model_is_refused_before_training(
     tiny_shards: Path, other_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
     """Through the trainer: run A checkpoints at step 5; B, with another model of the same
-    shapes in A's folder, stops at start-up with the reason and leaves A's checkpoint as it was."""
+    shapes in A's folder, stops at start-up with the reason and leaves A's checkpoint as it was;
+    C, started from A's checkpoint folder as its model, trains A's step-5 weights from step 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert.to_hf import convert_to_hf
+    from trainer.data import TokenStream, parse_task_names
+
     ckpt = tmp_path / "ckpt"
     args = train_args(tiny_shards, two_tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)
     (tmp_path / "a").mkdir()
@@ -81,3 +88,16 @@ def test_a_relaunch_with_another_model_is_refused_before_training(
     assert "resumed from step" not in result.output
     assert {p.name: p.read_bytes() for p in (ckpt / "checkpoint_5").iterdir()} == before
     assert [r["step"] for r in read_metrics(ckpt) if "loss" in r] == [1, 2, 3, 4, 5]
+
+    # the way out it names: a new run from A's step-5 weights starts at step 1 from exactly them
+    new = train_args(ckpt / "checkpoint_5", two_tasks, tmp_path / "new", pp=1, dp=1, batch=4, micro=4, accum=1)
+    (tmp_path / "c").mkdir()
+    assert_all_ok(launch([*new, "--total-steps", "1", "--warmup-steps", "0"], 1, tmp_path / "c"))
+    (row,) = [r for r in read_metrics(tmp_path / "new") if "loss" in r]
+    model = AutoModelForCausalLM.from_pretrained(convert_to_hf(ckpt, tmp_path / "a_hf"))  # A's latest: step 5
+    batch = TokenStream(parse_task_names(two_tasks), AutoTokenizer.from_pretrained(tiny_shards), SEQ, SEED).next_batch(
+        4
+    )
+    with torch.no_grad():
+        first = model(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.positions(), use_cache=False)
+    assert row["step"] == 1 and row["loss"] == pytest.approx(first.loss.item(), abs=1e-5)
