@@ -258,3 +258,21 @@ def test_every_rank_is_in_one_pipeline_and_one_data_group(pp: int, dp: int) -> N
 def test_topology_sizes_must_be_positive(pp: int, dp: int) -> None:
     with pytest.raises(ValueError, match="--pipeline-group-size and --data-group-size"):
         Topology(0, pp, dp)
+
+
+def test_help_states_each_default() -> None:
+    """--help shows every flag's default: a value, or where it is worked out (None) said in words."""
+    import re
+
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    blocks = re.split(r"\n  (?=-)", parser.format_help())  # one block per option, its help folded inside
+    by_flag = {block.split()[0].rstrip(","): " ".join(block.split()) for block in blocks if block.startswith("-")}
+    for flag, shown in (("--lr", "1e-05"), ("--seq-length", "2048"), ("--total-steps", "1000"),
+                        ("--warmup-steps", "0"), ("--checkpoint-path", "model_checkpoints")):  # fmt: skip
+        assert f"(default: {shown})" in by_flag[flag], by_flag[flag]
+    for action in parser._actions:
+        flag = action.option_strings[0] if action.option_strings else None
+        if flag and flag != "-h" and action.default is not None and action.default is not False:
+            assert "default" in by_flag[flag], by_flag[flag]

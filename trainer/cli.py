@@ -52,9 +52,22 @@ def layer_counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a count or comma-separated counts, not {text!r}") from None
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """``--help`` states each flag's default, except where its help already explains the default
+    (or there is none to state: a switch, or a value worked out at start-up)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unstated or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist_clm_train.py",
+        formatter_class=DefaultsShown,
         description="Pipeline- and data-parallel fine-tuning of causal LMs from layer-sharded checkpoints.",
     )
     p.add_argument("--config", default=None, help="YAML file of flags (names as on the command line, which wins)")
@@ -158,13 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = p.add_argument_group("distributed")
     t.add_argument("--dist-url", default=None, help=f"tcp://<rank-0 address>:<port> (default {DEFAULT_DIST_URL})")
-    t.add_argument("--world-size", type=int, default=None, help="total ranks; must equal pp x dp")
+    t.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="total ranks; must equal pp x dp (default: $WORLD_SIZE, or pp x dp)",
+    )
     t.add_argument("--pipeline-group-size", type=int, default=1, help="stages per pipeline (pp)")
     t.add_argument("--data-group-size", type=int, default=1, help="replicated pipelines (dp)")
     t.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK from torchrun)")
     t.add_argument("--net-interface", default=None, help="network interface Gloo/NCCL bind to, e.g. eth0")
-    t.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None, help="pipeline backend")
-    t.add_argument("--dp-backend", choices=("gloo", "nccl"), default=None, help="data-parallel backend")
+    t.add_argument(
+        "--dist-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="pipeline backend (default: nccl on CUDA, else gloo)",
+    )
+    t.add_argument(
+        "--dp-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="data-parallel backend (default: as --dist-backend's)",
+    )
     t.add_argument(
         "--dp-mode",
         choices=("allreduce", "local", "diloco"),
