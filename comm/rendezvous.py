@@ -8,10 +8,15 @@ exchange tensors.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +24,8 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from comm.topology import Topology
+
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,6 +81,89 @@ def elastic_store(dist_url: str, rank: int, timeout_s: float) -> dist.TCPStore:
         ) from None
 
 
+NOTE_AFTER_S, NOTE_EVERY_S = 5.0, 30.0  # a rank waiting for others says so after 5 s, then every 30 s
+_JOINED = "joined/"  # rank r sets joined/<r> as soon as it reaches the launch's store
+
+
+def _launch_store(topo: Topology, dist_url: str, timeout_s: float) -> dist.TCPStore:
+    """The launch's store at ``dist_url``: rank 0 listens (a port in use is a one-line error at
+    once); the others connect, saying while rank 0 does not answer. Each rank then marks itself
+    joined, so the waiting ranks can name the missing ones."""
+    host, port = store_address(dist_url)
+    if topo.rank == 0:
+        try:
+            store = dist.TCPStore(host, port, topo.world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                                  wait_for_workers=False)  # fmt: skip
+        except (RuntimeError, OSError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConnectionError(
+                f"rank 0 cannot listen at {dist_url} ({reason}): is another run (or another rank 0) using port "
+                f"{port}? give every rank a free port in --dist-url"
+            ) from None
+    else:
+        store = _connect(topo, dist_url, host, port, timeout_s)
+    store.set(f"{_JOINED}{topo.rank}", socket.gethostname())
+    return store
+
+
+def _connect(topo: Topology, dist_url: str, host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A client of rank 0's store, retried in short attempts so a long wait is said, not silent."""
+    started = time.monotonic()
+    noted = started + NOTE_AFTER_S
+    while True:
+        left = timeout_s - (time.monotonic() - started)
+        try:
+            return dist.TCPStore(host, port, topo.world_size, is_master=False,
+                                 timeout=timedelta(seconds=max(0.1, min(NOTE_AFTER_S, left))))  # fmt: skip
+        except (RuntimeError, ValueError) as err:
+            if time.monotonic() - started >= timeout_s:
+                raise RuntimeError(str(err)) from None  # join_job turns it into its one-line error
+        if time.monotonic() >= noted:
+            log.warning(
+                "%s: waiting for rank 0 at %s (no answer for %.0fs; --comm-timeout %gs): start rank 0 there, "
+                "or check the address and that its port is open", topo.describe(topo.rank), dist_url,
+                time.monotonic() - started, timeout_s,
+            )  # fmt: skip
+            noted = time.monotonic() + NOTE_EVERY_S
+
+
+@contextmanager
+def _saying_who_is_missing(topo: Topology, dist_url: str) -> Iterator[None]:
+    """While the process group forms, rank 0 names the ranks that have not reached the store
+    yet, after NOTE_AFTER_S and then every NOTE_EVERY_S (the group's own wait is silent). It
+    looks through a client of its own: a store client does one operation at a time, and the
+    group's wait holds rank 0's until everyone is in."""
+    if topo.rank != 0:
+        yield
+        return
+    done = threading.Event()
+    host, port = store_address(dist_url)
+
+    def watch() -> None:
+        if done.wait(NOTE_AFTER_S):
+            return
+        store = dist.TCPStore(host, port, topo.world_size, is_master=False, timeout=timedelta(seconds=NOTE_EVERY_S))
+        while True:
+            missing = [r for r in range(topo.world_size) if not store.check([f"{_JOINED}{r}"])]
+            if not missing:
+                return
+            log.warning(
+                "waiting for rank%s %s of %d to join at %s (%d joined): start %s, or check --world-size",
+                "s" if len(missing) > 1 else "", missing, topo.world_size, dist_url, topo.world_size - len(missing),
+                "them" if len(missing) > 1 else "it",
+            )  # fmt: skip
+            if done.wait(NOTE_EVERY_S):
+                return
+
+    watcher = threading.Thread(target=watch, name="rendezvous-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(timeout=1.0)
+
+
 def join_job(topo: Topology, dist_url: str, timeout_s: float, store: dist.Store | None = None,
              key_space: str = "") -> None:  # fmt: skip
     """Make the default (Gloo) process group; an unreachable master is a one-line error. With
@@ -86,6 +176,13 @@ def join_job(topo: Topology, dist_url: str, timeout_s: float, store: dist.Store 
                 backend="gloo", store=dist.PrefixStore(f"{key_space}pg/", store), world_size=topo.world_size,
                 rank=topo.rank, timeout=timeout,
             )  # fmt: skip
+        elif dist_url.startswith("tcp://"):
+            store = _launch_store(topo, dist_url, timeout_s)
+            with _saying_who_is_missing(topo, dist_url):
+                dist.init_process_group(
+                    backend="gloo", store=dist.PrefixStore("pg/", store), world_size=topo.world_size,
+                    rank=topo.rank, timeout=timeout,
+                )  # fmt: skip
         elif attempt is None:
             dist.init_process_group(
                 backend="gloo", init_method=dist_url, world_size=topo.world_size, rank=topo.rank,

@@ -102,3 +102,30 @@ def test_more_stages_than_layers_fails_before_connecting(tiny_shards: Path, two_
     assert "could not join" not in result.output
     assert "Traceback" not in result.output, result.output[-2000:]
     assert elapsed < 30
+
+
+def test_missing_ranks_are_named_while_the_others_wait(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    """Two ranks of three started: rank 0 says within seconds which rank has not joined (not
+    silence until --comm-timeout), then the one-line timeout."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    args = [*base_args(tiny_shards, two_tasks, tmp_path / "ckpt", pp=3, world=3, timeout=12), "--dist-url", url]
+    first, second = launch(args, 3, tmp_path, timeout=90, ranks=[0, 1])
+    waiting = [line for line in first.output.splitlines() if "waiting for rank" in line]
+    assert waiting and f"waiting for rank [2] of 3 to join at {url} (2 joined): start it" in waiting[0], first.output
+    assert first.returncode != 0 and second.returncode != 0
+    assert "could not join" in first.output and "Traceback" not in first.output
+
+
+def test_a_port_in_use_is_one_line_at_once(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        url = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        args = [*base_args(tiny_shards, two_tasks, tmp_path / "ckpt", pp=2, world=2, timeout=60), "--dist-url", url]
+        (result,) = launch(args, 2, tmp_path, timeout=50, ranks=[0])  # far less than --comm-timeout 60
+    errors = [line for line in result.output.splitlines() if "cannot listen" in line]
+    assert result.returncode != 0 and len(errors) == 1, result.output[-2000:]
+    assert f"rank 0 cannot listen at {url}" in errors[0] and "give every rank a free port in --dist-url" in errors[0]
+    assert "Traceback" not in result.output
