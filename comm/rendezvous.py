@@ -90,7 +90,11 @@ def _launch_store(topo: Topology, dist_url: str, timeout_s: float) -> dist.TCPSt
     once); the others connect, saying while rank 0 does not answer. Each rank then marks itself
     joined, so the waiting ranks can name the missing ones."""
     host, port = store_address(dist_url)
-    if topo.rank == 0:
+    if port is None:
+        raise ValueError(f"--dist-url {dist_url} names no port; give tcp://<rank-0 address>:<port>")
+    # under torchrun the agent may host the store at this address already
+    hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if topo.rank == 0 and not hosted:
         try:
             store = dist.TCPStore(host, port, topo.world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                                   wait_for_workers=False)  # fmt: skip
@@ -102,6 +106,8 @@ def _launch_store(topo: Topology, dist_url: str, timeout_s: float) -> dist.TCPSt
             ) from None
     else:
         store = _connect(topo, dist_url, host, port, timeout_s)
+        # connected in short attempts; from now on its waits (NCCL's id exchange among them) take the full timeout
+        store.set_timeout(timedelta(seconds=timeout_s))
     store.set(f"{_JOINED}{topo.rank}", socket.gethostname())
     return store
 
@@ -142,18 +148,24 @@ def _saying_who_is_missing(topo: Topology, dist_url: str) -> Iterator[None]:
     def watch() -> None:
         if done.wait(NOTE_AFTER_S):
             return
-        store = dist.TCPStore(host, port, topo.world_size, is_master=False, timeout=timedelta(seconds=NOTE_EVERY_S))
-        while True:
-            missing = [r for r in range(topo.world_size) if not store.check([f"{_JOINED}{r}"])]
-            if not missing:
-                return
-            log.warning(
-                "waiting for rank%s %s of %d to join at %s (%d joined): start %s, or check --world-size",
-                "s" if len(missing) > 1 else "", missing, topo.world_size, dist_url, topo.world_size - len(missing),
-                "them" if len(missing) > 1 else "it",
-            )  # fmt: skip
-            if done.wait(NOTE_EVERY_S):
-                return
+        try:
+            store = dist.TCPStore(host, port, topo.world_size, is_master=False, timeout=timedelta(seconds=NOTE_AFTER_S))
+            while not done.is_set():
+                missing = [r for r in range(topo.world_size) if not store.check([f"{_JOINED}{r}"])]
+                if not missing:
+                    return
+                _say_missing(missing)
+                done.wait(NOTE_EVERY_S)
+        except (RuntimeError, OSError):  # the notes are a courtesy: the group's own wait decides
+            return
+
+    def _say_missing(missing: list[int]) -> None:
+        many = len(missing) > 1
+        log.warning(
+            "waiting for rank%s %s of %d to join at %s (%d joined): start %s, or check --world-size",
+            "s" if many else "", missing, topo.world_size, dist_url, topo.world_size - len(missing),
+            "them" if many else "it",
+        )  # fmt: skip
 
     watcher = threading.Thread(target=watch, name="rendezvous-watch", daemon=True)
     watcher.start()

@@ -4,6 +4,7 @@ learning-rate schedule resumes with a warning."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +18,10 @@ from tests.helpers import SEED, SEQ, assert_all_ok, bundled_texts, launch, read_
 from trainer.cli import config_from_args, parse_args
 from trainer.config import RunConfig
 from trainer.identity import RunIdentity, check_resume, schedule_of
+
+
+def accepts_or_refuses(cfg: RunConfig, state: dict) -> None:
+    check_resume(cfg, state, 5, RunIdentity.of(cfg))
 
 
 def config(shards: Path, tasks: str, ckpt: Path, *extra: str) -> RunConfig:
@@ -39,8 +44,14 @@ def test_identity_is_by_content_and_each_difference_is_named(
     run = config(tiny_shards, two_tasks, ckpt)
     state = {"run": RunIdentity.of(run).to_json(), "schedule": schedule_of(run)}
     copy = shutil.copytree(tiny_shards, tmp_path / "elsewhere" / "shards")
-    check_resume(config(copy, two_tasks, ckpt), state, 5)  # the same model in another folder: the same run
-    check_resume(run, {"step": 5}, 5)  # a checkpoint from before identities: nothing to compare
+    accepts_or_refuses(config(copy, two_tasks, ckpt), state)  # the same model in another folder: the same run
+    # converted apart: another library version in config.json, other paths and flags in tokenizer_config.json
+    for name, extra in (("config.json", {"transformers_version": "9.9.9"}),
+                        ("tokenizer_config.json", {"is_local": False, "name_or_path": "some/hub-id"})):  # fmt: skip
+        path = copy / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}, indent=1))
+    accepts_or_refuses(config(copy, two_tasks, ckpt), state)
+    accepts_or_refuses(run, {"step": 5})  # a checkpoint from before identities: nothing to compare
 
     first, second = two_tasks.split(",")
     for extra, what in (
@@ -51,16 +62,17 @@ def test_identity_is_by_content_and_each_difference_is_named(
     ):
         shards = other_shards if what == "model" else tiny_shards
         with pytest.raises(ValueError) as refused:
-            check_resume(config(shards, two_tasks, ckpt, *extra), state, 5)
+            accepts_or_refuses(config(shards, two_tasks, ckpt, *extra), state)
         message = str(refused.value)
-        assert "\n" not in message and f"{ckpt} holds checkpoints of another run ({what} " in message
-        assert f"--model-name {ckpt / 'checkpoint_5'} and a new --checkpoint-path" in message
+        assert "\n" not in message and f"{ckpt} holds checkpoints of another run ({what}" in message
+        # a LoRA checkpoint holds adapters: it is no model to start a new run from
+        assert (f"--model-name {ckpt / 'checkpoint_5'} (weights loaded)" in message) != (what == "lora")
     reweighted = f"{first.rsplit(':', 1)[0]}:0.5,{second.rsplit(':', 1)[0]}:0.5"
     with pytest.raises(ValueError, match=r"another run \(data "):
-        check_resume(config(tiny_shards, reweighted, ckpt), state, 5)
+        accepts_or_refuses(config(tiny_shards, reweighted, ckpt), state)
 
     with caplog.at_level(logging.WARNING, logger="trainer.identity"):
-        check_resume(config(tiny_shards, two_tasks, ckpt, "--total-steps", "20", "--lr", "1e-3"), state, 5)
+        accepts_or_refuses(config(tiny_shards, two_tasks, ckpt, "--total-steps", "20", "--lr", "1e-3"), state)
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "total_steps 10 -> 20" in warning and "lr 0.002 -> 0.001" in warning and "step 5" in warning
 
@@ -84,7 +96,7 @@ def test_a_relaunch_with_another_model_is_refused_before_training(
     before = {p.name: p.read_bytes() for p in (ckpt / "checkpoint_5").iterdir()}
     other = train_args(other_shards, two_tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)
     (result,) = launch([*other, "--total-steps", "8"], 1, tmp_path / "b", timeout=120)
-    assert result.returncode == 1 and "holds checkpoints of another run (model " in result.output
+    assert result.returncode == 1 and "holds checkpoints of another run (model: not the one it started" in result.output
     assert "resumed from step" not in result.output
     assert {p.name: p.read_bytes() for p in (ckpt / "checkpoint_5").iterdir()} == before
     assert [r["step"] for r in read_metrics(ckpt) if "loss" in r] == [1, 2, 3, 4, 5]

@@ -12,6 +12,7 @@ the learning-rate schedule (total steps, peak rate, warm-up) may change, with a 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,21 +20,45 @@ from pathlib import Path
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
-# Files whose bytes identify a model folder: its config and the start of its embedding shard (a
-# fine-tuned and a base model of one shape share the config, never their embeddings' bytes).
-MODEL_FILES = ("config.json", "embs.safetensors", "model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
-HEAD_BYTES = 1 << 20  # a file's first MiB and its size: cheap for a 10 GB shard, unique in practice
+# What a save adds that says nothing of the model: the library's version, where it was loaded from.
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation"}
+ROWS = 64  # leading rows of each embedding tensor hashed: a fine-tuned and a base model differ there
 
 
-def files_fingerprint(folder: str | Path, names: tuple[str, ...]) -> str:
-    """A short hash of the named files that exist in ``folder``: each one's name, size and first MiB."""
+def model_fingerprint(folder: str | Path, weights: bool = True) -> str:
+    """A short hash of what a model folder holds, by meaning, so copies converted apart agree:
+    its config without volatile keys and (``weights``) the first rows of its embedding tensors."""
+    folder = Path(folder)
     digest = hashlib.sha256()
-    for name in names:
-        path = Path(folder) / name
-        if path.is_file():
-            with open(path, "rb") as f:
-                digest.update(f"{name}:{path.stat().st_size}:".encode() + f.read(HEAD_BYTES))
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in VOLATILE_CONFIG_KEYS}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+    embedding = folder / "embs.safetensors"
+    if weights and embedding.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(embedding), framework="pt") as f:
+            for name in sorted(f.keys()):
+                rows = f.get_slice(name)[:ROWS]
+                digest.update(name.encode() + rows.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(source: str | Path) -> str:
+    """A short hash of a tokenizer's vocabulary and added tokens (not its config's paths and
+    flags); a name that is no local folder (a hub id) is recorded as it is."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return str(source)
+    digest = hashlib.sha256()
+    fast = folder / "tokenizer.json"
+    if fast.is_file():
+        spec = json.loads(fast.read_text())
+        digest.update(json.dumps([spec.get("model"), spec.get("added_tokens")], sort_keys=True).encode())
+    for name in ("vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -49,12 +74,10 @@ class RunIdentity:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> RunIdentity:
-        model = files_fingerprint(cfg.model.model_name, MODEL_FILES)
-        if not cfg.model.load_pretrained:
-            model = "random init of " + files_fingerprint(cfg.model.model_name, ("config.json",))
+        model = model_fingerprint(cfg.model.model_name, weights=cfg.model.load_pretrained)
         return cls(
-            model=model,
-            tokenizer=files_fingerprint(cfg.model.tokenizer_name, TOKENIZER_FILES),
+            model=model if cfg.model.load_pretrained else f"random init of {model}",
+            tokenizer=tokenizer_fingerprint(cfg.model.tokenizer_name),
             data=tuple((task.path.name, round(task.weight, 6)) for task in cfg.data.tasks),
             objective="lm",
             seq_length=cfg.data.seq_length,
@@ -72,7 +95,7 @@ class RunIdentity:
 
 def _difference(key: str, theirs: object, mine: object) -> str:
     if key in ("model", "tokenizer"):  # fingerprints say nothing to a person: say what they stand for
-        return f"{key} files differ from the ones it started from"
+        return f"{key}: not the one it started from"
     return f"{key} {theirs!r} there, {mine!r} now"
 
 
@@ -80,19 +103,24 @@ def schedule_of(cfg: RunConfig) -> dict[str, float]:
     return {"total_steps": cfg.optim.total_steps, "lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps}
 
 
-def check_resume(cfg: RunConfig, state: dict, step: int) -> None:
-    """Refuse a checkpoint of another run (one line: what differs and the two ways out); warn
-    once where the schedule changes. A checkpoint from before identities were recorded passes."""
+def check_resume(cfg: RunConfig, state: dict, step: int, identity: RunIdentity) -> None:
+    """Refuse a checkpoint of another run (one line: what differs and the ways out); warn once
+    where the schedule changes. Only what the checkpoint recorded is compared (one from before
+    identities were recorded passes)."""
     if "run" not in state:
         return
-    ours, theirs = RunIdentity.of(cfg).to_json(), state["run"]
-    differs = [_difference(key, theirs.get(key), mine) for key, mine in ours.items() if theirs.get(key) != mine]
+    ours, theirs = identity.to_json(), state["run"]
+    differs = [_difference(key, theirs[key], ours.get(key)) for key in theirs if theirs[key] != ours.get(key)]
     if differs:
         where = Path(cfg.checkpoint.path)
+        start_from = (
+            "" if cfg.lora else  # a LoRA checkpoint holds adapters, not a model to start from
+            f", or start a new run from its weights with --model-name {where / f'checkpoint_{step}'} (weights "
+            "loaded) and a new --checkpoint-path"
+        )  # fmt: skip
         raise ValueError(
-            f"{where} holds checkpoints of another run ({'; '.join(differs)}); resume it with its own settings, "
-            f"use another --checkpoint-path, or start a new run from its weights with --model-name "
-            f"{where / f'checkpoint_{step}'} and a new --checkpoint-path"
+            f"{where} holds checkpoints of another run ({'; '.join(differs)}); resume it with its own settings "
+            f"or use another --checkpoint-path{start_from}"
         )
     before, now = state.get("schedule", {}), schedule_of(cfg)
     changes = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
@@ -26,10 +27,10 @@ from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules import describe_model
-from modules.layout import latest_step
+from modules.layout import checkpoint_dir, latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
-from trainer.checkpoint import Disks, load_checkpoint, save_checkpoint
+from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names, resumed_packing
 from trainer.diloco import DiLoCo
@@ -135,6 +136,8 @@ class Trainer:
                 data.packing,
             )  # fmt: skip
             self.data_state = self.stream.state_dict()
+        # what makes this run this run (trainer.identity), recorded in each of its checkpoints
+        self.identity = RunIdentity.of(cfg)
         if joining:
             return
         if not cfg.checkpoint.resume and latest_step(cfg.checkpoint.path) is not None:
@@ -142,14 +145,18 @@ class Trainer:
                 f"{cfg.checkpoint.path} already holds checkpoints and --load-checkpoint is false; "
                 "resume with --load-checkpoint true or choose a new --checkpoint-path (nothing was overwritten)"
             )
-        resumed = None
-        if cfg.checkpoint.resume:
+        resumed, latest = None, latest_step(cfg.checkpoint.path) if cfg.checkpoint.resume else None
+        if latest is not None:
+            # another run's checkpoints are refused before any of their weights is read (every
+            # rank reads the same file, which agree_on_resume has put in each rank's folder)
+            recorded = checkpoint_dir(cfg.checkpoint.path, latest) / TRAINER_STATE
+            if recorded.is_file():  # else load_checkpoint says what is wrong with the checkpoint
+                check_resume(cfg, json.loads(recorded.read_text()), latest, self.identity)
             resumed = load_checkpoint(
                 cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name, self.outer, topo.replica
             )
         if resumed is not None:
             self.step, state = resumed
-            check_resume(cfg, state, self.step)  # another run's checkpoints: refused before any step
             if self.scaler is not None and "loss_scale" in state:
                 self.scaler.load_state_dict(state["loss_scale"])
             self.nonfinite_run = state.get("nonfinite_run", 0)
@@ -595,7 +602,7 @@ class Trainer:
         state = None
         if self.topo.rank == 0:
             state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run,
-                     "run": RunIdentity.of(self.cfg).to_json(), "schedule": schedule_of(self.cfg)}  # fmt: skip
+                     "run": self.identity.to_json(), "schedule": schedule_of(self.cfg)}  # fmt: skip
             if self.scaler is not None:
                 state["loss_scale"] = self.scaler.state_dict()
         cfg = self.cfg
