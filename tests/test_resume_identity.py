@@ -58,15 +58,13 @@ def test_identity_is_by_content_and_each_difference_is_named(
         ((), "model"),
         (("--seq-length", "16"), "seq_length"),
         (("--seed", "1"), "seed"),
-        (("--lora-rank", "4"), "lora"),
     ):
         shards = other_shards if what == "model" else tiny_shards
         with pytest.raises(ValueError) as refused:
             accepts_or_refuses(config(shards, two_tasks, ckpt, *extra), state)
         message = str(refused.value)
         assert "\n" not in message and f"{ckpt} holds checkpoints of another run ({what}" in message
-        # a LoRA checkpoint holds adapters: it is no model to start a new run from
-        assert (f"--model-name {ckpt / 'checkpoint_5'} (weights loaded)" in message) != (what == "lora")
+        assert f"--model-name {ckpt / 'checkpoint_5'} (weights loaded) and a new --checkpoint-path" in message
     reweighted = f"{first.rsplit(':', 1)[0]}:0.5,{second.rsplit(':', 1)[0]}:0.5"
     with pytest.raises(ValueError, match=r"another run \(data "):
         accepts_or_refuses(config(tiny_shards, reweighted, ckpt), state)

@@ -5,7 +5,8 @@ second run pointed at it would load the first run's weights and train them as it
 checkpoint's trainer state therefore records the run's identity (``RunIdentity``): the model it
 started from and the tokenizer (by content, not path, so another node's copy agrees), the data
 mix (file names and weights), the objective and the settings that shape what is trained
-(sequence length, seed, LoRA). A resume with another identity is refused, naming what differs;
+(sequence length, seed; the LoRA settings are checked against the checkpoint's own lora.json, by
+trainer.checkpoint, with their own message). A resume with another identity is refused, naming what differs;
 the learning-rate schedule (total steps, peak rate, warm-up) may change, with a warning.
 """
 
@@ -70,7 +71,6 @@ class RunIdentity:
     objective: str
     seq_length: int
     seed: int
-    lora: str | None  # the adapter spec, as flags give it
 
     @classmethod
     def of(cls, cfg: RunConfig) -> RunIdentity:
@@ -82,7 +82,6 @@ class RunIdentity:
             objective="lm",
             seq_length=cfg.data.seq_length,
             seed=cfg.data.seed,
-            lora=str(sorted(asdict(cfg.lora).items())) if cfg.lora else None,
         )
 
     def to_json(self) -> dict:
