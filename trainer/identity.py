@@ -3,11 +3,12 @@
 A checkpoint folder left at its default (``model_checkpoints``) is easy to share by mistake: a
 second run pointed at it would load the first run's weights and train them as its own. Every
 checkpoint's trainer state therefore records the run's identity (``RunIdentity``): the model it
-started from and the tokenizer (by content, not path, so another node's copy agrees), the data
-mix (file names and weights), the objective and the settings that shape what is trained
-(sequence length, seed; the LoRA settings are checked against the checkpoint's own lora.json, by
-trainer.checkpoint, with their own message). A resume with another identity is refused, naming what differs;
-the learning-rate schedule (total steps, peak rate, warm-up) may change, with a warning.
+started from and the tokenizer (by what they hold, not their bytes or paths, so a copy converted
+on another node agrees), the data mix (file names and weights), the objective and the settings
+that shape what is trained (sequence length, seed; the LoRA settings are checked against the
+checkpoint's own lora.json by trainer.checkpoint, with their own message). A resume with another
+identity is refused, naming what differs; the learning-rate schedule (total steps, peak rate,
+warm-up) may change, with a warning.
 """
 
 from __future__ import annotations
