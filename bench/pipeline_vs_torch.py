@@ -89,7 +89,7 @@ from comm.trace import LANES
 from convert.tiny_model import tiny_config
 from modules import family_for, load_config
 from pipeline.partition import split_layers
-from pipeline.schedule import LossFn, MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
+from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.simulate import ScheduleStep, closed_form_idle, schedule_orders, simulate
 from pipeline.stage import Stage
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
@@ -98,6 +98,7 @@ from trainer.profiling import COMPUTE
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
+TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, labels) -> loss, as torch's schedules take
 SEED = 0
 # Table name -> (our step, torch's schedule class): the same schedule on both sides; the name
 # lower-cased is our --pp-mode.
@@ -180,7 +181,7 @@ def make_batch(setup: Setup) -> torch.Tensor:
 
 
 def torch_schedule(
-    name: str, stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: LossFn
+    name: str, stage: Stage, topo: Topology, micro_shape: tuple[int, int], setup: Setup, loss_fn: TokenLoss
 ) -> _PipelineSchedule:
     """torch's schedule ``name`` over our stage, with shapes given up front (static metadata).
 
@@ -217,7 +218,7 @@ def compute_only(
     topo: Topology,
     micro: list[MicroBatch],
     hidden_shape: tuple[int, ...],
-    loss_fn: LossFn,
+    loss_fn: TokenLoss,
     weights: DeferredWeightGrads | None,
 ) -> tuple[list[float], list[float], list[float]]:
     """Forward then backward of every micro-batch, GPipe order, no communication.
@@ -299,7 +300,7 @@ def measure(setup: Setup, comm: Communicator, stages: tuple[Stage, Stage], name:
     schedule = torch_schedule(name, stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
     # As Trainer._run_rounds builds it in fp32: activations travel as the weights' dtype, no autocast.
-    spec = StepSpec(hidden_shape, torch.float32, loss_fn, train=True, compute_dtype=None)
+    spec = StepSpec(hidden_shape, torch.float32, lambda y, mb: loss_fn(y, mb.labels), train=True, compute_dtype=None)
 
     def run_ours() -> torch.Tensor:
         return our_step(ours_stage, comm, micro, spec)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,6 +131,23 @@ def init_adapters(block: nn.Module, seed: int, part: str) -> None:
                 bound = 1.0 / math.sqrt(a.shape[1])
                 a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) * bound)
                 b.zero_()
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Inside, ``module``'s LoRA layers compute their base layer alone (DPO's reference); their
+    adapters' requires_grad is as it was afterwards."""
+    layers = [layer for _, layer in _lora_layers(module)]
+    trained = {id(p): p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            for p in layer.parameters():
+                p.requires_grad_(trained[id(p)])
 
 
 def is_adapter_parameter(name: str) -> bool:

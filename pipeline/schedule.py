@@ -43,9 +43,12 @@ class MicroBatch:
     input_ids: torch.Tensor | None  # (micro, seq) on the first stage, else None
     labels: torch.Tensor | None  # (micro, seq) on the last stage, else None
     position_ids: torch.Tensor | None = None  # (micro, seq) on the first stage (None: 0..seq-1)
+    # per-sequence values the loss compares with (DPO's reference log-probs), on the last stage
+    reference: torch.Tensor | None = None
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# the last stage's output and its micro-batch (labels, reference) -> the micro-batch's loss
+LossFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
 class GradientWatch(Protocol):
@@ -137,7 +140,7 @@ class _Runner:
             else:
                 outputs = self.stage.routed(x, sums, positions)
             if micro.labels is not None:
-                loss = spec.loss_fn(outputs[0], micro.labels)
+                loss = spec.loss_fn(outputs[0], micro)
                 if routing is not None and spec.train:
                     aux = routing.balance.loss(outputs[1])
                     loss = loss + routing.weight * aux

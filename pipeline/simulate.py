@@ -81,7 +81,7 @@ def schedule_orders(step: ScheduleStep, stages: int, micro_batches: int) -> list
     """Each stage's compute order under ``step`` (a function of pipeline.schedule), read off the
     spans it opens running on a one-weight stage: the orders are the schedule code's own, so they
     cannot drift from it as a copy typed out here could."""
-    spec = StepSpec((1, 1), torch.float32, loss_fn=lambda y, labels: y.sum())
+    spec = StepSpec((1, 1), torch.float32, loss_fn=lambda y, micro: y.sum())
     orders = []
     for s in range(stages):
         comm = _OrderOnlyComm(s, stages)

@@ -192,17 +192,17 @@ def hf_reference_training(
 def _train_in_process(
     trained: list[torch.nn.Parameter], loss_of: Callable, clip: Callable, data_dir: Path, task_spec: str,
     seq_length: int, seed: int, per_step: int, steps: int, lr: float, warmup: int, max_grad_norm: float,
-    packing: str | None = None,
+    packing: str | None = None, pairs: bool = False,
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """The oracle's loop: the run's global batches in order, AdamW, linear warm-up and decay, and
     clipping; ``loss_of(batch)`` is the model's mean loss, ``clip(limit)`` clips and returns the
-    norm before clipping."""
+    norm before clipping. ``pairs``: the data are preference pairs (``per_step`` sequences)."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     from trainer.data import TokenStream, parse_task_names
 
     tokenizer = AutoTokenizer.from_pretrained(data_dir)
-    stream = TokenStream(parse_task_names(task_spec), tokenizer, seq_length, seed, packing=packing)
+    stream = TokenStream(parse_task_names(task_spec), tokenizer, seq_length, seed, packing=packing, pairs=pairs)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     losses, norms = [], []
@@ -242,6 +242,22 @@ def chained_training(
     schedule = (shards, task_spec, SEQ, SEED, per_step, steps, LR, WARMUP, max_grad_norm)
     losses, norms = _train_in_process(trained, loss_of, clip, *schedule)
     return losses, norms, {k: v.detach().clone() for k, v in chain.hf_state().items()}
+
+
+def saved_adapters(step_dir: Path) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters under the names PEFT's model of HF's gives them."""
+    from safetensors.torch import load_file
+
+    from modules import family_for, layer_part, load_config
+    from modules.lora import adapter_part, hf_block_path
+
+    config = load_config(step_dir)
+    family = family_for(config.model_type)
+    adapters = {}
+    for i in range(config.num_hidden_layers):
+        for key, value in load_file(step_dir / f"{adapter_part(layer_part(i))}.safetensors").items():
+            adapters[f"base_model.model.{hf_block_path(family, i)}.{key}"] = value
+    return adapters
 
 
 def load_hf_state(path: Path) -> dict[str, torch.Tensor]:

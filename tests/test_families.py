@@ -402,7 +402,7 @@ def test_a_first_stage_without_routers_passes_the_sums_on() -> None:
         def send_forward(self, message: Message, wait: bool = True) -> None:
             sent.append(message)
 
-    spec = StepSpec((1, 8, config.hidden_size), torch.float32, loss_fn=lambda y, labels: y.sum(),
+    spec = StepSpec((1, 8, config.hidden_size), torch.float32, loss_fn=lambda y, micro: y.sum(),
                     router_loss=RouterLoss(stage.balance, ROUTER_COEF))  # fmt: skip
     micro = [MicroBatch(torch.randint(0, 64, (1, 8)), None)] * 2
     one_f_one_b_step(stage, Recording(0, 2), micro, spec)

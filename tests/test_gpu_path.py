@@ -206,7 +206,7 @@ class SentDtypes(LoopbackComm):
 @pytest.mark.parametrize("schedule", [gpipe_step, one_f_one_b_step])
 def test_received_bf16_activations_compute_in_fp32(schedule) -> None:
     stage, comm = DtypeProbe(), SentDtypes()
-    spec = StepSpec((2, 4, 8), torch.bfloat16, lambda y, labels: y.sum(), True, torch.bfloat16)
+    spec = StepSpec((2, 4, 8), torch.bfloat16, lambda y, micro: y.sum(), True, torch.bfloat16)
     schedule(stage, comm, [MicroBatch(None, None)] * 3, spec)
     assert stage.seen == [torch.float32] * 3  # the stream is back in fp32 before the stage computes
     assert comm.sent == [torch.bfloat16] * 6  # only the link carries 16 bits, both ways

@@ -31,6 +31,7 @@ from tests.helpers import (
     peft_reference_model,
     read_metrics,
     resume_elsewhere,
+    saved_adapters,
     train_args,
 )
 from trainer.checkpoint import _check_same_kind
@@ -174,13 +175,9 @@ def compare_to_peft(
     assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
 
     step_dir = ckpt / "checkpoint_10"
-    config = load_config(step_dir)
-    family = family_for(config.model_type)
     assert not list(step_dir.glob("embs*")) and not list(step_dir.glob("layer_*")) and not list(step_dir.glob("lm_*"))
-    ours = {}
-    for i in range(config.num_hidden_layers):
-        for key, value in load_file(step_dir / f"{adapter_part(layer_part(i))}.safetensors").items():
-            ours[f"base_model.model.{hf_block_path(family, i)}.{key}"] = value
+    ours = saved_adapters(step_dir)
+    for i in range(load_config(step_dir).num_hidden_layers):
         moments = load_file(step_dir / f"optim_{adapter_part(layer_part(i))}.safetensors")
         assert moments and all(".lora_" in k for k in moments)
     assert ours.keys() == adapters.keys()

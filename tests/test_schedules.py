@@ -105,7 +105,7 @@ def test_b_leaves_the_linear_weight_gradients_to_w() -> None:
 @pytest.mark.parametrize("compute", [None, torch.bfloat16])
 def test_zero_bubble_gradients_equal_gpipe(compute: torch.dtype | None) -> None:
     stages, micro = 3, 5
-    spec = StepSpec((1, SEQ, HIDDEN), compute or torch.float32, lambda out, lab: out.float().pow(2).mean(), True,
+    spec = StepSpec((1, SEQ, HIDDEN), compute or torch.float32, lambda out, micro: out.float().pow(2).mean(), True,
                     compute)  # fmt: skip
     for s in range(stages):
         grads = {}

@@ -66,7 +66,7 @@ class LoopbackComm:
         pass
 
 
-TOY_SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, lab: out.float().pow(2).mean())
+TOY_SPEC = StepSpec((1, SEQ, HIDDEN), torch.float32, lambda out, micro: out.float().pow(2).mean())
 
 
 def toy_micro_batches(stage: int, stages: int, micro: int) -> list[MicroBatch]:

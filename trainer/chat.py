@@ -43,7 +43,9 @@ class ChatTemplate:
         """A short hash of the template text, which a checkpoint's data state records (None: no template)."""
         return hashlib.sha256(self.template.encode()).hexdigest()[:16] if self.template is not None else None
 
-    def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+    def encode(self, conversation: Conversation, trained_from: int = 0) -> tuple[list[int], list[int]]:
+        """``trained_from``: the first turn whose assistant tokens are trained (a preference
+        pair's response follows its prompt turns, which are context, assistant turns included)."""
         where = conversation.where
         if self.template is None:
             raise ValueError(
@@ -53,7 +55,10 @@ class ChatTemplate:
         messages = [{"role": role, "content": content} for role, content in conversation.messages]
         self.used = True
         try:
-            tokens, targets = self._marked(messages) if self.marked else self._by_prefixes(messages, where)
+            if self.marked:
+                tokens, targets = self._marked(messages, trained_from)
+            else:
+                tokens, targets = self._by_prefixes(messages, where, trained_from)
         except TemplateError as err:  # the template's own raise_exception (e.g. roles out of order) included
             raise ValueError(f"{where}: {self.name} cannot render this conversation: {err}") from None
         if not any(targets):
@@ -65,11 +70,11 @@ class ChatTemplate:
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def _by_prefixes(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    def _by_prefixes(self, messages: list[dict], where: str, trained_from: int) -> tuple[list[int], list[int]]:
         whole = self._render(messages, False)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < trained_from:
                 continue
             through = self._render(messages[: i + 1], False)
             before = self._render(messages[:i], True) if i else self._opening()
@@ -97,11 +102,17 @@ class ChatTemplate:
             shared += 1
         return first[:shared]
 
-    def _marked(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def _marked(self, messages: list[dict], trained_from: int) -> tuple[list[int], list[int]]:
         out = self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         tokens, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        if trained_from:  # the turns before are context: the tokens of their rendering with the generation prompt
+            context = self.tokenizer.apply_chat_template(
+                messages[:trained_from], chat_template=self.template, tokenize=True, add_generation_prompt=True,
+                return_dict=True,
+            )["input_ids"]  # fmt: skip
+            mask[: len(context)] = [0] * min(len(context), len(mask))
         # a generation block that stops before the turn's closing token (<|im_end|>, <|eot_id|>,
         # <end_of_turn>): that token is trained too, or the model never learns to stop
         closing = [k for k in range(1, len(tokens)) if mask[k - 1] and not mask[k] and tokens[k] in self.special_ids]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from trainer.config import (
     DataParallelConfig,
     EvalConfig,
     ModelConfig,
+    ObjectiveConfig,
     OptimConfig,
     RunConfig,
 )
@@ -141,9 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every K steps (0: after the last)")
     d.add_argument("--evaluation-num-batch", type=int, default=10, help="global batches per evaluation")
 
+    ObjectiveConfig.add_flags(p)
+
     b = p.add_argument_group("batch")
-    b.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per step")
-    b.add_argument("--micro-batch-size", type=int, default=1, help="sequences per pipeline micro-batch")
+    b.add_argument(
+        "--batch-size", type=int, default=4, help="sequences (dpo: pairs) per data-parallel replica per step"
+    )
+    b.add_argument("--micro-batch-size", type=int, default=1, help="sequences (dpo: pairs) per pipeline micro-batch")
     b.add_argument("--gradient-accumulate-step", type=int, default=1, help="batches summed per optimizer step")
 
     o = p.add_argument_group("optimization")
@@ -400,6 +406,14 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     return DataConfig(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing)
 
 
+def batch_config(args: argparse.Namespace, objective: ObjectiveConfig) -> BatchConfig:
+    """The batch in sequences: under a pair objective the flags count pairs, two sequences each."""
+    batch = BatchConfig(args.batch_size, args.micro_batch_size, args.gradient_accumulate_step)
+    if not objective.pairs:
+        return batch
+    return replace(batch, batch_size=2 * batch.batch_size, micro_batch_size=2 * batch.micro_batch_size)
+
+
 def eval_path(path: str | None) -> Path | None:
     if path is None:
         return None
@@ -457,6 +471,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         elastic=args.elastic,
     )
     model_type = args.model_type.replace("-", "") if args.model_type else None
+    objective = ObjectiveConfig.from_args(args)
     return RunConfig(
         topology=topo,
         comm=comm,
@@ -471,7 +486,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ),
         data=data_config(args),
         evaluation=EvalConfig(eval_path(args.evaluation_data), args.evaluation_steps, args.evaluation_num_batch),
-        batch=BatchConfig(args.batch_size, args.micro_batch_size, args.gradient_accumulate_step),
+        batch=batch_config(args, objective),
         optim=OptimConfig(
             lr=args.lr,
             total_steps=args.total_steps,
@@ -509,4 +524,5 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         log_backend=args.train_log_backend,
         project_name=args.project_name,
         lora=lora_spec(args),
+        objective=objective,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -206,6 +207,67 @@ class EvalConfig:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
+OBJECTIVES = ("lm", "dpo")
+DPO_REFERENCES = ("precomputed",)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the last stage trains for: next-token loss (lm) or DPO on preference pairs
+    (trainer.preference). Declares its own flags and builds itself from them."""
+
+    name: str = "lm"
+    beta: float = 0.1  # --dpo-beta
+    label_smoothing: float = 0.0  # --dpo-label-smoothing (conservative DPO)
+    reference: str = "precomputed"  # --dpo-reference
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the data are preference pairs, each drawn as two sequences of one micro-batch."""
+        return self.name == "dpo"
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("objective")
+        g.add_argument(
+            "--objective",
+            choices=OBJECTIVES,
+            default="lm",
+            help="lm: next-token loss; dpo: Direct Preference Optimisation on prompt/chosen/rejected pairs "
+            "(--batch-size and --micro-batch-size then count pairs)",
+        )
+        g.add_argument(
+            "--dpo-beta", type=float, default=0.1, help="DPO's beta: how far the policy may move from the reference"
+        )
+        g.add_argument(
+            "--dpo-label-smoothing", type=float, default=0.0,
+            help="conservative DPO: the assumed chance that a pair's preference is flipped, in [0, 0.5)",
+        )  # fmt: skip
+        g.add_argument(
+            "--dpo-reference",
+            choices=DPO_REFERENCES,
+            default="precomputed",
+            help="precomputed: the starting weights' log-probs of every pair (LoRA: adapters off), computed once "
+            "before the first step and kept in the checkpoint folder",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ObjectiveConfig:
+        dpo_flags = {"--dpo-beta": args.dpo_beta != 0.1, "--dpo-label-smoothing": args.dpo_label_smoothing != 0.0}
+        given = [flag for flag, changed in dpo_flags.items() if changed]
+        if args.objective != "dpo" and given:
+            raise ValueError(f"{' and '.join(given)} apply to --objective dpo; add it or drop them")
+        return cls(args.objective, args.dpo_beta, args.dpo_label_smoothing, args.dpo_reference)
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"--objective {self.name!r}: choose one of {', '.join(OBJECTIVES)}")
+        if not self.beta > 0:
+            raise ValueError(f"--dpo-beta must be positive, not {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--dpo-label-smoothing must lie in [0, 0.5), not {self.label_smoothing}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     topology: Topology
@@ -218,6 +280,7 @@ class RunConfig:
     evaluation: EvalConfig = EvalConfig()
     dp: DataParallelConfig = DataParallelConfig()
     lora: LoraSpec | None = None  # adapters on every block, base frozen
+    objective: ObjectiveConfig = ObjectiveConfig()
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
@@ -272,11 +335,26 @@ class RunConfig:
                 "split and resumed across topologies: use --optimizer adamw, or drop --shard-optimizer"
             )
         self._check_elastic()
+        if self.objective.pairs:
+            self._check_pairs()
         if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
             # checkpoints hold replica 0's weights: only right after a sync are they everyone's
             raise ValueError(
                 f"--checkpoint-steps {self.checkpoint.every_steps} must be a multiple of --sync-every "
                 f"{self.dp.sync_every} in --dp-mode local"
+            )
+
+    def _check_pairs(self) -> None:
+        """What preference pairs need: one pair's two sequences per row pair, never packed together."""
+        if self.data.packing not in (None, "none"):
+            raise ValueError(
+                f"--packing {self.data.packing}: under --objective {self.objective.name} each sequence is one "
+                "response to its prompt (packing none); drop --packing"
+            )
+        if self.comm.elastic:
+            raise ValueError(
+                f"--objective {self.objective.name} does not run with --elastic yet (a joining replica would need "
+                "the reference log-probs handed over); drop --elastic"
             )
 
     def _check_elastic(self) -> None:
@@ -349,5 +427,6 @@ class RunConfig:
             "optim": asdict(self.optim),
             "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume],
             "lora": asdict(self.lora) if self.lora else None,
+            "objective": asdict(self.objective),
         }
         return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from trainer.chat import ChatTemplate
+from trainer.preference import PairPacker
 from trainer.sources import Conversation, Example, Source, source_kind
 
 PACKING = ("documents", "concat", "none")
@@ -63,6 +64,7 @@ class Batch:
     labels: torch.Tensor  # (n, seq): the token where it is trained on, else IGNORE_INDEX
     tasks: tuple[int, ...]  # index of the task each sequence came from
     position_ids: torch.Tensor | None = None  # (n, seq): restarting at 0 with each example (None: 0..seq-1)
+    records: tuple[int, ...] | None = None  # preference pairs: each sequence's record line in its task's file
 
     def positions(self) -> torch.Tensor:
         if self.position_ids is not None:
@@ -216,6 +218,14 @@ class TaskPacker:
         self.truncated = state.get("truncated", 0)
 
 
+def pair_batch(rows: list, tasks: list[int], lines: list[int]) -> Batch:
+    """A batch of preference sequences (trainer.preference's rows: tokens, targets, positions)."""
+    input_ids = torch.tensor([tokens for tokens, _, _ in rows], dtype=torch.long)
+    scored = torch.tensor([targets for _, targets, _ in rows], dtype=torch.long)
+    positions = torch.tensor([places for _, _, places in rows], dtype=torch.long)
+    return Batch(input_ids, input_ids.masked_fill(scored == 0, IGNORE_INDEX), tuple(tasks), positions, tuple(lines))
+
+
 def resumed_packing(requested: str | None, data_state: dict) -> str:
     """The packing a resumed stream goes on with: the one its checkpoint recorded (a checkpoint
     from before --packing existed packed ``concat``); an explicit ``requested`` must agree."""
@@ -233,11 +243,12 @@ class TokenStream:
 
     def __init__(
         self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False,
-        chat_template: str | None = None, packing: str | None = None,
+        chat_template: str | None = None, packing: str | None = None, pairs: bool = False,
     ) -> None:  # fmt: skip
         """``chat_template``: the Jinja text conversations are rendered with (default: the
         tokenizer's). ``packing``: one of PACKING; None is ``documents`` for a new stream and the
-        recorded one for a resumed stream (``resumed_packing``)."""
+        recorded one for a resumed stream (``resumed_packing``). ``pairs``: the tasks hold
+        preference pairs, each drawn as two sequences (trainer.preference), and packing is none."""
         if packing is not None and packing not in PACKING:
             raise ValueError(f"--packing {packing!r}: choose one of {', '.join(PACKING)}")
         eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -250,14 +261,19 @@ class TokenStream:
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
         self.chat, self.chat_template = chat, chat.fingerprint()
-        self.packers = [
-            TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, eos_id if pad_id is None else pad_id, chat,
-                       self.packing)
-            for t in tasks
-        ]  # fmt: skip
+        pad_id = eos_id if pad_id is None else pad_id
+        self.pairs = pairs
+        if pairs:
+            self.packers = [PairPacker(Source(t.path, skip_bad_lines, pairs), tokenizer, eos_id, pad_id, chat)
+                            for t in tasks]  # fmt: skip
+        else:
+            self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, pad_id, chat, self.packing)
+                            for t in tasks]  # fmt: skip
         self.weights = [t.weight for t in tasks]
 
     def next_batch(self, count: int) -> Batch:
+        if self.pairs:
+            return self._next_pairs(count)
         rows, masks, positions, picked = [], [], [], []
         for _ in range(count):
             (task,) = self.rng.choices(range(len(self.packers)), weights=self.weights)
@@ -269,6 +285,17 @@ class TokenStream:
         input_ids = torch.tensor(rows, dtype=torch.long)  # (count, seq)
         labels = input_ids.masked_fill(torch.tensor(masks, dtype=torch.long) == 0, IGNORE_INDEX)
         return Batch(input_ids, labels, tuple(picked), torch.tensor(positions, dtype=torch.long))
+
+    def _next_pairs(self, count: int) -> Batch:
+        """``count // 2`` pairs, each as its chosen and its rejected sequence, in that order."""
+        rows, picked, lines = [], [], []
+        for _ in range(count // 2):
+            (task,) = self.rng.choices(range(len(self.packers)), weights=self.weights)
+            pair = self.packers[task].next_pair(self.seq_length)
+            rows += [pair.chosen, pair.rejected]
+            picked += [task, task]
+            lines += [pair.line, pair.line]
+        return pair_batch(rows, picked, lines)
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

@@ -7,7 +7,6 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -28,23 +27,46 @@ from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
-from pipeline.schedule import SCHEDULES, GradientWatch, MicroBatch, RouterLoss, StepSpec
+from modules.lora import adapters_disabled
+from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
-from trainer.data import IGNORE_INDEX, Batch, Prefetcher, TokenStream, parse_task_names, resumed_packing
+from trainer.data import (
+    IGNORE_INDEX,
+    Batch,
+    Prefetcher,
+    TaskSpec,
+    TokenStream,
+    pair_batch,
+    parse_task_names,
+    resumed_packing,
+)
 from trainer.diloco import DiLoCo
 from trainer.identity import RunIdentity, check_resume, schedule_of
-from trainer.loss import chunked_token_loss, token_loss
+from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import MetricsWriter, PipelineSums, Progress, setup_logging
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
+from trainer.preference import (
+    REFERENCE_FILE,
+    DpoLoss,
+    DpoSettings,
+    PairPacker,
+    ReferenceLogps,
+    all_pairs,
+    data_hash,
+    metrics_row,
+    reference_table,
+)
 from trainer.profiling import Profiler
 from trainer.resume import agree_on_resume, probe_disks
+from trainer.sources import Source
 from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
+EVAL_SHOWN = ("perplexity", "rewards/accuracies", "rewards/margins")  # logged beside an evaluation's loss
 
 
 class ReplicasChanged(Exception):
@@ -72,9 +94,11 @@ class Trainer:
         self.tokenizer = None
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
-        # how examples become sequences: the flag, else documents for a new run and what a
-        # resumed run's stream recorded (every rank: the first stage's positions travel if not concat)
-        self.packing = cfg.data.packing or "documents"
+        # how examples become sequences: the flag, else documents for a new run (preference
+        # pairs: none) and what a resumed run's stream recorded (every rank: the first stage's
+        # positions travel if not concat)
+        self.packing = cfg.data.packing or ("none" if cfg.objective.pairs else "documents")
+        self.reference: ReferenceLogps | None = None  # DPO's reference log-probs (last stage), see prepare_reference
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
@@ -130,11 +154,8 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
-            data = cfg.data
-            self.stream = TokenStream(
-                data.tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
-                data.packing,
-            )  # fmt: skip
+            # a new stream packs as asked (None: the default), a resumed one as it recorded
+            self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
             self.data_state = self.stream.state_dict()
         # what makes this run this run (trainer.identity), recorded in each of its checkpoints
         self.identity = RunIdentity.of(cfg)
@@ -176,8 +197,14 @@ class Trainer:
         size = self.cfg.batch.batch_size
         return slice(slot * size, (slot + 1) * size)
 
-    def _micro_batches(self, batch: Batch | None, slot: int) -> list[MicroBatch]:
-        """This replica's micro-batches of slot ``slot``."""
+    def _stream(self, tasks: tuple[TaskSpec, ...], packing: str | None) -> TokenStream:
+        data = self.cfg.data
+        return TokenStream(tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
+                           packing, pairs=self.cfg.objective.pairs)  # fmt: skip
+
+    def _micro_batches(self, batch: Batch | None, slot: int, first_file: int = 0) -> list[MicroBatch]:
+        """This replica's micro-batches of slot ``slot``; under DPO the last stage's carry the
+        pairs' reference log-probs (``first_file``: the batch's tasks' place among the reference's files)."""
         cfg, topo = self.cfg, self.topo
         m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
         if batch is None:
@@ -187,26 +214,50 @@ class Trainer:
         first, last = topo.is_first_stage, topo.is_last_stage
         travel = first and self.packing != "concat"  # concat: every stage counts 0..seq-1 itself
         positions = self._to_device(batch.positions()[self._rows(slot)]) if travel else None
+        reference = None
+        if last and self.reference is not None:
+            pairs = self._rows(slot)  # a pair's two sequences share their task and record
+            tasks, lines = batch.tasks[pairs][::2], batch.records[pairs][::2]
+            reference = self._to_device(
+                self.reference.rows([(first_file + t, n) for t, n in zip(tasks, lines, strict=True)])
+            )
         rows = [slice(i, i + m) for i in range(0, size, m)]
         return [
-            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None)
+            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None,
+                       reference[r] if reference is not None else None)
             for r in rows
-        ]
+        ]  # fmt: skip
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A batch slice on the compute device; from pinned memory (the prefetcher pins batches
         for CUDA) the copy is asynchronous and the step's first kernels queue behind it."""
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
-    def _loss_fn(self, normalizer: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _loss_fn(self, normalizer: float, dpo: DpoLoss | None = None) -> LossFn:
+        """The last stage's loss of a micro-batch over ``normalizer``: next-token, or with ``dpo``
+        DPO's from the sequences' log-probs and the reference's."""
         chunk, head = self.loss_chunk, self.stage.head
 
-        def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def loss_fn(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+            if dpo is not None:
+                return dpo(self._sequence_logps(out, micro.labels), micro.reference, normalizer)
             if chunk:  # the last stage handed over the final norm's output, not logits
-                return chunked_token_loss(out, head.output, labels, normalizer, chunk, head.softcap)
-            return token_loss(out, labels, normalizer)
+                return chunked_token_loss(out, head.output, micro.labels, normalizer, chunk, head.softcap)
+            return token_loss(out, micro.labels, normalizer)
 
         return loss_fn
+
+    def _dpo_loss(self) -> DpoLoss | None:
+        """A new DPO loss (summing its metrics) for one step or evaluation; None unless --objective dpo."""
+        objective = self.cfg.objective
+        if not objective.pairs:
+            return None
+        return DpoLoss(DpoSettings(objective.beta, objective.label_smoothing), self.device)
+
+    def _sequence_logps(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each sequence's summed log-probability of its scored tokens (from logits, or chunked)."""
+        head, chunk = self.stage.head, self.loss_chunk
+        return sequence_logps(out, labels, head.output if chunk else None, chunk, head.softcap)
 
     def _activation_shape(self) -> tuple[int, int, int]:
         cfg = self.cfg
@@ -222,12 +273,13 @@ class Trainer:
         else:
             x = torch.randn(shape, dtype=MASTER_DTYPE, device=self.device, requires_grad=True)
         labels = torch.randint(vocab, shape[:2], device=self.device) if topo.is_last_stage else None
-        loss_fn, compute = self._loss_fn(1.0), compute_dtype(cfg.optim.precision)
+        reference = torch.zeros(shape[0], device=self.device) if cfg.objective.pairs else None
+        loss_fn, compute = self._loss_fn(1.0, self._dpo_loss()), compute_dtype(cfg.optim.precision)
 
         def forward() -> torch.Tensor:
             with torch.enable_grad(), torch.autocast(self.device.type, compute, enabled=compute is not None):
                 out = stage(x)
-                return loss_fn(out, labels) if labels is not None else out
+                return loss_fn(out, MicroBatch(None, labels, reference=reference)) if labels is not None else out
 
         recompute, stage.recompute = stage.recompute, False
         try:
@@ -266,21 +318,21 @@ class Trainer:
         return RouterLoss(balance, balance.coef * scale / self._micro_batches_per_step())
 
     def _run_slots(
-        self, batch: Batch | None, slots: range, normalizer: float, train: bool,
-        watch: GradientWatch | None = None, router: RouterLoss | None = None,
+        self, batch: Batch | None, slots: range, loss_fn: LossFn, train: bool,
+        watch: GradientWatch | None = None, router: RouterLoss | None = None, first_file: int = 0,
     ) -> torch.Tensor:  # fmt: skip
         """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients.
         ``router``: the step's router loss (None in evaluation, which reports the token loss alone)."""
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
-        spec = StepSpec(self._activation_shape(), travel, self._loss_fn(normalizer), train, compute, MASTER_DTYPE,
+        spec = StepSpec(self._activation_shape(), travel, loss_fn, train, compute, MASTER_DTYPE,
                         router_loss=router, positions=self.packing != "concat")  # fmt: skip
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         passes = self._passes(slots)
         for k, slots_in_pass in enumerate(passes):
-            micro_batches = [mb for slot in slots_in_pass for mb in self._micro_batches(batch, slot)]
+            micro_batches = [mb for slot in slots_in_pass for mb in self._micro_batches(batch, slot, first_file)]
             last = replace(spec, watch=watch) if k == len(passes) - 1 else spec
             total += schedule(self.stage, self.comm, micro_batches, last)
         return total
@@ -307,10 +359,17 @@ class Trainer:
         watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
         # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
         router = self._router_loss(scale)
+        dpo = self._dpo_loss()
+        loss_fn = self._loss_fn(normalizer / scale, dpo)
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            loss = self._run_slots(batch, self._slots(self.slots_per_step), normalizer / scale, True, watch, router)
-        # the step's totals summed over the replicas: its loss (and the routers' summed aux)
-        totals = loss.reshape(1) if router is None else torch.stack([loss, router.total.to(loss)])
+            loss = self._run_slots(batch, self._slots(self.slots_per_step), loss_fn, True, watch, router)
+        # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
+        parts = [loss.reshape(1)]
+        if router is not None:
+            parts.append(router.total.to(loss).reshape(1))
+        if dpo is not None:
+            parts.append(dpo.totals.to(loss))
+        totals = torch.cat(parts)
 
         # tied embedding: both ends' copies get the sum of both gradients
         tied = self.stage.tied_copy()
@@ -392,6 +451,8 @@ class Trainer:
         }
         if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
             row["aux_loss"] = float(totals[1]) / self._micro_batches_per_step()
+        if dpo is not None:  # TRL's names, means over the step's pairs
+            row.update(metrics_row(totals[-dpo.totals.numel() :].tolist()))
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:
@@ -404,11 +465,14 @@ class Trainer:
         return [p for p in self.params if not (p is tied and self.topo.is_last_stage)]
 
     def _loss_tokens(self, batch: Batch) -> int:
-        """Tokens the loss is averaged over: the whole global batch, or in local and diloco
-        mode (where each replica steps on its own) this replica's slices."""
+        """Tokens (DPO: pairs) the loss is averaged over: the whole global batch, or in local and
+        diloco mode (where each replica steps on its own) this replica's slices."""
+        pairs = self.cfg.objective.pairs
         if not self.cfg.dp.steps_alone:
-            return batch.loss_tokens()
+            return batch.input_ids.shape[0] // 2 if pairs else batch.loss_tokens()
         slots = self._slots(self.slots_per_step)
+        if pairs:
+            return len(slots) * self.cfg.batch.batch_size // 2
         return sum(int((batch.labels[self._rows(slot), 1:] != IGNORE_INDEX).sum()) for slot in slots)
 
     def local_sync_due(self, step: int) -> bool:
@@ -454,32 +518,119 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float] | None:
-        """Loss and perplexity on the first ``--evaluation-num-batch`` global batches of the
-        evaluation data (the same sequences at every evaluation); the reporter gets the row."""
+        """Loss and perplexity (DPO: loss and TRL's metrics) on the first ``--evaluation-num-batch``
+        global batches of the evaluation data (the same sequences at every evaluation); the
+        reporter gets the row."""
         cfg, topo = self.cfg, self.topo
-        stream = None
-        if self.has_data:
-            tasks = parse_task_names(str(cfg.evaluation.path))
-            data = cfg.data
-            stream = TokenStream(
-                tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
-                self.packing,
-            )  # fmt: skip
+        stream = self._stream(parse_task_names(str(cfg.evaluation.path)), self.packing) if self.has_data else None
+        dpo = self._dpo_loss()
+        loss_fn = self._loss_fn(1.0, dpo)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
         launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with
         slots = self._slots(launched)
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
-            totals[0] += float(self._run_slots(batch, slots, normalizer=1, train=False))
-            if batch is not None and topo.is_last_stage:
+            totals[0] += float(self._run_slots(batch, slots, loss_fn, train=False, first_file=len(cfg.data.tasks)))
+            if batch is not None and topo.is_last_stage and dpo is None:
                 totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
         self.stage.train()
+        if dpo is not None:  # DPO's metrics, and its pairs in place of tokens
+            totals = torch.cat([totals[:1], dpo.totals.to(totals)])
         self.comm.all_reduce_data(totals)
         if not self.is_reporter:
             return None
+        if dpo is not None:
+            pairs = max(1.0, float(totals[-1]))
+            return {"step": self.step, "valid.loss": float(totals[0]) / pairs,
+                    **metrics_row(totals[1:].tolist(), prefix="valid.")}  # fmt: skip
         loss = float(totals[0] / max(1.0, float(totals[1])))
         return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
+
+    # -- DPO's reference ------------------------------------------------------------------------
+
+    def _pair_files(self) -> list[TaskSpec]:
+        """The files whose pairs the reference covers: the training tasks, then the evaluation's."""
+        cfg = self.cfg
+        evaluation = parse_task_names(str(cfg.evaluation.path)) if cfg.evaluation.path is not None else ()
+        return [*cfg.data.tasks, *evaluation]
+
+    def prepare_reference(self) -> None:
+        """DPO (trainer.preference): every last stage gets the reference log-probs of every
+        pair, read from the checkpoint folder where this run stored them, else computed by one
+        forward-only pass with the starting weights (LoRA: its adapters off). A resumed full
+        fine-tuning run no longer holds its starting weights: without the file it stops."""
+        cfg, topo = self.cfg, self.topo
+        path = cfg.checkpoint.path / REFERENCE_FILE
+        files = self._pair_files() if self.has_data else []  # the middle stages read no data
+        hashes = [(task.path.name, data_hash(task.path)) for task in files] if topo.is_last_stage else []
+        identity = self.identity.to_json()
+        if topo.is_last_stage:
+            self.reference = ReferenceLogps.load(path, identity, cfg.data.seq_length, hashes)
+        ready = self.comm.all_gather_object(self.reference is not None or not topo.is_last_stage)
+        if all(ready):
+            log.info("DPO reference log-probs read from %s", path)
+            return
+        if self.step > 0 and cfg.lora is None:
+            raise ValueError(
+                f"{path} is missing or does not fit the data, and this resumed run no longer holds the weights it "
+                "started from (the DPO reference); put the run's own file back, or start a new run from the "
+                "starting model in another --checkpoint-path"
+            )
+        started = time.perf_counter()
+        self.stage.eval()  # the reference is the model itself: no dropout
+        with adapters_disabled(self.stage):
+            table = self._reference_pass(files, hashes)
+        self.stage.train()
+        self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
+        if topo.is_last_stage:
+            self.reference = table
+            table.save(path, identity, cfg.data.seq_length)
+        log.info("DPO reference log-probs of every pair computed in %.1fs (kept in %s)",
+                 time.perf_counter() - started, path)  # fmt: skip
+
+    def _reference_pass(self, files: list[TaskSpec], hashes: list[tuple[str, str]]) -> ReferenceLogps | None:
+        """One forward-only pass over every pair of ``files``, each replica a slot of each batch;
+        the last stages' tables (every pair's log-probs) are complete once summed over replicas."""
+        cfg, topo = self.cfg, self.topo
+        pairs: list[list] = []
+        if self.has_data:
+            eos = self.tokenizer.eos_token_id
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+            for task in files:
+                packer = PairPacker(Source(task.path, cfg.data.skip_bad_lines, pairs=True), self.tokenizer, eos, pad,
+                                    self.stream.chat)  # fmt: skip
+                pairs.append(all_pairs(packer, cfg.data.seq_length))
+        flat = [pair for file_pairs in pairs for pair in file_pairs]
+        total = max(self.comm.all_gather_object(len(flat)))  # the middle stages read no data
+        launched = cfg.topology.data_size
+        per_batch = cfg.batch.batch_size // 2 * launched  # pairs: a slot of each replica
+        slots = self._slots(launched)
+        logps = torch.zeros(total, 2, dtype=torch.float32, device=self.device)
+        recorded: list[torch.Tensor] = []
+
+        def record(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+            recorded.append(self._sequence_logps(out, micro.labels).detach())
+            return recorded[-1].sum()
+
+        for start in range(0, total, per_batch):
+            batch = None
+            if flat:  # the last batch is filled up with its last pair, whose values are not kept
+                chunk = flat[start : start + per_batch]
+                chunk += chunk[-1:] * (per_batch - len(chunk))
+                rows = [row for pair in chunk for row in (pair.chosen, pair.rejected)]
+                batch = pair_batch(rows, [0] * len(rows), [pair.line for pair in chunk for _ in range(2)])
+            recorded.clear()
+            self._run_slots(batch, slots, record, train=False)
+            if topo.is_last_stage:
+                values = torch.cat(recorded).reshape(-1, 2)  # this replica's slot, in order
+                first = start + topo.replica * cfg.batch.batch_size // 2
+                kept = max(0, min(len(values), total - first))
+                logps[first : first + kept] = values[:kept]
+        if not topo.is_last_stage:
+            return None
+        self.comm.all_reduce_data(logps)  # each pair filled by exactly one replica: the sum is exact
+        return reference_table(hashes, pairs, logps.cpu())
 
     # -- replicas leaving (--elastic) ---------------------------------------------------------
 
@@ -676,8 +827,8 @@ class Trainer:
                     valid = self.evaluate()
                     if metrics is not None and valid is not None:
                         metrics.write(valid)
-                        log.info("step %d valid loss %.4f perplexity %.2f", self.step, valid["valid.loss"],
-                                 valid["valid.perplexity"])  # fmt: skip
+                        shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in valid.items() if k[6:] in EVAL_SHOWN)
+                        log.info("step %d valid loss %.4f %s", self.step, valid["valid.loss"], shown)
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.checkpoint()
                 if self.comm.elastic is not None:
@@ -730,6 +881,8 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
         error = f"{type(err).__name__}: {err}"
     hosts = agree_on_start(comm, cfg, trainer.step, error)
     comm.start_heartbeat()
+    if cfg.objective.pairs:
+        trainer.prepare_reference()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
     if comm.topo.rank == 0:

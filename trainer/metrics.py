@@ -75,7 +75,10 @@ class Progress:
         self._bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty())
 
     def update(self, row: dict) -> None:
-        self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        shown = {"loss": f"{row['loss']:.4f}"}
+        if "rewards/accuracies" in row:  # preference tuning: how often the chosen response wins
+            shown["acc"] = f"{row['rewards/accuracies']:.2f}"
+        self._bar.set_postfix(**shown, lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         self._bar.update(1)
 
     def close(self) -> None:

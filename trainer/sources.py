@@ -31,6 +31,11 @@ EXPECTED = (
     "(role/content turns); 'conversations' (ShareGPT from/value turns); or 'instruction' with 'output' (alpaca)"
 )
 MAX_REPORTED_BAD_LINES = 10
+PAIR_PARTS = ("prompt", "chosen", "rejected")
+PAIR_EXPECTED = (
+    "'chosen' and 'rejected' (strings, or lists of role/content turns) with an optional 'prompt' (without one, "
+    "the part the two share is the prompt, as in Anthropic HH)"
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,69 @@ class Conversation:
 
     messages: tuple[tuple[str, str], ...]  # (role, content), role one of ROLES
     where: str = field(default="", compare=False)  # file:line, for errors found when rendering
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair: one prompt and two responses to it, the first preferred. Each part
+    is text, or (role, content) turns rendered by the chat template (all three of one kind)."""
+
+    prompt: str | tuple[tuple[str, str], ...]
+    chosen: str | tuple[tuple[str, str], ...]
+    rejected: str | tuple[tuple[str, str], ...]
+    line: int = 0  # the record's line (row) in its file: with the file, the pair's name
+    where: str = field(default="", compare=False)
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.chosen, str)
+
+
+def pair_from_record(record: object, where: str, line: int) -> Pair:
+    """The preference pair a decoded record holds (TRL's preference formats), or a one-line
+    error naming ``where`` and what is wrong."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        found = f"fields {sorted(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise ValueError(f"{where}: expected a preference pair: {PAIR_EXPECTED}; found {found}")
+    parts = [record.get("prompt"), record["chosen"], record["rejected"]]
+    if all(isinstance(p, str) or p is None for p in parts):
+        kind = "text"
+    elif all(isinstance(p, list) or p is None for p in parts):
+        kind = "turns"
+        parts = [None if p is None else _turns(p, name, where) for p, name in zip(parts, PAIR_PARTS, strict=True)]
+    else:
+        raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must all be strings or all lists of turns")
+    prompt, chosen, rejected = parts
+    if prompt is None:  # an implicit prompt: the beginning both responses share
+        prompt, chosen, rejected = _shared_start(chosen, rejected)
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise ValueError(f"{where}: the {name} response is empty; a pair needs two responses to compare")
+        if kind == "turns" and not any(role == "assistant" for role, _ in response):
+            raise ValueError(f"{where}: the {name} response has no assistant turn, so nothing of it would be scored")
+    if chosen == rejected:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' are the same response; the pair teaches no preference")
+    return Pair(prompt, chosen, rejected, line, where)
+
+
+def _turns(turns: list, name: str, where: str) -> tuple[tuple[str, str], ...]:
+    if not turns:
+        return ()
+    try:
+        return _conversation(turns, "role", "content", {r: r for r in ROLES}, where, need_assistant=False).messages
+    except ValueError as err:  # name the part: "f:3: 'chosen' turn 1 has ..."
+        raise ValueError(str(err).replace(f"{where}: ", f"{where}: '{name}' ", 1)) from None
+
+
+def _shared_start(chosen: str | tuple, rejected: str | tuple) -> tuple:
+    """(prompt, chosen, rejected) from two whole texts (or turn lists) that begin alike: the
+    prompt is what they share; a space before the point where they part goes with the responses."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if isinstance(chosen, str) and shared and chosen[shared - 1] == " ":
+        shared -= 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
 def example_from_record(record: object, where: str) -> Example | Conversation:
@@ -69,7 +137,9 @@ def example_from_record(record: object, where: str) -> Example | Conversation:
     raise ValueError(f"{where}: expected {EXPECTED}; found {found}")
 
 
-def _conversation(turns: object, role_key: str, content_key: str, roles: dict, where: str) -> Conversation:
+def _conversation(
+    turns: object, role_key: str, content_key: str, roles: dict, where: str, need_assistant: bool = True
+) -> Conversation:
     """Turns as (role, content) pairs, every one checked: a known role, string content, and at
     least one assistant turn (nothing else would be trained)."""
     if not isinstance(turns, list) or not turns:
@@ -87,7 +157,7 @@ def _conversation(turns: object, role_key: str, content_key: str, roles: dict, w
                 "(multimodal content parts are not supported)"
             )
         messages.append((roles[speaker], content))
-    if not any(role == "assistant" for role, _ in messages):
+    if need_assistant and not any(role == "assistant" for role, _ in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn, so nothing of it would be trained")
     return Conversation(tuple(messages), where)
 
@@ -124,8 +194,10 @@ def source_kind(path: Path) -> str:
 class Source:
     """Examples of one task in order, cycling forever, resumable from a record count."""
 
-    def __init__(self, path: Path, skip_bad_lines: bool = False) -> None:
+    def __init__(self, path: Path, skip_bad_lines: bool = False, pairs: bool = False) -> None:
+        """``pairs``: records are preference pairs (``pair_from_record``), not training examples."""
         self.path = path
+        self.pairs = pairs
         self.kind = source_kind(path)
         self.skip_bad_lines = skip_bad_lines
         self.position = 0  # records consumed in this epoch (blank lines included)
@@ -180,9 +252,9 @@ class Source:
 
     # -- examples -----------------------------------------------------------------------------
 
-    def read(self, count: int) -> list[Example | Conversation]:
+    def read(self, count: int) -> list[Example | Conversation | Pair]:
         """The next ``count`` examples, starting a new epoch at the end of the file."""
-        examples: list[Example | Conversation] = []
+        examples: list[Example | Conversation | Pair] = []
         whole_pass, found_in_pass = self.position == 0, 0
         while len(examples) < count:
             item = self._next_record()
@@ -198,7 +270,7 @@ class Source:
                 found_in_pass += 1
         return examples
 
-    def _decode(self, line_no: int, record: object) -> Example | Conversation | None:
+    def _decode(self, line_no: int, record: object) -> Example | Conversation | Pair | None:
         where = f"{self.path}:{line_no}"
         try:
             if isinstance(record, bytes):
@@ -210,7 +282,7 @@ class Source:
                     raise ValueError(
                         f"{where}: not valid JSON ({err.msg}); fix the line or pass --skip-bad-lines"
                     ) from None
-            return example_from_record(record, where)
+            return pair_from_record(record, where, line_no) if self.pairs else example_from_record(record, where)
         except ValueError as err:
             if not self.skip_bad_lines:
                 raise

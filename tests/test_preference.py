@@ -1,0 +1,253 @@
+"""DPO through the pipeline equals DPO written from the paper's formula on HF's own model.
+
+The oracle (``dpo_oracle``) trains HF's model in one process on the run's batches: each
+sequence's log-probability from HF's logits, the reference from a frozen copy of the starting
+model (LoRA: PEFT's model with its adapters off), TRL's loss and metrics written out here. The
+pipeline (pp=2 x dp=2) must give the same loss, rewards and log-probs at every step, the same
+evaluation rows, and the same final weights; its reference is computed once, stored, and read
+back by a resume, which then goes on bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convert.to_hf import convert_to_hf
+from modules.lora import LoraSpec
+from pipeline.chain import exact_norm
+from tests.helpers import (
+    LOSS_ATOL,
+    LR,
+    SEED,
+    SEQ,
+    STEPS,
+    WARMUP,
+    _train_in_process,
+    assert_all_ok,
+    assert_same_state,
+    bundled_texts,
+    launch,
+    load_hf_state,
+    peft_reference_model,
+    read_metrics,
+    saved_adapters,
+    train_args,
+)
+from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
+from trainer.preference import REFERENCE_FILE
+
+BETA = 0.5
+PAIRS_PER_STEP = 4  # pp=2 x dp=2, --batch-size 2 pairs a replica
+LORA = ("--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0")
+ROW_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected")  # fmt: skip
+
+
+def write_pairs(path: Path, texts: list[str], shift: int) -> Path:
+    """Pairs from the corpus: a sentence's opening as the prompt, its own continuation chosen,
+    another sentence's words rejected."""
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            words, other = text.split(), texts[(i + shift) % len(texts)].split()
+            record = {"prompt": " ".join(words[:5]), "chosen": " " + " ".join(words[5:12]),
+                      "rejected": " " + " ".join(other[2:7])}  # fmt: skip
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Training pairs and evaluation pairs (files)."""
+    root = tmp_path_factory.mktemp("pairs")
+    texts = bundled_texts()
+    return str(write_pairs(root / "train.jsonl", texts[:150], 7)), str(
+        write_pairs(root / "valid.jsonl", texts[300:340], 3)
+    )
+
+
+def sequence_logps(model: torch.nn.Module, batch: object) -> torch.Tensor:
+    """Each sequence's summed log-probability of its scored tokens, from HF's logits."""
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    return (picked * (labels != IGNORE_INDEX)).sum(-1)
+
+
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean DPO loss of a batch (chosen, rejected alternating) and TRL's metrics of it."""
+    chosen, rejected = BETA * (policy[0::2] - reference[0::2]), BETA * (policy[1::2] - reference[1::2])
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    metrics = {
+        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": policy[0::2].mean(), "logps/rejected": policy[1::2].mean(),
+    }  # fmt: skip
+    return loss, {k: v.item() for k, v in metrics.items()}
+
+
+def dpo_oracle(hf: Path, train: str, valid: str, lora: LoraSpec | None = None) -> tuple[list[dict], dict, dict]:
+    """HF's model trained by DPO in one process: each step's row, the evaluation row after the
+    last step (5 batches of PAIRS_PER_STEP pairs), and the final weights (LoRA: the adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if lora is None:
+        model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa")
+        frozen = copy.deepcopy(model).eval()
+    else:
+        model = peft_reference_model(hf, lora, SEED)
+    model.train()
+
+    def reference(batch: object) -> torch.Tensor:
+        with torch.no_grad():
+            if lora is None:
+                return sequence_logps(frozen, batch)
+            model.eval()
+            with model.disable_adapter():
+                values = sequence_logps(model, batch)
+            model.train()
+            return values
+
+    rows: list[dict] = []
+
+    def loss_of(batch: object) -> torch.Tensor:
+        loss, metrics = dpo_terms(sequence_logps(model, batch), reference(batch))
+        rows.append({"loss": loss.item(), **metrics})
+        return loss
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def clip(limit: float) -> torch.Tensor:
+        norm = exact_norm([p.grad for p in trained])  # the trainer reports the exact (float64) norm
+        torch.nn.utils.clip_grad_norm_(trained, limit)
+        return norm
+
+    schedule = (hf, train, SEQ, SEED, 2 * PAIRS_PER_STEP, STEPS, LR, WARMUP, 1.0)
+    _, norms = _train_in_process(trained, loss_of, clip, *schedule, packing="none", pairs=True)
+    for row, norm in zip(rows, norms, strict=True):
+        row["grad_norm"] = norm
+
+    from transformers import AutoTokenizer
+
+    stream = TokenStream(parse_task_names(valid), AutoTokenizer.from_pretrained(hf), SEQ, SEED, packing="none",
+                         pairs=True)  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        batches = [stream.next_batch(2 * PAIRS_PER_STEP) for _ in range(5)]
+        policy = torch.cat([sequence_logps(model, b) for b in batches])
+        loss, metrics = dpo_terms(policy, torch.cat([reference(b) for b in batches]))
+    evaluation = {"valid.loss": float(loss), **{f"valid.{k}": v for k, v in metrics.items()}}
+    if lora is not None:
+        from peft import get_peft_model_state_dict
+
+        return rows, evaluation, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return rows, evaluation, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def dpo_args(shards: Path, pairs: tuple[str, str], ckpt: Path, pp: int = 2, dp: int = 2) -> list[str]:
+    batch = PAIRS_PER_STEP // dp
+    return [
+        *train_args(shards, pairs[0], ckpt, pp=pp, dp=dp, batch=batch, micro=1, accum=1),
+        "--objective", "dpo", "--dpo-beta", str(BETA), "--evaluation-data", pairs[1], "--evaluation-num-batch", "5",
+    ]  # fmt: skip
+
+
+def assert_rows_match(ours: list[dict], theirs: list[dict], keys: tuple[str, ...] = ROW_KEYS) -> None:
+    assert len(ours) == len(theirs)
+    for step, (mine, oracle) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key in keys:
+            assert mine[key] == pytest.approx(oracle[key], abs=LOSS_ATOL, rel=1e-6), (step, key)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_shards: Path, pairs: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full fine-tuning by DPO at pp=2 x dp=2: 10 steps, checkpoints at 5 and 10, evaluation at the end."""
+    tmp = tmp_path_factory.mktemp("dpo_run")
+    assert_all_ok(launch(dpo_args(tiny_shards, pairs, tmp / "ckpt"), 4, tmp))
+    return tmp / "ckpt"
+
+
+def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, tiny_hf: Path, pairs: tuple[str, str],
+                                               tmp_path: Path) -> None:  # fmt: skip
+    rows, evaluation, weights = dpo_oracle(tiny_hf, *pairs)
+    metrics = read_metrics(dpo_run)
+    ours = [r for r in metrics if "loss" in r]
+    assert_rows_match(ours, rows)
+    assert [r["grad_norm"] for r in ours] == pytest.approx([r["grad_norm"] for r in rows], rel=1e-5)
+    # step 1: the policy is the reference, so the loss is ln 2, yet its gradient is not zero
+    assert ours[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert ours[0]["rewards/margins"] == 0.0 and ours[0]["grad_norm"] > 0.1
+    assert ours[-1]["loss"] < 0.6 and ours[-1]["rewards/accuracies"] > 0.5  # it learns the preference
+    (valid,) = [r for r in metrics if "valid.loss" in r]
+    assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
+    assert_same_state(load_hf_state(convert_to_hf(dpo_run, tmp_path / "hf")), weights)
+
+
+def test_dpo_with_lora_uses_the_adapters_off_model_as_reference(
+    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    assert_all_ok(launch([*dpo_args(tiny_shards, pairs, ckpt), *LORA, "--pp-mode", "1f1b"], 4, tmp_path))
+    rows, evaluation, adapters = dpo_oracle(tiny_hf, *pairs, lora=LoraSpec.read(ckpt / "checkpoint_10")[0])
+    metrics = read_metrics(ckpt)
+    ours = [r for r in metrics if "loss" in r]
+    assert_rows_match(ours, rows)
+    assert ours[-1]["loss"] < ours[0]["loss"]
+    (valid,) = [r for r in metrics if "valid.loss" in r]
+    assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
+    assert_same_state(saved_adapters(ckpt / "checkpoint_10"), adapters)
+
+
+def test_dpo_resume_reads_the_reference_and_goes_on_bit_for_bit(
+    dpo_run: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dpo_run / "checkpoint_5", ckpt / "checkpoint_5")
+    shutil.copy(dpo_run / REFERENCE_FILE, ckpt / REFERENCE_FILE)
+    (ckpt / "latest").write_text("5\n")
+    results = launch(dpo_args(tiny_shards, pairs, ckpt), 4, tmp_path)
+    assert_all_ok(results)
+    assert all("reference log-probs read from" in r.output and "computed in" not in r.output for r in results)
+    resumed = [r for r in read_metrics(ckpt) if "loss" in r]
+    original = [r for r in read_metrics(dpo_run) if "loss" in r][5:]
+    for key in ROW_KEYS:
+        assert [r[key] for r in resumed] == [r[key] for r in original], key
+    assert (ckpt / REFERENCE_FILE).read_bytes() == (dpo_run / REFERENCE_FILE).read_bytes()
+
+    # without its reference a resumed full fine-tuning run cannot rebuild it: one line, nothing lost
+    (ckpt / REFERENCE_FILE).unlink()
+    args = dpo_args(tiny_shards, pairs, ckpt, pp=1, dp=1)
+    (result,) = launch(args, 1, tmp_path)
+    assert result.returncode != 0
+    assert f"{ckpt / REFERENCE_FILE} is missing or does not fit the data" in result.output
+    assert (ckpt / "latest").read_text() == "10\n"
+
+
+def test_dpo_lora_resume_without_its_reference_rebuilds_it_with_the_adapters_off(
+    tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    """A LoRA run still holds its reference (the base): a resume that lacks the file computes it
+    again, adapters off, and goes on as the run did. With the adapters left on (trained for 5
+    steps) the rebuilt reference, and so every later loss, would differ."""
+    ckpt = tmp_path / "ckpt"
+    assert_all_ok(launch([*dpo_args(tiny_shards, pairs, ckpt, pp=2, dp=1), *LORA], 2, tmp_path))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt / "checkpoint_5", resumed / "checkpoint_5")
+    (resumed / "latest").write_text("5\n")
+    (result,) = launch([*dpo_args(tiny_shards, pairs, resumed, pp=1, dp=1), *LORA], 1, tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "reference log-probs of every pair computed" in result.output
+    before = json.loads((ckpt / REFERENCE_FILE).read_text())["files"]
+    after = json.loads((resumed / REFERENCE_FILE).read_text())["files"]
+    assert [f["lines"] for f in after] == [f["lines"] for f in before]
+    for mine, theirs in zip(after, before, strict=True):
+        assert torch.tensor(mine["logps"]) == pytest.approx(torch.tensor(theirs["logps"]), abs=1e-4)
+    original = [r for r in read_metrics(ckpt) if "loss" in r][5:]
+    assert_rows_match([r for r in read_metrics(resumed) if "loss" in r], original)

@@ -1,0 +1,233 @@
+"""Preference tuning: Direct Preference Optimisation (Rafailov et al. 2023) over the pipeline.
+
+A pair (trainer.sources.Pair) becomes two sequences, chosen then rejected, next to each other in
+the batch, so every micro-batch holds whole pairs (``--batch-size`` and ``--micro-batch-size``
+count pairs). Each sequence is its prompt followed by its response (text: the response and an
+EOS; turns: the chat template's rendering, the response's assistant tokens scored), padded;
+only response tokens are scored. A pair longer than ``--seq-length`` loses the start of its
+prompt until the longer sequence fits, keeping at least the prompt's last half of the sequence
+length; a response that still does not fit is cut at its end (counted as ``truncated`` in the
+data state, logged once per task).
+
+The last stage sums each sequence's log-probability over its response tokens (without holding
+all logits: trainer.loss.sequence_logps) and forms TRL's loss,
+``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` (with label smoothing, the
+conservative form), and TRL's metrics. The reference log-probabilities ``ref`` are precomputed:
+one forward-only pass over every pair of the training and evaluation data before the first
+step, with the starting weights (LoRA: its adapters switched off), stored in the checkpoint
+folder (``dpo_reference.json``) by file and record, with each file's hash, so a resume or
+another topology reads them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.chat import ChatTemplate
+from trainer.sources import Conversation, Pair, Source
+
+log = logging.getLogger(__name__)
+READ_CHUNK = 64  # pairs tokenised together
+REFERENCE_FILE = "dpo_reference.json"
+# TRL's names, averaged over the step's pairs (rewards are beta times the log-ratio to the reference)
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")  # fmt: skip
+
+Row = tuple[list[int], list[int], list[int]]  # tokens, targets (1: scored), position ids
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    line: int  # the record's line in its file
+    chosen: Row
+    rejected: Row
+
+
+class PairPacker:
+    """One task's pairs in file order, each as two padded sequences (the module docstring)."""
+
+    def __init__(self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate) -> None:
+        self.source, self.tokenizer, self.chat = source, tokenizer, chat
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.pending: list[EncodedPair] = []  # read, not yet drawn
+        self.truncated = 0  # pairs whose prompt or responses were cut to the sequence length
+
+    def next_pair(self, length: int) -> EncodedPair:
+        while not self.pending:
+            self.pending = [p for p in (self._encoded(pair, length) for pair in self.source.read(READ_CHUNK)) if p]
+        return self.pending.pop(0)
+
+    def _encoded(self, pair: Pair, length: int) -> EncodedPair | None:
+        try:
+            prompt, responses = self._split(pair)
+        except ValueError as err:  # a conversation the template cannot render
+            if not self.source.skip_bad_lines:
+                raise ValueError(f"{err}; fix the record or pass --skip-bad-lines") from None
+            self.source.skipped(err)
+            return None
+        longest = max(len(p) + len(r) for p, (r, _) in zip(prompt, responses, strict=True))
+        if longest > length:
+            self._truncating(pair, longest, length)
+        # both prompts keep the same tokens: as many as the longer response leaves room for
+        response_room = length - max(len(r) for r, _ in responses)
+        rows = [self._row(p, r, t, length, response_room) for p, (r, t) in zip(prompt, responses, strict=True)]
+        return EncodedPair(pair.line, *rows)
+
+    def _split(self, pair: Pair) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+        """Each sequence's prompt tokens and its response's (tokens, scored flags)."""
+        if not pair.conversational:
+            prompt, chosen, rejected = self.tokenizer(
+                [pair.prompt, pair.chosen, pair.rejected], add_special_tokens=False
+            )["input_ids"]  # fmt: skip
+            responses = [([*r, self.eos_id], [1] * (len(r) + 1)) for r in (chosen, rejected)]
+            return [prompt, prompt], responses
+        prompts, responses = [], []
+        for response in (pair.chosen, pair.rejected):
+            conversation = Conversation(pair.prompt + response, pair.where)
+            tokens, targets = self.chat.encode(conversation, trained_from=len(pair.prompt))
+            start = targets.index(1)  # the response begins with its first scored token
+            prompts.append(tokens[:start])
+            responses.append((tokens[start:], targets[start:]))
+        return prompts, responses
+
+    def _row(self, prompt: list[int], response: list[int], scored: list[int], length: int, room: int) -> Row:
+        keep = max(room, min(len(prompt), length // 2))
+        prompt = prompt[len(prompt) - keep :] if keep < len(prompt) else prompt
+        tokens = (prompt + response)[:length]
+        targets = ([0] * len(prompt) + scored)[:length]
+        targets[0] = 0  # the first token has nothing before it
+        pad = length - len(tokens)  # padding: its own block of positions, never scored
+        return tokens + [self.pad_id] * pad, targets + [0] * pad, [*range(len(tokens)), *range(pad)]
+
+    def _truncating(self, pair: Pair, size: int, length: int) -> None:
+        if self.truncated == 0:
+            log.warning(
+                "%s: a pair of %d tokens is longer than --seq-length %d; such pairs lose the start of their prompt "
+                "(keeping at least its last %d tokens) and then the end of their responses until they fit "
+                "(counted in the data state, logged once per task)",
+                pair.where, size, length, length // 2,
+            )  # fmt: skip
+        self.truncated += 1
+
+    def state_dict(self) -> dict:
+        pending = [[p.line, [list(x) for x in p.chosen], [list(x) for x in p.rejected]] for p in self.pending]
+        return {"source": self.source.state_dict(), "pending": pending, "truncated": self.truncated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self.pending = [EncodedPair(line, tuple(c), tuple(r)) for line, c, r in state["pending"]]
+        self.truncated = state.get("truncated", 0)
+
+
+def all_pairs(packer: PairPacker, length: int) -> list[EncodedPair]:
+    """Every pair of a fresh packer's file, once, in file order (lines only grow within a pass)."""
+    pairs = [packer.next_pair(length)]
+    while (pair := packer.next_pair(length)).line > pairs[-1].line:
+        pairs.append(pair)
+    return pairs
+
+
+def data_hash(path: Path) -> str:
+    """A short hash of a data file's bytes (a datasets folder: of its files, by name)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# -- the loss ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DpoSettings:
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
+
+
+class DpoLoss:
+    """The last stage's DPO loss of one step, from each sequence's summed log-probability and
+    the micro-batch's reference ones; ``totals`` sums the step's metrics (METRICS, then the
+    number of pairs) for the row."""
+
+    def __init__(self, settings: DpoSettings, device: torch.device | str) -> None:
+        self.settings = settings
+        self.totals = torch.zeros(len(METRICS) + 1, dtype=torch.float32, device=device)
+
+    def __call__(self, logps: torch.Tensor, reference: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """``logps``, ``reference``: (2 * pairs,) chosen and rejected alternating; returns the
+        summed loss of these pairs over ``normalizer``."""
+        beta, smoothing = self.settings.beta, self.settings.label_smoothing
+        chosen, rejected = logps[0::2], logps[1::2]
+        chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
+        margin = beta * (chosen_ratio - rejected_ratio)
+        losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
+        with torch.no_grad():
+            rewards_c, rewards_r = beta * chosen_ratio, beta * rejected_ratio
+            stats = [rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected]
+            self.totals += torch.stack([s.sum() for s in stats] + [torch.tensor(float(len(chosen)))]).to(self.totals)
+        return losses.sum() / normalizer
+
+
+def metrics_row(totals: list[float], prefix: str = "") -> dict[str, float]:
+    """TRL's metrics from summed ``totals`` (DpoLoss.totals, summed over micro-batches and replicas)."""
+    pairs = max(1.0, totals[-1])
+    return {prefix + name: value / pairs for name, value in zip(METRICS, totals, strict=False)}
+
+
+# -- the reference ------------------------------------------------------------------------------
+
+
+class ReferenceLogps:
+    """The reference model's summed log-probabilities of every pair's chosen and rejected
+    sequences, by data file (training tasks, then evaluation tasks) and record line."""
+
+    def __init__(self, files: list[dict]) -> None:
+        self.files = files  # {"name", "hash", "lines": [...], "logps": [[chosen, rejected], ...]}
+        self._index = [{line: k for k, line in enumerate(f["lines"])} for f in files]
+
+    def rows(self, keys: list[tuple[int, int]]) -> torch.Tensor:
+        """(2 * len(keys),) reference log-probs of the pairs ``keys`` ((file, line) each), chosen
+        and rejected alternating."""
+        values = [v for file, line in keys for v in self.files[file]["logps"][self._index[file][line]]]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def save(self, path: Path, identity: dict, seq_length: int) -> None:
+        from modules.layout import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"run": identity, "seq_length": seq_length, "files": self.files}))
+
+    @staticmethod
+    def load(path: Path, identity: dict, seq_length: int, hashes: list[tuple[str, str]]) -> ReferenceLogps | None:
+        """The table at ``path`` if it was computed for this run, sequence length and data
+        (each file's name and hash, in order); None where there is none or it does not fit."""
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        fits = saved.get("run") == identity and saved.get("seq_length") == seq_length
+        if not fits or [(f["name"], f["hash"]) for f in saved["files"]] != hashes:
+            log.warning("%s was computed for another model, sequence length or data: it is not used", path)
+            return None
+        return ReferenceLogps(saved["files"])
+
+
+def reference_table(
+    files: list[tuple[str, str]], pairs: list[list[EncodedPair]], logps: torch.Tensor
+) -> ReferenceLogps:
+    """The table from each file's (name, hash), its pairs, and their log-probs in that order (rows, 2)."""
+    entries, start = [], 0
+    for (name, digest), file_pairs in zip(files, pairs, strict=True):
+        values = logps[start : start + len(file_pairs)].tolist()
+        entries.append({"name": name, "hash": digest, "lines": [p.line for p in file_pairs], "logps": values})
+        start += len(file_pairs)
+    return ReferenceLogps(entries)
