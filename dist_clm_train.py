@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.preview_data > 0:  # no process group: a look at the data mix, then exit
             tokenizer = args.tokenizer_name or args.model_name
             preview(data_config(args), tokenizer, args.preview_data, sys.stdout, args.preview_format,
-                    pairs=args.objective == "dpo")  # fmt: skip
+                    pairs=args.objective in ("dpo", "reward"))  # fmt: skip
             return
         cfg = config_from_args(args)
     except (ValueError, OSError) as err:

@@ -10,6 +10,10 @@ Full weights are written part by part into HF's sharded safetensors layout
 (``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``; one
 ``model.safetensors`` when it fits in ``--max-shard-gb``), holding one part in memory at a time.
 
+A reward model (trained with ``--objective reward``) is written as HF's ForSequenceClassification
+model of its family (``score.weight``, one label, ``pad_token_id`` set): a folder
+``AutoModelForSequenceClassification`` loads.
+
 A LoRA checkpoint holds adapters only; its ``lora.json`` names the base model directory
 (``--base-model`` overrides it). ``--lora-export merged`` writes the base with the adapters
 folded in, streamed as above (PEFT merges each block on its own); ``--lora-export adapter``
@@ -32,8 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import torch
 
 from convert.safetensors_stream import Entry, ShardWriter, part_layout
-from modules import EMBEDDING_PART, HEAD_PART, family_for, layer_part, load_config
-from modules.layout import copy_model_files, layer_indices, load_part, resolve_model_dir
+from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, family_for, layer_part, load_config
+from modules.layout import copy_model_files, layer_indices, load_part, part_exists, resolve_model_dir
 from modules.lora import LoraSpec, adapter_part, add_adapters, hf_block_path, is_adapter_parameter, load_adapter_state
 
 log = logging.getLogger("convert.to_hf")
@@ -70,23 +74,30 @@ PartTransform = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]
 
 def write_hf_shards(
     model_dir: Path, save_path: Path, dtype: torch.dtype | None, max_shard_bytes: int,
-    transform: PartTransform | None = None,
+    transform: PartTransform | None = None, score_dir: Path | None = None,
 ) -> tuple[object, int, torch.dtype]:  # fmt: skip
     """Write the parts of ``model_dir`` as HF safetensors shards, holding one part at a time
     (the shards' headers come from the parts' headers). Returns the config, the bytes written
     and the dtype of the weights. A tied output weight is written once, as the embedding (as
     HF writes it); names are those of HF's own files. ``transform(part, tensors)`` may change
-    each part's values as it is read (same names, shapes and dtypes)."""
+    each part's values as it is read (same names, shapes and dtypes). ``score_dir`` holds a
+    reward model's score head: it is written as ``score.weight`` in place of the output layer,
+    as HF's ForSequenceClassification models hold it."""
     config, parts = model_parts(model_dir)
     family = family_for(config.model_type)
     skip = (HEAD_PART, family.tied_keys[1]) if getattr(config, "tie_word_embeddings", False) else None
+    with torch.device("meta"):
+        output = family.head(config).out_name + "."  # the output layer's keys in the head part
     plan: dict[str, list[tuple[str, Entry]]] = {}  # part -> (key as HF's files cut it, what is written)
     for part in parts:
         plan[part] = [
             (local, Entry(family.shard_to_hf(part, local, on_disk=True), shape, dtype or stored))
             for local, (shape, stored) in family.disk_shapes(part, part_layout(model_dir, part)).items()
-            if (part, local) != skip
+            if (part, local) != skip and not (score_dir is not None and part == HEAD_PART and local.startswith(output))
         ]
+    if score_dir is not None:
+        ((shape, stored),) = part_layout(score_dir, SCORE_PART).values()
+        plan[SCORE_PART] = [("weight", Entry("score.weight", shape, dtype or stored))]
     entries = [entry for part_entries in plan.values() for _, entry in part_entries]
     shards: list[list[Entry]] = [[]]
     size = 0
@@ -103,7 +114,7 @@ def write_hf_shards(
     save_path.mkdir(parents=True, exist_ok=True)
     writer, open_shard = None, -1
     for part, part_entries in plan.items():
-        tensors = load_part(model_dir, part)
+        tensors = load_part(score_dir if part == SCORE_PART else model_dir, part)
         if transform is not None:
             tensors = transform(part, tensors)
         tensors = family.to_disk(part, tensors)  # experts: one tensor each, as HF's files hold them
@@ -215,6 +226,7 @@ def convert_to_hf(
     lora = LoraSpec.read(model_dir)
     cast = DTYPES[dtype] if dtype not in (None, "auto") else None
     merge, source = None, model_dir
+    score_dir = model_dir if part_exists(model_dir, SCORE_PART) else None  # a reward model
     if lora is None:
         if lora_export is not None or base_model is not None or base_hf_name is not None:
             raise ValueError(
@@ -229,6 +241,11 @@ def convert_to_hf(
                 "pass --base-model with the --model-name they were trained on"
             )
         if (lora_export or "merged") == "adapter":
+            if score_dir is not None:
+                raise ValueError(
+                    f"{model_dir} is a reward model: export it merged (drop --lora-export adapter), which "
+                    "AutoModelForSequenceClassification loads"
+                )
             model = _with_adapters(model_dir, spec, base, base_hf_name)
             if cast is not None:
                 model = model.to(cast)
@@ -238,11 +255,25 @@ def convert_to_hf(
             return save_path
         # merged: the base's parts, each layer with its adapters folded in, a plain HF model
         merge, source = merge_adapters(base, model_dir, spec), base
-    config, total, config.dtype = write_hf_shards(source, save_path, cast, int(max_shard_gb * 1e9), merge)
+    config, total, config.dtype = write_hf_shards(source, save_path, cast, int(max_shard_gb * 1e9), merge, score_dir)
     copy_model_files(model_dir, save_path)
+    if score_dir is not None:
+        as_sequence_classifier(config, model_dir)
     config.save_pretrained(save_path)  # after the copy: records the dtype written
     log.info("wrote HF model (%.3g GB) from %s to %s", total / 1e9, model_dir, save_path)
     return save_path
+
+
+def as_sequence_classifier(config: object, model_dir: Path) -> None:
+    """A reward model's config: HF's ForSequenceClassification class of the family, one label,
+    and the pad token it pools before (the trainer's padding: the tokenizer's pad, else EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.architectures = [name.replace("ForCausalLM", "ForSequenceClassification") for name in config.architectures]
+    config.num_labels = 1
+    config.pad_token_id = pad
 
 
 def main(argv: list[str] | None = None) -> None:

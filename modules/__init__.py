@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 
 from modules.decoders import FAMILIES as DECODER_FAMILIES
-from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule, init_weights, layer_part, part_generator
+from modules.family import (
+    EMBEDDING_PART,
+    HEAD_PART,
+    SCORE_PART,
+    Family,
+    KeyRule,
+    init_weights,
+    layer_part,
+    part_generator,
+)
 from modules.gpt2 import FAMILY as GPT2
 from modules.gptj import FAMILY as GPTJ
 from modules.gptneox import FAMILY as GPTNEOX
@@ -17,6 +26,7 @@ __all__ = [
     "EMBEDDING_PART",
     "FAMILIES",
     "HEAD_PART",
+    "SCORE_PART",
     "Family",
     "KeyRule",
     "attention_implementation",

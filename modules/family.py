@@ -24,6 +24,8 @@ from modules.experts import ExpertLayout
 
 EMBEDDING_PART = "embs"
 HEAD_PART = "lm_head"
+# a reward model's scalar head (hidden -> 1, no bias: HF's ForSequenceClassification ``score``), on the last stage
+SCORE_PART = "score"
 
 
 def layer_part(index: int) -> str:

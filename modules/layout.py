@@ -48,6 +48,10 @@ def part_file(model_dir: str | Path, part: str) -> Path:
     )
 
 
+def part_exists(model_dir: str | Path, part: str) -> bool:
+    return (Path(model_dir) / f"{part}.safetensors").is_file()
+
+
 def load_part(model_dir: str | Path, part: str) -> dict[str, torch.Tensor]:
     """Tensors of one part. Legacy pickles load with ``weights_only=True``: no code runs."""
     path = part_file(model_dir, part)

@@ -43,8 +43,10 @@ class MicroBatch:
     input_ids: torch.Tensor | None  # (micro, seq) on the first stage, else None
     labels: torch.Tensor | None  # (micro, seq) on the last stage, else None
     position_ids: torch.Tensor | None = None  # (micro, seq) on the first stage (None: 0..seq-1)
-    # per-sequence values the loss compares with (DPO's reference log-probs), on the last stage
+    # on the last stage, per sequence: what the loss compares with (DPO's reference log-probs),
+    # and where it is scored (a reward model's last real token)
     reference: torch.Tensor | None = None
+    scored_at: torch.Tensor | None = None
 
 
 # the last stage's output and its micro-batch (labels, reference) -> the micro-batch's loss

@@ -8,18 +8,22 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
-from modules.layout import load_part
+from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, Family, init_weights, layer_part, part_generator
+from modules.layout import load_part, part_exists
 from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is_adapter_parameter, load_adapter_state
 from modules.routing import load_balance
 
 
-def saved_part_names(layers: Iterable[int], is_first: bool, is_last: bool, lora: bool) -> list[str]:
+def saved_part_names(
+    layers: Iterable[int], is_first: bool, is_last: bool, lora: bool, score: bool = False
+) -> list[str]:
     """The shard names a checkpoint holds of a stage of ``layers``, in order: every part, or
-    under LoRA each block's adapters (``Stage.saved_parts``; known before the stage is built)."""
+    under LoRA each block's adapters; a reward model's last stage adds its score head
+    (``Stage.saved_parts``; known before the stage is built)."""
+    scored = [SCORE_PART] * (is_last and score)
     if lora:
-        return [adapter_part(layer_part(i)) for i in layers]
-    return [EMBEDDING_PART] * is_first + [layer_part(i) for i in layers] + [HEAD_PART] * is_last
+        return [adapter_part(layer_part(i)) for i in layers] + scored
+    return [EMBEDDING_PART] * is_first + [layer_part(i) for i in layers] + [HEAD_PART] * is_last + scored
 
 
 class Stage(nn.Module):
@@ -34,10 +38,13 @@ class Stage(nn.Module):
         is_last: bool,
         recompute: bool = False,
         device: torch.device | str = "cpu",
+        score: bool = False,
     ) -> None:
         """The parts are built on the meta device and then given uninitialised memory on
         ``device``: no layer of another stage is ever allocated, and no random initialisation
-        runs that ``load_parts`` or ``init_parts`` (one of which must follow) would overwrite."""
+        runs that ``load_parts`` or ``init_parts`` (one of which must follow) would overwrite.
+        ``score``: a reward model, whose last stage scores the final hidden state with a scalar
+        head (``score``) in place of the output layer, which is then frozen and unused."""
         super().__init__()
         self.layer_ids = list(layers)
         # Activation recomputation: a block keeps only its input for the backward and runs its
@@ -50,11 +57,15 @@ class Stage(nn.Module):
             self.embedding = family.embedding(config) if is_first else None
             self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
             self.head = family.head(config) if is_last else None
+            self.score = nn.Linear(config.hidden_size, 1, bias=False) if is_last and score else None
         for part in self.parts().values():
             part.to_empty(device=device)
+        if self.score is not None:  # the output layer is not used: it stays as loaded, untrained
+            self.head.output.requires_grad_(False)
         # The context's tables (rotary frequencies) are computed, not loaded: built for real.
         self.context = family.context(config).to(device)
-        self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) else None
+        # a reward model has no output layer to keep tied (HF's ForSequenceClassification has none)
+        self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) and not score else None
         self.family = family
         self.config = config
         # a mixture of experts' load-balancing loss, when the config asks for it (``routed``)
@@ -79,8 +90,9 @@ class Stage(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The pieces of this stage by shard name: how they are stored, whatever the topology."""
-        names = saved_part_names(self.layer_ids, self.embedding is not None, self.head is not None, lora=False)
-        modules = [self.embedding, *(self.layers[str(i)] for i in self.layer_ids), self.head]
+        first, last, score = self.embedding is not None, self.head is not None, self.score is not None
+        names = saved_part_names(self.layer_ids, first, last, lora=False, score=score)
+        modules = [self.embedding, *(self.layers[str(i)] for i in self.layer_ids), self.head, self.score]
         return dict(zip(names, [m for m in modules if m is not None], strict=True))
 
     def init_parts(self, std: float, seed: int) -> None:
@@ -99,10 +111,15 @@ class Stage(nn.Module):
                 if padding_idx is not None:
                     weight[padding_idx].zero_()
 
-    def load_parts(self, model_dir: str, prefix: str = "") -> None:
+    def load_parts(self, model_dir: str, prefix: str = "", std: float = 0.02, seed: int = 0) -> None:
         """Load every part of this stage from a layer-sharded directory (strict: no silent gaps);
-        ``prefix`` names another copy of the parts there (a checkpoint's other replicas)."""
+        ``prefix`` names another copy of the parts there (a checkpoint's other replicas). A
+        reward model's score head that the folder lacks (a causal LM's) starts as HF starts it,
+        normal with ``std``, drawn from ``seed``."""
         for part, module in self.parts().items():
+            if part == SCORE_PART and not part_exists(model_dir, prefix + part):
+                init_weights(module, std, seed, part)
+                continue
             tensors = load_part(model_dir, prefix + part)
             missing, unexpected = module.load_state_dict(tensors, strict=False)
             if missing or unexpected:
@@ -123,7 +140,8 @@ class Stage(nn.Module):
         for i in self.layer_ids:
             add_adapters(self.layers[str(i)], spec, seed, layer_part(i))
         for name, param in self.named_parameters():
-            param.requires_grad_(is_adapter_parameter(name))
+            # a reward model's score head is new: trained whole, as PEFT's modules_to_save
+            param.requires_grad_(is_adapter_parameter(name) or name.startswith("score."))
         if frozen_dtype is not None:
             for name, module in self.layers.named_modules():
                 linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -137,11 +155,12 @@ class Stage(nn.Module):
         adapters of each block only (``lora_layer_<i>``); the base stays where it was loaded from."""
         if self.lora is None:
             return self.parts()
-        names = saved_part_names(self.layer_ids, False, False, lora=True)
-        return dict(zip(names, (self.layers[str(i)] for i in self.layer_ids), strict=True))
+        names = saved_part_names(self.layer_ids, False, self.score is not None, lora=True, score=self.score is not None)
+        modules = [*(self.layers[str(i)] for i in self.layer_ids), self.score]
+        return dict(zip(names, [m for m in modules if m is not None], strict=True))
 
     def saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return module.state_dict() if self.lora is None else adapter_state(module)
+        return module.state_dict() if self.lora is None or module is self.score else adapter_state(module)
 
     def load_saved(self, directory: str, prefix: str = "") -> None:
         """Load what ``saved_parts`` names from a checkpoint directory (files ``prefix + part``)."""
@@ -149,7 +168,11 @@ class Stage(nn.Module):
             self.load_parts(directory, prefix)
             return
         for part, module in self.saved_parts().items():
-            load_adapter_state(module, load_part(directory, prefix + part), f"{directory}/{prefix}{part}")
+            tensors = load_part(directory, prefix + part)
+            if module is self.score:
+                module.load_state_dict(tensors, strict=True)
+            else:
+                load_adapter_state(module, tensors, f"{directory}/{prefix}{part}")
 
     def routed(
         self, x: torch.Tensor, sums: torch.Tensor, position_ids: torch.Tensor | None = None

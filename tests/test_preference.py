@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,30 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tens
     return loss, {k: v.item() for k, v in metrics.items()}
 
 
+def train_on_pairs(model: torch.nn.Module, hf: Path, train: str, terms: Callable) -> list[dict]:
+    """The oracle's loop over the run's batches of pairs: ``terms(batch)`` gives the mean loss
+    and the metrics of a batch; returns each step's row, with the exact gradient norm."""
+    rows: list[dict] = []
+
+    def loss_of(batch: object) -> torch.Tensor:
+        loss, metrics = terms(batch)
+        rows.append({"loss": loss.item(), **metrics})
+        return loss
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def clip(limit: float) -> torch.Tensor:
+        norm = exact_norm([p.grad for p in trained])  # the trainer reports the exact (float64) norm
+        torch.nn.utils.clip_grad_norm_(trained, limit)
+        return norm
+
+    schedule = (hf, train, SEQ, SEED, 2 * PAIRS_PER_STEP, STEPS, LR, WARMUP, 1.0)
+    _, norms = _train_in_process(trained, loss_of, clip, *schedule, packing="none", pairs=True)
+    for row, norm in zip(rows, norms, strict=True):
+        row["grad_norm"] = norm
+    return rows
+
+
 def dpo_oracle(hf: Path, train: str, valid: str, lora: LoraSpec | None = None) -> tuple[list[dict], dict, dict]:
     """HF's model trained by DPO in one process: each step's row, the evaluation row after the
     last step (5 batches of PAIRS_PER_STEP pairs), and the final weights (LoRA: the adapters)."""
@@ -115,24 +140,7 @@ def dpo_oracle(hf: Path, train: str, valid: str, lora: LoraSpec | None = None) -
             model.train()
             return values
 
-    rows: list[dict] = []
-
-    def loss_of(batch: object) -> torch.Tensor:
-        loss, metrics = dpo_terms(sequence_logps(model, batch), reference(batch))
-        rows.append({"loss": loss.item(), **metrics})
-        return loss
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-
-    def clip(limit: float) -> torch.Tensor:
-        norm = exact_norm([p.grad for p in trained])  # the trainer reports the exact (float64) norm
-        torch.nn.utils.clip_grad_norm_(trained, limit)
-        return norm
-
-    schedule = (hf, train, SEQ, SEED, 2 * PAIRS_PER_STEP, STEPS, LR, WARMUP, 1.0)
-    _, norms = _train_in_process(trained, loss_of, clip, *schedule, packing="none", pairs=True)
-    for row, norm in zip(rows, norms, strict=True):
-        row["grad_norm"] = norm
+    rows = train_on_pairs(model, hf, train, lambda batch: dpo_terms(sequence_logps(model, batch), reference(batch)))
 
     from transformers import AutoTokenizer
 
@@ -251,3 +259,122 @@ def test_dpo_lora_resume_without_its_reference_rebuilds_it_with_the_adapters_off
         assert torch.tensor(mine["logps"]) == pytest.approx(torch.tensor(theirs["logps"]), abs=1e-4)
     original = [r for r in read_metrics(ckpt) if "loss" in r][5:]
     assert_rows_match([r for r in read_metrics(resumed) if "loss" in r], original)
+
+
+# -- reward models --------------------------------------------------------------------------------
+
+
+def hf_rewards(model: torch.nn.Module, batch: object) -> torch.Tensor:
+    """HF's own scores of a batch's sequences (pooled where HF pools: the last token not padding)."""
+    return model(input_ids=batch.input_ids, use_cache=False).logits.squeeze(-1).float()
+
+
+def reward_terms(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean pairwise loss of a batch (chosen, rejected alternating) and TRL's metrics of it."""
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    loss = torch.log1p(torch.exp(rejected - chosen)).mean()  # ColossalAI's form of -log sigmoid(r_c - r_r)
+    metrics = {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
+               "mean_reward": rewards.mean()}  # fmt: skip
+    return loss, {k: v.item() for k, v in metrics.items()}
+
+
+def reward_oracle(hf: Path, train: str, valid: str) -> tuple[list[dict], dict, dict]:
+    """HF's ForSequenceClassification model of the tiny LM (its score head started as the
+    trainer starts it) trained on the pairwise loss in one process: rows, evaluation, weights."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from modules import SCORE_PART, part_generator
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(hf, num_labels=1, pad_token_id=pad,
+                                                               attn_implementation="sdpa")  # fmt: skip
+    with torch.no_grad():
+        shape = model.score.weight.shape
+        model.score.weight.copy_(torch.randn(shape, generator=part_generator(SEED, SCORE_PART)) * 0.02)
+    model.train()
+    rows = train_on_pairs(model, hf, train, lambda batch: reward_terms(hf_rewards(model, batch)))
+    model.eval()
+    return rows, reward_evaluation(model, hf, valid), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reward_evaluation(model: torch.nn.Module, hf: Path, valid: str) -> dict[str, float]:
+    """The evaluation row of a run (5 batches of PAIRS_PER_STEP pairs), by HF's ``model``."""
+    from transformers import AutoTokenizer
+
+    stream = TokenStream(parse_task_names(valid), AutoTokenizer.from_pretrained(hf), SEQ, SEED, packing="none",
+                         pairs=True)  # fmt: skip
+    with torch.no_grad():
+        rewards = torch.cat([hf_rewards(model, stream.next_batch(2 * PAIRS_PER_STEP)) for _ in range(5)])
+    loss, metrics = reward_terms(rewards)
+    return {"valid.loss": loss.item(), **{f"valid.{k}": v for k, v in metrics.items()}}
+
+
+REWARD_KEYS = ("loss", "accuracy", "margin", "mean_reward", "grad_norm")
+
+
+def test_reward_model_equals_hf_sequence_classifier_and_exports_to_it(
+    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    ckpt = tmp_path / "ckpt"
+    args = [*dpo_args(tiny_shards, pairs, ckpt), "--pp-mode", "zb1"]
+    args[args.index("dpo")] = "reward"
+    del args[args.index("--dpo-beta") : args.index("--dpo-beta") + 2]
+    assert_all_ok(launch(args, 4, tmp_path))
+    rows, evaluation, weights = reward_oracle(tiny_hf, *pairs)
+    metrics = read_metrics(ckpt)
+    ours = [r for r in metrics if "loss" in r]
+    assert_rows_match(ours, rows, REWARD_KEYS)
+    assert ours[-1]["loss"] < ours[0]["loss"]
+    (valid,) = [r for r in metrics if "valid.loss" in r]
+    assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
+
+    # the export is HF's sequence classifier: its weights are the oracle's, and it scores the
+    # evaluation pairs as the trainer did
+    exported = AutoModelForSequenceClassification.from_pretrained(convert_to_hf(ckpt, tmp_path / "hf")).eval()
+    assert type(exported).__name__ == "GPTNeoXForSequenceClassification" and exported.config.num_labels == 1
+    assert_same_state(exported.state_dict(), weights)
+    assert_rows_match([reward_evaluation(exported, tiny_hf, pairs[1])], [valid], keys=tuple(evaluation))
+    # and it ranks the chosen response above the rejected on most training pairs
+    from transformers import AutoTokenizer
+
+    stream = TokenStream(parse_task_names(pairs[0]), AutoTokenizer.from_pretrained(tiny_hf), SEQ, SEED,
+                         packing="none", pairs=True)  # fmt: skip
+    with torch.no_grad():
+        rewards = torch.cat([hf_rewards(exported, stream.next_batch(50)) for _ in range(3)])
+    assert (rewards[0::2] > rewards[1::2]).float().mean() > 0.6
+
+
+def test_lora_reward_model_resumes_elsewhere_and_exports_merged(
+    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    """Under LoRA the score head trains whole beside the adapters and is saved with them; a
+    resume in another topology goes on as the run did; the merged export scores as the trainer."""
+    from transformers import AutoModelForSequenceClassification
+
+    def reward_args(ckpt: Path, pp: int, dp: int) -> list[str]:
+        args = [*dpo_args(tiny_shards, pairs, ckpt, pp=pp, dp=dp), *LORA]
+        args[args.index("dpo")] = "reward"
+        del args[args.index("--dpo-beta") : args.index("--dpo-beta") + 2]
+        return args
+
+    ckpt = tmp_path / "ckpt"
+    assert_all_ok(launch(reward_args(ckpt, pp=2, dp=1), 2, tmp_path))
+    assert (ckpt / "checkpoint_10" / "score.safetensors").is_file()
+    assert not (ckpt / "checkpoint_10" / "lm_head.safetensors").exists()  # LoRA: adapters and the head only
+    rows = [r for r in read_metrics(ckpt) if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    (valid,) = [r for r in read_metrics(ckpt) if "valid.loss" in r]
+
+    merged = AutoModelForSequenceClassification.from_pretrained(convert_to_hf(ckpt, tmp_path / "hf")).eval()
+    assert_rows_match([reward_evaluation(merged, tiny_hf, pairs[1])], [valid], keys=tuple(valid)[1:])
+    with pytest.raises(ValueError, match="is a reward model: export it merged"):
+        convert_to_hf(ckpt, tmp_path / "adapter", lora_export="adapter")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt / "checkpoint_5", resumed / "checkpoint_5")
+    (resumed / "latest").write_text("5\n")
+    assert_all_ok(launch(reward_args(resumed, pp=1, dp=1), 1, tmp_path))
+    assert_rows_match([r for r in read_metrics(resumed) if "loss" in r], rows[5:], REWARD_KEYS)

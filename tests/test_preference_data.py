@@ -19,7 +19,16 @@ from trainer.chat import ChatTemplate
 from trainer.cli import config_from_args, parse_args
 from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.loss import chunked_token_loss, sequence_logps
-from trainer.preference import READ_CHUNK, DpoLoss, DpoSettings, PairPacker, ReferenceLogps, all_pairs, metrics_row
+from trainer.preference import (
+    READ_CHUNK,
+    DpoLoss,
+    DpoSettings,
+    PairPacker,
+    ReferenceLogps,
+    RewardLoss,
+    all_pairs,
+    last_tokens,
+)
 from trainer.sources import Pair, Source, pair_from_record
 
 
@@ -202,7 +211,7 @@ def test_dpo_loss_and_metrics_from_the_formula() -> None:
     margins = [beta * ((-3.0 + 3.5) - (-5.0 + 4.0)), beta * ((-4.0 + 4.0) - (-2.0 + 3.0))]  # 0.3, -0.2
     expected = sum(-log_sigmoid(m) * (1 - smoothing) - log_sigmoid(-m) * smoothing for m in margins) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    row = metrics_row(dpo.totals.tolist())
+    row = dpo.row(dpo.totals.tolist())
     assert row == pytest.approx({"rewards/chosen": beta * 0.25, "rewards/rejected": beta * 0.0,
                                  "rewards/accuracies": 0.5, "rewards/margins": 0.05, "logps/chosen": -3.5,
                                  "logps/rejected": -3.5})  # fmt: skip
@@ -243,6 +252,12 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
         assert message in str(err.value)
     with pytest.raises(ValueError, match="--dpo-beta apply to --objective dpo; add it or drop them"):
         config_from_args(parse_args([*base[:-2], "--dpo-beta", "0.3"]))
+    # a reward model counts pairs too; it needs no reference, so an elastic run may lose replicas
+    reward = [*base[:-1], "reward", "--batch-size", "2", "--micro-batch-size", "2"]
+    cfg = config_from_args(parse_args([*reward, "--elastic", "--data-group-size", "2"]))
+    assert cfg.objective.reward_model and cfg.objective.pairs and cfg.batch.micro_batch_size == 4
+    with pytest.raises(ValueError, match="--dpo-label-smoothing apply to --objective dpo"):
+        config_from_args(parse_args([*reward, "--dpo-label-smoothing", "0.1"]))
 
 
 def test_preview_shows_each_pair_as_its_two_sequences(tiny_hf: Path, tmp_path: Path) -> None:
@@ -262,3 +277,15 @@ def test_preview_shows_each_pair_as_its_two_sequences(tiny_hf: Path, tmp_path: P
     text = io.StringIO()
     preview(data, str(tiny_hf), 1, text, form="text", pairs=True)
     assert "--- pair 1, rejected" in text.getvalue() and "Bo saw a[[ tall tree" in text.getvalue()
+
+
+def test_reward_loss_is_the_log_exp_form_and_pools_where_hf_does() -> None:
+    rewards = torch.tensor([0.5, -0.25, -1.0, 0.0], requires_grad=True)  # chosen, rejected, chosen, rejected
+    loss = RewardLoss("cpu")
+    value = loss(rewards, normalizer=2.0)
+    expected = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(1.0))) / 2  # log(1 + exp(r_r - r_c))
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.row(loss.totals.tolist()) == pytest.approx({"accuracy": 0.5, "margin": -0.125, "mean_reward": -0.1875})
+    # the rightmost token that is not padding: with pad = EOS, the token before the closing EOS
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 0, 6, 8, 9, 0], [4, 4, 4, 4, 4, 4]])
+    assert last_tokens(ids, pad_id=0).tolist() == [2, 4, 5]

@@ -207,14 +207,14 @@ class EvalConfig:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
-OBJECTIVES = ("lm", "dpo")
+OBJECTIVES = ("lm", "dpo", "reward")
 DPO_REFERENCES = ("precomputed",)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """What the last stage trains for: next-token loss (lm) or DPO on preference pairs
-    (trainer.preference). Declares its own flags and builds itself from them."""
+    """What the last stage trains for: next-token loss (lm), or on preference pairs
+    (trainer.preference) DPO or a reward model. Declares its own flags and builds itself from them."""
 
     name: str = "lm"
     beta: float = 0.1  # --dpo-beta
@@ -224,7 +224,12 @@ class ObjectiveConfig:
     @property
     def pairs(self) -> bool:
         """Whether the data are preference pairs, each drawn as two sequences of one micro-batch."""
-        return self.name == "dpo"
+        return self.name in ("dpo", "reward")
+
+    @property
+    def reward_model(self) -> bool:
+        """A scalar score head on the last stage in place of the output layer."""
+        return self.name == "reward"
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -233,8 +238,9 @@ class ObjectiveConfig:
             "--objective",
             choices=OBJECTIVES,
             default="lm",
-            help="lm: next-token loss; dpo: Direct Preference Optimisation on prompt/chosen/rejected pairs "
-            "(--batch-size and --micro-batch-size then count pairs)",
+            help="lm: next-token loss; on prompt/chosen/rejected pairs (--batch-size and --micro-batch-size then "
+            "count pairs): dpo, Direct Preference Optimisation, or reward, a reward model (a scalar head trained "
+            "to score the chosen response above the rejected)",
         )
         g.add_argument(
             "--dpo-beta", type=float, default=0.1, help="DPO's beta: how far the policy may move from the reference"
@@ -351,7 +357,7 @@ class RunConfig:
                 f"--packing {self.data.packing}: under --objective {self.objective.name} each sequence is one "
                 "response to its prompt (packing none); drop --packing"
             )
-        if self.comm.elastic:
+        if self.comm.elastic and self.objective.name == "dpo":
             raise ValueError(
                 f"--objective {self.objective.name} does not run with --elastic yet (a joining replica would need "
                 "the reference log-probs handed over); drop --elastic"

@@ -35,7 +35,7 @@ import torch
 
 from comm.compress import GradientCompressor
 from comm.process_group import Communicator
-from modules import EMBEDDING_PART, HEAD_PART, layer_part
+from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, layer_part
 from pipeline.stage import Stage
 from trainer.config import DataParallelConfig
 from trainer.optimizer import compressed_sum
@@ -46,7 +46,7 @@ FEEDBACK_KEYS = ("residual", "chunk_residual")  # and --dp-compress its error fe
 
 def part_fragment(part: str, fragments: int, num_layers: int) -> int:
     """The fragment a stored part belongs to (module docstring)."""
-    if part in (EMBEDDING_PART, HEAD_PART):
+    if part in (EMBEDDING_PART, HEAD_PART, SCORE_PART):
         return 0
     for i in range(num_layers):
         if part == layer_part(i):

@@ -53,11 +53,13 @@ from trainer.preference import (
     REFERENCE_FILE,
     DpoLoss,
     DpoSettings,
+    PairLoss,
     PairPacker,
     ReferenceLogps,
+    RewardLoss,
     all_pairs,
     data_hash,
-    metrics_row,
+    last_tokens,
     reference_table,
 )
 from trainer.profiling import Profiler
@@ -66,7 +68,8 @@ from trainer.sources import Source
 from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
-EVAL_SHOWN = ("perplexity", "rewards/accuracies", "rewards/margins")  # logged beside an evaluation's loss
+# logged beside an evaluation's loss
+EVAL_SHOWN = ("perplexity", "rewards/accuracies", "rewards/margins", "accuracy", "margin")
 
 
 class ReplicasChanged(Exception):
@@ -92,6 +95,7 @@ class Trainer:
         self.step = 0
         self.stage: Stage | None = None
         self.tokenizer = None
+        self.pad_id = 0  # the token sequences are padded with (the first and last stages read it in setup)
         self.stream: TokenStream | None = None
         self.data_state: dict | None = None  # stream position after the last batch trained on
         # how examples become sequences: the flag, else documents for a new run (preference
@@ -119,19 +123,21 @@ class Trainer:
         recompute = cfg.activation_checkpointing == "full"
         self.stage = Stage(
             self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage,
-            recompute, self.device,
+            recompute, self.device, score=cfg.objective.reward_model,
         )  # fmt: skip
+        std = getattr(self.plan.model_config, "initializer_range", 0.02)
         if cfg.model.load_pretrained:
-            self.stage.load_parts(cfg.model.model_name)
+            self.stage.load_parts(cfg.model.model_name, std=std, seed=cfg.data.seed)
         else:
-            self.stage.init_parts(getattr(self.plan.model_config, "initializer_range", 0.02), cfg.data.seed)
+            self.stage.init_parts(std, cfg.data.seed)
         if cfg.lora is not None:
             frozen = compute_dtype(cfg.optim.precision)  # frozen linear weights need no fp32 master copy
             spec = self.stage.add_lora(cfg.lora, cfg.data.seed, frozen)
             log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
                      spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
         self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
-        self.stage.project_logits = self.loss_chunk == 0
+        # a reward model scores the final norm's output; DPO and next-token losses may chunk it
+        self.stage.project_logits = self.loss_chunk == 0 and not cfg.objective.reward_model
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
@@ -154,6 +160,8 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
+            eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+            self.pad_id = pad if pad is not None else eos  # what sequences are padded with
             # a new stream packs as asked (None: the default), a resumed one as it recorded
             self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
             self.data_state = self.stream.state_dict()
@@ -214,7 +222,9 @@ class Trainer:
         first, last = topo.is_first_stage, topo.is_last_stage
         travel = first and self.packing != "concat"  # concat: every stage counts 0..seq-1 itself
         positions = self._to_device(batch.positions()[self._rows(slot)]) if travel else None
-        reference = None
+        reference = scored_at = None
+        if last and cfg.objective.reward_model:  # where each sequence's reward is read
+            scored_at = self._to_device(last_tokens(batch.input_ids[self._rows(slot)], self.pad_id))
         if last and self.reference is not None:
             pairs = self._rows(slot)  # a pair's two sequences share their task and record
             tasks, lines = batch.tasks[pairs][::2], batch.records[pairs][::2]
@@ -224,7 +234,8 @@ class Trainer:
         rows = [slice(i, i + m) for i in range(0, size, m)]
         return [
             MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None,
-                       reference[r] if reference is not None else None)
+                       reference[r] if reference is not None else None,
+                       scored_at[r] if scored_at is not None else None)
             for r in rows
         ]  # fmt: skip
 
@@ -233,26 +244,31 @@ class Trainer:
         for CUDA) the copy is asynchronous and the step's first kernels queue behind it."""
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
-    def _loss_fn(self, normalizer: float, dpo: DpoLoss | None = None) -> LossFn:
-        """The last stage's loss of a micro-batch over ``normalizer``: next-token, or with ``dpo``
-        DPO's from the sequences' log-probs and the reference's."""
+    def _loss_fn(self, normalizer: float, pairs: PairLoss | None = None) -> LossFn:
+        """The last stage's loss of a micro-batch over ``normalizer``: next-token, or ``pairs``'s:
+        DPO's from the sequences' log-probs and the reference's, a reward model's from its scores."""
         chunk, head = self.loss_chunk, self.stage.head
 
         def loss_fn(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-            if dpo is not None:
-                return dpo(self._sequence_logps(out, micro.labels), micro.reference, normalizer)
+            if isinstance(pairs, DpoLoss):
+                return pairs(self._sequence_logps(out, micro.labels), micro.reference, normalizer)
+            if isinstance(pairs, RewardLoss):  # the final norm's output at each sequence's last token
+                last = out[torch.arange(out.shape[0], device=out.device), micro.scored_at]
+                return pairs(self.stage.score(last).squeeze(-1).float(), normalizer)
             if chunk:  # the last stage handed over the final norm's output, not logits
                 return chunked_token_loss(out, head.output, micro.labels, normalizer, chunk, head.softcap)
             return token_loss(out, micro.labels, normalizer)
 
         return loss_fn
 
-    def _dpo_loss(self) -> DpoLoss | None:
-        """A new DPO loss (summing its metrics) for one step or evaluation; None unless --objective dpo."""
+    def _pair_loss(self) -> PairLoss | None:
+        """A new loss over pairs (summing its metrics) for one step or evaluation; None for --objective lm."""
         objective = self.cfg.objective
-        if not objective.pairs:
-            return None
-        return DpoLoss(DpoSettings(objective.beta, objective.label_smoothing), self.device)
+        if objective.reward_model:
+            return RewardLoss(self.device)
+        if objective.pairs:
+            return DpoLoss(DpoSettings(objective.beta, objective.label_smoothing), self.device)
+        return None
 
     def _sequence_logps(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each sequence's summed log-probability of its scored tokens (from logits, or chunked)."""
@@ -274,12 +290,13 @@ class Trainer:
             x = torch.randn(shape, dtype=MASTER_DTYPE, device=self.device, requires_grad=True)
         labels = torch.randint(vocab, shape[:2], device=self.device) if topo.is_last_stage else None
         reference = torch.zeros(shape[0], device=self.device) if cfg.objective.pairs else None
-        loss_fn, compute = self._loss_fn(1.0, self._dpo_loss()), compute_dtype(cfg.optim.precision)
+        scored_at = torch.zeros(shape[0], dtype=torch.long, device=self.device)
+        loss_fn, compute = self._loss_fn(1.0, self._pair_loss()), compute_dtype(cfg.optim.precision)
 
         def forward() -> torch.Tensor:
             with torch.enable_grad(), torch.autocast(self.device.type, compute, enabled=compute is not None):
                 out = stage(x)
-                return loss_fn(out, MicroBatch(None, labels, reference=reference)) if labels is not None else out
+                return loss_fn(out, MicroBatch(None, labels, None, reference, scored_at)) if labels is not None else out
 
         recompute, stage.recompute = stage.recompute, False
         try:
@@ -359,16 +376,16 @@ class Trainer:
         watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
         # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
         router = self._router_loss(scale)
-        dpo = self._dpo_loss()
-        loss_fn = self._loss_fn(normalizer / scale, dpo)
+        pairs = self._pair_loss()
+        loss_fn = self._loss_fn(normalizer / scale, pairs)
         with self.comm.tracer.span("pipeline", f"step {step}"):
             loss = self._run_slots(batch, self._slots(self.slots_per_step), loss_fn, True, watch, router)
         # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
         parts = [loss.reshape(1)]
         if router is not None:
             parts.append(router.total.to(loss).reshape(1))
-        if dpo is not None:
-            parts.append(dpo.totals.to(loss))
+        if pairs is not None:
+            parts.append(pairs.totals.to(loss))
         totals = torch.cat(parts)
 
         # tied embedding: both ends' copies get the sum of both gradients
@@ -451,8 +468,8 @@ class Trainer:
         }
         if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
             row["aux_loss"] = float(totals[1]) / self._micro_batches_per_step()
-        if dpo is not None:  # TRL's names, means over the step's pairs
-            row.update(metrics_row(totals[-dpo.totals.numel() :].tolist()))
+        if pairs is not None:  # TRL's names, means over the step's pairs
+            row.update(pairs.row(totals[-pairs.totals.numel() :].tolist()))
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:
@@ -523,8 +540,8 @@ class Trainer:
         reporter gets the row."""
         cfg, topo = self.cfg, self.topo
         stream = self._stream(parse_task_names(str(cfg.evaluation.path)), self.packing) if self.has_data else None
-        dpo = self._dpo_loss()
-        loss_fn = self._loss_fn(1.0, dpo)
+        pairs = self._pair_loss()
+        loss_fn = self._loss_fn(1.0, pairs)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
         self.stage.eval()
         launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with
@@ -532,18 +549,18 @@ class Trainer:
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
             totals[0] += float(self._run_slots(batch, slots, loss_fn, train=False, first_file=len(cfg.data.tasks)))
-            if batch is not None and topo.is_last_stage and dpo is None:
+            if batch is not None and topo.is_last_stage and pairs is None:
                 totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
         self.stage.train()
-        if dpo is not None:  # DPO's metrics, and its pairs in place of tokens
-            totals = torch.cat([totals[:1], dpo.totals.to(totals)])
+        if pairs is not None:  # the metrics over pairs, and the pairs in place of tokens
+            totals = torch.cat([totals[:1], pairs.totals.to(totals)])
         self.comm.all_reduce_data(totals)
         if not self.is_reporter:
             return None
-        if dpo is not None:
-            pairs = max(1.0, float(totals[-1]))
-            return {"step": self.step, "valid.loss": float(totals[0]) / pairs,
-                    **metrics_row(totals[1:].tolist(), prefix="valid.")}  # fmt: skip
+        if pairs is not None:
+            count = max(1.0, float(totals[-1]))
+            return {"step": self.step, "valid.loss": float(totals[0]) / count,
+                    **pairs.row(totals[1:].tolist(), prefix="valid.")}  # fmt: skip
         loss = float(totals[0] / max(1.0, float(totals[1])))
         return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
 
@@ -881,7 +898,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
         error = f"{type(err).__name__}: {err}"
     hosts = agree_on_start(comm, cfg, trainer.step, error)
     comm.start_heartbeat()
-    if cfg.objective.pairs:
+    if cfg.objective.name == "dpo":
         trainer.prepare_reference()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)

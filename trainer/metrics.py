@@ -76,8 +76,9 @@ class Progress:
 
     def update(self, row: dict) -> None:
         shown = {"loss": f"{row['loss']:.4f}"}
-        if "rewards/accuracies" in row:  # preference tuning: how often the chosen response wins
-            shown["acc"] = f"{row['rewards/accuracies']:.2f}"
+        accuracy = row.get("rewards/accuracies", row.get("accuracy"))
+        if accuracy is not None:  # preference tuning: how often the chosen response wins
+            shown["acc"] = f"{accuracy:.2f}"
         self._bar.set_postfix(**shown, lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         self._bar.update(1)
 

@@ -36,10 +36,6 @@ from trainer.sources import Conversation, Pair, Source
 log = logging.getLogger(__name__)
 READ_CHUNK = 64  # pairs tokenised together
 REFERENCE_FILE = "dpo_reference.json"
-# TRL's names, averaged over the step's pairs (rewards are beta times the log-ratio to the reference)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")  # fmt: skip
-
 Row = tuple[list[int], list[int], list[int]]  # tokens, targets (1: scored), position ids
 
 
@@ -155,14 +151,36 @@ class DpoSettings:
     label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
 
 
-class DpoLoss:
-    """The last stage's DPO loss of one step, from each sequence's summed log-probability and
-    the micro-batch's reference ones; ``totals`` sums the step's metrics (METRICS, then the
-    number of pairs) for the row."""
+class PairLoss:
+    """The last stage's loss over pairs for one step (or evaluation): ``totals`` sums the
+    step's metrics (``METRICS``, then the number of pairs) for the row."""
+
+    METRICS: tuple[str, ...] = ()
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float32, device=device)
+
+    def _add(self, stats: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            pairs = torch.tensor(float(len(stats[0])))
+            self.totals += torch.stack([s.sum() for s in stats] + [pairs]).to(self.totals)
+
+    def row(self, totals: list[float], prefix: str = "") -> dict[str, float]:
+        """The metrics from summed ``totals`` (over micro-batches and replicas), means over pairs."""
+        pairs = max(1.0, totals[-1])
+        return {prefix + name: value / pairs for name, value in zip(self.METRICS, totals, strict=False)}
+
+
+class DpoLoss(PairLoss):
+    """DPO from each sequence's summed log-probability and the reference's."""
+
+    # TRL's names (rewards are beta times the log-ratio to the reference)
+    METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")  # fmt: skip
 
     def __init__(self, settings: DpoSettings, device: torch.device | str) -> None:
+        super().__init__(device)
         self.settings = settings
-        self.totals = torch.zeros(len(METRICS) + 1, dtype=torch.float32, device=device)
 
     def __call__(self, logps: torch.Tensor, reference: torch.Tensor, normalizer: float) -> torch.Tensor:
         """``logps``, ``reference``: (2 * pairs,) chosen and rejected alternating; returns the
@@ -172,17 +190,31 @@ class DpoLoss:
         chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
         margin = beta * (chosen_ratio - rejected_ratio)
         losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
-        with torch.no_grad():
-            rewards_c, rewards_r = beta * chosen_ratio, beta * rejected_ratio
-            stats = [rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected]
-            self.totals += torch.stack([s.sum() for s in stats] + [torch.tensor(float(len(chosen)))]).to(self.totals)
+        rewards_c, rewards_r = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+        stats = [rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected]
+        self._add([s.detach() for s in stats])
         return losses.sum() / normalizer
 
 
-def metrics_row(totals: list[float], prefix: str = "") -> dict[str, float]:
-    """TRL's metrics from summed ``totals`` (DpoLoss.totals, summed over micro-batches and replicas)."""
-    pairs = max(1.0, totals[-1])
-    return {prefix + name: value / pairs for name, value in zip(METRICS, totals, strict=False)}
+class RewardLoss(PairLoss):
+    """A reward model's pairwise loss, ``-log sigmoid(r_chosen - r_rejected)`` (ColossalAI's
+    ``log(1 + exp(r_rejected - r_chosen))`` is the same function)."""
+
+    METRICS = ("accuracy", "margin", "mean_reward")  # TRL's RewardTrainer's names
+
+    def __call__(self, rewards: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """``rewards``: (2 * pairs,) chosen and rejected alternating."""
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        losses = -F.logsigmoid(chosen - rejected)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        self._add([(chosen > rejected).float(), chosen - rejected, (chosen + rejected) / 2])
+        return losses.sum() / normalizer
+
+
+def last_tokens(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Where HF's sequence classifiers pool each row: its rightmost token that is not ``pad_id``."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
 
 
 # -- the reference ------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
     DiLoCo its replica's own files with their outer state, else replica 0's (and a checkpoint
     of another mode has no outer state)."""
     topo = cfg.topology
-    parts = saved_part_names(layers, topo.is_first_stage, topo.is_last_stage, cfg.lora is not None)
+    parts = saved_part_names(
+        layers, topo.is_first_stage, topo.is_last_stage, cfg.lora is not None, cfg.objective.reward_model
+    )
     run_files = [TRAINER_STATE] + ([ADAPTER_CONFIG] if cfg.lora is not None else [])
 
     def files(prefix: str, kinds: tuple[str, ...]) -> list[str]:
