@@ -45,6 +45,7 @@ from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.preference import REFERENCE_FILE
 
 BETA = 0.5
+SIMPO_GAMMA = 0.3
 PAIRS_PER_STEP = 4  # pp=2 x dp=2, --batch-size 2 pairs a replica
 LORA = ("--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0")
 ROW_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -84,7 +85,20 @@ def sequence_logps(model: torch.nn.Module, batch: object) -> torch.Tensor:
 def dpo_terms(policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean DPO loss of a batch (chosen, rejected alternating) and TRL's metrics of it."""
     chosen, rejected = BETA * (policy[0::2] - reference[0::2]), BETA * (policy[1::2] - reference[1::2])
-    loss = -F.logsigmoid(chosen - rejected).mean()
+    return pair_terms(-F.logsigmoid(chosen - rejected).mean(), chosen, rejected, policy)
+
+
+def simpo_terms(model: torch.nn.Module, batch: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """SimPO's mean loss of a batch from the paper's formula: each response's mean log-prob."""
+    policy = sequence_logps(model, batch) / (batch.labels[:, 1:] != IGNORE_INDEX).sum(1)
+    chosen, rejected = BETA * policy[0::2], BETA * policy[1::2]
+    return pair_terms(-F.logsigmoid(chosen - rejected - SIMPO_GAMMA).mean(), chosen, rejected, policy)
+
+
+def pair_terms(
+    loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss`` with TRL's metrics of a batch: the rewards ``chosen`` and ``rejected``, the log-probs ``policy``."""
     metrics = {
         "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
@@ -115,6 +129,15 @@ def train_on_pairs(model: torch.nn.Module, hf: Path, train: str, terms: Callable
     for row, norm in zip(rows, norms, strict=True):
         row["grad_norm"] = norm
     return rows
+
+
+def simpo_oracle(hf: Path, train: str) -> list[dict]:
+    """HF's model trained by SimPO in one process: each step's row."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa")
+    model.train()
+    return train_on_pairs(model, hf, train, lambda batch: simpo_terms(model, batch))
 
 
 def dpo_oracle(hf: Path, train: str, valid: str, lora: LoraSpec | None = None) -> tuple[list[dict], dict, dict]:
@@ -236,6 +259,25 @@ def test_dpo_resume_reads_the_reference_and_goes_on_bit_for_bit(
     assert result.returncode != 0
     assert f"{ckpt / REFERENCE_FILE} is missing or does not fit the data" in result.output
     assert (ckpt / "latest").read_text() == "10\n"
+
+
+def test_simpo_needs_no_reference_and_equals_its_formula(
+    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    simpo = ["--objective", "dpo", "--dpo-beta", str(BETA), "--dpo-loss", "simpo", "--simpo-gamma", str(SIMPO_GAMMA)]
+    args = [
+        *train_args(tiny_shards, pairs[0], ckpt, pp=2, dp=2, batch=2, micro=1, accum=1),
+        *simpo,
+        "--pp-mode",
+        "1f1b",
+    ]
+    results = launch(args, 4, tmp_path)
+    assert_all_ok(results)
+    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r.output for r in results)
+    ours = [r for r in read_metrics(ckpt) if "loss" in r]
+    assert_rows_match(ours, simpo_oracle(tiny_hf, pairs[0]))
+    assert ours[-1]["loss"] < ours[0]["loss"]
 
 
 def test_dpo_lora_resume_without_its_reference_rebuilds_it_with_the_adapters_off(

@@ -203,7 +203,7 @@ def test_dpo_loss_and_metrics_from_the_formula() -> None:
     logps = torch.tensor([-3.0, -5.0, -4.0, -2.0], requires_grad=True)  # chosen, rejected, chosen, rejected
     reference = torch.tensor([-3.5, -4.0, -4.0, -3.0])
     dpo = DpoLoss(DpoSettings(beta, smoothing), "cpu")
-    loss = dpo(logps, reference, normalizer=2.0)
+    loss = dpo(logps, reference, 2.0, torch.tensor([3, 4, 5, 6]))  # token counts: unused by DPO
 
     def log_sigmoid(x: float) -> float:
         return -math.log1p(math.exp(-x))
@@ -252,6 +252,10 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
         assert message in str(err.value)
     with pytest.raises(ValueError, match="--dpo-beta apply to --objective dpo; add it or drop them"):
         config_from_args(parse_args([*base[:-2], "--dpo-beta", "0.3"]))
+    simpo = config_from_args(parse_args([*base, "--dpo-loss", "simpo", "--simpo-gamma", "1.0"]))
+    assert not simpo.objective.needs_reference and simpo.objective.describe() == "dpo:simpo"
+    with pytest.raises(ValueError, match="--simpo-gamma applies to --dpo-loss simpo"):
+        config_from_args(parse_args([*base, "--simpo-gamma", "1.0"]))
     # a reward model counts pairs too; it needs no reference, so an elastic run may lose replicas
     reward = [*base[:-1], "reward", "--batch-size", "2", "--micro-batch-size", "2"]
     cfg = config_from_args(parse_args([*reward, "--elastic", "--data-group-size", "2"]))
@@ -277,6 +281,19 @@ def test_preview_shows_each_pair_as_its_two_sequences(tiny_hf: Path, tmp_path: P
     text = io.StringIO()
     preview(data, str(tiny_hf), 1, text, form="text", pairs=True)
     assert "--- pair 1, rejected" in text.getvalue() and "Bo saw a[[ tall tree" in text.getvalue()
+
+
+def test_simpo_normalises_by_length_and_needs_no_reference() -> None:
+    beta, gamma = 2.0, 0.5
+    logps = torch.tensor([-6.0, -4.0, -3.0, -9.0])  # chosen, rejected, chosen, rejected
+    scored = torch.tensor([3, 1, 3, 3])  # mean log-probs: -2, -4, -1, -3
+    simpo = DpoLoss(DpoSettings(beta, 0.0, "simpo", gamma), "cpu")
+    loss = simpo(logps, None, 2.0, scored)
+    margins = [beta * (-2.0 + 4.0) - gamma, beta * (-1.0 + 3.0) - gamma]  # 3.5 each
+    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / 2, rel=1e-6)
+    row = simpo.row(simpo.totals.tolist())
+    assert row["rewards/chosen"] == pytest.approx(beta * -1.5) and row["logps/rejected"] == pytest.approx(-3.5)
+    assert row["rewards/accuracies"] == 1.0
 
 
 def test_reward_loss_is_the_log_exp_form_and_pools_where_hf_does() -> None:

@@ -209,6 +209,7 @@ class EvalConfig:
 
 OBJECTIVES = ("lm", "dpo", "reward")
 DPO_REFERENCES = ("precomputed",)
+DPO_LOSSES = ("sigmoid", "simpo")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,17 @@ class ObjectiveConfig:
     beta: float = 0.1  # --dpo-beta
     label_smoothing: float = 0.0  # --dpo-label-smoothing (conservative DPO)
     reference: str = "precomputed"  # --dpo-reference
+    loss: str = "sigmoid"  # --dpo-loss: DPO's, or SimPO's (length-normalised, no reference)
+    simpo_gamma: float = 0.5  # --simpo-gamma: SimPO's target margin
+
+    @property
+    def needs_reference(self) -> bool:
+        """DPO's loss compares with a reference model's log-probs (SimPO's does not)."""
+        return self.name == "dpo" and self.loss == "sigmoid"
+
+    def describe(self) -> str:
+        """The objective as a run's identity records it."""
+        return self.name if self.name != "dpo" or self.loss == "sigmoid" else f"dpo:{self.loss}"
 
     @property
     def pairs(self) -> bool:
@@ -256,14 +268,29 @@ class ObjectiveConfig:
             help="precomputed: the starting weights' log-probs of every pair (LoRA: adapters off), computed once "
             "before the first step and kept in the checkpoint folder",
         )
+        g.add_argument(
+            "--dpo-loss",
+            choices=DPO_LOSSES,
+            default="sigmoid",
+            help="sigmoid: DPO's loss; simpo: SimPO's (Meng et al. 2024), the mean log-prob of each response "
+            "(no reference model), beta times their difference less --simpo-gamma",
+        )
+        g.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ObjectiveConfig:
-        dpo_flags = {"--dpo-beta": args.dpo_beta != 0.1, "--dpo-label-smoothing": args.dpo_label_smoothing != 0.0}
+        dpo_flags = {
+            "--dpo-beta": args.dpo_beta != 0.1,
+            "--dpo-label-smoothing": args.dpo_label_smoothing != 0.0,
+            "--dpo-loss": args.dpo_loss != "sigmoid",
+        }
         given = [flag for flag, changed in dpo_flags.items() if changed]
         if args.objective != "dpo" and given:
             raise ValueError(f"{' and '.join(given)} apply to --objective dpo; add it or drop them")
-        return cls(args.objective, args.dpo_beta, args.dpo_label_smoothing, args.dpo_reference)
+        if args.simpo_gamma != 0.5 and args.dpo_loss != "simpo":
+            raise ValueError("--simpo-gamma applies to --dpo-loss simpo; add it or drop --simpo-gamma")
+        return cls(args.objective, args.dpo_beta, args.dpo_label_smoothing, args.dpo_reference, args.dpo_loss,
+                   args.simpo_gamma)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -357,7 +384,7 @@ class RunConfig:
                 f"--packing {self.data.packing}: under --objective {self.objective.name} each sequence is one "
                 "response to its prompt (packing none); drop --packing"
             )
-        if self.comm.elastic and self.objective.name == "dpo":
+        if self.comm.elastic and self.objective.needs_reference:
             raise ValueError(
                 f"--objective {self.objective.name} does not run with --elastic yet (a joining replica would need "
                 "the reference log-probs handed over); drop --elastic"

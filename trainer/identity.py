@@ -80,7 +80,7 @@ class RunIdentity:
             model=model if cfg.model.load_pretrained else f"random init of {model}",
             tokenizer=tokenizer_fingerprint(cfg.model.tokenizer_name),
             data=tuple((task.path.name, round(task.weight, 6)) for task in cfg.data.tasks),
-            objective=cfg.objective.name,
+            objective=cfg.objective.describe(),
             seq_length=cfg.data.seq_length,
             seed=cfg.data.seed,
         )

@@ -251,7 +251,8 @@ class Trainer:
 
         def loss_fn(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
             if isinstance(pairs, DpoLoss):
-                return pairs(self._sequence_logps(out, micro.labels), micro.reference, normalizer)
+                scored = (micro.labels[:, 1:] != IGNORE_INDEX).sum(1)  # each sequence's (SimPO normalises by it)
+                return pairs(self._sequence_logps(out, micro.labels), micro.reference, normalizer, scored)
             if isinstance(pairs, RewardLoss):  # the final norm's output at each sequence's last token
                 last = out[torch.arange(out.shape[0], device=out.device), micro.scored_at]
                 return pairs(self.stage.score(last).squeeze(-1).float(), normalizer)
@@ -267,7 +268,8 @@ class Trainer:
         if objective.reward_model:
             return RewardLoss(self.device)
         if objective.pairs:
-            return DpoLoss(DpoSettings(objective.beta, objective.label_smoothing), self.device)
+            settings = DpoSettings(objective.beta, objective.label_smoothing, objective.loss, objective.simpo_gamma)
+            return DpoLoss(settings, self.device)
         return None
 
     def _sequence_logps(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -898,7 +900,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
         error = f"{type(err).__name__}: {err}"
     hosts = agree_on_start(comm, cfg, trainer.step, error)
     comm.start_heartbeat()
-    if cfg.objective.name == "dpo":
+    if cfg.objective.needs_reference:
         trainer.prepare_reference()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)

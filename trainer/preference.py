@@ -149,6 +149,8 @@ def data_hash(path: Path) -> str:
 class DpoSettings:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
+    loss: str = "sigmoid"  # or "simpo": each response's mean log-prob, no reference, a target margin
+    simpo_gamma: float = 0.5
 
 
 class PairLoss:
@@ -172,7 +174,9 @@ class PairLoss:
 
 
 class DpoLoss(PairLoss):
-    """DPO from each sequence's summed log-probability and the reference's."""
+    """DPO from each sequence's summed log-probability and the reference's; or SimPO (Meng et
+    al. 2024) from each response's mean log-probability alone,
+    ``-log sigmoid(beta * (mean_c - mean_r) - gamma)`` (label smoothing as DPO's)."""
 
     # TRL's names (rewards are beta times the log-ratio to the reference)
     METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -182,13 +186,23 @@ class DpoLoss(PairLoss):
         super().__init__(device)
         self.settings = settings
 
-    def __call__(self, logps: torch.Tensor, reference: torch.Tensor, normalizer: float) -> torch.Tensor:
-        """``logps``, ``reference``: (2 * pairs,) chosen and rejected alternating; returns the
-        summed loss of these pairs over ``normalizer``."""
+    def __call__(
+        self, logps: torch.Tensor, reference: torch.Tensor | None, normalizer: float, scored: torch.Tensor
+    ) -> torch.Tensor:
+        """``logps``, ``reference``, ``scored`` (each sequence's scored tokens): (2 * pairs,),
+        chosen and rejected alternating; returns the summed loss of these pairs over ``normalizer``.
+        Under SimPO the rewards and log-probs reported are the length-normalised ones, as TRL's."""
         beta, smoothing = self.settings.beta, self.settings.label_smoothing
+        simpo = self.settings.loss == "simpo"
+        if simpo:
+            logps = logps / scored
         chosen, rejected = logps[0::2], logps[1::2]
-        chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
-        margin = beta * (chosen_ratio - rejected_ratio)
+        if simpo:
+            chosen_ratio, rejected_ratio = chosen, rejected
+            margin = beta * (chosen - rejected) - self.settings.simpo_gamma
+        else:
+            chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
+            margin = beta * (chosen_ratio - rejected_ratio)
         losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
         rewards_c, rewards_r = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
         stats = [rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected]
