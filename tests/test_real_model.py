@@ -221,3 +221,44 @@ def test_int4_link_stays_within_half_a_percent_on_real_activations(
     sent = [r["comm_bytes"] - tied for r in read_metrics(tmp_path / "ckpt") if "loss" in r]
     plain = [r["comm_bytes"] - tied for r in read_metrics(fp32) if "loss" in r]
     assert min(plain) > 0 and max(sent) * 3 < min(plain)
+
+
+def test_a_chat_preference_pair_on_real_weights(smollm2_hf: Path, tmp_path: Path) -> None:
+    """A conversational pair through SmolLM2's own template: each sequence scores its answer and
+    the closing <|im_end|> (also the padding token) only; the chunked per-sequence log-probs DPO
+    uses equal those of HF's full logits, values and gradients, on a 49k vocabulary; a reward
+    model pools at the newline the template puts after <|im_end|>, where HF pools."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.chat import ChatTemplate
+    from trainer.loss import sequence_logps
+    from trainer.preference import PairPacker, last_tokens
+    from trainer.sources import Source
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
+    question = [{"role": "user", "content": "What is the capital of Peru?"}]
+    record = {"prompt": question, "chosen": [{"role": "assistant", "content": "Lima."}],
+              "rejected": [{"role": "assistant", "content": "Paris, I think."}]}  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    pad = tokenizer.pad_token_id
+    pair = PairPacker(
+        Source(path, pairs=True), tokenizer, tokenizer.eos_token_id, pad, ChatTemplate(tokenizer)
+    ).next_pair(SEQ)
+    ids = torch.tensor([pair.chosen[0], pair.rejected[0]])
+    labels = ids.masked_fill(torch.tensor([pair.chosen[1], pair.rejected[1]]) == 0, -100)
+    scored = [tokenizer.decode(row[row != -100]) for row in labels]
+    assert scored == ["Lima.<|im_end|>", "Paris, I think.<|im_end|>"]
+    assert [tokenizer.decode(ids[k, last_tokens(ids, pad)[k]]) for k in range(2)] == ["\n", "\n"]
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf).eval()
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    full = sequence_logps(out.logits, labels)
+    hidden = out.hidden_states[-1].detach().requires_grad_(True)  # after the final norm
+    chunked = sequence_logps(hidden, labels, model.lm_head, chunk=64)
+    torch.testing.assert_close(chunked, full.detach(), atol=1e-4, rtol=1e-6)
+    weights = torch.tensor([1.0, -1.0])  # DPO's gradient: up for the chosen, down for the rejected
+    (grad_full,) = torch.autograd.grad((full * weights).sum(), out.hidden_states[-1])
+    (chunked * weights).sum().backward()
+    torch.testing.assert_close(hidden.grad, grad_full, atol=1e-5, rtol=1e-4)
+    assert -40 < full[1].item() < full[0].item() < 0, full  # a trained model prefers the right answer here
