@@ -4,12 +4,13 @@
 
 Builds a small GPT-NeoX (hidden 256, 4 layers) and preference pairs from the bundled corpus (a
 text's first half as the prompt, its rest chosen, another text's rest rejected), and trains it
-on two pipeline stages (one rank per core) twice: with --objective dpo on 4 pairs a step, and as
-next-token training on the very same 8 sequences a step (each pair's prompt with each response,
-as prompt/completion records, --packing none: the same tokens and the same scored ones). Prints
-the median step time of each, their ratio (DPO's extra work is each sequence's log-prob sum and
-the loss over pairs; its reference is precomputed once, before the first step, and timed
-apart), and the bytes on the pipeline link per pair.
+on two pipeline stages (one rank per core): as next-token training on 8 sequences a step, and
+with --objective dpo on the very same sequences as 4 pairs a step (each pair's prompt with each
+response, as prompt/completion records, --packing none: the same tokens and the same scored
+ones), with the reference precomputed (once, before the first step, timed apart) and with
+--dpo-reference frozen (a forward of a frozen copy in each step; under --lora-rank the adapters
+switched off instead). Prints the median step time of each, the ratios to next-token training,
+and the bytes on the pipeline link per pair.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main() -> None:
         lm = ["--task-name", str(sequences), "--packing", "none", "--batch-size", "8", "--micro-batch-size", "2"]
         dpo = ["--task-name", str(pairs), "--objective", "dpo", "--batch-size", "4", "--micro-batch-size", "1"]
         step_s, link = {}, {}
-        for name, flags in (("lm", lm), ("dpo", dpo)):
+        frozen = [*dpo, "--dpo-reference", "frozen"]
+        for name, flags in (("lm", lm), ("dpo", dpo), ("dpo-frozen", frozen)):
             started = time.perf_counter()
             rows = run(shards, corpus, folder / name, args.steps, [*PIPELINE, *lora, *flags], pin=True)
             total = time.perf_counter() - started
@@ -74,6 +76,8 @@ def main() -> None:
         log.info("DPO / next-token step time on the same sequences: %.3fx (goal <= 1.15x); pipeline bytes per pair "
                  "%d (next-token: %d for the same two sequences)", step_s["dpo"] / step_s["lm"], link["dpo"],
                  link["lm"])  # fmt: skip
+        log.info("DPO with the reference forward in each step (--dpo-reference frozen): %.3fx next-token's step, "
+                 "%d pipeline bytes per pair", step_s["dpo-frozen"] / step_s["lm"], link["dpo-frozen"])  # fmt: skip
 
 
 if __name__ == "__main__":

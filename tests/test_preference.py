@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -190,6 +191,10 @@ def dpo_args(shards: Path, pairs: tuple[str, str], ckpt: Path, pp: int = 2, dp: 
     ]  # fmt: skip
 
 
+def launch_logs(folder: Path) -> list[str]:
+    return [path.read_text() for path in sorted(folder.glob("rank*.log"))]
+
+
 def assert_rows_match(ours: list[dict], theirs: list[dict], keys: tuple[str, ...] = ROW_KEYS) -> None:
     assert len(ours) == len(theirs)
     for step, (mine, oracle) in enumerate(zip(ours, theirs, strict=True), start=1):
@@ -205,9 +210,14 @@ def dpo_run(tiny_shards: Path, pairs: tuple[str, str], tmp_path_factory: pytest.
     return tmp / "ckpt"
 
 
-def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, tiny_hf: Path, pairs: tuple[str, str],
-                                               tmp_path: Path) -> None:  # fmt: skip
-    rows, evaluation, weights = dpo_oracle(tiny_hf, *pairs)
+@pytest.fixture(scope="module")
+def dpo_expected(tiny_hf: Path, pairs: tuple[str, str]) -> tuple[list[dict], dict, dict]:
+    """The oracle's full fine-tuning by DPO: rows, evaluation row, final weights."""
+    return dpo_oracle(tiny_hf, *pairs)
+
+
+def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, dpo_expected: tuple, tmp_path: Path) -> None:
+    rows, evaluation, weights = dpo_expected
     metrics = read_metrics(dpo_run)
     ours = [r for r in metrics if "loss" in r]
     assert_rows_match(ours, rows)
@@ -221,11 +231,38 @@ def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, tiny_hf: Path, pai
     assert_same_state(load_hf_state(convert_to_hf(dpo_run, tmp_path / "hf")), weights)
 
 
+def test_dpo_frozen_reference_equals_the_formula_and_is_in_the_memory_estimate(
+    dpo_run: Path, dpo_expected: tuple, tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+) -> None:
+    """--dpo-reference frozen: each step's pairs through a frozen copy of the starting weights,
+    no pass before training and no file; the same rows as the formula's, and the copy's bytes
+    in each stage's start-up estimate."""
+    ckpt = tmp_path / "ckpt"
+    results = launch([*dpo_args(tiny_shards, pairs, ckpt), "--dpo-reference", "frozen"], 4, tmp_path)
+    assert_all_ok(results)
+    results = [r.output for r in results]
+    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r for r in results)
+    rows, evaluation, weights = dpo_expected
+    metrics = read_metrics(ckpt)
+    assert_rows_match([r for r in metrics if "loss" in r], rows)
+    (valid,) = [r for r in metrics if "valid.loss" in r]
+    assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
+    assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), weights)
+    # the start-up estimate counts each stage's weights twice (the copy), its gradients once
+    for run, copies in ((results, 2), (launch_logs(dpo_run.parent), 1)):
+        for log in run:
+            parameters, gradients = map(float, re.search(r"parameters (\S+) GB, gradients (\S+) GB", log).groups())
+            assert parameters == pytest.approx(copies * gradients, rel=0.01)
+
+
 def test_dpo_with_lora_uses_the_adapters_off_model_as_reference(
     tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
 ) -> None:
+    """--dpo-reference frozen under LoRA: each step's reference is the same stages with their
+    adapters off (no copy of any weight)."""
     ckpt = tmp_path / "ckpt"
-    assert_all_ok(launch([*dpo_args(tiny_shards, pairs, ckpt), *LORA, "--pp-mode", "1f1b"], 4, tmp_path))
+    args = [*dpo_args(tiny_shards, pairs, ckpt), *LORA, "--pp-mode", "1f1b", "--dpo-reference", "frozen"]
+    assert_all_ok(launch(args, 4, tmp_path))
     rows, evaluation, adapters = dpo_oracle(tiny_hf, *pairs, lora=LoraSpec.read(ckpt / "checkpoint_10")[0])
     metrics = read_metrics(ckpt)
     ours = [r for r in metrics if "loss" in r]

@@ -208,7 +208,7 @@ class EvalConfig:
 
 
 OBJECTIVES = ("lm", "dpo", "reward")
-DPO_REFERENCES = ("precomputed",)
+DPO_REFERENCES = ("precomputed", "frozen")
 DPO_LOSSES = ("sigmoid", "simpo")
 
 
@@ -228,6 +228,11 @@ class ObjectiveConfig:
     def needs_reference(self) -> bool:
         """DPO's loss compares with a reference model's log-probs (SimPO's does not)."""
         return self.name == "dpo" and self.loss == "sigmoid"
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """The reference's log-probs come from one pass before training (else each step's own)."""
+        return self.needs_reference and self.reference == "precomputed"
 
     def describe(self) -> str:
         """The objective as a run's identity records it."""
@@ -266,7 +271,8 @@ class ObjectiveConfig:
             choices=DPO_REFERENCES,
             default="precomputed",
             help="precomputed: the starting weights' log-probs of every pair (LoRA: adapters off), computed once "
-            "before the first step and kept in the checkpoint folder",
+            "before the first step and kept in the checkpoint folder; frozen: computed for each step's pairs by a "
+            "forward of a frozen copy of the starting weights (LoRA: this stage with its adapters off, no copy)",
         )
         g.add_argument(
             "--dpo-loss",
@@ -384,10 +390,11 @@ class RunConfig:
                 f"--packing {self.data.packing}: under --objective {self.objective.name} each sequence is one "
                 "response to its prompt (packing none); drop --packing"
             )
-        if self.comm.elastic and self.objective.needs_reference:
+        if self.comm.elastic and self.objective.precomputed_reference:
             raise ValueError(
-                f"--objective {self.objective.name} does not run with --elastic yet (a joining replica would need "
-                "the reference log-probs handed over); drop --elastic"
+                f"--objective {self.objective.name} with a precomputed reference does not run with --elastic yet (a "
+                "joining replica would need the reference log-probs handed over); use --dpo-reference frozen, or "
+                "drop --elastic"
             )
 
     def _check_elastic(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -103,6 +104,10 @@ class Trainer:
         # positions travel if not concat)
         self.packing = cfg.data.packing or ("none" if cfg.objective.pairs else "documents")
         self.reference: ReferenceLogps | None = None  # DPO's reference log-probs (last stage), see prepare_reference
+        # --dpo-reference frozen: the starting weights (None under LoRA: its stage with adapters
+        # off), and the reference log-probs of the batch being run, by slot (last stage)
+        self.frozen: Stage | None = None
+        self.frozen_rows: dict[int, torch.Tensor] | None = None
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
@@ -138,6 +143,9 @@ class Trainer:
         self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
         # a reward model scores the final norm's output; DPO and next-token losses may chunk it
         self.stage.project_logits = self.loss_chunk == 0 and not cfg.objective.reward_model
+        objective = cfg.objective
+        if objective.needs_reference and objective.reference == "frozen" and cfg.lora is None:
+            self.frozen = copy.deepcopy(self.stage).requires_grad_(False).eval()  # before any checkpoint loads
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
@@ -225,7 +233,9 @@ class Trainer:
         reference = scored_at = None
         if last and cfg.objective.reward_model:  # where each sequence's reward is read
             scored_at = self._to_device(last_tokens(batch.input_ids[self._rows(slot)], self.pad_id))
-        if last and self.reference is not None:
+        if last and self.frozen_rows is not None:
+            reference = self.frozen_rows[slot]
+        elif last and self.reference is not None:
             pairs = self._rows(slot)  # a pair's two sequences share their task and record
             tasks, lines = batch.tasks[pairs][::2], batch.records[pairs][::2]
             reference = self._to_device(
@@ -312,7 +322,8 @@ class Trainer:
         in_flight = cfg.held_micro_batches(topo.stage)
         return MemoryEstimate(
             process=process,
-            parameters=sum(p.nbytes for p in stage.parameters()),
+            parameters=sum(p.nbytes for p in stage.parameters())
+            + (sum(p.nbytes for p in self.frozen.parameters()) if self.frozen is not None else 0),
             gradients=sum(p.nbytes for p in self.params),
             optimizer=self.optimizer.state_bytes + (self.outer.state_bytes if self.outer else 0),
             per_micro_batch=held,
@@ -339,9 +350,11 @@ class Trainer:
     def _run_slots(
         self, batch: Batch | None, slots: range, loss_fn: LossFn, train: bool,
         watch: GradientWatch | None = None, router: RouterLoss | None = None, first_file: int = 0,
+        stage: Stage | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """The passes over this replica's ``slots``; the last tells ``watch`` of its gradients.
-        ``router``: the step's router loss (None in evaluation, which reports the token loss alone)."""
+        ``router``: the step's router loss (None in evaluation, which reports the token loss alone).
+        ``stage``: another module of this stage's layers to run (DPO's frozen reference)."""
         cfg = self.cfg
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
@@ -353,8 +366,33 @@ class Trainer:
         for k, slots_in_pass in enumerate(passes):
             micro_batches = [mb for slot in slots_in_pass for mb in self._micro_batches(batch, slot, first_file)]
             last = replace(spec, watch=watch) if k == len(passes) - 1 else spec
-            total += schedule(self.stage, self.comm, micro_batches, last)
+            total += schedule(stage or self.stage, self.comm, micro_batches, last)
         return total
+
+    def _frozen_reference(self, batch: Batch | None, slots: range) -> None:
+        """--dpo-reference frozen: the reference log-probs of this replica's ``slots`` of ``batch``
+        by a forward-only pass of the starting weights (the frozen copy, or under LoRA this stage
+        with its adapters off), kept in ``frozen_rows`` for the pass over the same slots."""
+        self.frozen_rows, recorded = None, []
+        stage = self.frozen if self.frozen is not None else self.stage
+        training = stage.training
+        stage.eval()  # the reference is the model itself: no dropout
+        with adapters_disabled(stage):
+            self._run_slots(batch, slots, self._recorder(recorded), train=False, stage=stage)
+        stage.train(training)
+        if self.topo.is_last_stage:
+            size = self.cfg.batch.batch_size
+            values = torch.cat(recorded)  # the slots' sequences in order
+            self.frozen_rows = {slot: values[k * size : (k + 1) * size] for k, slot in enumerate(slots)}
+
+    def _recorder(self, recorded: list[torch.Tensor]) -> LossFn:
+        """A loss function that appends each micro-batch's per-sequence log-probs to ``recorded``."""
+
+        def record(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+            recorded.append(self._sequence_logps(out, micro.labels).detach())
+            return recorded[-1].sum()
+
+        return record
 
     def _passes(self, slots: range) -> list[range]:
         """This replica's slots grouped into pipeline passes (``RunConfig.rounds_per_pass``)."""
@@ -380,8 +418,11 @@ class Trainer:
         router = self._router_loss(scale)
         pairs = self._pair_loss()
         loss_fn = self._loss_fn(normalizer / scale, pairs)
+        slots = self._slots(self.slots_per_step)
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            loss = self._run_slots(batch, self._slots(self.slots_per_step), loss_fn, True, watch, router)
+            if self.cfg.objective.needs_reference and not self.cfg.objective.precomputed_reference:
+                self._frozen_reference(batch, slots)
+            loss = self._run_slots(batch, slots, loss_fn, True, watch, router)
         # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
         parts = [loss.reshape(1)]
         if router is not None:
@@ -550,6 +591,8 @@ class Trainer:
         slots = self._slots(launched)
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
+            if cfg.objective.needs_reference and not cfg.objective.precomputed_reference:
+                self._frozen_reference(batch, slots)
             totals[0] += float(self._run_slots(batch, slots, loss_fn, train=False, first_file=len(cfg.data.tasks)))
             if batch is not None and topo.is_last_stage and pairs is None:
                 totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
@@ -627,11 +670,7 @@ class Trainer:
         slots = self._slots(launched)
         logps = torch.zeros(total, 2, dtype=torch.float32, device=self.device)
         recorded: list[torch.Tensor] = []
-
-        def record(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-            recorded.append(self._sequence_logps(out, micro.labels).detach())
-            return recorded[-1].sum()
-
+        record = self._recorder(recorded)
         for start in range(0, total, per_batch):
             batch = None
             if flat:  # the last batch is filled up with its last pair, whose values are not kept
@@ -900,7 +939,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
         error = f"{type(err).__name__}: {err}"
     hosts = agree_on_start(comm, cfg, trainer.step, error)
     comm.start_heartbeat()
-    if cfg.objective.needs_reference:
+    if cfg.objective.precomputed_reference:
         trainer.prepare_reference()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
