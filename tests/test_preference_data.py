@@ -250,17 +250,21 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
         with pytest.raises(ValueError) as err:
             config_from_args(parse_args([*base, *extra]))
         assert message in str(err.value)
-    with pytest.raises(ValueError, match="--dpo-beta apply to --objective dpo; add it or drop them"):
+    with pytest.raises(ValueError, match="--dpo-beta applies to --objective dpo; add that or drop it"):
         config_from_args(parse_args([*base[:-2], "--dpo-beta", "0.3"]))
     simpo = config_from_args(parse_args([*base, "--dpo-loss", "simpo", "--simpo-gamma", "1.0"]))
     assert not simpo.objective.needs_reference and simpo.objective.describe() == "dpo:simpo"
     with pytest.raises(ValueError, match="--simpo-gamma applies to --dpo-loss simpo"):
         config_from_args(parse_args([*base, "--simpo-gamma", "1.0"]))
+    with pytest.raises(ValueError, match="--dpo-loss simpo uses no reference model: drop --dpo-reference"):
+        config_from_args(parse_args([*base, "--dpo-loss", "simpo", "--dpo-reference", "frozen"]))
+    with pytest.raises(ValueError, match="--dpo-reference applies to --objective dpo; add that or drop it"):
+        config_from_args(parse_args([*base[:-2], "--dpo-reference", "frozen"]))
     # a reward model counts pairs too; it needs no reference, so an elastic run may lose replicas
     reward = [*base[:-1], "reward", "--batch-size", "2", "--micro-batch-size", "2"]
     cfg = config_from_args(parse_args([*reward, "--elastic", "--data-group-size", "2"]))
     assert cfg.objective.reward_model and cfg.objective.pairs and cfg.batch.micro_batch_size == 4
-    with pytest.raises(ValueError, match="--dpo-label-smoothing apply to --objective dpo"):
+    with pytest.raises(ValueError, match="--dpo-label-smoothing applies to --objective dpo"):
         config_from_args(parse_args([*reward, "--dpo-label-smoothing", "0.1"]))
 
 

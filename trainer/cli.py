@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="path[:weight],... of .jsonl, .jsonl.zst, .csv, .parquet files or datasets folders; records hold 'text', "
         "'prompt' with 'completion'/'generation'/'response', chat 'messages', ShareGPT 'conversations', or alpaca "
-        "'instruction'/'input'/'output' (conversations go through the chat template; assistant turns are trained)",
+        "'instruction'/'input'/'output' (conversations go through the chat template; assistant turns are trained); "
+        "under --objective dpo or reward, preference pairs: 'prompt', 'chosen', 'rejected' (text or turns)",
     )
     d.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
     d.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")

@@ -289,12 +289,16 @@ class ObjectiveConfig:
             "--dpo-beta": args.dpo_beta != 0.1,
             "--dpo-label-smoothing": args.dpo_label_smoothing != 0.0,
             "--dpo-loss": args.dpo_loss != "sigmoid",
+            "--dpo-reference": args.dpo_reference != "precomputed",
         }
         given = [flag for flag, changed in dpo_flags.items() if changed]
         if args.objective != "dpo" and given:
-            raise ValueError(f"{' and '.join(given)} apply to --objective dpo; add it or drop them")
+            verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+            raise ValueError(f"{' and '.join(given)} {verb} to --objective dpo; add that or drop {them}")
         if args.simpo_gamma != 0.5 and args.dpo_loss != "simpo":
             raise ValueError("--simpo-gamma applies to --dpo-loss simpo; add it or drop --simpo-gamma")
+        if args.dpo_reference != "precomputed" and args.dpo_loss == "simpo":
+            raise ValueError("--dpo-loss simpo uses no reference model: drop --dpo-reference")
         return cls(args.objective, args.dpo_beta, args.dpo_label_smoothing, args.dpo_reference, args.dpo_loss,
                    args.simpo_gamma)  # fmt: skip
 
