@@ -11,6 +11,7 @@ import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger("show_result")
 
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.disable_progress_bar()  # a loading bar for a tiny model is noise in the quickstart's log
 
     with open(args.metrics) as f:
         rows = [json.loads(line) for line in f]

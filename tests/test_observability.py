@@ -184,3 +184,25 @@ def test_pipeline_sums_gather_each_stage_s_slot_and_add_the_rest() -> None:
     stages[0].reduce(all_reduce, torch.device("cpu"))  # its view is read before the other stage adds in
     summed = stages[1].reduce(all_reduce, torch.device("cpu"))
     assert summed == {"comm_bytes": [2**41 + 1], "peak": [100.0, 101.0], "lost": [0.0]}
+
+
+def test_a_log_that_is_no_terminal_holds_no_progress_bars(tmp_path: Path) -> None:
+    """The quickstart's tools write plain lines into a log file: no carriage returns of progress
+    bars (HF's loading and writing bars, the tokenizer trainer's) and no blank lines."""
+    import subprocess
+    import sys
+
+    from tests.helpers import BUNDLED_CORPUS, OFFLINE_ENV, ROOT
+
+    env = {**os.environ, **OFFLINE_ENV}
+    model = tmp_path / "tiny-hf"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
+    for command in (
+        ["convert/tiny_model.py", "--save-dir", str(model), "--corpus", str(BUNDLED_CORPUS), "--num-layers", "1"],
+        ["example_scripts/show_result.py", "--model", str(model), "--metrics", str(tmp_path / "metrics.jsonl"),
+         "--max-new-tokens", "2"],
+    ):  # fmt: skip
+        out = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        log = out.stdout + out.stderr
+        assert "\r" not in log and "\n\n" not in log and not log.startswith("\n"), log
+        assert "wrote tiny" in log or "generation:" in log

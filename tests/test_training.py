@@ -75,7 +75,14 @@ def test_pp2_dp2_matches_hf_and_a_single_rank(
     grid_args = train_args(tiny_shards, mixed_tasks, grid / "ckpt", pp=2, dp=2, batch=2, micro=1, accum=2)
     grid_args += ["--loss-chunk-tokens", "8"]  # the chunked loss (auto leaves a tiny vocabulary whole)
     grid.mkdir()
-    assert_all_ok(launch(grid_args, 4, grid))
+    results = launch(grid_args, 4, grid)
+    assert_all_ok(results)
+    # what every rank would say alike is said once, or by one replica of each stage (ranks 0, 1);
+    # what may differ between ranks (layers, device, threads; the optimizer state each holds) by each
+    by = lambda text: [r.rank for r in results if text in r.output]  # noqa: E731
+    assert by("checkpoints: one checkpoint folder shared by every rank") == [0]
+    assert by("memory estimate:") == by("trainable of") == [0, 1]
+    assert by("INFO [stage 0 | replica 1] trainer.loop: layers [") == [2] and by("optimizer state held") == [0, 1, 2, 3]
     grid_state = compare_to_reference(tiny_hf, mixed_tasks, grid / "ckpt", per_step=8, tmp_path=grid)
 
     single = tmp_path / "single"

@@ -47,7 +47,7 @@ from trainer.diloco import DiLoCo
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import MetricsWriter, PipelineSums, Progress, setup_logging
+from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress, setup_logging
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preference import (
@@ -139,7 +139,7 @@ class Trainer:
             frozen = compute_dtype(cfg.optim.precision)  # frozen linear weights need no fp32 master copy
             spec = self.stage.add_lora(cfg.lora, cfg.data.seed, frozen)
             log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
-                     spec.dropout, " ".join(spec.target_modules), cfg.optim.precision)  # fmt: skip
+                     spec.dropout, " ".join(spec.target_modules), cfg.optim.precision, extra=ONCE)  # fmt: skip
         self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
         # a reward model scores the final norm's output; DPO and next-token losses may chunk it
         self.stage.project_logits = self.loss_chunk == 0 and not cfg.objective.reward_model
@@ -150,7 +150,7 @@ class Trainer:
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
-                 sum(p.numel() for p in self.stage.parameters()))  # fmt: skip
+                 sum(p.numel() for p in self.stage.parameters()), extra=PER_STAGE)  # fmt: skip
         if cfg.dp.shard_optimizer:
             self.optimizer = ShardedOptimizer(cfg.optim, self.params, self.comm, self.device)
         else:
@@ -162,7 +162,8 @@ class Trainer:
             self.outer = DiLoCo(cfg.dp, self.stage, self.params, self.comm, self.stage.tied_copy(), num_layers,
                                 cfg.optim.total_steps)  # fmt: skip
         self.estimate = self._estimate_memory(process)
-        log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe())
+        log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe(),
+                 extra=PER_STAGE)  # fmt: skip
         self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         if self.has_data:
             from transformers import AutoTokenizer
@@ -631,7 +632,7 @@ class Trainer:
             self.reference = ReferenceLogps.load(path, identity, cfg.data.seq_length, hashes)
         ready = self.comm.all_gather_object(self.reference is not None or not topo.is_last_stage)
         if all(ready):
-            log.info("DPO reference log-probs read from %s", path)
+            log.info("DPO reference log-probs read from %s", path, extra=ONCE)
             return
         if self.step > 0 and cfg.lora is None:
             raise ValueError(
@@ -649,7 +650,7 @@ class Trainer:
             self.reference = table
             table.save(path, identity, cfg.data.seq_length)
         log.info("DPO reference log-probs of every pair computed in %.1fs (kept in %s)",
-                 time.perf_counter() - started, path)  # fmt: skip
+                 time.perf_counter() - started, path, extra=ONCE)  # fmt: skip
 
     def _reference_pass(self, files: list[TaskSpec], hashes: list[tuple[str, str]]) -> ReferenceLogps | None:
         """One forward-only pass over every pair of ``files``, each replica a slot of each batch;
@@ -928,7 +929,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
     if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
         plan = place_stage(cfg, plan, stage_memory_limits(comm, torch.device(cfg.device)))
     disks = probe_disks(comm, cfg.checkpoint.path)
-    log.info("checkpoints: %s", disks.describe())
+    log.info("checkpoints: %s", disks.describe(), extra=ONCE)
     if cfg.checkpoint.resume:  # the step every rank resumes from, its files brought onto every disk
         agree_on_resume(comm, cfg, plan.layers, disks)
     trainer = Trainer(cfg, plan, comm, disks)

@@ -86,6 +86,24 @@ class Progress:
         self._bar.close()
 
 
+# ``extra=`` of a log line every rank would write alike: rank 0 alone writes it (ONCE), or the
+# first replica of each stage (PER_STAGE), so a start-up says each thing once
+ONCE, PER_STAGE = {"once": "run"}, {"once": "stage"}
+
+
+class _SaidOnce(logging.Filter):
+    """Drops the lines marked ONCE on every rank but 0, and those marked PER_STAGE on every
+    replica but the first."""
+
+    def __init__(self, topo: Topology) -> None:
+        super().__init__()
+        self.topo = topo
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        once = getattr(record, "once", None)
+        return once is None or (self.topo.rank == 0 if once == "run" else self.topo.replica == 0)
+
+
 def setup_logging(topo: Topology, level: str) -> None:
     prefix = f"[stage {topo.stage} | replica {topo.replica}]"
     logging.basicConfig(
@@ -94,5 +112,7 @@ def setup_logging(topo: Topology, level: str) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    for handler in logging.getLogger().handlers:  # handlers see every logger's records
+        handler.addFilter(_SaidOnce(topo))
     # bitsandbytes (optional, imported by peft when installed) reports missing CPU kernels at import
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
