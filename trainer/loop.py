@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
-from modules.lora import adapters_disabled
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
 from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
@@ -39,7 +37,6 @@ from trainer.data import (
     Prefetcher,
     TaskSpec,
     TokenStream,
-    pair_batch,
     parse_task_names,
     resumed_packing,
 )
@@ -51,21 +48,15 @@ from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progre
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preference import (
-    REFERENCE_FILE,
     DpoLoss,
     DpoSettings,
     PairLoss,
-    PairPacker,
-    ReferenceLogps,
     RewardLoss,
-    all_pairs,
-    data_hash,
     last_tokens,
-    reference_table,
 )
 from trainer.profiling import Profiler
+from trainer.reference import DpoReference
 from trainer.resume import agree_on_resume, probe_disks
-from trainer.sources import Source
 from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits
 
 log = logging.getLogger(__name__)
@@ -103,11 +94,7 @@ class Trainer:
         # pairs: none) and what a resumed run's stream recorded (every rank: the first stage's
         # positions travel if not concat)
         self.packing = cfg.data.packing or ("none" if cfg.objective.pairs else "documents")
-        self.reference: ReferenceLogps | None = None  # DPO's reference log-probs (last stage), see prepare_reference
-        # --dpo-reference frozen: the starting weights (None under LoRA: its stage with adapters
-        # off), and the reference log-probs of the batch being run, by slot (last stage)
-        self.frozen: Stage | None = None
-        self.frozen_rows: dict[int, torch.Tensor] | None = None
+        self.dpo_reference: DpoReference | None = None  # DPO's reference log-probs (trainer.reference)
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
@@ -143,9 +130,8 @@ class Trainer:
         self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
         # a reward model scores the final norm's output; DPO and next-token losses may chunk it
         self.stage.project_logits = self.loss_chunk == 0 and not cfg.objective.reward_model
-        objective = cfg.objective
-        if objective.needs_reference and objective.reference == "frozen" and cfg.lora is None:
-            self.frozen = copy.deepcopy(self.stage).requires_grad_(False).eval()  # before any checkpoint loads
+        if cfg.objective.needs_reference:  # before any checkpoint loads: the stage holds the starting weights
+            self.dpo_reference = DpoReference(cfg, self.stage, self._forward_only, self._sequence_logps)
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
@@ -234,14 +220,9 @@ class Trainer:
         reference = scored_at = None
         if last and cfg.objective.reward_model:  # where each sequence's reward is read
             scored_at = self._to_device(last_tokens(batch.input_ids[self._rows(slot)], self.pad_id))
-        if last and self.frozen_rows is not None:
-            reference = self.frozen_rows[slot]
-        elif last and self.reference is not None:
-            pairs = self._rows(slot)  # a pair's two sequences share their task and record
-            tasks, lines = batch.tasks[pairs][::2], batch.records[pairs][::2]
-            reference = self._to_device(
-                self.reference.rows([(first_file + t, n) for t, n in zip(tasks, lines, strict=True)])
-            )
+        if last and self.dpo_reference is not None:
+            reference = self.dpo_reference.rows(batch, slot, self._rows(slot), first_file)
+            reference = self._to_device(reference) if reference is not None else None
         rows = [slice(i, i + m) for i in range(0, size, m)]
         return [
             MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None,
@@ -324,7 +305,7 @@ class Trainer:
         return MemoryEstimate(
             process=process,
             parameters=sum(p.nbytes for p in stage.parameters())
-            + (sum(p.nbytes for p in self.frozen.parameters()) if self.frozen is not None else 0),
+            + (self.dpo_reference.extra_bytes if self.dpo_reference is not None else 0),
             gradients=sum(p.nbytes for p in self.params),
             optimizer=self.optimizer.state_bytes + (self.outer.state_bytes if self.outer else 0),
             per_micro_batch=held,
@@ -370,31 +351,6 @@ class Trainer:
             total += schedule(stage or self.stage, self.comm, micro_batches, last)
         return total
 
-    def _frozen_reference(self, batch: Batch | None, slots: range) -> None:
-        """--dpo-reference frozen: the reference log-probs of this replica's ``slots`` of ``batch``
-        by a forward-only pass of the starting weights (the frozen copy, or under LoRA this stage
-        with its adapters off), kept in ``frozen_rows`` for the pass over the same slots."""
-        self.frozen_rows, recorded = None, []
-        stage = self.frozen if self.frozen is not None else self.stage
-        training = stage.training
-        stage.eval()  # the reference is the model itself: no dropout
-        with adapters_disabled(stage):
-            self._run_slots(batch, slots, self._recorder(recorded), train=False, stage=stage)
-        stage.train(training)
-        if self.topo.is_last_stage:
-            size = self.cfg.batch.batch_size
-            values = torch.cat(recorded)  # the slots' sequences in order
-            self.frozen_rows = {slot: values[k * size : (k + 1) * size] for k, slot in enumerate(slots)}
-
-    def _recorder(self, recorded: list[torch.Tensor]) -> LossFn:
-        """A loss function that appends each micro-batch's per-sequence log-probs to ``recorded``."""
-
-        def record(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-            recorded.append(self._sequence_logps(out, micro.labels).detach())
-            return recorded[-1].sum()
-
-        return record
-
     def _passes(self, slots: range) -> list[range]:
         """This replica's slots grouped into pipeline passes (``RunConfig.rounds_per_pass``)."""
         per_pass = min(len(slots), self.cfg.rounds_per_pass())
@@ -421,8 +377,8 @@ class Trainer:
         loss_fn = self._loss_fn(normalizer / scale, pairs)
         slots = self._slots(self.slots_per_step)
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            if self.cfg.objective.needs_reference and not self.cfg.objective.precomputed_reference:
-                self._frozen_reference(batch, slots)
+            if self.dpo_reference is not None and self.dpo_reference.per_step:
+                self.dpo_reference.forward(batch, slots, self.topo.is_last_stage)
             loss = self._run_slots(batch, slots, loss_fn, True, watch, router)
         # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
         parts = [loss.reshape(1)]
@@ -592,8 +548,8 @@ class Trainer:
         slots = self._slots(launched)
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
-            if cfg.objective.needs_reference and not cfg.objective.precomputed_reference:
-                self._frozen_reference(batch, slots)
+            if self.dpo_reference is not None and self.dpo_reference.per_step:
+                self.dpo_reference.forward(batch, slots, topo.is_last_stage)
             totals[0] += float(self._run_slots(batch, slots, loss_fn, train=False, first_file=len(cfg.data.tasks)))
             if batch is not None and topo.is_last_stage and pairs is None:
                 totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
@@ -612,84 +568,14 @@ class Trainer:
 
     # -- DPO's reference ------------------------------------------------------------------------
 
-    def _pair_files(self) -> list[TaskSpec]:
-        """The files whose pairs the reference covers: the training tasks, then the evaluation's."""
-        cfg = self.cfg
-        evaluation = parse_task_names(str(cfg.evaluation.path)) if cfg.evaluation.path is not None else ()
-        return [*cfg.data.tasks, *evaluation]
+    def _forward_only(self, batch: Batch | None, slots: range, loss_fn: LossFn, module: torch.nn.Module) -> None:
+        self._run_slots(batch, slots, loss_fn, train=False, stage=module)
 
     def prepare_reference(self) -> None:
-        """DPO (trainer.preference): every last stage gets the reference log-probs of every
-        pair, read from the checkpoint folder where this run stored them, else computed by one
-        forward-only pass with the starting weights (LoRA: its adapters off). A resumed full
-        fine-tuning run no longer holds its starting weights: without the file it stops."""
-        cfg, topo = self.cfg, self.topo
-        path = cfg.checkpoint.path / REFERENCE_FILE
-        files = self._pair_files() if self.has_data else []  # the middle stages read no data
-        hashes = [(task.path.name, data_hash(task.path)) for task in files] if topo.is_last_stage else []
-        identity = self.identity.to_json()
-        if topo.is_last_stage:
-            self.reference = ReferenceLogps.load(path, identity, cfg.data.seq_length, hashes)
-        ready = self.comm.all_gather_object(self.reference is not None or not topo.is_last_stage)
-        if all(ready):
-            log.info("DPO reference log-probs read from %s", path, extra=ONCE)
-            return
-        if self.step > 0 and cfg.lora is None:
-            raise ValueError(
-                f"{path} is missing or does not fit the data, and this resumed run no longer holds the weights it "
-                "started from (the DPO reference); put the run's own file back, or start a new run from the "
-                "starting model in another --checkpoint-path"
-            )
-        started = time.perf_counter()
-        self.stage.eval()  # the reference is the model itself: no dropout
-        with adapters_disabled(self.stage):
-            table = self._reference_pass(files, hashes)
-        self.stage.train()
+        """DPO's precomputed reference (trainer.reference), before the first step."""
+        data = (self.tokenizer, self.stream.chat) if self.has_data else None
+        self.dpo_reference.prepare(self.comm, self.step, self.identity.to_json(), data)
         self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
-        if topo.is_last_stage:
-            self.reference = table
-            table.save(path, identity, cfg.data.seq_length)
-        log.info("DPO reference log-probs of every pair computed in %.1fs (kept in %s)",
-                 time.perf_counter() - started, path, extra=ONCE)  # fmt: skip
-
-    def _reference_pass(self, files: list[TaskSpec], hashes: list[tuple[str, str]]) -> ReferenceLogps | None:
-        """One forward-only pass over every pair of ``files``, each replica a slot of each batch;
-        the last stages' tables (every pair's log-probs) are complete once summed over replicas."""
-        cfg, topo = self.cfg, self.topo
-        pairs: list[list] = []
-        if self.has_data:
-            eos = self.tokenizer.eos_token_id
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-            for task in files:
-                packer = PairPacker(Source(task.path, cfg.data.skip_bad_lines, pairs=True), self.tokenizer, eos, pad,
-                                    self.stream.chat)  # fmt: skip
-                pairs.append(all_pairs(packer, cfg.data.seq_length))
-        flat = [pair for file_pairs in pairs for pair in file_pairs]
-        total = max(self.comm.all_gather_object(len(flat)))  # the middle stages read no data
-        launched = cfg.topology.data_size
-        per_batch = cfg.batch.batch_size // 2 * launched  # pairs: a slot of each replica
-        slots = self._slots(launched)
-        logps = torch.zeros(total, 2, dtype=torch.float32, device=self.device)
-        recorded: list[torch.Tensor] = []
-        record = self._recorder(recorded)
-        for start in range(0, total, per_batch):
-            batch = None
-            if flat:  # the last batch is filled up with its last pair, whose values are not kept
-                chunk = flat[start : start + per_batch]
-                chunk += chunk[-1:] * (per_batch - len(chunk))
-                rows = [row for pair in chunk for row in (pair.chosen, pair.rejected)]
-                batch = pair_batch(rows, [0] * len(rows), [pair.line for pair in chunk for _ in range(2)])
-            recorded.clear()
-            self._run_slots(batch, slots, record, train=False)
-            if topo.is_last_stage:
-                values = torch.cat(recorded).reshape(-1, 2)  # this replica's slot, in order
-                first = start + topo.replica * cfg.batch.batch_size // 2
-                kept = max(0, min(len(values), total - first))
-                logps[first : first + kept] = values[:kept]
-        if not topo.is_last_stage:
-            return None
-        self.comm.all_reduce_data(logps)  # each pair filled by exactly one replica: the sum is exact
-        return reference_table(hashes, pairs, logps.cpu())
 
     # -- replicas leaving (--elastic) ---------------------------------------------------------
 
