@@ -1,4 +1,5 @@
-"""Preference tuning: Direct Preference Optimisation (Rafailov et al. 2023) over the pipeline.
+"""Preference pairs and their losses: DPO (Rafailov et al. 2023), SimPO (Meng et al. 2024) and
+reward models, over the pipeline.
 
 A pair (trainer.sources.Pair) becomes two sequences, chosen then rejected, next to each other in
 the batch, so every micro-batch holds whole pairs (``--batch-size`` and ``--micro-batch-size``
@@ -9,14 +10,13 @@ prompt until the longer sequence fits, keeping at least the prompt's last half o
 length; a response that still does not fit is cut at its end (counted as ``truncated`` in the
 data state, logged once per task).
 
-The last stage sums each sequence's log-probability over its response tokens (without holding
-all logits: trainer.loss.sequence_logps) and forms TRL's loss,
+For DPO the last stage sums each sequence's log-probability over its response tokens (without
+holding all logits: trainer.loss.sequence_logps) and forms TRL's loss,
 ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` (with label smoothing, the
-conservative form), and TRL's metrics. The reference log-probabilities ``ref`` are precomputed:
-one forward-only pass over every pair of the training and evaluation data before the first
-step, with the starting weights (LoRA: its adapters switched off), stored in the checkpoint
-folder (``dpo_reference.json``) by file and record, with each file's hash, so a resume or
-another topology reads them instead of recomputing.
+conservative form), and TRL's metrics; the reference log-probabilities ``ref`` come from
+trainer.reference (precomputed once and kept in the checkpoint folder as ``ReferenceLogps``, by
+file and record with each file's hash, or each step's forward of the starting weights). A reward
+model scores each sequence at its last real token (``last_tokens``) with a scalar head.
 """
 
 from __future__ import annotations
