@@ -255,21 +255,27 @@ class TokenStream:
         if eos_id is None:
             raise ValueError("the tokenizer has no EOS token; packing needs one between examples")
         pad_id = getattr(tokenizer, "pad_token_id", None)
+        # what sequences are padded with (a reward model pools before it): the pad token, else EOS
+        self.tokenizer, self.eos_id, self.skip_bad_lines = tokenizer, eos_id, skip_bad_lines
+        self.pad_id = eos_id if pad_id is None else pad_id
         self.tasks = tasks
         self.seq_length = seq_length
         self.requested, self.packing = packing, packing or "documents"
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
         self.chat, self.chat_template = chat, chat.fingerprint()
-        pad_id = eos_id if pad_id is None else pad_id
         self.pairs = pairs
         if pairs:
-            self.packers = [PairPacker(Source(t.path, skip_bad_lines, pairs), tokenizer, eos_id, pad_id, chat)
-                            for t in tasks]  # fmt: skip
+            self.packers = [self.pair_packer(t) for t in tasks]
         else:
-            self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, pad_id, chat, self.packing)
-                            for t in tasks]  # fmt: skip
+            self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, self.pad_id, chat,
+                                       self.packing) for t in tasks]  # fmt: skip
         self.weights = [t.weight for t in tasks]
+
+    def pair_packer(self, task: TaskSpec) -> PairPacker:
+        """A fresh reader of ``task``'s preference pairs, cut as this stream cuts them."""
+        source = Source(task.path, self.skip_bad_lines, pairs=True)
+        return PairPacker(source, self.tokenizer, self.eos_id, self.pad_id, self.chat)
 
     def next_batch(self, count: int) -> Batch:
         if self.pairs:

@@ -155,10 +155,9 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
-            eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-            self.pad_id = pad if pad is not None else eos  # what sequences are padded with
             # a new stream packs as asked (None: the default), a resumed one as it recorded
             self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
+            self.pad_id = self.stream.pad_id
             self.data_state = self.stream.state_dict()
         # what makes this run this run (trainer.identity), recorded in each of its checkpoints
         self.identity = RunIdentity.of(cfg)
@@ -573,8 +572,8 @@ class Trainer:
 
     def prepare_reference(self) -> None:
         """DPO's precomputed reference (trainer.reference), before the first step."""
-        data = (self.tokenizer, self.stream.chat) if self.has_data else None
-        self.dpo_reference.prepare(self.comm, self.step, self.identity.to_json(), data)
+        slots = self._slots(self.cfg.topology.data_size)  # an evaluation's: a slot per launched replica
+        self.dpo_reference.prepare(self.comm, self.step, self.identity.to_json(), self.stream, slots)
         self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
 
     # -- replicas leaving (--elastic) ---------------------------------------------------------

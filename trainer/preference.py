@@ -163,6 +163,7 @@ class PairLoss:
         self.totals = torch.zeros(len(self.METRICS) + 1, dtype=torch.float32, device=device)
 
     def _add(self, stats: list[torch.Tensor]) -> None:
+        """Add each statistic's sum over these pairs (no graph is kept), and the pairs."""
         with torch.no_grad():
             pairs = torch.tensor(float(len(stats[0])))
             self.totals += torch.stack([s.sum() for s in stats] + [pairs]).to(self.totals)
@@ -204,9 +205,8 @@ class DpoLoss(PairLoss):
             chosen_ratio, rejected_ratio = chosen - reference[0::2], rejected - reference[1::2]
             margin = beta * (chosen_ratio - rejected_ratio)
         losses = -F.logsigmoid(margin) * (1 - smoothing) - F.logsigmoid(-margin) * smoothing
-        rewards_c, rewards_r = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
-        stats = [rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected]
-        self._add([s.detach() for s in stats])
+        rewards_c, rewards_r = beta * chosen_ratio, beta * rejected_ratio
+        self._add([rewards_c, rewards_r, (rewards_c > rewards_r).float(), rewards_c - rewards_r, chosen, rejected])
         return losses.sum() / normalizer
 
 
@@ -220,7 +220,6 @@ class RewardLoss(PairLoss):
         """``rewards``: (2 * pairs,) chosen and rejected alternating."""
         chosen, rejected = rewards[0::2], rewards[1::2]
         losses = -F.logsigmoid(chosen - rejected)
-        chosen, rejected = chosen.detach(), rejected.detach()
         self._add([(chosen > rejected).float(), chosen - rejected, (chosen + rejected) / 2])
         return losses.sum() / normalizer
 

@@ -26,10 +26,9 @@ from comm.process_group import Communicator
 from modules.lora import adapters_disabled
 from pipeline.schedule import LossFn, MicroBatch
 from trainer.config import RunConfig
-from trainer.data import Batch, TaskSpec, pair_batch, parse_task_names
+from trainer.data import Batch, TaskSpec, TokenStream, pair_batch, parse_task_names
 from trainer.metrics import ONCE
-from trainer.preference import REFERENCE_FILE, PairPacker, ReferenceLogps, all_pairs, data_hash, reference_table
-from trainer.sources import Source
+from trainer.preference import REFERENCE_FILE, ReferenceLogps, all_pairs, data_hash, reference_table
 
 log = logging.getLogger(__name__)
 # a forward-only pass of ``module`` (a stage) over this replica's ``slots`` of a batch
@@ -96,11 +95,12 @@ class DpoReference:
 
     # -- precomputed ----------------------------------------------------------------------------
 
-    def prepare(self, comm: Communicator, step: int, identity: dict, data: tuple[object, object] | None) -> None:
+    def prepare(self, comm: Communicator, step: int, identity: dict, data: TokenStream | None, slots: range) -> None:
         """Every last stage gets every pair's reference log-probs: read from the checkpoint
-        folder where this run stored them, else computed by one pass with the starting weights.
-        A resumed (``step`` > 0) full fine-tuning run no longer holds those: without the file it
-        stops. ``data``: the tokenizer and chat template (None on the middle stages, which read no data)."""
+        folder where this run stored them, else computed by one pass with the starting weights,
+        this replica running ``slots`` of each batch. A resumed (``step`` > 0) full fine-tuning
+        run no longer holds those: without the file it stops. ``data``: the training stream, whose
+        reading of pairs the pass repeats (None on the middle stages, which read no data)."""
         cfg, topo = self.cfg, comm.topo
         path = Path(cfg.checkpoint.path) / REFERENCE_FILE
         files = self._files() if data is not None else []
@@ -117,7 +117,7 @@ class DpoReference:
                 "starting model in another --checkpoint-path"
             )
         started = time.perf_counter()
-        table = self._pass(comm, files, hashes, data)
+        table = self._pass(comm, files, hashes, data, slots)
         if topo.is_last_stage:
             self.table = table
             table.save(path, identity, cfg.data.seq_length)
@@ -131,24 +131,19 @@ class DpoReference:
         return [*cfg.data.tasks, *evaluation]
 
     def _pass(
-        self, comm: Communicator, files: list[TaskSpec], hashes: list[tuple[str, str]], data: tuple | None
-    ) -> ReferenceLogps | None:
+        self, comm: Communicator, files: list[TaskSpec], hashes: list[tuple[str, str]], data: TokenStream | None,
+        slots: range,
+    ) -> ReferenceLogps | None:  # fmt: skip
         """One forward-only pass over every pair of ``files``, each replica a slot of each batch;
         the last stages' tables (every pair's log-probs) are complete once summed over replicas."""
         cfg, topo = self.cfg, comm.topo
         pairs: list[list] = []
         if data is not None:
-            tokenizer, chat = data
-            eos = tokenizer.eos_token_id
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-            for task in files:
-                packer = PairPacker(Source(task.path, cfg.data.skip_bad_lines, pairs=True), tokenizer, eos, pad, chat)
-                pairs.append(all_pairs(packer, cfg.data.seq_length))
+            pairs = [all_pairs(data.pair_packer(task), cfg.data.seq_length) for task in files]
         flat = [pair for file_pairs in pairs for pair in file_pairs]
         total = max(comm.all_gather_object(len(flat)))  # the middle stages read no data
         launched = cfg.topology.data_size
         per_batch = cfg.batch.batch_size // 2 * launched  # pairs: a slot of each replica
-        slots = range(topo.replica, launched, topo.data_size)
         logps = torch.zeros(total, 2, dtype=torch.float32, device=cfg.device)
         recorded: list[torch.Tensor] = []
         record = self._recorder(recorded)
