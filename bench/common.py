@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,3 +87,17 @@ def run(
     if any(p.wait() for p in procs):
         raise RuntimeError(f"a rank failed with flags {flags}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric_rows(out: Path) -> list[dict]:
+    """The rows of ``out``'s metrics.jsonl so far (none before the first step)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_step(out: Path, step: int, procs: list[subprocess.Popen]) -> None:
+    """Until a training row of step ``step`` (or later) is in ``out``'s metrics."""
+    while not any(r.get("step", 0) >= step and "loss" in r for r in metric_rows(out)):
+        if all(p.poll() is not None for p in procs):
+            raise RuntimeError("every rank stopped")
+        time.sleep(0.05)

@@ -26,21 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, free_port  # noqa: E402
+from bench.common import build_model, free_port, metric_rows, wait_for_step  # noqa: E402
 
 log = logging.getLogger("bench.elastic_join")
-
-
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for_step(out: Path, step: int, procs: list[subprocess.Popen]) -> None:
-    while not any(r.get("step", 0) >= step and "loss" in r for r in rows(out)):
-        if all(p.poll() is not None for p in procs):
-            raise RuntimeError("every rank stopped")
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -73,7 +61,7 @@ def main() -> None:
         procs[2:] = [start(2), start(3)]
         if any(p.wait() for p in (procs[0], procs[1], procs[2], procs[3])):
             raise RuntimeError("a rank failed after the join")
-        events = {r["event"]: r for r in rows(out) if "event" in r}
+        events = {r["event"]: r for r in metric_rows(out) if "event" in r}
         left, joined = events["replicas left"], events["replicas joined"]
         final = out / f"checkpoint_{args.steps}"
         stages = [json.loads(p.read_text()) for p in sorted(final.glob("manifest_stage*.json"))]

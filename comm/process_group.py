@@ -196,6 +196,7 @@ class Communicator:
         self.device = device
         self.timeout_s = cfg.timeout_s
         self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
+        self._left = False  # an elastic replica that left on purpose (``leave``)
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
         self.act_codec = Codec(cfg.pp_compress, cfg.pp_compress_group, cfg.pp_compress_outliers)
         # gradients round stochastically (unbiased, so what rounds away does not pile up over
@@ -706,9 +707,21 @@ class Communicator:
             dist.all_gather_object(gathered, obj)
         return gathered
 
+    def leave(self, reason: str) -> None:
+        """Elastic runs: this rank's replica leaves on purpose (a preemption notice) while the
+        others train on: no loss for its peers' heartbeats, a mark for the survivors' agreement,
+        no final barrier (the survivors do not wait for it); ``close`` is then a no-op."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop("done")
+        self._close_lane()
+        self._mark_left(reason)
+        self._left = True
+
     def close(self, error: str | None = None) -> None:
         """Leave the job: after a clean run wait for every rank (rank 0 hosts the store the
         others still use); after an error, tell the others why and go."""
+        if self._left:
+            return
         if self.heartbeat is not None:
             self.heartbeat.stop("done" if error is None else error)
         self._close_lane()

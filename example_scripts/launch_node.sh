@@ -6,7 +6,9 @@
 #       bash example_scripts/launch_node.sh [extra dist_clm_train.py flags...]
 #
 # Ranks are laid out with pipelines contiguous: node 0 holds ranks 0..GPUS_PER_NODE-1, node 1 the
-# next ones, and so on. Ctrl-C stops every rank of this node.
+# next ones, and so on. SIGTERM or SIGUSR1 (a preemption notice) is passed on to this node's
+# ranks, which commit a checkpoint of their step and exit 0; Ctrl-C does the same, and a second
+# Ctrl-C stops them at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +37,18 @@ LR=${LR:-1e-5}
 export GLOO_SOCKET_IFNAME=$NET_IF NCCL_SOCKET_IFNAME=$NET_IF
 
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+ctrl_c=0
+on_ctrl_c() { # background ranks of a script ignore SIGINT: they hear Ctrl-C as a notice
+    if ((ctrl_c)); then
+        kill -s KILL "${pids[@]}" 2>/dev/null
+        exit 130
+    fi
+    ctrl_c=1
+    kill -s TERM "${pids[@]}" 2>/dev/null
+}
+trap on_ctrl_c INT
+trap 'kill -s TERM "${pids[@]}" 2>/dev/null' TERM
+trap 'kill -s USR1 "${pids[@]}" 2>/dev/null' USR1
 for ((gpu = 0; gpu < GPUS_PER_NODE; gpu++)); do
     rank=$((NODE_RANK * GPUS_PER_NODE + gpu))
     python dist_clm_train.py --rank "$rank" --cuda-id "$gpu" \
@@ -47,4 +60,14 @@ for ((gpu = 0; gpu < GPUS_PER_NODE; gpu++)); do
         --checkpoint-path "$CKPT" --checkpoint-steps 100 --load-checkpoint true "$@" &
     pids+=($!)
 done
-wait
+status=0
+for pid in "${pids[@]}"; do
+    while :; do
+        code=0
+        wait "$pid" || code=$?
+        kill -0 "$pid" 2>/dev/null || break # else a notice interrupted the wait: the rank still runs
+    done
+    ((code == 0)) || status=$code
+done
+((ctrl_c && status == 0)) && status=130
+exit $status

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OFFLINE_ENV, bundled_texts, instruction_records, write_jsonl, write_zst
+from tests.helpers import OFFLINE_ENV, assert_all_ok, bundled_texts, instruction_records, launch, write_jsonl, write_zst
+from tests.pp2_dp2 import elastic_args
 
 os.environ.update(OFFLINE_ENV)
 
@@ -55,3 +56,12 @@ def mixed_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
     text = write_jsonl(root / "stories.jsonl", bundled_texts()[:200])
     instructions = write_zst(root / "qa.jsonl.zst", instruction_records(bundled_texts()[200:]))
     return f"{text}:0.6,{instructions}:0.4"
+
+
+@pytest.fixture(scope="session")
+def pp2_dp2_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted pp=2 x dp=2 run (tests/pp2_dp2.py): the oracle of the runs that lose,
+    preempt or take in ranks on the way; made once for all of them."""
+    tmp = tmp_path_factory.mktemp("pp2_dp2_run")
+    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp / "ckpt"), 4, tmp))
+    return tmp / "ckpt"

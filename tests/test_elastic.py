@@ -6,84 +6,33 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
-    assert_all_ok,
     assert_same_state,
     free_port,
-    launch,
     read_metrics,
     start_ranks,
-    train_args,
 )
-
-TOTAL = 40
-
-
-def elastic_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]:
-    # pp=2 x dp=2; a step's 8 sequences are 2 rounds of 2 per replica (4 slots of 2)
-    return [*train_args(shards, tasks, ckpt, pp=2, dp=2, batch=2, micro=1, accum=2),
-            "--total-steps", str(TOTAL), "--checkpoint-steps", "8", *extra]  # fmt: skip
-
-
-def training_rows(*folders: Path) -> dict[int, float]:
-    rows = [r for f in folders if (f / "metrics.jsonl").exists() for r in read_metrics(f) if "loss" in r]
-    assert len({r["step"] for r in rows}) == len(rows), "a step was reported twice"
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def events(*folders: Path) -> list[dict]:
-    rows = [r for f in folders if (f / "metrics.jsonl").exists() for r in read_metrics(f) if "event" in r]
-    return sorted(rows, key=lambda r: r["step"])
-
-
-def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    folder = ckpt / f"checkpoint_{TOTAL}"
-    return {f"{p.name}/{k}": v for p in sorted(folder.glob("layer_*.safetensors")) for k, v in load_file(p).items()}
-
-
-def wait_for_rows(procs: list[subprocess.Popen], rows: int, *folders: Path) -> None:
-    deadline = time.monotonic() + 240
-    while len(training_rows(*folders)) < rows:
-        assert time.monotonic() < deadline, f"the run did not reach step {rows}"
-        assert any(p.poll() is None for p in procs), "every rank stopped"
-        time.sleep(0.02)
-
-
-def kill_after_rows(procs: list[subprocess.Popen], ckpt: Path, rows: int, victim: int) -> None:
-    wait_for_rows(procs, rows, ckpt)
-    assert all(p.poll() is None for p in procs), "a rank stopped before the kill"
-    procs[victim].send_signal(signal.SIGKILL)
-
-
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same run without --elastic and without a loss: the oracle for the survivors."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp / "ckpt"), 4, tmp))
-    return tmp / "ckpt"
+from tests.pp2_dp2 import (
+    TOTAL,
+    elastic_args,
+    events,
+    final_weights,
+    kill_after_rows,
+    training_rows,
+    wait_all,
+    wait_for_rows,
+)
 
 
 def test_killed_rank_s_replica_leaves_and_the_survivors_train_on_to_the_same_losses(
-    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
     """SIGKILL rank 1 after step 5: it is replica 0's last stage (the metrics reporter) and the
     store's host was started by rank 0, which leaves with it. Replica 1 redoes the step it was in
@@ -97,14 +46,14 @@ def test_killed_rank_s_replica_leaves_and_the_survivors_train_on_to_the_same_los
     assert codes[0] == 1 and "lost rank 1" in logs[0], logs[0][-2000:]  # its replica is broken: it leaves
     assert codes[2] == 0 and codes[3] == 0, logs[2][-2000:] + logs[3][-2000:]
 
-    ours, expected = training_rows(ckpt), training_rows(uninterrupted)
+    ours, expected = training_rows(ckpt), training_rows(pp2_dp2_run)
     assert sorted(ours) == list(range(1, TOTAL + 1))
     assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
     (event,) = [r for r in read_metrics(ckpt) if r.get("event") == "replicas left"]
     assert event["left_launch_ranks"] == [0, 1] and event["replicas"] == 1 and 5 < event["step"] < TOTAL
     before = [r for r in read_metrics(ckpt) if "loss" in r and r["step"] < event["step"]]
     assert [r["loss"] for r in before] == [expected[r["step"]] for r in before]  # bit for bit until the loss
-    assert_same_state(final_weights(ckpt), final_weights(uninterrupted))  # to rounding (summed in another order)
+    assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))  # to rounding (summed in another order)
 
 
 def test_fewer_replicas_than_min_replicas_stop_with_a_message(
@@ -123,7 +72,7 @@ def test_fewer_replicas_than_min_replicas_stop_with_a_message(
 
 
 def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
-    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
     """Two sites with a checkpoint folder each; rank 1 is SIGKILLed after step 5 and its replica
     (launch ranks 0 and 1) is started again with the same command once step 10 is done: it asks
@@ -147,7 +96,7 @@ def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     logs = "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
     assert codes == [0, 0, 0, 0], logs
 
-    ours, expected = training_rows(*sites.values()), training_rows(uninterrupted)
+    ours, expected = training_rows(*sites.values()), training_rows(pp2_dp2_run)
     assert sorted(ours) == list(range(1, TOTAL + 1))
     assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
     left, joined = events(*sites.values())
@@ -156,7 +105,7 @@ def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     assert 10 <= joined["step"] < TOTAL
     here, there = final_weights(sites[0]), final_weights(sites[1])
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)  # one model
-    assert_same_state(here, final_weights(uninterrupted))
+    assert_same_state(here, final_weights(pp2_dp2_run))
 
 
 def test_a_joiner_with_other_settings_is_refused_with_a_message(

@@ -82,13 +82,47 @@ def test_sigkill_then_relaunch_equals_uninterrupted(
     killed_at = latest = int((ckpt / "latest").read_text())
     assert latest in complete_steps(ckpt)  # latest never names a half-written checkpoint
 
-    assert_all_ok(launch(args, 2, tmp_path))  # the same command again
-    after = {r["step"]: r["loss"] for r in read_metrics(ckpt)}  # rows after the resume win
+    relaunch_equals(uninterrupted, args, ckpt, tmp_path, f"resumed from step {killed_at}")
+
+
+def relaunch_equals(uninterrupted: Path, args: list[str], ckpt: Path, tmp_path: Path, what: str) -> None:
+    """The same command again finishes the run: every step's loss and the final weights are the
+    uninterrupted run's, bit for bit (the steps redone after a resume included)."""
+    assert_all_ok(launch(args, 2, tmp_path))
+    after = {r["step"]: r["loss"] for r in read_metrics(ckpt) if "loss" in r}  # rows after the resume win
     expected = {r["step"]: r["loss"] for r in read_metrics(uninterrupted)}
-    assert after == expected  # bit for bit, including the steps redone after the resume
+    assert after == expected, what
     ours, reference = final_state(ckpt), final_state(uninterrupted)
     assert ours.keys() == reference.keys()
-    assert all(torch.equal(ours[k], reference[k]) for k in reference), f"resumed from step {killed_at}"
+    assert all(torch.equal(ours[k], reference[k]) for k in reference), what
+
+
+def test_sigterm_to_the_launch_script_commits_the_step_and_a_relaunch_equals_uninterrupted(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """example_scripts/launch_local.sh passes a preemption notice on to its ranks and waits for
+    them: they commit the step they are in and exit 0, and so does the script."""
+    ckpt = tmp_path / "ckpt"
+    args = run_args(tiny_shards, two_tasks, ckpt, extra=("--keep-checkpoints", "2"))
+    cmd = ["bash", str(ROOT / "example_scripts" / "launch_local.sh"), "2", *args,
+           "--dist-url", f"tcp://127.0.0.1:{free_port()}"]  # fmt: skip
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "launcher.log", "w") as out:
+        launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_rows(ckpt, 6, [launcher])
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    output = (tmp_path / "launcher.log").read_text()
+    assert code == 0, output[-3000:]
+    stopped = max(r["step"] for r in read_metrics(ckpt) if "loss" in r)
+    assert stopped < STEPS, "the run finished before the notice"
+    assert int((ckpt / "latest").read_text()) == stopped and stopped in complete_steps(ckpt)
+    assert output.count(f"preempted (SIGTERM): step {stopped} committed") == 2, output[-3000:]  # both ranks
+    relaunch_equals(uninterrupted, args, ckpt, tmp_path, f"preempted at step {stopped}")
 
 
 def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Stage, ReplicatedOptimizer]:

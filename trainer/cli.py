@@ -342,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
     c.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
     c.add_argument(
+        "--preempt-grace",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="on SIGTERM or SIGUSR1 the run commits a checkpoint at the end of the step and exits 0; if it has "
+        "not within S seconds (or a second signal comes), the signal stops it at once",
+    )
+    c.add_argument(
         "--profiling",
         choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
         default="no-profiling",
@@ -500,7 +508,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             max_nonfinite_steps=args.max_nonfinite_steps,
         ),
         checkpoint=CheckpointConfig(
-            Path(args.checkpoint_path), args.checkpoint_steps, args.load_checkpoint, args.keep_checkpoints
+            path=Path(args.checkpoint_path),
+            every_steps=args.checkpoint_steps,
+            resume=args.load_checkpoint,
+            keep=args.keep_checkpoints,
+            preempt_grace_s=args.preempt_grace,
         ),
         device=device,
         log_level=args.log_level,

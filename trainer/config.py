@@ -104,10 +104,15 @@ class CheckpointConfig:
     every_steps: int
     resume: bool = True
     keep: int = 0  # newest checkpoints kept; 0 keeps all
+    # after SIGTERM/SIGUSR1, how long the run may take to commit the step's checkpoint and exit
+    # before the signal takes its default effect (trainer.preemption); may differ between ranks
+    preempt_grace_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError("--checkpoint-steps must be at least 1")
+        if not self.preempt_grace_s > 0:
+            raise ValueError("--preempt-grace must be a number of seconds > 0 (the notice a preemption gives)")
         if self.keep < 0:
             raise ValueError("--keep-checkpoints must be >= 0 (0 keeps every checkpoint)")
 

@@ -47,6 +47,7 @@ from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, reside
 from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress, setup_logging
 from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
+from trainer.preemption import PreemptionNotice
 from trainer.preference import (
     DpoLoss,
     DpoSettings,
@@ -69,10 +70,21 @@ class ReplicasChanged(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator | None, disks: Disks | None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: Plan,
+        comm: Communicator | None,
+        disks: Disks | None,
+        notice: PreemptionNotice,
+    ) -> None:
         """``comm`` and ``disks`` are None for a rank joining a live elastic run, which sets up
-        first and gets them when the run takes it in (``join_run``)."""
+        first and gets them when the run takes it in (``join_run``). ``notice`` is this process's
+        preemption notice (trainer.preemption), shared with every rank at each step's end."""
         self.cfg = cfg
+        self.notice = notice
+        # the replicas of which some rank had a preemption notice, as the last step's sums agreed
+        self.noticed: list[int] = []
         self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
         self.comm = comm
@@ -385,6 +397,11 @@ class Trainer:
             parts.append(router.total.to(loss).reshape(1))
         if pairs is not None:
             parts.append(pairs.totals.to(loss))
+        # last, one slot per replica: 1 in this replica's if this rank has a preemption notice
+        dp = self.topo.data_size
+        notice = torch.zeros(dp).to(loss)
+        notice[self.topo.replica] = float(self.notice.pending)
+        parts.append(notice)
         totals = torch.cat(parts)
 
         # tied embedding: both ends' copies get the sum of both gradients
@@ -402,6 +419,7 @@ class Trainer:
         except ReplicaLostError as err:
             log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
             lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
+        notices, totals = totals[-dp:], totals[:-dp]
         loss = totals[0] / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
@@ -421,11 +439,14 @@ class Trainer:
         sums.add("peak_mem_bytes", self.memory.peak_bytes(), per_stage=True)
         sums.add("peak_mem_estimate_bytes", self.estimate.total, per_stage=True)
         sums.add("lost", lost)
+        for replica, noticed in enumerate(notices.tolist()):  # the sum over stages: every rank's notices
+            sums.add(f"notice/{replica}", noticed)
         self.memory.reset()
         summed = sums.reduce(self.comm.all_reduce_pipeline, self.device)
         if summed["lost"][0] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
             self.optimizer.rollback()
             raise ReplicasChanged(step)
+        self.noticed = [r for r in range(dp) if summed[f"notice/{r}"][0] > 0]
         grad_norm = math.sqrt(summed["squared_norm"][0])
         comm_bytes, dp_bytes = int(summed["comm_bytes"][0]), int(summed["dp_bytes"][0])
         trainable = int(summed["trainable"][0])
@@ -578,11 +599,12 @@ class Trainer:
 
     # -- replicas leaving (--elastic) ---------------------------------------------------------
 
-    def regroup(self, step: int) -> None:
-        """After ReplicasChanged in step ``step``: agree with the other survivors on the complete
-        pipelines (comm.membership) and make the process groups anew with this rank's place
-        among them (a metrics row says who left). Raises when this replica was left out or
-        fewer than --min-replicas remain."""
+    def regroup(self, step: int, why: str = "lost") -> None:
+        """After ReplicasChanged in step ``step`` (or, ``why`` "preempted", after step ``step``,
+        which replicas with a preemption notice leave): agree with the other survivors on the
+        complete pipelines (comm.membership) and make the process groups anew with this rank's
+        place among them (a metrics row says who left, and why). Raises when this replica was
+        left out or fewer than --min-replicas remain."""
         started = time.perf_counter()
         elastic = self.comm.elastic
         settle = min(10.0, self.cfg.comm.timeout_s)  # how long a slow survivor may take to register
@@ -601,10 +623,10 @@ class Trainer:
             )
         self._adopt(self.comm.regroup(membership))
         took = time.perf_counter() - started
-        log.warning("step %d: launch ranks %s left; %d replicas go on as generation %d (regrouped in %.2fs); "
-                    "this rank is now %s", step, gone, len(membership.replicas), membership.generation, took,
+        log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in %.2fs); "
+                    "this rank is now %s", step, gone, why, len(membership.replicas), membership.generation, took,
                     self.topo.describe(self.topo.rank))  # fmt: skip
-        self.events.append({"step": step, "event": "replicas left", "left_launch_ranks": gone,
+        self.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": gone,
                             "replicas": len(membership.replicas), "generation": membership.generation,
                             "regroup_s": took, "unix_time": time.time()})  # fmt: skip
 
@@ -706,6 +728,46 @@ class Trainer:
             self.disks, keep=cfg.checkpoint.keep, outer=self.outer,
         )  # fmt: skip
 
+    def _answer_notice(self, metrics: MetricsWriter | None) -> bool:
+        """Every rank, at the end of a step where some rank had a preemption notice: without
+        --elastic (or if too few replicas would stay) the whole run commits this step and stops;
+        with it, the noticed replicas leave and the others regroup and train on. True: stop."""
+        staying = self.topo.data_size - len(self.noticed)
+        if self.comm.elastic is None or staying < max(1, self.cfg.dp.min_replicas):
+            self._stop_for_notice(metrics)
+            return True
+        if self.topo.replica in self.noticed:
+            self._leave_for_notice()
+            return True
+        self.regroup(self.step, why="preempted")
+        return False
+
+    def _stop_for_notice(self, metrics: MetricsWriter | None) -> None:
+        """Every rank, at the step boundary where the run learned of a preemption notice: commit
+        this step's checkpoint and say so; train() then returns and the process exits 0."""
+        started = time.perf_counter()
+        self.checkpoint()
+        took = time.perf_counter() - started
+        if self.notice.pending:
+            log.warning("preempted (%s): step %d committed to %s in %.1fs, %.1fs after the notice; exiting",
+                        self.notice.signal_name, self.step, self.cfg.checkpoint.path, took,
+                        self.notice.seconds_since())  # fmt: skip
+        else:
+            where = f"replica{'s' if len(self.noticed) > 1 else ''} {', '.join(map(str, self.noticed))}"
+            log.warning("a preemption notice reached %s: step %d committed to %s in %.1fs; every rank exits",
+                        where, self.step, self.cfg.checkpoint.path, took, extra=ONCE)  # fmt: skip
+        if metrics is not None:
+            metrics.write({"step": self.step, "event": "preempted", "noticed_replicas": self.noticed,
+                           "commit_s": took, "unix_time": time.time()})  # fmt: skip
+
+    def _leave_for_notice(self) -> None:
+        """A rank of an elastic run's replica that had a preemption notice, while other replicas
+        train on: leave cleanly (their agreement sees this replica go); train() then returns, exit 0."""
+        self.comm.leave(f"preempted ({self.notice.signal_name or 'a notice to its replica'})")
+        after = f", {self.notice.seconds_since():.1f}s after the notice" if self.notice.pending else ""
+        log.warning("preempted: this replica leaves the elastic run after step %d%s; the other replicas train on",
+                    self.step, after)  # fmt: skip
+
     def _report_events(
         self, metrics: MetricsWriter | None, progress: Progress | None
     ) -> tuple[MetricsWriter | None, Progress | None]:
@@ -767,6 +829,10 @@ class Trainer:
                             "step %d/%d loss %.4f lr %.3g %.0f tok/s",
                             row["step"], total, row["loss"], row["lr"], row["tokens_per_s"],
                         )  # fmt: skip
+                if self.noticed:  # a preemption notice reached some rank (trainer.preemption)
+                    if self._answer_notice(metrics):
+                        break  # this rank is done: the step is committed, or its replica left
+                    profiler.comm = self.comm  # an elastic run's other replicas regrouped
                 if cfg.evaluation.due(self.step, total):
                     valid = self.evaluate()
                     if metrics is not None and valid is not None:
@@ -789,26 +855,31 @@ class Trainer:
 
 def run(cfg: RunConfig) -> None:
     plan = plan_stage(cfg)  # every check of the flags, before any rank waits for another
+    # from here a SIGTERM or SIGUSR1 is a notice: the run stops at a step boundary with a checkpoint
+    notice = PreemptionNotice(cfg.checkpoint.preempt_grace_s)
+    notice.install()
     store = elastic_store(cfg.comm.dist_url, cfg.topology.rank, cfg.comm.timeout_s) if cfg.comm.elastic else None
     live = live_run(store) if store is not None else None  # started again while the run trains: join it
     comm = trainer = None
     try:
         if live is not None:
-            trainer = join_run(cfg, plan, store, live)
+            trainer = join_run(cfg, plan, store, live, notice)
         else:
             comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied,
                                         side_group=cfg.dp.mode == "diloco", store=store)  # fmt: skip
-            trainer = start_run(cfg, plan, comm)
+            trainer = start_run(cfg, plan, comm, notice)
         trainer.train()
     except BaseException as err:
         comm = trainer.comm if trainer is not None and trainer.comm is not None else comm
         if comm is not None:
             comm.close(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
         raise
+    finally:
+        notice.uninstall()
     trainer.comm.close()  # an elastic run's regroups replace the communicator
 
 
-def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
+def start_run(cfg: RunConfig, plan: Plan, comm: Communicator, notice: PreemptionNotice) -> Trainer:
     """Every rank at launch: split the layers, agree on the checkpoint to resume from, set up,
     and agree that every rank is ready."""
     if cfg.model.layers_per_stage is None:  # the split by compute, within each stage's memory
@@ -817,7 +888,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
     log.info("checkpoints: %s", disks.describe(), extra=ONCE)
     if cfg.checkpoint.resume:  # the step every rank resumes from, its files brought onto every disk
         agree_on_resume(comm, cfg, plan.layers, disks)
-    trainer = Trainer(cfg, plan, comm, disks)
+    trainer = Trainer(cfg, plan, comm, disks, notice)
     error = None
     try:
         trainer.setup()
@@ -839,13 +910,13 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator) -> Trainer:
     return trainer
 
 
-def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict) -> Trainer:
+def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict, notice: PreemptionNotice) -> Trainer:
     """A rank started again while its elastic run trains: set up (the stage's layers as the run
     has them), ask to join, and once the run takes this rank's replica in, receive the run's
     state from a live replica of this stage (comm.membership)."""
     topo = cfg.topology
     plan = replace(plan, layers=range(*live["layers"][topo.stage]))
-    trainer = Trainer(cfg, plan, None, None)
+    trainer = Trainer(cfg, plan, None, None, notice)
     trainer.layers_by_stage = live["layers"]
     trainer.setup(joining=True)
     log.info("the elastic run is live (generation %d, launch replicas %s): asking to join", live["generation"],
