@@ -70,6 +70,17 @@ def test_a_recipe_parses_builds_valid_configs_and_says_how_to_launch_it(
     assert f"--config recipes/{recipe.name}" in recipe.read_text()  # its comment says how to launch it
 
 
+def test_a_precision_on_the_command_line_replaces_the_recipe_s(tiny_shards: Path) -> None:
+    """--fp16 and --bf16 exclude each other: one given on the command line wins over the other
+    from the recipe (the file alone would otherwise leave both set)."""
+    recipe = ["--config", str(ROOT / "recipes" / "llama3-8b-full.yaml"), "--model-name", str(tiny_shards)]
+    assert yaml.safe_load((ROOT / "recipes" / "llama3-8b-full.yaml").read_text())["bf16"] is True
+    as_written = parse_args(recipe)
+    assert (as_written.bf16, as_written.fp16) == (True, False)
+    overridden = parse_args([*recipe, "--fp16"])
+    assert (overridden.fp16, overridden.bf16) == (True, False)
+
+
 def test_the_dpo_recipe_trains_through_the_slurm_launcher(
     tiny_shards: Path, recipe_data: dict[str, str], tmp_path: Path
 ) -> None:

@@ -369,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    for flag in ("--fp16", "--bf16"):
+        pre.add_argument(flag, action="store_true")
     known, _ = pre.parse_known_args(argv)
     if known.config:
         import yaml
@@ -395,6 +397,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--config {known.config}: {key} {value!r} is not one of {list(action.choices)}")
             defaults[dest] = value
             action.required = False  # given by the file; the command line may still override it
+        if known.fp16 or known.bf16:  # the command line's precision replaces the file's: they exclude each other
+            for dest in ("fp16", "bf16"):
+                defaults.pop(dest, None)
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
