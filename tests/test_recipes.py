@@ -6,6 +6,7 @@ DiLoCo one as plain ranks."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -114,3 +115,19 @@ def test_the_two_site_diloco_recipe_trains(tiny_shards: Path, recipe_data: dict[
     assert_all_ok(launch(args, world, tmp_path))
     rows = [r for r in read_metrics(tmp_path / "ckpt") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and (tmp_path / "ckpt" / "checkpoint_2").is_dir()
+
+
+def test_the_skypilot_task_names_what_exists_in_valid_bash() -> None:
+    """example_scripts/skypilot.yaml cannot rot either: its recipe exists, its setup and run are
+    valid bash, and every trainer flag its run passes is one the trainer knows."""
+    from trainer.cli import build_parser
+
+    task = yaml.safe_load((ROOT / "example_scripts" / "skypilot.yaml").read_text())
+    assert (ROOT / task["envs"]["RECIPE"]).is_file()
+    for part in ("setup", "run"):
+        checked = subprocess.run(["bash", "-n"], input=task[part], text=True, capture_output=True)
+        assert checked.returncode == 0, f"{part}: {checked.stderr}"
+    known = {flag for action in build_parser()._actions for flag in action.option_strings}
+    launch = task["run"][task["run"].index("python dist_clm_train.py") :].split("&")[0]
+    passed = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", launch))
+    assert passed and passed <= known, passed - known
