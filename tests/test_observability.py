@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from comm.trace import LANES
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
 from trainer.cli import build_parser, parse_args
+from trainer.metrics import Progress
 from trainer.plot import plot_metrics
 
 STEPS, MICRO = 6, 4
@@ -209,3 +213,31 @@ def test_a_log_that_is_no_terminal_holds_no_progress_bars(tmp_path: Path) -> Non
         log = out.stdout + out.stderr
         assert "\r" not in log and "\n\n" not in log and not log.startswith("\n"), log
         assert "wrote tiny" in log or "generation:" in log
+
+
+def test_on_a_terminal_log_lines_go_above_the_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reporting rank's bar and its log lines share the terminal: a line is written after the
+    bar is cleared (and the bar drawn again below it), never into the bar's own line."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    handler = logging.StreamHandler(terminal)  # as basicConfig makes it: onto sys.stderr
+    logging.getLogger().addHandler(handler)
+    try:
+        progress = Progress(total=10, done=0)
+        row = {"loss": 1.25, "lr": 1e-3, "tokens_per_s": 23815.0}
+        progress.update(row)
+        logging.getLogger("trainer.loop").warning("a line of the log")
+        progress.update(row)
+        progress.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    shown = terminal.getvalue()
+    assert "tok_s=23815" in shown  # the bar was drawn
+    (line,) = [line for line in shown.split("\n") if "a line of the log" in line]
+    assert line.rsplit("\r", 1)[-1].strip() == "a line of the log", repr(line)  # not after the bar's text
+    assert handler.stream is terminal  # the handler writes directly again once the bar is gone
