@@ -29,16 +29,19 @@ When ranks are started again with the same flags while a run is live, they join:
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from comm.admission import TOKEN_ENV, join_proof, read_card
 from comm.store_host import CURRENT, FINISHED, PULSE
 from comm.topology import Topology
 
 GENERATIONS = "elastic/generations"  # counter: the next generation's number
+LAUNCH_SPACE = "gen0/"  # where the launch's ranks passed rank 0's door (its card, comm.admission)
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,30 @@ def next_membership(
     return Membership(chosen["generation"], tuple(chosen["replicas"]), pp)
 
 
-def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprint: str) -> None:
-    store.set(f"gen{generation}/join/{launch_rank}", fingerprint)
+def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprint: str, token: str | None) -> None:
+    """Ask with this rank's settings and, when the run is guarded, a proof of the run token over
+    the launch's challenge (comm.admission); a joiner that has a token the run lacks, or lacks
+    the one it has, stops here."""
+    card = read_card(dist.PrefixStore(LAUNCH_SPACE, store))
+    guarded = card is not None and card.guarded
+    if guarded != (token is not None):
+        raise ConnectionError(
+            f"rank {launch_rank}: the live elastic run {'needs' if guarded else 'runs without'} a run token and "
+            f"this rank has {'none' if token is None else 'one'}: give every rank the same --run-token (or "
+            f"{TOKEN_ENV}), or none at all"
+        )
+    proof = join_proof(token, card.challenge, launch_rank, fingerprint) if token is not None else ""
+    store.set(f"gen{generation}/join/{launch_rank}", f"{fingerprint} {proof}")
 
 
-def joining_replicas(store: dist.Store, current: Membership, launched: int, fingerprint: str) -> list[int]:
+def joining_replicas(
+    store: dist.Store, current: Membership, launched: int, fingerprint: str, token: str | None
+) -> list[int]:
     """Launch replicas (of ``launched``) outside ``current`` whose every rank asks to join with
-    these settings; a rank asking with other settings is refused (rank 0 of the generation asks)."""
+    these settings (and a valid proof of the run token, when it has one); a rank asking with
+    other settings or a wrong proof is refused (rank 0 of the generation asks)."""
     pp, space, ready = current.pipeline_size, current.key_space, []
+    challenge = read_card(dist.PrefixStore(LAUNCH_SPACE, store)).challenge if token is not None else ""
     for replica in range(launched):
         if replica in current.replicas:
             continue
@@ -142,10 +161,16 @@ def joining_replicas(store: dist.Store, current: Membership, launched: int, fing
         for rank in range(replica * pp, (replica + 1) * pp):
             if not store.check([f"{space}join/{rank}"]):
                 continue
-            if store.get(f"{space}join/{rank}").decode() == fingerprint:
+            theirs, _, proof = store.get(f"{space}join/{rank}").decode().partition(" ")
+            refused = None
+            if theirs != fingerprint:
+                refused = "its settings differ from the live run's; start it with the same flags"
+            elif token is not None and not hmac.compare_digest(proof, join_proof(token, challenge, rank, theirs)):
+                refused = f"its run token is not the run's (give it the run's --run-token or {TOKEN_ENV})"
+            if refused is None:
                 asking += 1
             else:
-                store.set(f"{space}refused/{rank}", "its settings differ from the live run's")
+                store.set(f"{space}refused/{rank}", refused)
         if asking == pp:
             ready.append(replica)
     return ready
@@ -167,7 +192,7 @@ def growth_after(store: dist.Store, current: Membership, step: int) -> Membershi
 
 
 def wait_to_join(
-    store: dist.Store, launch_rank: int, fingerprint: str, timeout_s: float, poll_s: float = 0.1
+    store: dist.Store, launch_rank: int, fingerprint: str, token: str | None, timeout_s: float, poll_s: float = 0.1
 ) -> tuple[Membership, dict]:
     """A relaunched rank: ask the live run to take this rank's replica back, and return the
     generation that does (with the live run's published record). Asks again under each new
@@ -180,11 +205,11 @@ def wait_to_join(
         record = json.loads(store.get(CURRENT))
         current = Membership(record["generation"], tuple(record["replicas"]), record["pipeline_size"])
         if asked != current.generation:
-            ask_to_join(store, current.generation, launch_rank, fingerprint)
+            ask_to_join(store, current.generation, launch_rank, fingerprint, token)
             asked = current.generation
         if store.check([f"{current.key_space}refused/{launch_rank}"]):
             reason = store.get(f"{current.key_space}refused/{launch_rank}").decode()
-            raise ValueError(f"the live elastic run refused rank {launch_rank}: {reason}; start it with the same flags")
+            raise ValueError(f"the live elastic run refused rank {launch_rank}: {reason}")
         grown = _record(store, f"{current.key_space}grow")
         if grown is not None and launch_rank // current.pipeline_size in grown["replicas"]:
             return Membership(grown["generation"], tuple(grown["replicas"]), current.pipeline_size), record

@@ -60,6 +60,8 @@ class CommConfig:
     # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
     # CUDA compute over Gloo takes, for tests on machines without a GPU. Not a flag.
     host_staging: bool = False
+    # the run token (comm.admission): never printed, written or sent, so kept out of repr
+    run_token: str | None = field(default=None, repr=False)
 
     @property
     def emulates_link(self) -> bool:
@@ -80,6 +82,9 @@ class CommConfig:
             raise ValueError("--link-bandwidth-mbps and --link-latency-ms must be >= 0")
         if not self.dist_url.startswith(("tcp://", "env://", "file://")):
             raise ValueError(f"--dist-url {self.dist_url!r} should look like tcp://<master-ip>:<port> or env://")
+        if self.run_token is not None and self.dist_url.startswith("file://"):
+            raise ValueError("a run token needs a store to prove itself through: use a tcp:// (or env://) --dist-url, "
+                             "or no token")  # fmt: skip
         for flag, value in (("--dist-backend", self.backend), ("--dp-backend", self.dp_backend)):
             if value not in BACKENDS:
                 raise ValueError(f"{flag} {value!r} is not one of {BACKENDS}")
@@ -294,11 +299,13 @@ class Communicator:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL makes its communicators on the current device
         if not cfg.elastic:
-            join_job(topo, cfg.dist_url, cfg.timeout_s)
+            join_job(topo, cfg.dist_url, cfg.timeout_s, token=cfg.run_token)
             return cls(topo, cfg, device, link_ends, side_group)
         elastic = Elastic(store, membership or Membership.at_launch(topo), topo.rank)
         topo = elastic.membership.topology(elastic.launch_rank)
-        join_job(topo, cfg.dist_url, cfg.timeout_s, store, elastic.membership.key_space)
+        # the launch's ranks pass rank 0's door; a joiner proved the token when it asked (comm.membership)
+        join_job(topo, cfg.dist_url, cfg.timeout_s, store, elastic.membership.key_space, token=cfg.run_token,
+                 admit=membership is None)  # fmt: skip
         return cls(topo, cfg, device, link_ends, side_group, elastic)
 
     def regroup(self, membership: Membership) -> Communicator:
@@ -312,7 +319,7 @@ class Communicator:
         dist.destroy_process_group()
         elastic = Elastic(self.elastic.store, membership, self.elastic.launch_rank)
         topo = membership.topology(elastic.launch_rank)
-        join_job(topo, self.cfg.dist_url, self.timeout_s, elastic.store, membership.key_space)
+        join_job(topo, self.cfg.dist_url, self.timeout_s, elastic.store, membership.key_space, admit=False)
         new = Communicator(topo, self.cfg, self.device, self.link_ends, self.side_group, elastic)
         new.bytes_sent, new.dp_bytes_sent, new.tracer = self.bytes_sent, self.dp_bytes_sent, self.tracer
         return new

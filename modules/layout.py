@@ -11,12 +11,14 @@ checkpoint is itself a model directory that training and ``to_hf`` can read.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from modules.family import EMBEDDING_PART, HEAD_PART
@@ -75,7 +77,12 @@ def save_part(model_dir: str | Path, part: str, tensors: dict[str, torch.Tensor]
     """Write one part as safetensors, via a temporary file so a crash never leaves half a file."""
     path = Path(model_dir) / f"{part}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    except SafetensorError as err:  # its I/O errors (a full disk) are no OSError: make them one, naming the file
+        code = re.search(r"os error (\d+)", str(err))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from err
     os.replace(tmp, path)
     return path
 

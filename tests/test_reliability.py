@@ -300,3 +300,125 @@ def test_torchrun_restart_resumes_and_matches_uninterrupted(
     assert len(read_metrics(ckpt)) < STEPS + 10  # it resumed rather than started over
     ours, reference = final_state(ckpt), final_state(uninterrupted)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_a_run_token_keeps_out_a_rank_without_it_and_a_second_run_at_the_address_is_refused(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Rank 0 of a run guarded by a token (given in the environment); a process posing as rank 1
+    with another token is refused in one line while rank 0 waits on; the real rank 1 gets in. A
+    second run launched at the same address while the first trains is refused on both its ranks,
+    naming the run there. The guarded run's losses and weights are the uninterrupted run's, and
+    its token is in none of its files or logs."""
+    ckpt, secret = tmp_path / "ckpt", "s3cret-of-this-run"
+    # an emulated link's latency (which changes no value) keeps it training while the second run starts
+    args = run_args(tiny_shards, two_tasks, ckpt, extra=("--keep-checkpoints", "2", "--link-latency-ms", "150"))
+    port, guarded = free_port(), {"DIST_CLM_RUN_TOKEN": secret}
+    procs = start_ranks(args, [0], tmp_path, port, env=guarded, log_name="guarded{}.log")
+    impostor = start_ranks([*args, "--run-token", "a guess"], [1], tmp_path, port, log_name="impostor{}.log")
+    try:
+        assert impostor[0].wait(timeout=120) == 1
+        said = (tmp_path / "impostor1.log").read_text()
+        assert "rank 1: refused by the run at" in said and "its run token is not this run's" in said, said[-2000:]
+        procs += start_ranks(args, [1], tmp_path, port, env=guarded, log_name="guarded{}.log")
+        wait_for_rows(ckpt, 3, procs)
+        other = run_args(tiny_shards, two_tasks, tmp_path / "other", extra=("--seed", "4"))
+        second = start_ranks(other, [0, 1], tmp_path, port, log_name="second{}.log")
+        assert [p.wait(timeout=120) for p in second] == [1, 1]
+        assert all(p.poll() is None for p in procs), "the guarded run ended before the second run was refused"
+        for rank, state in ((0, "training"), (1, "already training")):
+            said = (tmp_path / f"second{rank}.log").read_text()
+            assert f"another run is {state} at tcp://127.0.0.1:{port} (2 ranks, rank 0 on " in said, said[-2000:]
+        assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    finally:
+        for p in procs + impostor:
+            if p.poll() is None:
+                p.kill()
+    losses = [{r["step"]: r["loss"] for r in read_metrics(run)} for run in (ckpt, uninterrupted)]
+    assert losses[0] == losses[1]
+    ours, reference = final_state(ckpt), final_state(uninterrupted)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    written = [p for p in [*ckpt.rglob("*"), *tmp_path.glob("guarded*.log")] if p.is_file()]
+    assert written and not any(secret.encode() in p.read_bytes() for p in written)
+
+
+class OneRank:
+    """A loopback communicator for one rank (pp = dp = 1): its gathers hold its own object."""
+
+    topo = Topology(0, 1, 1)
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        return [obj]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_abandoned_and_the_previous_one_stays(
+    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up half-way through a checkpoint (an injected ENOSPC after one file):
+    the error names the file, the reason and the room; nothing of that checkpoint is left,
+    ``latest`` and the previous checkpoint are untouched, and it still loads."""
+    import errno
+
+    import trainer.checkpoint as checkpoint
+    from trainer.checkpoint import CheckpointWriteError, Disks, file_sha256, save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    stage, optimizer = stage_for(tiny_shards, range(0, 5), first=True, last=True)
+    save = lambda step: save_checkpoint(ckpt, step, stage, optimizer, OneRank(), {"step": step},  # noqa: E731
+                                        str(tiny_shards), Disks((0,)))  # fmt: skip
+    save(4)
+    before = {p.relative_to(ckpt): file_sha256(p) for p in ckpt.rglob("*") if p.is_file()}
+
+    real_save_part, calls = checkpoint.save_part, []
+
+    def fills_the_disk(folder: Path, name: str, tensors: dict) -> Path:
+        calls.append(name)
+        if len(calls) > 1:  # the first file fits, the second finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / f"{name}.safetensors"))
+        return real_save_part(folder, name, tensors)
+
+    monkeypatch.setattr(checkpoint, "save_part", fills_the_disk)
+    with pytest.raises(CheckpointWriteError) as failure:
+        save(8)
+    said = str(failure.value)
+    assert f"{ckpt / 'checkpoint_8.tmp' / calls[1]}.safetensors: No space left on device" in said, said
+    assert " free there, the last checkpoint took " in said and "still names step 4" in said
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_4", "latest"]  # nothing of step 8 is left
+    assert {p.relative_to(ckpt): file_sha256(p) for p in ckpt.rglob("*") if p.is_file()} == before
+    assert load_checkpoint(ckpt, stage, optimizer)[0] == 4
+
+
+def test_a_full_disk_during_a_run_keeps_latest_and_continue_trains_on_to_the_next_try(
+    uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Real ranks whose files may not grow past 64 KB (RLIMIT_FSIZE: every checkpoint's optimizer
+    files are larger, so the write fails with EFBIG), resumed at step 20 of the uninterrupted
+    run with a checkpoint every 2 steps and --on-checkpoint-error continue: step 22's checkpoint
+    is abandoned and training goes on; the last one (24) stops the run with exit 1. latest and
+    step 20 are untouched throughout, and a relaunch with room to write ends as the run never
+    interrupted, bit for bit."""
+    ckpt = shutil.copytree(uninterrupted, tmp_path / "ckpt")
+    shutil.rmtree(ckpt / f"checkpoint_{STEPS}")
+    (ckpt / "latest").write_text("20\n")
+    kept = {p: p.read_bytes() for p in (ckpt / "checkpoint_20").iterdir()}
+    args = run_args(tiny_shards, two_tasks, ckpt, extra=("--keep-checkpoints", "2", "--checkpoint-steps", "2",
+                                                         "--on-checkpoint-error", "continue"))  # fmt: skip
+    port, env = free_port(), {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in range(2):
+        line = " ".join([sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
+                         "--dist-url", f"tcp://127.0.0.1:{port}", *args])  # fmt: skip
+        with open(tmp_path / f"full{rank}.log", "w") as out:
+            procs.append(subprocess.Popen(["bash", "-c", f"ulimit -f 64 && exec {line}"], cwd=ROOT, env=env,
+                                          stdout=out, stderr=subprocess.STDOUT))  # fmt: skip
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(tmp_path / f"full{rank}.log").read_text() for rank in range(2)]
+    assert codes == [1, 1], logs[0][-3000:]
+    assert "checkpoint 22 could not be written" in logs[0] and "training goes on" in logs[0], logs[0][-3000:]
+    assert "File too large" in logs[0] and "checkpoint 24 could not be written" in logs[0], logs[0][-3000:]
+    assert (ckpt / "latest").read_text() == "20\n" and complete_steps(ckpt) == [20]
+    assert not list(ckpt.glob("*.tmp")) and {p: p.read_bytes() for p in (ckpt / "checkpoint_20").iterdir()} == kept
+    (event,) = [r for r in read_metrics(ckpt) if r.get("event") == "checkpoint failed"]
+    assert event["step"] == 22 and "File too large" in event["error"]
+
+    relaunch_equals(uninterrupted, args, ckpt, tmp_path, "after the full disk")

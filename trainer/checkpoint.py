@@ -36,6 +36,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,11 @@ _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted; the message names the file and a way out."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint some rank could not write (no space, an I/O error): it was abandoned on every
+    rank, and ``latest`` and the earlier checkpoints are as they were."""
 
 
 @dataclass(frozen=True)
@@ -139,38 +146,50 @@ def save_checkpoint(
     topo = comm.topo
     owner = disks.owner(topo.rank)
     tmp = root / f"checkpoint_{step}.tmp"
+    writing = _Writes(root)  # why this rank could not write its share (a full disk, an I/O error)
     if owner:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: never mix its files with ours
-        tmp.mkdir(parents=True)
+        with writing.attempt():
+            tmp.mkdir(parents=True)
     # rank 0's trainer state reaches every disk's owner; the gather is also the barrier after the mkdirs
     trainer_state = comm.all_gather_object(trainer_state)[0]
 
     written: list[Path] = []
-    if disks.writes(topo, every_replica=outer is not None):
-        prefix = replica_prefix(topo.replica) if outer is not None else ""
-        for part, module in stage.saved_parts().items():
-            written.append(save_part(tmp, prefix + part, stage.saved_state(module)))
-            written.append(save_part(tmp, prefix + OPTIM_PREFIX + part, optimizer.state_tensors(module)))
-            if outer is not None:
-                written.append(save_part(tmp, prefix + OUTER_PREFIX + part, outer.state_tensors(module)))
-    elif optimizer.sharded:  # the writing replica gathers each part's optimizer state from every replica
-        for module in stage.saved_parts().values():
-            optimizer.state_tensors(module)
-    if owner:  # the run's own files, on every disk
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
-        written += [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
-        if stage.lora is not None:
-            atomic_write_text(tmp / ADAPTER_CONFIG, stage.lora.to_json(str(Path(source_dir).resolve())))
-            written.append(tmp / ADAPTER_CONFIG)
-    manifest = {}
-    for path in written:
-        _fsync(path)
-        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    if manifest:
-        suffix = f"_replica{topo.replica}" if outer is not None and topo.replica else ""
-        atomic_write_text(tmp / f"manifest_stage{topo.stage}{suffix}.json", json.dumps(manifest, indent=1))
-    # the commit: every rank has written, synced and reported its manifest to the others
-    comm.all_gather_object(manifest)
+    writes = disks.writes(topo, every_replica=outer is not None)
+    prefix = replica_prefix(topo.replica) if outer is not None else ""
+    for part, module in stage.saved_parts().items() if writes or optimizer.sharded else []:
+        # under sharding the writing replica gathers each part's optimizer state from every
+        # replica: every rank takes part in each gather, whatever failed on its disk
+        moments = optimizer.state_tensors(module)
+        if not writes or writing.failed:
+            continue
+        files = [(part, stage.saved_state(module)), (OPTIM_PREFIX + part, moments)]
+        if outer is not None:
+            files.append((OUTER_PREFIX + part, outer.state_tensors(module)))
+        with writing.attempt():
+            for name, tensors in files:
+                written.append(save_part(tmp, prefix + name, tensors))
+    if owner and not writing.failed:  # the run's own files, on every disk
+        with writing.attempt():
+            written += _run_files(tmp, trainer_state, source_dir, stage)
+    if not writing.failed:
+        with writing.attempt():
+            _write_manifest(tmp, written, topo, outer is not None)
+    # the commit: every rank has written, synced and reported its manifest to the others, or
+    # some rank reports why it could not, and every rank abandons the checkpoint
+    reports = comm.all_gather_object(writing.why)
+    failed = [(rank, why) for rank, why in enumerate(reports) if why is not None]
+    if failed:
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)  # what was written of it: the space it took is free again
+        latest = latest_step(root)
+        rank, why = failed[0]
+        raise CheckpointWriteError(
+            f"checkpoint {step} could not be written ({topo.describe(rank)}: {why}); it was abandoned on every "
+            f"rank and {root / 'latest'} still names "
+            f"{f'step {latest}' if latest is not None else 'no checkpoint'}: free space there or give another "
+            "--checkpoint-path"
+        )
 
     if owner:
         final = checkpoint_dir(root, step)
@@ -184,6 +203,61 @@ def save_checkpoint(
             # oldest first, and never a step newer than this one (left from before latest was rewound)
             for old in [s for s in steps if s < step][: max(0, len(steps) - keep)]:
                 shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
+
+
+class _Writes:
+    """A rank's writes of one checkpoint: the first that fails (an OSError: no space, an I/O
+    error) is kept as a line naming the file, the reason and the room on that disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.why: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.why is not None
+
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            self.why = f"{err.filename or self.root}: {err.strerror or type(err).__name__}{self._room()}"
+
+    def _room(self) -> str:
+        """The free space on the disk, and what the last checkpoint there took: the room needed."""
+        try:
+            free = shutil.disk_usage(self.root).free
+            last = latest_step(self.root)
+            took = sum(f.stat().st_size for f in checkpoint_dir(self.root, last).iterdir()) if last is not None else 0
+        except OSError:  # the disk cannot even say: the error itself is the message
+            return ""
+        return f"; {_size(free)} free there" + (f", the last checkpoint took {_size(took)}" if took else "")
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def _run_files(tmp: Path, trainer_state: dict, source_dir: str, stage: Stage) -> list[Path]:
+    """The run's own files of a checkpoint (trainer state, config, tokenizer; LoRA's spec)."""
+    atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state))
+    files = [tmp / TRAINER_STATE, *copy_model_files(source_dir, tmp)]
+    if stage.lora is not None:
+        atomic_write_text(tmp / ADAPTER_CONFIG, stage.lora.to_json(str(Path(source_dir).resolve())))
+        files.append(tmp / ADAPTER_CONFIG)
+    return files
+
+
+def _write_manifest(tmp: Path, written: list[Path], topo: Topology, per_replica: bool) -> None:
+    """Sync what this rank wrote and record its bytes and sha256 in its manifest (if it wrote)."""
+    manifest = {}
+    for path in written:
+        _fsync(path)
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if manifest:
+        suffix = f"_replica{topo.replica}" if per_replica and topo.replica else ""
+        atomic_write_text(tmp / f"manifest_stage{topo.stage}{suffix}.json", json.dumps(manifest, indent=1))
 
 
 def manifest_entries(directory: Path) -> dict[str, dict]:

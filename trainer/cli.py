@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from comm.admission import TOKEN_ENV, token_from
 from comm.compress import CODECS, DP_METHODS, GROUP, OUTLIERS, gradient_codec_for
 from comm.devices import choose_device
 from comm.process_group import CommConfig
@@ -326,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a link: delay per message")
     t.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
+    t.add_argument(
+        "--run-token",
+        default=None,
+        metavar="SECRET",
+        help=f"a secret every rank proves it knows (an HMAC challenge) before it may join the run; better given as "
+        f"the environment variable {TOKEN_ENV}, which a process list does not show. Never written or logged; it "
+        "does not encrypt the traffic (use a tunnel between sites)",
+    )
 
     h = p.add_argument_group("device")
     h.add_argument("--use-cuda", type=str2bool, default=None, help="train on CUDA (default: if available)")
@@ -341,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
     c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
     c.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
+    c.add_argument(
+        "--on-checkpoint-error",
+        choices=("stop", "continue"),
+        default="stop",
+        help="a checkpoint that cannot be written (no space, an I/O error) is abandoned on every rank, leaving "
+        "latest and the earlier ones as they were; then stop (naming the path and the room needed), or train on "
+        "and try again at the next checkpoint (the last one always stops)",
+    )
     c.add_argument(
         "--preempt-grace",
         type=float,
@@ -483,6 +500,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         link_bandwidth_mbps=args.link_bandwidth_mbps,
         link_latency_ms=args.link_latency_ms,
         elastic=args.elastic,
+        run_token=token_from(args.run_token),
     )
     model_type = args.model_type.replace("-", "") if args.model_type else None
     objective = ObjectiveConfig.from_args(args)
@@ -518,6 +536,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             resume=args.load_checkpoint,
             keep=args.keep_checkpoints,
             preempt_grace_s=args.preempt_grace,
+            on_error=args.on_checkpoint_error,
         ),
         device=device,
         log_level=args.log_level,

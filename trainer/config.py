@@ -107,10 +107,15 @@ class CheckpointConfig:
     # after SIGTERM/SIGUSR1, how long the run may take to commit the step's checkpoint and exit
     # before the signal takes its default effect (trainer.preemption); may differ between ranks
     preempt_grace_s: float = 60.0
+    # a checkpoint some rank cannot write (a full disk, an I/O error) is abandoned on every rank;
+    # then the run stops, or goes on and tries again at the next one (the last always stops)
+    on_error: str = "stop"
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
             raise ValueError("--checkpoint-steps must be at least 1")
+        if self.on_error not in ("stop", "continue"):
+            raise ValueError(f"--on-checkpoint-error {self.on_error!r} is not one of ['stop', 'continue']")
         if not self.preempt_grace_s > 0:
             raise ValueError("--preempt-grace must be a number of seconds > 0 (the notice a preemption gives)")
         if self.keep < 0:
@@ -474,7 +479,7 @@ class RunConfig:
             "evaluation": [self.evaluation.path is not None, self.evaluation.every_steps, self.evaluation.num_batches],
             "batch": asdict(self.batch),
             "optim": asdict(self.optim),
-            "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume],
+            "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume, self.checkpoint.on_error],
             "lora": asdict(self.lora) if self.lora else None,
             "objective": asdict(self.objective),
         }

@@ -29,7 +29,7 @@ from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
-from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
+from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import (
     IGNORE_INDEX,
@@ -650,7 +650,7 @@ class Trainer:
         elastic, total = self.comm.elastic, self.cfg.optim.total_steps
         if self.topo.rank == 0 and self.step + 1 < total:
             joining = joining_replicas(elastic.store, elastic.membership, self.cfg.topology.data_size,
-                                       self.cfg.fingerprint())  # fmt: skip
+                                       self.cfg.fingerprint(), self.cfg.comm.run_token)  # fmt: skip
             if joining:
                 announce_growth(elastic.store, elastic.membership, joining, self.step + 1)
         grown = growth_after(elastic.store, elastic.membership, self.step)
@@ -715,7 +715,24 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, must: bool = False) -> None:
+        """Commit this step's checkpoint. One that some rank could not write was abandoned on
+        every rank (trainer.checkpoint); it stops the run, unless --on-checkpoint-error continue
+        lets training go on to the next one (not when ``must``, nor at the last step)."""
+        try:
+            self._save()
+        except CheckpointWriteError as err:
+            cfg = self.cfg
+            if must or cfg.checkpoint.on_error == "stop" or self.step >= cfg.optim.total_steps:
+                raise
+            ahead = min(self.step + cfg.checkpoint.every_steps - self.step % cfg.checkpoint.every_steps,
+                        cfg.optim.total_steps)  # fmt: skip
+            log.warning("%s; training goes on (--on-checkpoint-error continue), next try at step %d", err, ahead,
+                        extra=ONCE)  # fmt: skip
+            self.events.append({"step": self.step, "event": "checkpoint failed", "error": str(err),
+                                "unix_time": time.time()})  # fmt: skip
+
+    def _save(self) -> None:
         state = None
         if self.topo.rank == 0:
             state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run,
@@ -746,7 +763,7 @@ class Trainer:
         """Every rank, at the step boundary where the run learned of a preemption notice: commit
         this step's checkpoint and say so; train() then returns and the process exits 0."""
         started = time.perf_counter()
-        self.checkpoint()
+        self.checkpoint(must=True)  # the notice's whole point: no stopping without it
         took = time.perf_counter() - started
         if self.notice.pending:
             log.warning("preempted (%s): step %d committed to %s in %.1fs, %.1fs after the notice; exiting",
@@ -921,7 +938,7 @@ def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict, notice: Preem
     trainer.setup(joining=True)
     log.info("the elastic run is live (generation %d, launch replicas %s): asking to join", live["generation"],
              live["replicas"])  # fmt: skip
-    membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.timeout_s)
+    membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.run_token, cfg.comm.timeout_s)
     started = time.perf_counter()
     comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=plan.tied, store=store,
                                 membership=membership)  # fmt: skip
