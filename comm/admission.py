@@ -41,6 +41,7 @@ _ASKS = "run/asks/"  # run/asks/<rank>: how many times that rank asked (a counte
 _ASK = "run/ask/"  # run/ask/<rank>/<i>: the i-th ask, "<challenge> <mac>"
 _VERDICT = "run/verdict/"  # run/verdict/<rank>/<i>: "admitted <mac>" or "refused <why>"
 POLL_S = 0.05
+NOTE_AFTER_S, NOTE_EVERY_S = 5.0, 30.0  # a rank waiting (here or in comm.rendezvous) says so after 5 s, then every 30 s
 
 
 def _mac(token: str, *parts: object) -> str:
@@ -88,11 +89,19 @@ def ask_to_enter(store: dist.Store, rank: int, token: str | None, dist_url: str,
     """A rank other than 0: check the run at ``dist_url`` is the one meant and, if it is guarded,
     prove the token and check rank 0's answer. Raises a one-line ConnectionError when refused."""
     who = f"rank {rank}"
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, note = started + timeout_s, started + NOTE_AFTER_S
     card = read_card(store)
-    while card is None:  # rank 0 writes its card as soon as its store listens
+    while card is None:  # rank 0 writes it as soon as its store listens (torchrun's agent may host the store)
         if time.monotonic() > deadline:
-            raise ConnectionError(f"{who}: the store at {dist_url} holds no run (is it another program's?)")
+            raise ConnectionError(
+                f"{who}: rank 0 did not open the run at {dist_url} within {timeout_s:g}s: start rank 0 with the "
+                "same --dist-url, or check that the store there is this run's"
+            )
+        if time.monotonic() > note:
+            log.warning("%s: the store at %s answers, but rank 0 has not opened the run there yet (%.0fs); waiting",
+                        who, dist_url, time.monotonic() - started)  # fmt: skip
+            note = time.monotonic() + NOTE_EVERY_S
         time.sleep(POLL_S)
         card = read_card(store)
     refuse_if_live(store, dist_url, who)

@@ -23,7 +23,18 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
-from comm.admission import LIVE, Card, Doorkeeper, ask_to_enter, exposure, open_run, read_card, refuse_if_live
+from comm.admission import (
+    LIVE,
+    NOTE_AFTER_S,
+    NOTE_EVERY_S,
+    Card,
+    Doorkeeper,
+    ask_to_enter,
+    exposure,
+    open_run,
+    read_card,
+    refuse_if_live,
+)
 from comm.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -88,7 +99,6 @@ def elastic_store(dist_url: str, rank: int, timeout_s: float) -> dist.TCPStore:
         ) from None
 
 
-NOTE_AFTER_S, NOTE_EVERY_S = 5.0, 30.0  # a rank waiting for others says so after 5 s, then every 30 s
 _JOINED = "joined/"  # rank r sets joined/<r> as soon as it reaches the launch's store
 
 
