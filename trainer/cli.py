@@ -28,19 +28,11 @@ from trainer.config import (
     ObjectiveConfig,
     OptimConfig,
     RunConfig,
+    str2bool,
 )
 from trainer.data import PACKING, parse_task_names
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:7033"
-
-
-def str2bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def chunk_tokens(text: str) -> int | None:
@@ -346,26 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
-    c.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
-    c.add_argument("--load-checkpoint", type=str2bool, default=True, help="resume from <checkpoint-path>/latest")
-    c.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
-    c.add_argument(
-        "--on-checkpoint-error",
-        choices=("stop", "continue"),
-        default="stop",
-        help="a checkpoint that cannot be written (no space, an I/O error) is abandoned on every rank, leaving "
-        "latest and the earlier ones as they were; then stop (naming the path and the room needed), or train on "
-        "and try again at the next checkpoint (the last one always stops)",
-    )
-    c.add_argument(
-        "--preempt-grace",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="on SIGTERM or SIGUSR1 the run commits a checkpoint at the end of the step and exits 0; if it has "
-        "not within S seconds (or a second signal comes), the signal stops it at once",
-    )
+    CheckpointConfig.add_flags(c)
     c.add_argument(
         "--profiling",
         choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
@@ -530,14 +503,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             loss_scale=args.loss_scale_init,
             max_nonfinite_steps=args.max_nonfinite_steps,
         ),
-        checkpoint=CheckpointConfig(
-            path=Path(args.checkpoint_path),
-            every_steps=args.checkpoint_steps,
-            resume=args.load_checkpoint,
-            keep=args.keep_checkpoints,
-            preempt_grace_s=args.preempt_grace,
-            on_error=args.on_checkpoint_error,
-        ),
+        checkpoint=CheckpointConfig.from_args(args),
         device=device,
         log_level=args.log_level,
         log_interval=args.log_interval,

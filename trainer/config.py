@@ -98,6 +98,16 @@ class OptimConfig:
         return self.lr * max(0.0, (self.total_steps - k) / max(1, self.total_steps - self.warmup_steps))
 
 
+def str2bool(text: str) -> bool:
+    """A flag's true or false, as users write them (``--load-checkpoint false``)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     path: Path
@@ -120,6 +130,41 @@ class CheckpointConfig:
             raise ValueError("--preempt-grace must be a number of seconds > 0 (the notice a preemption gives)")
         if self.keep < 0:
             raise ValueError("--keep-checkpoints must be >= 0 (0 keeps every checkpoint)")
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--checkpoint-path", default="model_checkpoints", help="where checkpoints and metrics go")
+        group.add_argument("--checkpoint-steps", type=int, default=100, help="save every N steps (and at the end)")
+        group.add_argument("--load-checkpoint", type=str2bool, default=True,
+                           help="resume from <checkpoint-path>/latest")  # fmt: skip
+        group.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest K checkpoints (0: all)")
+        group.add_argument(
+            "--on-checkpoint-error",
+            choices=("stop", "continue"),
+            default="stop",
+            help="a checkpoint that cannot be written (no space, an I/O error) is abandoned on every rank, leaving "
+            "latest and the earlier ones as they were; then stop (naming the path and the room needed), or train "
+            "on and try again at the next checkpoint (the last one always stops)",
+        )
+        group.add_argument(
+            "--preempt-grace",
+            type=float,
+            default=60.0,
+            metavar="S",
+            help="on SIGTERM or SIGUSR1 the run commits a checkpoint at the end of the step and exits 0; if it has "
+            "not within S seconds (or a second signal comes), the signal stops it at once",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CheckpointConfig:
+        return cls(
+            path=Path(args.checkpoint_path),
+            every_steps=args.checkpoint_steps,
+            resume=args.load_checkpoint,
+            keep=args.keep_checkpoints,
+            preempt_grace_s=args.preempt_grace,
+            on_error=args.on_checkpoint_error,
+        )
 
 
 @dataclass(frozen=True)
