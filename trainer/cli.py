@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from comm.admission import TOKEN_ENV, token_from
-from comm.compress import CODECS, DP_METHODS, GROUP, OUTLIERS, gradient_codec_for
+from comm.compress import CODECS, GROUP, OUTLIERS, gradient_codec_for
 from comm.devices import choose_device
 from comm.process_group import CommConfig
 from comm.topology import Topology
@@ -18,7 +18,6 @@ from modules.lora import LoraSpec
 from trainer.config import (
     AUTO_CHUNK_MIB,
     AUTO_CHUNK_TOKENS,
-    DEFAULT_BUCKET_MB,
     BatchConfig,
     CheckpointConfig,
     DataConfig,
@@ -193,61 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data-parallel backend (default: as --dist-backend's)",
     )
-    t.add_argument(
-        "--dp-mode",
-        choices=("allreduce", "local", "diloco"),
-        default="allreduce",
-        help="allreduce: sum gradients every step; local: replicas step alone and average their weights "
-        "every --sync-every steps; diloco: replicas step alone, and every --sync-every steps average their "
-        "pseudo-gradients (weights at the last sync minus now) into an outer Nesterov step (for slow links "
-        "between replicas)",
-    )
-    t.add_argument("--sync-every", type=int, default=8, help="--dp-mode local/diloco: inner steps between syncs")
-    t.add_argument("--outer-lr", type=float, default=0.7, help="--dp-mode diloco: the outer step's learning rate")
-    t.add_argument("--outer-momentum", type=float, default=0.9, help="--dp-mode diloco: its Nesterov momentum")
-    t.add_argument(
-        "--diloco-fragments",
-        type=int,
-        default=1,
-        help="--dp-mode diloco: streaming DiLoCo; block i belongs to fragment i %% F (embedding and head to "
-        "fragment 0), and one fragment syncs every sync-every / F steps, so the link carries 1/F of the "
-        "model at a time",
-    )
-    t.add_argument(
-        "--diloco-overlap-steps",
-        type=int,
-        default=None,
-        help="--dp-mode diloco: inner steps a sync runs beside before its outer step lands (the local "
-        "progress made meanwhile is kept on top); default 1 with --diloco-fragments > 1, else 0 (blocking)",
-    )
-    t.add_argument(
-        "--dp-compress",
-        choices=DP_METHODS,
-        default="none",
-        help="gradient sum across replicas (diloco: pseudo-gradient sum) in fp16, int8 or top-k, with error feedback",
-    )
-    t.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
-    t.add_argument(
-        "--dp-bucket-mb",
-        type=float,
-        default=None,
-        help="--dp-mode allreduce: gradients are summed over the replicas in buckets of about this size (default "
-        f"{DEFAULT_BUCKET_MB:g}), each sent as soon as the step's last backward has finished it, while earlier "
-        "layers still compute; 0: one sum after the step",
-    )
-    t.add_argument(
-        "--shard-optimizer",
-        action="store_true",
-        help="ZeRO stage 1: each data-parallel replica keeps AdamW state for 1/dp of its stage's values; "
-        "gradients are reduce-scattered and weights all-gathered (the bytes of one all-reduce)",
-    )
-    t.add_argument(
-        "--zero-stage",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1 is --shard-optimizer; 0 (default) keeps the whole optimizer state on every replica",
-    )
+    DataParallelConfig.add_flags(t)
     t.add_argument(
         "--elastic",
         action="store_true",
@@ -255,12 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         "complete pipelines go on without a restart, the global batch split over fewer replicas; its ranks "
         "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; the "
         "run's store runs in a process of its own that rank 0 starts)",
-    )
-    t.add_argument(
-        "--min-replicas",
-        type=int,
-        default=1,
-        help="--elastic: stop when fewer complete replicas than this remain",
     )
     t.add_argument(
         "--pp-mode",
@@ -510,19 +449,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         pp_mode=args.pp_mode,
         activation_checkpointing=args.activation_checkpointing,
         loss_chunk_tokens=args.loss_chunk_tokens,
-        dp=DataParallelConfig(
-            mode=args.dp_mode,
-            sync_every=args.sync_every,
-            compress=args.dp_compress,
-            topk_ratio=args.dp_topk_ratio,
-            shard_optimizer=args.shard_optimizer or args.zero_stage == 1,
-            outer_lr=args.outer_lr,
-            outer_momentum=args.outer_momentum,
-            fragments=args.diloco_fragments,
-            overlap_steps=args.diloco_overlap_steps,
-            min_replicas=args.min_replicas,
-            bucket_mb=args.dp_bucket_mb,
-        ),
+        dp=DataParallelConfig.from_args(args),
         profiling=args.profiling,
         log_backend=args.train_log_backend,
         project_name=args.project_name,

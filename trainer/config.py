@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from comm.compress import DP_METHODS
 from comm.process_group import CommConfig
 from comm.topology import Topology
 from modules.lora import LoraSpec
@@ -244,6 +245,91 @@ class DataParallelConfig:
                 f"--diloco-overlap-steps {self.overlap} must be >= 0 and below --sync-every / --diloco-fragments "
                 f"= {self.sync_every // self.fragments}: a fragment's sync must land before the next one starts"
             )
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--dp-mode",
+            choices=("allreduce", "local", "diloco"),
+            default="allreduce",
+            help="allreduce: sum gradients every step; local: replicas step alone and average their weights "
+            "every --sync-every steps; diloco: replicas step alone, and every --sync-every steps average their "
+            "pseudo-gradients (weights at the last sync minus now) into an outer Nesterov step (for slow links "
+            "between replicas)",
+        )
+        group.add_argument(
+            "--sync-every", type=int, default=8, help="--dp-mode local/diloco: inner steps between syncs"
+        )
+        group.add_argument(
+            "--outer-lr", type=float, default=0.7, help="--dp-mode diloco: the outer step's learning rate"
+        )
+        group.add_argument("--outer-momentum", type=float, default=0.9, help="--dp-mode diloco: its Nesterov momentum")
+        group.add_argument(
+            "--diloco-fragments",
+            type=int,
+            default=1,
+            help="--dp-mode diloco: streaming DiLoCo; block i belongs to fragment i %% F (embedding and head to "
+            "fragment 0), and one fragment syncs every sync-every / F steps, so the link carries 1/F of the "
+            "model at a time",
+        )
+        group.add_argument(
+            "--diloco-overlap-steps",
+            type=int,
+            default=None,
+            help="--dp-mode diloco: inner steps a sync runs beside before its outer step lands (the local "
+            "progress made meanwhile is kept on top); default 1 with --diloco-fragments > 1, else 0 (blocking)",
+        )
+        group.add_argument(
+            "--dp-compress",
+            choices=DP_METHODS,
+            default="none",
+            help="gradient sum across replicas (diloco: pseudo-gradient sum) in fp16, int8 or top-k, with error "
+            "feedback",
+        )
+        group.add_argument("--dp-topk-ratio", type=float, default=0.01, help="--dp-compress topk: share of values sent")
+        group.add_argument(
+            "--dp-bucket-mb",
+            type=float,
+            default=None,
+            help="--dp-mode allreduce: gradients are summed over the replicas in buckets of about this size "
+            f"(default {DEFAULT_BUCKET_MB:g}), each sent as soon as the step's last backward has finished it, "
+            "while earlier layers still compute; 0: one sum after the step",
+        )
+        group.add_argument(
+            "--shard-optimizer",
+            action="store_true",
+            help="ZeRO stage 1: each data-parallel replica keeps AdamW state for 1/dp of its stage's values; "
+            "gradients are reduce-scattered and weights all-gathered (the bytes of one all-reduce)",
+        )
+        group.add_argument(
+            "--zero-stage",
+            type=int,
+            choices=(0, 1),
+            default=0,
+            help="1 is --shard-optimizer; 0 (default) keeps the whole optimizer state on every replica",
+        )
+        group.add_argument(
+            "--min-replicas",
+            type=int,
+            default=1,
+            help="--elastic: stop when fewer complete replicas than this remain",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataParallelConfig:
+        return cls(
+            mode=args.dp_mode,
+            sync_every=args.sync_every,
+            compress=args.dp_compress,
+            topk_ratio=args.dp_topk_ratio,
+            shard_optimizer=args.shard_optimizer or args.zero_stage == 1,
+            outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
+            fragments=args.diloco_fragments,
+            overlap_steps=args.diloco_overlap_steps,
+            min_replicas=args.min_replicas,
+            bucket_mb=args.dp_bucket_mb,
+        )
 
 
 @dataclass(frozen=True)
