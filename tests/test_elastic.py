@@ -14,8 +14,10 @@ import torch
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
+    assert_all_ok,
     assert_same_state,
     free_port,
+    launch,
     read_metrics,
     start_ranks,
 )
@@ -148,3 +150,38 @@ def test_bad_elastic_settings_are_one_line_errors(
     result = subprocess.run(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_replica_lost_during_an_evaluation_is_evaluated_without_it(
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """SIGKILL rank 3 as the run evaluates after step 35 (60 evaluation batches over a 20 ms
+    emulated link make that last seconds): replica 0's stages agree that the evaluation's sum
+    failed, regroup and evaluate again alone. Every evaluation row equals a run's that lost
+    nothing (to 1e-5: summed in another order) and training ends with the same losses."""
+    first_task = two_tasks.split(",")[0].rsplit(":", 1)[0]
+    evaluation = ("--evaluation-data", first_task, "--evaluation-steps", "35", "--evaluation-num-batch", "60",
+                  "--link-latency-ms", "20")  # fmt: skip
+    (tmp_path / "oracle").mkdir()
+    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp_path / "oracle" / "ckpt", *evaluation), 4,
+                         tmp_path / "oracle"))  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", *evaluation), range(4), tmp_path,
+                        free_port())  # fmt: skip
+    kill_after_rows(procs, ckpt, 35, victim=3)
+    codes = wait_all(procs)
+    logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}
+    assert codes[3] == -signal.SIGKILL and codes[:2] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "during the evaluation; this pipeline is whole" in logs[0] + logs[1], logs[1][-2000:]
+
+    def valid(folder: Path) -> dict[int, float]:
+        return {r["step"]: r["valid.loss"] for r in read_metrics(folder) if "valid.loss" in r}
+
+    ours, expected = valid(ckpt), valid(tmp_path / "oracle" / "ckpt")
+    assert sorted(ours) == sorted(expected) == [35, 40]
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    (event,) = events(ckpt)
+    assert event["event"] == "replicas left" and event["step"] == 35 and event["left_launch_ranks"] == [2, 3]
+    trained, oracle = training_rows(ckpt), training_rows(pp2_dp2_run)
+    assert sorted(trained) == list(range(1, TOTAL + 1))
+    assert [trained[s] for s in oracle] == pytest.approx([oracle[s] for s in oracle], rel=1e-5)

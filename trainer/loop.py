@@ -576,7 +576,7 @@ class Trainer:
         self.stage.train()
         if pairs is not None:  # the metrics over pairs, and the pairs in place of tokens
             totals = torch.cat([totals[:1], pairs.totals.to(totals)])
-        self.comm.all_reduce_data(totals)
+        self._sum_over_replicas(totals, "the evaluation")
         if not self.is_reporter:
             return None
         if pairs is not None:
@@ -585,6 +585,32 @@ class Trainer:
                     **pairs.row(totals[1:].tolist(), prefix="valid.")}  # fmt: skip
         loss = float(totals[0] / max(1.0, float(totals[1])))
         return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
+
+    def _evaluation_row(self) -> dict[str, float] | None:
+        """``evaluate()``; in an elastic run that loses a replica meanwhile, the survivors regroup
+        and evaluate again (the same batches, split over fewer replicas)."""
+        while True:
+            try:
+                return self.evaluate()
+            except ReplicasChanged:
+                self.regroup(self.step)
+
+    def _sum_over_replicas(self, totals: torch.Tensor, during: str) -> None:
+        """Sum ``totals`` over the replicas. In an elastic run a replica lost meanwhile fails some
+        stage's sum: every stage of this pipeline learns it (a flag summed along the pipeline, as
+        in a step) and raises ReplicasChanged together, to regroup and do it again."""
+        if self.comm.elastic is None:
+            self.comm.all_reduce_data(totals)
+            return
+        lost = torch.zeros(1, dtype=torch.float64, device=self.device)
+        try:
+            self.comm.all_reduce_data(totals)
+        except ReplicaLostError as err:
+            log.warning("%s during %s; this pipeline is whole, so it regroups with the other survivors", err, during)
+            lost.fill_(1.0)
+        self.comm.all_reduce_pipeline(lost)
+        if lost.item() > 0:
+            raise ReplicasChanged(self.step)
 
     # -- DPO's reference ------------------------------------------------------------------------
 
@@ -851,7 +877,9 @@ class Trainer:
                         break  # this rank is done: the step is committed, or its replica left
                     profiler.comm = self.comm  # an elastic run's other replicas regrouped
                 if cfg.evaluation.due(self.step, total):
-                    valid = self.evaluate()
+                    valid = self._evaluation_row()
+                    profiler.comm = self.comm  # an elastic run may have regrouped meanwhile
+                    metrics, progress = self._report_events(metrics, progress)  # and have a new reporter
                     if metrics is not None and valid is not None:
                         metrics.write(valid)
                         shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in valid.items() if k[6:] in EVAL_SHOWN)
