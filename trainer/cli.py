@@ -24,12 +24,12 @@ from trainer.config import (
     DataParallelConfig,
     EvalConfig,
     ModelConfig,
-    ObjectiveConfig,
     OptimConfig,
     RunConfig,
     str2bool,
 )
 from trainer.data import PACKING, parse_task_names
+from trainer.objective import ObjectiveConfig
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:7033"
 
