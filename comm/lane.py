@@ -1,5 +1,5 @@
 """A thread of one rank's own for data-parallel collectives, so they travel while the main
-thread computes (the gradient buckets that leave during the last backward, trainer.grad_buckets).
+thread computes (the gradient buckets that leave during the last backward, data_parallel.buckets).
 
 Collectives of a group must be issued in the same order on every member, so the lane runs its
 jobs one at a time, in the order they were handed in. Once a job fails, every later job fails

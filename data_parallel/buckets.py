@@ -1,4 +1,4 @@
-"""Gradient sums over the replicas that leave while the last backward still runs (--dp-bucket-mb).
+"""--dp-mode allreduce with buckets (the default): sums that leave while the last backward still runs.
 
 A stage's trained gradients live in a few flat buffers, the buckets, filled in the reverse order
 of the parameters (about the order a backward forms them); each parameter's ``.grad`` is a view
@@ -24,6 +24,10 @@ import torch
 
 from comm.lane import Pending
 from comm.process_group import Communicator
+from data_parallel.allreduce import AllReduce
+from data_parallel.base import Trained, unscale
+from data_parallel.config import DataParallelConfig
+from pipeline.schedule import GradientWatch
 
 SumBucket = Callable[[int, torch.Tensor], None]  # (bucket index, its flat gradients): sum in place
 
@@ -132,3 +136,45 @@ class GradientBuckets:
         for pending in self.sent:
             pending.wait()
         return tail.wait()
+
+
+class Bucketed(AllReduce):
+    """The sum of data_parallel.allreduce, in buckets summed during the last backward (module
+    docstring), each compressed on its own under --dp-compress; a tied copy and the step's totals
+    follow exactly as one message. With one replica left (an elastic run), nothing is summed."""
+
+    def __init__(
+        self, cfg: DataParallelConfig, trained: Trained, comm: Communicator | None, device: torch.device
+    ) -> None:
+        buckets = GradientBuckets(trained.params, trained.tied, cfg.bucket_bytes)
+        super().__init__(cfg, trained, comm, device, messages=len(buckets.buckets))
+        self.buckets = buckets
+        # buckets are summed in place, so only a tied copy travels apart; compressed, the codec's temporaries
+        if self.compressed is None:
+            self.sum_bytes = self.tied.nbytes if self.tied is not None else 0
+
+    def during_backward(self, scale: float) -> GradientWatch | None:
+        """The buckets, whose sums start as the last backward finishes them (fp16: divided by the
+        loss ``scale`` first); None while there is no other replica to sum with."""
+        if self.replicas == 1:
+            return None
+        self.buckets.start(self.comm, lambda k, flat: self._sum_bucket(k, flat, scale))
+        return self.buckets
+
+    def _sum_bucket(self, k: int, flat: torch.Tensor, scale: float) -> None:
+        """Bucket ``k``'s sum over the replicas, in place (on the communicator's lane)."""
+        unscale([flat], scale)
+        if self.compressed is not None:
+            flat.copy_(self.compressed.sum(self.comm, k, flat))
+        else:
+            self.comm.all_reduce_data(flat)
+
+    def reduce(self, totals: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.replicas == 1:
+            return super().reduce(totals, scale)
+        loss = totals.to(self.device).reshape(-1)
+        tied = [self.tied.grad] if self.tied is not None else []
+        unscale(tied, scale)  # the buckets divided their own before they were summed
+        # the buckets are on their way; the tied copy and the loss follow as one message
+        summed = self.buckets.finish(lambda: self._sum_exact(tied, loss))
+        return summed.cpu(), self.squared_norm()

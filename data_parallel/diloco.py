@@ -35,10 +35,11 @@ import torch
 
 from comm.compress import GradientCompressor
 from comm.process_group import Communicator
+from data_parallel.base import StepsAlone, Trained
+from data_parallel.compressed import compressed_sum
+from data_parallel.config import DataParallelConfig
 from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, layer_part
 from pipeline.stage import Stage
-from trainer.config import DataParallelConfig
-from trainer.optimizer import compressed_sum
 
 OUTER_KEYS = ("anchor", "momentum")  # saved per trained parameter; the fragment in flight adds "sent" and "sum"
 FEEDBACK_KEYS = ("residual", "chunk_residual")  # and --dp-compress its error feedback
@@ -297,3 +298,22 @@ class DiLoCo:
         offset = sum(p.numel() for p in params[:index])
         self.pending.sent[index].copy_(sent)
         self.pending.result.result()[offset : offset + param.numel()].copy_(total.reshape(-1))
+
+
+class DiLoCoSync(StepsAlone):
+    """--dp-mode diloco as a strategy: inner steps on each replica's own gradients, the outer
+    loop (``DiLoCo``, this rank's ``outer`` state) after each of them."""
+
+    def __init__(self, cfg: DataParallelConfig, trained: Trained, comm: Communicator, device: torch.device,
+                 stage: Stage, num_layers: int, total_steps: int) -> None:  # fmt: skip
+        super().__init__(trained, comm, device)
+        self.outer = DiLoCo(cfg, stage, self.params, comm, self.tied, num_layers, total_steps)
+        self.own_state_bytes = self.outer.state_bytes
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.comm.dp_bytes_sent + self.outer.dp_bytes_sent  # its syncs go on a channel of their own
+
+    def end_of_step(self, step: int) -> None:
+        with self.comm.tracer.span("optimizer step", "outer step"):
+            self.outer.after_step(step)

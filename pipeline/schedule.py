@@ -55,7 +55,7 @@ LossFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 class GradientWatch(Protocol):
     """Hears when a step's gradients become final, to send each to the other replicas while the
-    rest of the backward runs (trainer.grad_buckets). Given to the step's last pipeline pass."""
+    rest of the backward runs (data_parallel.buckets). Given to the step's last pipeline pass."""
 
     def arm(self, deferred: Collection[torch.Tensor]) -> None:
         """The last backward (B) begins: every gradient autograd accumulates from now on is

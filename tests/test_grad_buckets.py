@@ -1,4 +1,4 @@
-"""Gradient buckets summed over the replicas during the last backward (trainer.grad_buckets)."""
+"""Gradient buckets summed over the replicas during the last backward (data_parallel.buckets)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from comm.lane import Lane
 from comm.trace import LANES, Tracer
+from data_parallel.buckets import GradientBuckets
 from pipeline.schedule import gpipe_step, one_f_one_b_step, zero_bubble_step
 from tests.helpers import assert_all_ok, compare_to_reference, launch, read_metrics, train_args
 from tests.toy_pipeline import HIDDEN, SEQ, TOY_SPEC, KeyedLoopbackComm, ToyBlocks, toy_micro_batches
 from trainer.cli import config_from_args, parse_args
-from trainer.grad_buckets import GradientBuckets
 
 COMPUTE = {LANES.index("forward compute"), LANES.index("backward compute")}
 

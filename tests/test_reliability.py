@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comm.topology import Topology
+from data_parallel.allreduce import AllReduce
+from data_parallel.base import Trained
 from modules import family_for, load_config
 from pipeline.stage import Stage
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics, start_ranks
 from trainer.checkpoint import CheckpointError, complete_steps, load_checkpoint
 from trainer.config import DataParallelConfig, OptimConfig
-from trainer.optimizer import ReplicatedOptimizer
+from trainer.optimizer import StageOptimizer
 
 STEPS = 24
 
@@ -125,14 +127,13 @@ def test_sigterm_to_the_launch_script_commits_the_step_and_a_relaunch_equals_uni
     relaunch_equals(uninterrupted, args, ckpt, tmp_path, f"preempted at step {stopped}")
 
 
-def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Stage, ReplicatedOptimizer]:
+def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Stage, StageOptimizer]:
     config = load_config(shards)
     stage = Stage(family_for(config.model_type), config, layers, first, last)
     one_rank = SimpleNamespace(topo=SimpleNamespace(data_size=1))  # loading communicates nothing
     params = list(stage.parameters())
-    return stage, ReplicatedOptimizer(
-        OptimConfig(1e-3, 10), params, one_rank, torch.device("cpu"), DataParallelConfig(), None
-    )
+    sync = AllReduce(DataParallelConfig(), Trained(params), one_rank, torch.device("cpu"))
+    return stage, StageOptimizer(OptimConfig(1e-3, 10), sync)
 
 
 def test_damaged_checkpoint_names_the_file_and_the_fallback(

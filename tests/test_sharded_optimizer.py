@@ -12,6 +12,7 @@ import pytest
 from convert.from_hf import convert_from_hf
 from convert.tiny_model import build_tiny_model
 from convert.to_hf import convert_to_hf
+from data_parallel.flat import FlatLayout
 from tests.helpers import (
     LOSS_ATOL,
     RankResult,
@@ -23,7 +24,6 @@ from tests.helpers import (
     resume_elsewhere,
     train_args,
 )
-from trainer.optimizer import FlatLayout
 
 SHARD = ("--shard-optimizer",)
 LORA = ("--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0")

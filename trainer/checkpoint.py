@@ -24,7 +24,7 @@ Under --dp-mode diloco the replicas' weights and inner AdamW state differ betwee
 every replica writes its own: replica 0 the files above, replica r > 0 the same names prefixed
 ``replica<r>_`` (and ``manifest_stage<s>_replica<r>.json``); each also writes
 ``outer_<part>.safetensors`` (prefixed likewise): the anchor and outer momentum of the part's
-parameters, and the pending sum of a sync in flight (trainer.diloco). A replica without files
+parameters, and the pending sum of a sync in flight (data_parallel.diloco). A replica without files
 of its own (the run had fewer replicas, or another mode) resumes as a copy of replica 0.
 """
 
@@ -43,10 +43,10 @@ from pathlib import Path
 
 from comm.process_group import Communicator
 from comm.topology import Topology
+from data_parallel.diloco import DiLoCo
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
-from trainer.diloco import DiLoCo
 from trainer.optimizer import StageOptimizer
 
 log = logging.getLogger(__name__)

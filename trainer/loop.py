@@ -25,6 +25,9 @@ from comm.membership import (
 from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
+from data_parallel.base import Trained
+from data_parallel.choose import make_sync
+from data_parallel.diloco import DiLoCo
 from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
@@ -40,12 +43,11 @@ from trainer.data import (
     parse_task_names,
     resumed_packing,
 )
-from trainer.diloco import DiLoCo
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress, setup_logging
-from trainer.optimizer import ReplicatedOptimizer, ShardedOptimizer, StageOptimizer, unflatten
+from trainer.optimizer import StageOptimizer
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
 from trainer.preference import (
@@ -149,16 +151,13 @@ class Trainer:
         self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()), extra=PER_STAGE)  # fmt: skip
-        if cfg.dp.shard_optimizer:
-            self.optimizer = ShardedOptimizer(cfg.optim, self.params, self.comm, self.device)
-        else:
-            self.optimizer = ReplicatedOptimizer(
-                cfg.optim, self.params, self.comm, self.device, cfg.dp, self.stage.tied_copy()
-            )
-        if cfg.dp.mode == "diloco":
-            num_layers = self.plan.model_config.num_hidden_layers
-            self.outer = DiLoCo(cfg.dp, self.stage, self.params, self.comm, self.stage.tied_copy(), num_layers,
-                                cfg.optim.total_steps)  # fmt: skip
+        tied = self.stage.tied_copy()
+        # a tied output weight on the last stage copies the embedding's, whose norm the first stage counts
+        skip = next((i for i, p in enumerate(self.params) if p is tied), None) if topo.is_last_stage else None
+        sync = make_sync(cfg.dp, Trained(self.params, tied, skip), self.comm, self.device, self.stage,
+                         self.plan.model_config.num_hidden_layers, cfg.optim.total_steps)  # fmt: skip
+        self.optimizer = StageOptimizer(cfg.optim, sync)
+        self.outer = sync.outer
         self.estimate = self._estimate_memory(process)
         log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe(),
                  extra=PER_STAGE)  # fmt: skip
@@ -318,7 +317,7 @@ class Trainer:
             parameters=sum(p.nbytes for p in stage.parameters())
             + (self.dpo_reference.extra_bytes if self.dpo_reference is not None else 0),
             gradients=sum(p.nbytes for p in self.params),
-            optimizer=self.optimizer.state_bytes + (self.outer.state_bytes if self.outer else 0),
+            optimizer=self.optimizer.state_bytes,
             per_micro_batch=held,
             in_flight=in_flight,
             workspace=max(block, ends),  # the backward's gradients of one block's (or the loss's) activations
@@ -410,12 +409,10 @@ class Trainer:
             self.comm.all_reduce_ends(tied.grad)
 
         # the sum over replicas (in true units: divided by the fp16 loss scale), and this stage's
-        # squared gradient norm; a tied output weight on the last stage copies the embedding's
-        # and is counted there
-        skip = next((i for i, p in enumerate(self.params) if p is tied), None) if self.topo.is_last_stage else None
+        # squared gradient norm
         lost = 0.0  # an elastic run's flag: another replica was lost, so this pipeline must not step
         try:
-            totals, sq = self.optimizer.reduce(totals, tied, skip, scale)
+            totals, sq = self.optimizer.reduce(totals, scale)
         except ReplicaLostError as err:
             log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
             lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
@@ -426,7 +423,7 @@ class Trainer:
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
         # with it, the bytes this pipeline's ranks sent between stages this step, and to other
         # replicas since the last row (local SGD's weight average comes after this point)
-        dp_sent = self.comm.dp_bytes_sent + (self.outer.dp_bytes_sent if self.outer else 0)
+        dp_sent = self.optimizer.sync.bytes_sent
         sent = (self.comm.bytes_sent - bytes_before, dp_sent - self._dp_bytes_reported)
         self._dp_bytes_reported = dp_sent
         # and each stage's peak memory since the previous step's exchange (so its optimizer
@@ -464,11 +461,7 @@ class Trainer:
             with self.comm.tracer.span("optimizer step"):
                 self.optimizer.step(lr, clip)
         self._after_step(step, finite, scale)
-        if self.local_sync_due(step):
-            self._average_weights()  # local SGD: the replicas meet again
-        if self.outer is not None:
-            with self.comm.tracer.span("optimizer step", "outer step"):
-                self.outer.after_step(step)
+        self.optimizer.sync.end_of_step(step)  # local SGD and DiLoCo: the replicas meet again when due
         self.step = step
         elapsed = time.perf_counter() - started
         tokens = cfg.global_batch_sequences * cfg.data.seq_length
@@ -511,17 +504,6 @@ class Trainer:
         if pairs:
             return len(slots) * self.cfg.batch.batch_size // 2
         return sum(int((batch.labels[self._rows(slot), 1:] != IGNORE_INDEX).sum()) for slot in slots)
-
-    def local_sync_due(self, step: int) -> bool:
-        dp = self.cfg.dp
-        return dp.mode == "local" and (step % dp.sync_every == 0 or step == self.cfg.optim.total_steps)
-
-    def _average_weights(self) -> None:
-        """Local SGD's outer step: every replica takes the mean of the replicas' weights."""
-        with torch.no_grad():
-            flat = torch.cat([p.reshape(-1) for p in self.params])
-            self.comm.all_reduce_data(flat)
-            unflatten(flat / self.topo.data_size, list(self.params))
 
     def _after_step(self, step: int, finite: bool, scale: float) -> None:
         """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
@@ -660,7 +642,7 @@ class Trainer:
         """Take ``comm``, a new generation's, as this rank's: its place, who writes checkpoints,
         threads for the ranks now on this host, heartbeats; its rank 0 publishes it for joiners."""
         self.comm, self.topo = comm, comm.topo
-        self.optimizer.comm = comm
+        self.optimizer.sync.use(comm)
         self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
         self.disks = probe_disks(comm, self.cfg.checkpoint.path)
         set_threads(comm.all_gather_object(socket.gethostname()))
