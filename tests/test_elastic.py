@@ -160,14 +160,14 @@ def test_a_replica_lost_during_an_evaluation_is_evaluated_without_it(
     failed, regroup and evaluate again alone. Every evaluation row equals a run's that lost
     nothing (to 1e-5: summed in another order) and training ends with the same losses."""
     first_task = two_tasks.split(",")[0].rsplit(":", 1)[0]
-    evaluation = ("--evaluation-data", first_task, "--evaluation-steps", "35", "--evaluation-num-batch", "60",
-                  "--link-latency-ms", "20")  # fmt: skip
+    evaluation = ("--evaluation-data", first_task, "--evaluation-steps", "35", "--evaluation-num-batch", "60")
     (tmp_path / "oracle").mkdir()
+    # the oracle needs no emulated latency: it delays the same sums, it does not change them
     assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp_path / "oracle" / "ckpt", *evaluation), 4,
                          tmp_path / "oracle"))  # fmt: skip
     ckpt = tmp_path / "ckpt"
-    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", *evaluation), range(4), tmp_path,
-                        free_port())  # fmt: skip
+    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", *evaluation, "--link-latency-ms", "20"),
+                        range(4), tmp_path, free_port())  # fmt: skip
     kill_after_rows(procs, ckpt, 35, victim=3)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}
