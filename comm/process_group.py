@@ -195,13 +195,9 @@ class Communicator:
         self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False,
         side_group: bool = False, elastic: Elastic | None = None,
     ) -> None:  # fmt: skip
-        self.topo = topo
         self.cfg, self.link_ends, self.side_group = cfg, link_ends, side_group  # for regroup()
-        self.elastic = elastic
         self.device = device
         self.timeout_s = cfg.timeout_s
-        self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
-        self._left = False  # an elastic replica that left on purpose (``leave``)
         self.tracer: Tracer | NullTracer = NULL_TRACER  # set by the trainer when profiling
         self.act_codec = Codec(cfg.pp_compress, cfg.pp_compress_group, cfg.pp_compress_outliers)
         # gradients round stochastically (unbiased, so what rounds away does not pile up over
@@ -210,14 +206,24 @@ class Communicator:
         self.link = (cfg.link_bandwidth_mbps, cfg.link_latency_ms) if cfg.emulates_link else None
         self.bytes_sent = 0  # point-to-point bytes this rank put on the wire
         self.dp_bytes_sent = 0  # and bytes of data-parallel collectives
-        self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
-        self._lane: Lane | None = None  # in_background's thread, started at its first job
         # Gloo moves CPU tensors only: with CUDA compute its groups' tensors go through host buffers.
         stage_gloo = device.type != "cpu" or cfg.host_staging
         self.pp_place = Placement(device, staged=cfg.backend == "gloo" and stage_gloo)
         self.dp_place = Placement(device, staged=cfg.dp_backend == "gloo" and stage_gloo)
         self._dp_gloo = cfg.dp_backend == "gloo"
         self._barrier_devices = [device.index] if cfg.backend == "nccl" else None  # NCCL's barrier needs it
+        self._make_groups(topo, elastic)
+
+    def _make_groups(self, topo: Topology, elastic: Elastic | None) -> None:
+        """This rank's place and process groups in the job (an elastic run: in one generation of
+        it), and its heartbeat; the default group is made already (``join_job``)."""
+        cfg, device = self.cfg, self.device
+        self.topo = topo
+        self.elastic = elastic
+        self.heartbeat: Heartbeat | None = None  # started last; _guard reads it from the first call
+        self._left = False  # an elastic replica that left on purpose (``leave``)
+        self._in_flight: list[tuple[list, list]] = []  # sends not yet waited for, with their tensors
+        self._lane: Lane | None = None  # in_background's thread, started at its first job
         self._check_one_gpu_per_rank(nccl_groups(topo, cfg.backend, cfg.dp_backend))
         timeout = timedelta(seconds=cfg.timeout_s)
         # new_group must be called by every rank in the same order, members or not.
@@ -225,7 +231,7 @@ class Communicator:
         self._data_group = None
         self._ends_group = None
         self._side_group = None
-        if link_ends and topo.pipeline_size > 1:
+        if self.link_ends and topo.pipeline_size > 1:
             for replica in range(topo.data_size):
                 ends = [topo.rank_of(0, replica), topo.rank_of(topo.pipeline_size - 1, replica)]
                 group = dist.new_group(ends, timeout=timeout, backend=cfg.backend)
@@ -241,7 +247,7 @@ class Communicator:
                 group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
                 if stage == topo.stage:
                     self._data_group = group
-        if side_group and topo.data_size > 1:  # see side_channel()
+        if self.side_group and topo.data_size > 1:  # see side_channel()
             for stage in range(topo.pipeline_size):
                 group = dist.new_group(topo.data_ranks(stage), timeout=timeout, backend=cfg.dp_backend)
                 if stage == topo.stage:
@@ -308,10 +314,12 @@ class Communicator:
                  admit=membership is None)  # fmt: skip
         return cls(topo, cfg, device, link_ends, side_group, elastic)
 
-    def regroup(self, membership: Membership) -> Communicator:
-        """This rank's communicator in generation ``membership`` (an elastic run whose replicas
+    def regroup(self, membership: Membership) -> None:
+        """Move this communicator to generation ``membership`` (an elastic run whose replicas
         changed): every process group is made anew over the store's key space of that
-        generation, with this rank's place in it. Nothing may be in flight."""
+        generation, with this rank's place in it (``topo``). It stays the same object, so whoever
+        holds it (the trainer, the optimizer, the profiler) holds the new generation's; its byte
+        counts and tracer go on. Nothing may be in flight."""
         if self.heartbeat is not None:
             self.heartbeat.stop("done")  # done with this generation: not a loss to its peers
         self._close_lane()
@@ -320,9 +328,7 @@ class Communicator:
         elastic = Elastic(self.elastic.store, membership, self.elastic.launch_rank)
         topo = membership.topology(elastic.launch_rank)
         join_job(topo, self.cfg.dist_url, self.timeout_s, elastic.store, membership.key_space, admit=False)
-        new = Communicator(topo, self.cfg, self.device, self.link_ends, self.side_group, elastic)
-        new.bytes_sent, new.dp_bytes_sent, new.tracer = self.bytes_sent, self.dp_bytes_sent, self.tracer
-        return new
+        self._make_groups(topo, elastic)
 
     def send_to_replica(self, replica: int, header: object, tensors: list[torch.Tensor]) -> None:
         """Send ``header`` (pickled: our own small dicts) and ``tensors`` to this stage's rank in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 import time
 from dataclasses import replace
 
@@ -13,16 +12,9 @@ import torch
 from torch.distributed import Store
 
 from comm.membership import (
-    Membership,
-    announce_growth,
-    growth_after,
-    joining_replicas,
     live_run,
-    next_membership,
-    publish,
-    wait_to_join,
 )
-from comm.process_group import Communicator, PeerLostError, ReplicaLostError
+from comm.process_group import Communicator, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from data_parallel.base import Trained
@@ -43,10 +35,11 @@ from trainer.data import (
     parse_task_names,
     resumed_packing,
 )
+from trainer.elastic import ElasticController, ReplicasChanged
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress, setup_logging
+from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress
 from trainer.optimizer import StageOptimizer
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
@@ -65,10 +58,6 @@ from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_t
 log = logging.getLogger(__name__)
 # logged beside an evaluation's loss
 EVAL_SHOWN = ("perplexity", "rewards/accuracies", "rewards/margins", "accuracy", "margin")
-
-
-class ReplicasChanged(Exception):
-    """An elastic run's step found another replica gone: no stage stepped; regroup and redo it."""
 
 
 class Trainer:
@@ -90,10 +79,8 @@ class Trainer:
         self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
         self.comm = comm
-        self.topo: Topology = comm.topo if comm is not None else cfg.topology
         self.device = torch.device(cfg.device)
         self.has_data = self.topo.is_first_stage or self.topo.is_last_stage
-        self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
         # a step's global batch in slots of --batch-size sequences, replica r training every
         # data_size-th slot from r: with the launch's replicas, round a's r-th slice as always;
         # with fewer (an elastic run that lost some) the same sequences over fewer pipelines
@@ -118,8 +105,18 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
         self.loss_chunk = 0  # tokens the loss projects at a time (0: all logits), set in setup
-        self.layers_by_stage: list[list[int]] = []  # --elastic: [first, stop) of each stage, for joiners
+        self.elastic = ElasticController(self) if cfg.comm.elastic else None  # replicas leaving and joining
         self.events: list[dict] = []  # --elastic: metrics rows saying who left or joined, for the reporter
+
+    @property
+    def topo(self) -> Topology:
+        """This rank's place: its communicator's (an elastic run's changes as replicas come and go)."""
+        return self.comm.topo if self.comm is not None else self.cfg.topology
+
+    @property
+    def is_reporter(self) -> bool:
+        """The rank that writes metrics: the last stage of the first replica."""
+        return self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
 
     def setup(self, joining: bool = False) -> None:
         """Build and load this rank's stage, optimizer and data stream (may raise). A rank
@@ -575,7 +572,7 @@ class Trainer:
             try:
                 return self.evaluate()
             except ReplicasChanged:
-                self.regroup(self.step)
+                self.elastic.regroup(self.step)
 
     def _sum_over_replicas(self, totals: torch.Tensor, during: str) -> None:
         """Sum ``totals`` over the replicas. In an elastic run a replica lost meanwhile fails some
@@ -604,122 +601,6 @@ class Trainer:
         slots = self._slots(self.cfg.topology.data_size)  # an evaluation's: a slot per launched replica
         self.dpo_reference.prepare(self.comm, self.step, self.identity.to_json(), self.stream, slots)
         self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
-
-    # -- replicas leaving (--elastic) ---------------------------------------------------------
-
-    def regroup(self, step: int, why: str = "lost") -> None:
-        """After ReplicasChanged in step ``step`` (or, ``why`` "preempted", after step ``step``,
-        which replicas with a preemption notice leave): agree with the other survivors on the
-        complete pipelines (comm.membership) and make the process groups anew with this rank's
-        place among them (a metrics row says who left, and why). Raises when this replica was
-        left out or fewer than --min-replicas remain."""
-        started = time.perf_counter()
-        elastic = self.comm.elastic
-        settle = min(10.0, self.cfg.comm.timeout_s)  # how long a slow survivor may take to register
-        membership = next_membership(elastic.store, elastic.membership, elastic.launch_rank, settle)
-        gone = sorted(set(elastic.membership.launch_ranks()) - set(membership.launch_ranks()))
-        if not membership.holds(elastic.launch_rank):
-            raise PeerLostError(
-                f"{self.topo.describe(self.topo.rank)} registered after the surviving replicas had agreed "
-                f"without it (they go on as generation {membership.generation}); it leaves"
-            )
-        if len(membership.replicas) < self.cfg.dp.min_replicas:
-            raise ConnectionError(
-                f"step {step}: launch ranks {gone} were lost and {len(membership.replicas)} complete replicas remain, "
-                f"fewer than --min-replicas {self.cfg.dp.min_replicas}; stopping (relaunch the lost ranks and resume "
-                "from the last checkpoint)"
-            )
-        self._adopt(self.comm.regroup(membership))
-        took = time.perf_counter() - started
-        log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in %.2fs); "
-                    "this rank is now %s", step, gone, why, len(membership.replicas), membership.generation, took,
-                    self.topo.describe(self.topo.rank))  # fmt: skip
-        self.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": gone,
-                            "replicas": len(membership.replicas), "generation": membership.generation,
-                            "regroup_s": took, "unix_time": time.time()})  # fmt: skip
-
-    def _adopt(self, comm: Communicator) -> None:
-        """Take ``comm``, a new generation's, as this rank's: its place, who writes checkpoints,
-        threads for the ranks now on this host, heartbeats; its rank 0 publishes it for joiners."""
-        self.comm, self.topo = comm, comm.topo
-        self.optimizer.sync.use(comm)
-        self.is_reporter = self.topo.rank == self.topo.rank_of(self.topo.pipeline_size - 1, 0)
-        self.disks = probe_disks(comm, self.cfg.checkpoint.path)
-        set_threads(comm.all_gather_object(socket.gethostname()))
-        comm.start_heartbeat()
-        setup_logging(self.topo, self.cfg.log_level)  # the log's prefix names the new place
-        if self.topo.rank == 0:
-            publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
-
-    def grow_if_due(self) -> None:
-        """At the end of each step of an elastic run: rank 0 announces whole replicas asking to
-        join (for the end of the next step), and every rank takes in those announced for now,
-        a live replica of each stage sending them its state (comm.membership)."""
-        elastic, total = self.comm.elastic, self.cfg.optim.total_steps
-        if self.topo.rank == 0 and self.step + 1 < total:
-            joining = joining_replicas(elastic.store, elastic.membership, self.cfg.topology.data_size,
-                                       self.cfg.fingerprint(), self.cfg.comm.run_token)  # fmt: skip
-            if joining:
-                announce_growth(elastic.store, elastic.membership, joining, self.step + 1)
-        grown = growth_after(elastic.store, elastic.membership, self.step)
-        if grown is None:
-            return
-        started = time.perf_counter()
-        old = elastic.membership
-        self._adopt(self.comm.regroup(grown))
-        live = [grown.replicas.index(r) for r in old.replicas]
-        if self.topo.replica == live[0]:
-            header, tensors = self._shared_state()
-            for replica in range(len(grown.replicas)):
-                if replica not in live:
-                    self.comm.send_to_replica(replica, header, list(tensors.values()))
-        took = time.perf_counter() - started
-        new = self._note_joined(old.replicas, grown, took)
-        log.warning("step %d: launch ranks %s joined; %d replicas train as generation %d (joined in %.2fs)",
-                    self.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
-
-    def _note_joined(self, before: list[int], now: Membership, took: float) -> list[int]:
-        """The metrics row of a join (for the reporter): the launch ranks in ``now`` that the
-        launch replicas ``before`` did not hold, and how long taking them in took."""
-        new = sorted(rank for rank in now.launch_ranks() if rank // now.pipeline_size not in before)
-        self.events.append({"step": self.step, "event": "replicas joined", "joined_launch_ranks": new,
-                            "replicas": len(now.replicas), "generation": now.generation, "join_s": took,
-                            "unix_time": time.time()})  # fmt: skip
-        return new
-
-    def _shared_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """What a joiner needs of this stage: trained weights, optimizer state and the trainer's
-        state (step, data position, loss scale); the frozen rest it loads itself."""
-        tensors = {f"param/{n}": p.detach() for n, p in self.stage.named_parameters() if p.requires_grad}
-        tensors.update({f"optim/{k}": v for k, v in self.optimizer.state_tensors(self.stage).items()})
-        header = {
-            "step": self.step,
-            "data": self.data_state,
-            "packing": self.packing,  # the data state lives on the first and last stages only
-            "nonfinite_run": self.nonfinite_run,
-            "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
-            "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
-        }
-        return header, tensors
-
-    def receive_state(self, source: int) -> None:
-        """A joiner: take the run's state from this stage's rank in replica ``source``."""
-        header, received = self.comm.recv_from_replica(source, lambda h: [(s, d) for _, s, d in h["tensors"]])
-        tensors = {name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)}
-        params = dict(self.stage.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if name.startswith("param/"):
-                    params[name[len("param/") :]].copy_(value)
-        optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
-        self.optimizer.load_state_tensors(self.stage, optim)
-        self.step, self.nonfinite_run = header["step"], header["nonfinite_run"]
-        if self.scaler is not None:
-            self.scaler.load_state_dict(header["loss_scale"])
-        self.packing = header["packing"]
-        if self.stream is not None:
-            self.stream.load_state_dict(header["data"])
-            self.data_state = header["data"]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -764,7 +645,7 @@ class Trainer:
         if self.topo.replica in self.noticed:
             self._leave_for_notice()
             return True
-        self.regroup(self.step, why="preempted")
+        self.elastic.regroup(self.step, why="preempted")
         return False
 
     def _stop_for_notice(self, metrics: MetricsWriter | None) -> None:
@@ -839,8 +720,7 @@ class Trainer:
                         try:
                             row = self.train_step(batch)
                         except ReplicasChanged:  # nothing stepped: the survivors redo it with the same batch
-                            self.regroup(self.step + 1)
-                            profiler.comm = self.comm
+                            self.elastic.regroup(self.step + 1)
                 metrics, progress = self._report_events(metrics, progress)  # who left, before the step's row
                 if self.step == first_step:  # the optimizer's state exists from its first update
                     log.info("optimizer state held on this rank: %.3g GB (%d bytes)",
@@ -857,10 +737,8 @@ class Trainer:
                 if self.noticed:  # a preemption notice reached some rank (trainer.preemption)
                     if self._answer_notice(metrics):
                         break  # this rank is done: the step is committed, or its replica left
-                    profiler.comm = self.comm  # an elastic run's other replicas regrouped
                 if cfg.evaluation.due(self.step, total):
                     valid = self._evaluation_row()
-                    profiler.comm = self.comm  # an elastic run may have regrouped meanwhile
                     metrics, progress = self._report_events(metrics, progress)  # and have a new reporter
                     if metrics is not None and valid is not None:
                         metrics.write(valid)
@@ -868,9 +746,8 @@ class Trainer:
                         log.info("step %d valid loss %.4f %s", self.step, valid["valid.loss"], shown)
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.checkpoint()
-                if self.comm.elastic is not None:
-                    self.grow_if_due()
-                    profiler.comm = self.comm
+                if self.elastic is not None:
+                    self.elastic.grow_if_due()
         finally:
             if prefetch is not None:
                 prefetch.close()
@@ -903,7 +780,7 @@ def run(cfg: RunConfig) -> None:
         raise
     finally:
         notice.uninstall()
-    trainer.comm.close()  # an elastic run's regroups replace the communicator
+    trainer.comm.close()  # a joiner's communicator is made in join_run
 
 
 def start_run(cfg: RunConfig, plan: Plan, comm: Communicator, notice: PreemptionNotice) -> Trainer:
@@ -929,32 +806,16 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator, notice: Preemption
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
     if comm.topo.rank == 0:
         log.info("model: %s", describe_model(plan.model_config))
-    if comm.elastic is not None:  # each stage's layers, for ranks that join later; the run is live
-        spans = comm.all_gather_object([plan.layers.start, plan.layers.stop])
-        trainer.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
-        if comm.topo.rank == 0:
-            publish(comm.elastic.store, comm.elastic.membership, trainer.layers_by_stage)
+    if trainer.elastic is not None:
+        trainer.elastic.start(plan.layers)
     return trainer
 
 
 def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict, notice: PreemptionNotice) -> Trainer:
-    """A rank started again while its elastic run trains: set up (the stage's layers as the run
-    has them), ask to join, and once the run takes this rank's replica in, receive the run's
-    state from a live replica of this stage (comm.membership)."""
-    topo = cfg.topology
-    plan = replace(plan, layers=range(*live["layers"][topo.stage]))
+    """A rank started again while its elastic run trains: set up with the stage's layers as the
+    run has them, then join (trainer.elastic)."""
+    plan = replace(plan, layers=range(*live["layers"][cfg.topology.stage]))
     trainer = Trainer(cfg, plan, None, None, notice)
-    trainer.layers_by_stage = live["layers"]
     trainer.setup(joining=True)
-    log.info("the elastic run is live (generation %d, launch replicas %s): asking to join", live["generation"],
-             live["replicas"])  # fmt: skip
-    membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.run_token, cfg.comm.timeout_s)
-    started = time.perf_counter()
-    comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=plan.tied, store=store,
-                                membership=membership)  # fmt: skip
-    trainer._adopt(comm)
-    trainer.receive_state(membership.replicas.index(min(record["replicas"])))
-    took = time.perf_counter() - started
-    trainer._note_joined(record["replicas"], membership, took)
-    log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
+    trainer.elastic.join(store, live)
     return trainer

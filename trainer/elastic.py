@@ -1,0 +1,201 @@
+"""An elastic run's changes of replicas (--elastic), for one rank's trainer.
+
+Replicas leave (a rank lost, comm.process_group.ReplicaLostError; or a preemption notice) and
+whole replicas join (relaunched ranks asking through the store, comm.membership). Every change
+is made at a step boundary by every rank of the new generation: the survivors agree on who
+remains, the one communicator moves to the new generation in place (``Communicator.regroup``),
+and for a join a live replica of each stage hands the joiners its state. The step itself knows
+none of this: it raises ReplicasChanged when a sum over the replicas failed, and the loop asks
+this controller to regroup and redo the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch.distributed import Store
+
+from comm.membership import (
+    Membership,
+    announce_growth,
+    growth_after,
+    joining_replicas,
+    next_membership,
+    publish,
+    wait_to_join,
+)
+from comm.process_group import Communicator, PeerLostError
+from trainer.metrics import setup_logging
+from trainer.resume import probe_disks
+from trainer.startup import set_threads
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class ReplicasChanged(Exception):
+    """An elastic run's step found another replica gone: no stage stepped; regroup and redo it."""
+
+
+class ElasticController:
+    """Regroups, growth, joins and the hand-over of a stage's state, for ``trainer``'s rank."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.layers_by_stage: list[list[int]] = []  # [first, stop) of each stage, for joiners
+
+    def start(self, layers: range) -> None:
+        """At launch, every rank: each stage's layers, published for ranks that join later; the run is live."""
+        comm = self.trainer.comm
+        spans = comm.all_gather_object([layers.start, layers.stop])
+        self.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
+        if comm.topo.rank == 0:
+            publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
+
+    def regroup(self, step: int, why: str = "lost") -> None:
+        """After ReplicasChanged in step ``step`` (or, ``why`` "preempted", after step ``step``,
+        which replicas with a preemption notice leave): agree with the other survivors on the
+        complete pipelines (comm.membership) and move to the new generation with this rank's
+        place among them (a metrics row says who left, and why). Raises when this replica was
+        left out or fewer than --min-replicas remain."""
+        trainer = self.trainer
+        started = time.perf_counter()
+        elastic = trainer.comm.elastic
+        settle = min(10.0, trainer.cfg.comm.timeout_s)  # how long a slow survivor may take to register
+        membership = next_membership(elastic.store, elastic.membership, elastic.launch_rank, settle)
+        gone = sorted(set(elastic.membership.launch_ranks()) - set(membership.launch_ranks()))
+        if not membership.holds(elastic.launch_rank):
+            raise PeerLostError(
+                f"{trainer.topo.describe(trainer.topo.rank)} registered after the surviving replicas had agreed "
+                f"without it (they go on as generation {membership.generation}); it leaves"
+            )
+        if len(membership.replicas) < trainer.cfg.dp.min_replicas:
+            raise ConnectionError(
+                f"step {step}: launch ranks {gone} were lost and {len(membership.replicas)} complete replicas remain, "
+                f"fewer than --min-replicas {trainer.cfg.dp.min_replicas}; stopping (relaunch the lost ranks and "
+                "resume from the last checkpoint)"
+            )
+        trainer.comm.regroup(membership)
+        self._settle()
+        took = time.perf_counter() - started
+        log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in %.2fs); "
+                    "this rank is now %s", step, gone, why, len(membership.replicas), membership.generation, took,
+                    trainer.topo.describe(trainer.topo.rank))  # fmt: skip
+        trainer.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": gone,
+                               "replicas": len(membership.replicas), "generation": membership.generation,
+                               "regroup_s": took, "unix_time": time.time()})  # fmt: skip
+
+    def _settle(self) -> None:
+        """This rank in its communicator's generation (now in ``trainer.topo``): who writes
+        checkpoints, threads for the ranks now on this host, heartbeats, the log's prefix; its
+        rank 0 publishes the generation for joiners."""
+        trainer = self.trainer
+        comm = trainer.comm
+        trainer.disks = probe_disks(comm, trainer.cfg.checkpoint.path)
+        set_threads(comm.all_gather_object(socket.gethostname()))
+        comm.start_heartbeat()
+        setup_logging(comm.topo, trainer.cfg.log_level)  # the log's prefix names the new place
+        if comm.topo.rank == 0:
+            publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
+
+    def grow_if_due(self) -> None:
+        """At the end of each step: rank 0 announces whole replicas asking to join (for the end
+        of the next step), and every rank takes in those announced for now, a live replica of
+        each stage sending them its state (comm.membership)."""
+        trainer = self.trainer
+        elastic, total = trainer.comm.elastic, trainer.cfg.optim.total_steps
+        if trainer.topo.rank == 0 and trainer.step + 1 < total:
+            joining = joining_replicas(elastic.store, elastic.membership, trainer.cfg.topology.data_size,
+                                       trainer.cfg.fingerprint(), trainer.cfg.comm.run_token)  # fmt: skip
+            if joining:
+                announce_growth(elastic.store, elastic.membership, joining, trainer.step + 1)
+        grown = growth_after(elastic.store, elastic.membership, trainer.step)
+        if grown is None:
+            return
+        started = time.perf_counter()
+        old = elastic.membership
+        trainer.comm.regroup(grown)
+        self._settle()
+        live = [grown.replicas.index(r) for r in old.replicas]
+        if trainer.topo.replica == live[0]:
+            header, tensors = self._shared_state()
+            for replica in range(len(grown.replicas)):
+                if replica not in live:
+                    trainer.comm.send_to_replica(replica, header, list(tensors.values()))
+        took = time.perf_counter() - started
+        new = self._note_joined(old.replicas, grown, took)
+        log.warning("step %d: launch ranks %s joined; %d replicas train as generation %d (joined in %.2fs)",
+                    trainer.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
+
+    def join(self, store: Store, live: dict) -> None:
+        """A rank started again while its elastic run trains (its trainer set up with the stage's
+        layers as the run has them): ask to join, and once the run takes this rank's replica in,
+        receive the run's state from a live replica of this stage."""
+        trainer = self.trainer
+        cfg, topo = trainer.cfg, trainer.cfg.topology
+        self.layers_by_stage = live["layers"]
+        log.info("the elastic run is live (generation %d, launch replicas %s): asking to join", live["generation"],
+                 live["replicas"])  # fmt: skip
+        membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.run_token, cfg.comm.timeout_s)
+        started = time.perf_counter()
+        comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=trainer.plan.tied,
+                                    store=store, membership=membership)  # fmt: skip
+        trainer.comm = comm
+        trainer.optimizer.sync.use(comm)
+        self._settle()
+        self._receive_state(membership.replicas.index(min(record["replicas"])))
+        took = time.perf_counter() - started
+        self._note_joined(record["replicas"], membership, took)
+        log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
+
+    def _note_joined(self, before: list[int], now: Membership, took: float) -> list[int]:
+        """The metrics row of a join (for the reporter): the launch ranks in ``now`` that the
+        launch replicas ``before`` did not hold, and how long taking them in took."""
+        trainer = self.trainer
+        new = sorted(rank for rank in now.launch_ranks() if rank // now.pipeline_size not in before)
+        trainer.events.append({"step": trainer.step, "event": "replicas joined", "joined_launch_ranks": new,
+                               "replicas": len(now.replicas), "generation": now.generation, "join_s": took,
+                               "unix_time": time.time()})  # fmt: skip
+        return new
+
+    def _shared_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a joiner needs of this stage: trained weights, optimizer state and the trainer's
+        state (step, data position, loss scale); the frozen rest it loads itself."""
+        trainer = self.trainer
+        tensors = {f"param/{n}": p.detach() for n, p in trainer.stage.named_parameters() if p.requires_grad}
+        tensors.update({f"optim/{k}": v for k, v in trainer.optimizer.state_tensors(trainer.stage).items()})
+        header = {
+            "step": trainer.step,
+            "data": trainer.data_state,
+            "packing": trainer.packing,  # the data state lives on the first and last stages only
+            "nonfinite_run": trainer.nonfinite_run,
+            "loss_scale": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
+        }
+        return header, tensors
+
+    def _receive_state(self, source: int) -> None:
+        """A joiner: take the run's state from this stage's rank in replica ``source``."""
+        trainer = self.trainer
+        header, received = trainer.comm.recv_from_replica(source, lambda h: [(s, d) for _, s, d in h["tensors"]])
+        tensors = {name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)}
+        params = dict(trainer.stage.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("param/"):
+                    params[name[len("param/") :]].copy_(value)
+        optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
+        trainer.optimizer.load_state_tensors(trainer.stage, optim)
+        trainer.step, trainer.nonfinite_run = header["step"], header["nonfinite_run"]
+        if trainer.scaler is not None:
+            trainer.scaler.load_state_dict(header["loss_scale"])
+        trainer.packing = header["packing"]
+        if trainer.stream is not None:
+            trainer.stream.load_state_dict(header["data"])
+            trainer.data_state = header["data"]
