@@ -19,7 +19,8 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from trainer.checkpoint import CheckpointError
-from trainer.cli import config_from_args, data_config, parse_args
+from trainer.cli import config_from_args, parse_args
+from trainer.config import DataConfig
 from trainer.loop import run
 from trainer.metrics import setup_logging
 from trainer.preview import preview
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.preview_data > 0:  # no process group: a look at the data mix, then exit
             tokenizer = args.tokenizer_name or args.model_name
-            preview(data_config(args), tokenizer, args.preview_data, sys.stdout, args.preview_format,
+            preview(DataConfig.from_args(args), tokenizer, args.preview_data, sys.stdout, args.preview_format,
                     pairs=args.objective in ("dpo", "reward"))  # fmt: skip
             return
         cfg = config_from_args(args)

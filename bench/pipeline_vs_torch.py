@@ -82,7 +82,8 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from bench.common import ROOT, build_model, rank_core
 from bench.common import run as run_trainer
-from comm.process_group import CommConfig, Communicator
+from comm.config import CommConfig
+from comm.process_group import Communicator
 from comm.rendezvous import free_port
 from comm.topology import Topology
 from comm.trace import LANES

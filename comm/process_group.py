@@ -23,7 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.compress import GROUP, OUTLIERS, Codec
+from comm.compress import Codec
+from comm.config import CommConfig
 from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat, leave_now
 from comm.lane import Lane, Pending
@@ -34,64 +35,10 @@ from comm.topology import Topology
 from comm.trace import NULL_TRACER, NullTracer, Tracer
 
 log = logging.getLogger(__name__)
-BACKENDS = ("gloo", "nccl")
 # Values of each replica's slice a Gloo reduce-scatter or all-gather moves at once (64 MB of
 # fp32): Gloo copies the whole buffer it is handed, so this bounds that copy; a few calls per
 # step keep the latency paid per call small.
 GLOO_CHUNK = 1 << 24
-
-
-@dataclass(frozen=True)
-class CommConfig:
-    dist_url: str
-    backend: str = "gloo"
-    dp_backend: str = "gloo"
-    timeout_s: float = 300.0
-    net_interface: str | None = None
-    pp_compress: str = "none"  # activations between stages
-    pp_compress_grad: str = "none"  # their gradients, coming back (the CLI's default: gradient_codec_for)
-    pp_compress_group: int = GROUP  # int8/int4: channels sharing one scale (0: one per token)
-    pp_compress_outliers: int = OUTLIERS  # int8/int4: largest values per token sent exactly
-    link_bandwidth_mbps: float = 0.0  # emulated link (0: not held)
-    link_latency_ms: float = 0.0
-    # replicas may leave (comm.membership): the store runs in a process of its own, a lost
-    # replica's data-parallel partners regroup instead of stopping
-    elastic: bool = False
-    # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
-    # CUDA compute over Gloo takes, for tests on machines without a GPU. Not a flag.
-    host_staging: bool = False
-    # the run token (comm.admission): never printed, written or sent, so kept out of repr
-    run_token: str | None = field(default=None, repr=False)
-
-    @property
-    def emulates_link(self) -> bool:
-        return self.link_bandwidth_mbps > 0 or self.link_latency_ms > 0
-
-    def __post_init__(self) -> None:
-        for name in (self.pp_compress, self.pp_compress_grad):
-            Codec(name, self.pp_compress_group, self.pp_compress_outliers)  # raises on an unknown name
-        if self.net_interface:
-            import psutil
-
-            interfaces = psutil.net_if_addrs()
-            if self.net_interface not in interfaces:
-                raise ValueError(
-                    f"--net-interface {self.net_interface!r} does not exist here; choose one of {sorted(interfaces)}"
-                )
-        if self.link_bandwidth_mbps < 0 or self.link_latency_ms < 0:
-            raise ValueError("--link-bandwidth-mbps and --link-latency-ms must be >= 0")
-        if not self.dist_url.startswith(("tcp://", "env://", "file://")):
-            raise ValueError(f"--dist-url {self.dist_url!r} should look like tcp://<master-ip>:<port> or env://")
-        if self.run_token is not None and self.dist_url.startswith("file://"):
-            raise ValueError("a run token needs a store to prove itself through: use a tcp:// (or env://) --dist-url, "
-                             "or no token")  # fmt: skip
-        for flag, value in (("--dist-backend", self.backend), ("--dp-backend", self.dp_backend)):
-            if value not in BACKENDS:
-                raise ValueError(f"{flag} {value!r} is not one of {BACKENDS}")
-            if value == "nccl" and not torch.cuda.is_available():
-                raise ValueError(f"{flag} nccl needs CUDA, which this machine lacks; use {flag} gloo")
-        if self.timeout_s <= 0:
-            raise ValueError("--comm-timeout must be a positive number of seconds")
 
 
 class PeerLostError(ConnectionError):

@@ -12,6 +12,7 @@ Adapter weights are named as PEFT saves them, relative to the block
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Iterator
@@ -56,6 +57,36 @@ class LoraSpec:
             raise ValueError(f"--lora-alpha must be positive, not {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--lora-dropout must lie in [0, 1), not {self.dropout}")
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--lora-rank", type=int, default=0, help="rank of the adapters (0: full fine-tuning)")
+        group.add_argument(
+            "--lora-alpha", type=float, default=None, help="adapter scale alpha/rank (default: 2 x rank)"
+        )
+        group.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+        group.add_argument(
+            "--lora-target-modules",
+            nargs="+",
+            default=None,
+            help="linear layers of each block to adapt, by name, e.g. q_proj v_proj (comma-separated works too; "
+            "default, or all-linear: every linear layer of a block)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoraSpec | None:
+        """The adapters the flags ask for; None for full fine-tuning (--lora-rank 0)."""
+        if args.lora_rank == 0:
+            given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-target-modules",
+                     args.lora_target_modules)) if value is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"{' and '.join(given)} need --lora-rank R (> 0) to turn LoRA on")
+            return None
+        items = args.lora_target_modules or ()
+        items = [items] if isinstance(items, str) else items  # a --config file may give one string
+        targets = tuple(name for item in items for name in str(item).split(",") if name)
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        return cls(args.lora_rank, alpha, args.lora_dropout, targets)
 
     def resolved(self, block: nn.Module, family: Family) -> LoraSpec:
         """This spec with its targets checked against (and defaulted from) a real block."""

@@ -136,7 +136,7 @@ def test_a_public_rendezvous_without_a_token_is_pointed_out() -> None:
 
 
 def test_the_token_is_kept_out_of_the_settings_and_needs_a_store() -> None:
-    from comm.process_group import CommConfig
+    from comm.config import CommConfig
 
     with pytest.raises(ValueError, match="a run token needs a store to prove itself through"):
         CommConfig("file:///shared/rendezvous", run_token=TOKEN)

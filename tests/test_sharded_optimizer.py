@@ -186,7 +186,8 @@ def _collectives_rank(rank: int, port: int, staged: bool, out: str) -> None:
     import torch
 
     import comm.process_group as process_group
-    from comm.process_group import CommConfig, Communicator
+    from comm.config import CommConfig
+    from comm.process_group import Communicator
     from comm.topology import Topology
 
     torch.set_num_threads(1)

@@ -5,20 +5,38 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from comm.process_group import CommConfig
+from comm.config import CommConfig
 from comm.topology import Topology
 from data_parallel.config import DataParallelConfig
 from modules.lora import LoraSpec
-from trainer.data import TaskSpec
+from trainer.data import PACKING, TaskSpec, parse_task_names
 from trainer.objective import ObjectiveConfig
 
 # --loss-chunk-tokens auto: chunks of this many tokens once a micro-batch's fp32 logits reach
 # AUTO_CHUNK_MIB (measured: on a 490-token vocabulary the chunked loss took 4.6 ms a micro-batch
 # of 128 tokens against 3.0 ms, to save 0.25 MB; on Pythia's 50k at seq 1024 it saves 0.4 GB)
 AUTO_CHUNK_TOKENS, AUTO_CHUNK_MIB = 256, 64
+
+
+def str2bool(text: str) -> bool:
+    """A flag's true or false, as users write them (``--load-checkpoint false``)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def layer_counts(text: str) -> tuple[int, ...]:
+    """``--num-layers``: one count, or one per stage like 5,4,4,3."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or comma-separated counts, not {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,44 @@ class ModelConfig:
     layers_per_stage: tuple[int, ...] | None = None
     embedding_dim: int | None = None
     moe_aux_loss_coef: float | None = None  # None: the config's choice (modules.routing.with_router_loss)
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--model-name", required=True, help="layer-sharded model directory (convert/from_hf.py output)"
+        )
+        group.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
+        group.add_argument("--model-type", default=None, help="model family; default: detected from config.json")
+        group.add_argument(
+            "--load-pretrained-model", type=str2bool, default=True, help="load weights (false: random init)"
+        )
+        group.add_argument(
+            "--num-layers",
+            type=layer_counts,
+            default=None,
+            help="layers per stage: one count for all stages, or one per stage like 5,4,4,3 "
+            "(default: balanced by parameter count)",
+        )
+        group.add_argument("--embedding-dim", type=int, default=None, help="hidden size, checked against config.json")
+        group.add_argument(
+            "--moe-aux-loss-coef",
+            type=float,
+            default=None,
+            help="mixture of experts: weight of the routers' load-balancing loss (0: off; default: as config.json "
+            "says, HF's rule: on with router_aux_loss_coef where output_router_logits is true)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        return cls(
+            model_name=args.model_name,
+            tokenizer_name=args.tokenizer_name or args.model_name,
+            model_type=args.model_type.replace("-", "") if args.model_type else None,
+            load_pretrained=args.load_pretrained_model,
+            layers_per_stage=args.num_layers,
+            embedding_dim=args.embedding_dim,
+            moe_aux_loss_coef=args.moe_aux_loss_coef,
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +100,46 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.seq_length < 2:
             raise ValueError("--seq-length must be at least 2 (a token and the one it predicts)")
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--task-name",
+            required=True,
+            help="path[:weight],... of .jsonl, .jsonl.zst, .csv, .parquet files or datasets folders; records hold "
+            "'text', 'prompt' with 'completion'/'generation'/'response', chat 'messages', ShareGPT 'conversations', "
+            "or alpaca 'instruction'/'input'/'output' (conversations go through the chat template; assistant turns "
+            "are trained); under --objective dpo or reward, preference pairs: 'prompt', 'chosen', 'rejected' (text "
+            "or turns)",
+        )
+        group.add_argument("--seq-length", type=int, default=2048, help="tokens per packed sequence")
+        group.add_argument("--seed", type=int, default=42, help="seed of the data stream and of random init")
+        group.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed records, not stop")
+        group.add_argument(
+            "--packing",
+            choices=PACKING,
+            default=None,
+            help="documents: whole examples packed, each attending only to itself, positions restarting (default "
+            "for a new run); concat: tokens back to back across examples (the default before this flag; a run "
+            "checkpointed then resumes with it); none: one example a sequence, padded",
+        )
+        group.add_argument(
+            "--chat-template",
+            default=None,
+            metavar="FILE",
+            help="Jinja chat template for conversation records (default: the tokenizer's own chat_template)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        template = None
+        if args.chat_template is not None:
+            path = Path(args.chat_template)
+            if not path.is_file():
+                raise FileNotFoundError(f"--chat-template {path}: no such file (give a Jinja chat template file)")
+            template = path.read_text(encoding="utf-8")
+        tasks = parse_task_names(args.task_name)
+        return cls(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing)
 
 
 @dataclass(frozen=True)
@@ -63,6 +159,24 @@ class BatchConfig:
     @property
     def micro_batches(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--batch-size", type=int, default=4, help="sequences (dpo: pairs) per data-parallel replica per step"
+        )
+        group.add_argument(
+            "--micro-batch-size", type=int, default=1, help="sequences (dpo: pairs) per pipeline micro-batch"
+        )
+        group.add_argument("--gradient-accumulate-step", type=int, default=1, help="batches summed per optimizer step")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, pairs: bool) -> BatchConfig:
+        """The batch in sequences: under a pair objective (``pairs``) the flags count pairs, two sequences each."""
+        batch = cls(args.batch_size, args.micro_batch_size, args.gradient_accumulate_step)
+        if not pairs:
+            return batch
+        return replace(batch, batch_size=2 * batch.batch_size, micro_batch_size=2 * batch.micro_batch_size)
 
 
 @dataclass(frozen=True)
@@ -91,22 +205,50 @@ class OptimConfig:
         if self.max_grad_norm < 0:
             raise ValueError("--max-grad-norm must be >= 0 (0 turns clipping off)")
 
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--optimizer",
+            choices=("adamw", "adam", "8bit-adam"),
+            default="adamw",
+            help="adam is an alias of adamw; 8bit-adam needs bitsandbytes",
+        )
+        group.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+        group.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
+        group.add_argument("--total-steps", type=int, default=1000, help="optimizer steps in the whole run")
+        group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+        group.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+        precision = group.add_mutually_exclusive_group()
+        precision.add_argument("--fp16", action="store_true", help="fp16 autocast, fp32 master weights, loss scaling")
+        precision.add_argument("--bf16", action="store_true", help="bf16 autocast, fp32 master weights")
+        group.add_argument("--loss-scale-init", type=float, default=2.0**16, help="fp16: first loss scale")
+        group.add_argument(
+            "--max-nonfinite-steps",
+            type=int,
+            default=3,
+            help="stop after N non-finite steps in a row (fp16: N overflows at the smallest loss scale)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimConfig:
+        return cls(
+            lr=args.lr,
+            total_steps=args.total_steps,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            optimizer=args.optimizer,
+            precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+            loss_scale=args.loss_scale_init,
+            max_nonfinite_steps=args.max_nonfinite_steps,
+        )
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (1-based): linear warmup, then linear decay to 0."""
         k = step - 1
         if k < self.warmup_steps:
             return self.lr * k / max(1, self.warmup_steps)
         return self.lr * max(0.0, (self.total_steps - k) / max(1, self.total_steps - self.warmup_steps))
-
-
-def str2bool(text: str) -> bool:
-    """A flag's true or false, as users write them (``--load-checkpoint false``)."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +324,22 @@ class EvalConfig:
         if self.path is None:
             return False
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--evaluation-data", default=None, help="held-out data (any --task-name file type)")
+        group.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every K steps (0: after the last)")
+        group.add_argument("--evaluation-num-batch", type=int, default=10, help="global batches per evaluation")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalConfig:
+        path = None
+        if args.evaluation_data is not None:
+            tasks = parse_task_names(args.evaluation_data)  # checks the file now, not at the first evaluation
+            if len(tasks) != 1:
+                raise ValueError(f"--evaluation-data takes one file, not {len(tasks)}")
+            path = tasks[0].path
+        return cls(path, args.evaluation_steps, args.evaluation_num_batch)
 
 
 @dataclass(frozen=True)
