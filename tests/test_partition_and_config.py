@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from comm.topology import Topology
 from modules import family_for
 from pipeline.partition import PartWeights, split_layers
 from trainer.cli import build_parser, config_from_args
-from trainer.config import OptimConfig
+from trainer.config import PER_RANK, OptimConfig, RunConfig
 
 # --- pipeline.partition -----------------------------------------------------------------------
 
@@ -137,6 +139,44 @@ def test_flags_build_the_configs(two_tasks: str, clean_env: pytest.MonkeyPatch) 
     assert cfg.comm.timeout_s == 7 and cfg.comm.backend == "gloo"
     assert [t.weight for t in cfg.data.tasks] == pytest.approx([0.7, 0.3])
     assert cfg.device == "cpu"
+
+
+def changed(cfg: RunConfig, config: str, name: str, value: object) -> RunConfig:
+    """``cfg`` with one field of one of its configs (``run``: its own) set to ``value``, unchecked."""
+    cfg = copy.deepcopy(cfg)
+    owner = cfg if config == "run" else getattr(cfg, config)
+    object.__setattr__(owner, name, value)
+    return cfg
+
+
+# what the fingerprint reads through a rule of its own (tested below), not as the value
+READ_AS_USED = {("data", "tasks"), ("evaluation", "path"), ("dp", "bucket_mb")}
+
+
+def test_the_fingerprint_holds_every_setting_but_the_per_rank_ones(
+    two_tasks: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """Every field of every config, set to another value, changes the settings' fingerprint
+    unless PER_RANK lists it: a setting added to a config is shared by default, not forgotten."""
+    cfg = parse(two_tasks, "--rank", "0", "--pipeline-group-size", "2", "--world-size", "2", "--lora-rank", "4")
+    base = cfg.fingerprint()
+    checked = 0
+    for field in fields(cfg):
+        owner = getattr(cfg, field.name)
+        config, names = (field.name, [f.name for f in fields(owner)]) if is_dataclass(owner) else ("run", [field.name])
+        for name in names:
+            if (config, name) in READ_AS_USED:
+                continue
+            moved = changed(cfg, config, name, "another value").fingerprint()
+            per_rank = name in PER_RANK.get(config, ())
+            assert (moved == base) == per_rank, f"{config}.{name}: per rank {per_rank}, yet the fingerprint disagrees"
+            checked += 1
+    assert checked > 60
+    # paths are per rank, what they hold is not: the tasks' weights, whether evaluation data exists
+    tasks = cfg.data.tasks
+    assert changed(cfg, "data", "tasks", tuple(replace(t, path=Path("elsewhere")) for t in tasks)).fingerprint() == base
+    assert changed(cfg, "data", "tasks", tuple(replace(t, weight=0.5) for t in tasks)).fingerprint() != base
+    assert changed(cfg, "evaluation", "path", Path("held-out.jsonl")).fingerprint() != base
 
 
 def test_world_size_must_equal_pp_times_dp(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from comm.config import CommConfig
@@ -342,6 +342,27 @@ class EvalConfig:
         return cls(path, args.evaluation_steps, args.evaluation_num_batch)
 
 
+# Settings the ranks of one run may hold differently (RunConfig.fingerprint leaves them out), by
+# config (``run``: RunConfig's own fields): where a rank is, paths and interfaces on its node,
+# how it reports, what shapes its own memory only, and the run token (the fingerprint crosses the
+# store in plain text).
+PER_RANK: dict[str, tuple[str, ...]] = {
+    "topology": ("rank",),
+    "comm": ("timeout_s", "net_interface", "link_bandwidth_mbps", "link_latency_ms", "host_staging", "run_token"),
+    "model": ("model_name", "tokenizer_name", "embedding_dim"),
+    "checkpoint": ("path", "keep", "preempt_grace_s"),
+    "run": (
+        "device",
+        "log_level",
+        "log_interval",
+        "activation_checkpointing",
+        "loss_chunk_tokens",
+        "log_backend",
+        "project_name",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     topology: Topology
@@ -465,43 +486,19 @@ class RunConfig:
         }
 
     def fingerprint(self) -> str:
-        """Hash of every setting that all ranks must share (not rank, device or interface)."""
-        shared = {
-            "pp": self.topology.pipeline_size,
-            "dp": self.topology.data_size,
-            "dist_url": self.comm.dist_url,
-            "backends": [self.comm.backend, self.comm.dp_backend],
-            "elastic": self.comm.elastic,
-            "pipeline": [
-                self.pp_mode,
-                self.comm.pp_compress,
-                self.comm.pp_compress_grad,
-                self.comm.pp_compress_group,
-                self.comm.pp_compress_outliers,
-            ],
-            # the bucket size as used: ranks that left it at the default and one that named it agree
-            "data_parallel": {**asdict(self.dp), "bucket_mb": self.dp.bucket_bytes},
-            "profiling": self.profiling,
-            # Paths may differ between nodes; what they hold and how it is used may not.
-            "model": [
-                self.model.model_type,
-                self.model.load_pretrained,
-                self.model.layers_per_stage,
-                self.model.moe_aux_loss_coef,
-            ],
-            "data": [
-                [t.weight for t in self.data.tasks],
-                self.data.seq_length,
-                self.data.seed,
-                self.data.skip_bad_lines,
-                self.data.chat_template,
-                self.data.packing,
-            ],
-            "evaluation": [self.evaluation.path is not None, self.evaluation.every_steps, self.evaluation.num_batches],
-            "batch": asdict(self.batch),
-            "optim": asdict(self.optim),
-            "checkpoint": [self.checkpoint.every_steps, self.checkpoint.resume, self.checkpoint.on_error],
-            "lora": asdict(self.lora) if self.lora else None,
-            "objective": asdict(self.objective),
-        }
+        """Hash of every setting that all ranks must share: every field of every config, except
+        those PER_RANK names. Paths may differ between nodes; what they hold and how they are
+        used may not (the tasks' weights, whether there is evaluation data)."""
+        shared: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in PER_RANK["run"]:
+                continue
+            if is_dataclass(value):
+                value = {k: v for k, v in asdict(value).items() if k not in PER_RANK.get(f.name, ())}
+            shared[f.name] = value
+        shared["data"]["tasks"] = [t.weight for t in self.data.tasks]
+        shared["evaluation"]["path"] = self.evaluation.path is not None
+        # the bucket size as used: ranks that left it at the default and one that named it agree
+        shared["dp"]["bucket_mb"] = self.dp.bucket_bytes
         return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:16]
