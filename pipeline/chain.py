@@ -17,6 +17,7 @@ from torch import nn
 
 from modules import Family
 from pipeline.stage import Stage
+from pipeline.tied import TiedCopy, sum_in_process
 
 
 def even_split(num_layers: int, stages: int) -> list[range]:
@@ -86,24 +87,19 @@ class StageChain(nn.Module):
             hidden, sums = stage.routed(hidden, sums, position_ids)
         return hidden, balance.loss(sums)
 
-    def _tied_copies(self) -> list[nn.Parameter]:
-        return [copy for stage in self.stages if (copy := stage.tied_copy()) is not None]
-
     def sum_tied_grads(self) -> None:
-        """Each end's copy of a tied weight gets the sum of both ends' gradients."""
-        copies = self._tied_copies()
-        if copies:
-            total = sum(copy.grad for copy in copies)
-            for copy in copies:
-                copy.grad = total.clone()
+        """Each end's copy of a tied weight gets the sum of both ends' gradients (pipeline.tied)."""
+        sum_in_process([TiedCopy(stage) for stage in self.stages])
 
     def clip_grads(self, max_norm: float) -> torch.Tensor:
         """Scale every gradient as ``clip_grad_norm_`` scales one model's: by the norm over the
         trained parameters with a tied weight counted once (its head copy left out). Returns the
         norm before clipping."""
-        skip = {id(copy) for copy in self._tied_copies()[1:]}
         trained = [p for p in self.parameters() if p.requires_grad]
-        norm = exact_norm([p.grad for p in trained if id(p) not in skip])
+        counted = trained
+        for stage in self.stages:
+            counted = TiedCopy(stage).counted(counted)
+        norm = exact_norm([p.grad for p in counted])
         torch.nn.utils.clip_grads_with_norm_(trained, max_norm, norm)
         return norm
 

@@ -24,6 +24,7 @@ from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
+from pipeline.tied import TiedCopy
 from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.data import (
@@ -145,13 +146,12 @@ class Trainer:
             self.dpo_reference = DpoReference(cfg, self.stage, self._forward_only, self._sequence_logps)
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.trainable = sum(p.numel() for p in self._counted_once(self.stage.tied_copy()))
+        self.tied = TiedCopy(self.stage)  # a copy of the embedding this stage holds for the head, or of it
+        self.trainable = sum(p.numel() for p in self.tied.counted(self.params))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()), extra=PER_STAGE)  # fmt: skip
-        tied = self.stage.tied_copy()
-        # a tied output weight on the last stage copies the embedding's, whose norm the first stage counts
-        skip = next((i for i, p in enumerate(self.params) if p is tied), None) if topo.is_last_stage else None
-        sync = make_sync(cfg.dp, Trained(self.params, tied, skip), self.comm, self.device, self.stage,
+        trained = Trained(self.params, self.tied.param, self.tied.norm_skip(self.params))
+        sync = make_sync(cfg.dp, trained, self.comm, self.device, self.stage,
                          self.plan.model_config.num_hidden_layers, cfg.optim.total_steps)  # fmt: skip
         self.optimizer = StageOptimizer(cfg.optim, sync)
         self.outer = sync.outer
@@ -400,10 +400,7 @@ class Trainer:
         parts.append(notice)
         totals = torch.cat(parts)
 
-        # tied embedding: both ends' copies get the sum of both gradients
-        tied = self.stage.tied_copy()
-        if tied is not None:
-            self.comm.all_reduce_ends(tied.grad)
+        self.tied.sum_ends(self.comm.all_reduce_ends)  # both ends' copies of a tied weight get the sum
 
         # the sum over replicas (in true units: divided by the fp16 loss scale), and this stage's
         # squared gradient norm
@@ -485,11 +482,6 @@ class Trainer:
         if self.scaler is not None:
             row["loss_scale"] = scale
         return row
-
-    def _counted_once(self, tied: torch.nn.Parameter | None) -> list[torch.nn.Parameter]:
-        """This stage's trained parameters for sums over the pipeline (gradient norm, parameter
-        count): a tied output weight on the last stage copies the embedding's, counted there."""
-        return [p for p in self.params if not (p is tied and self.topo.is_last_stage)]
 
     def _loss_tokens(self, batch: Batch) -> int:
         """Tokens (DPO: pairs) the loss is averaged over: the whole global batch, or in local and
