@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,6 +35,20 @@ def unscale(grads: Iterable[torch.Tensor], scale: float) -> None:
     if scale != 1.0:
         for grad in grads:
             grad.div_(scale)
+
+
+class PartState(Protocol):
+    """State a strategy keeps per trained parameter beside the optimizer's, saved and loaded part
+    by part with the checkpoint (trainer.checkpoint names its files by ``own_state``'s prefix)."""
+
+    what: str  # what it is, for a person reading the log
+
+    def state_tensors(self, module: torch.nn.Module) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], step: int) -> None: ...
+
+    def reset(self) -> None:
+        """Start from the weights now: the checkpoint holds none of this state."""
 
 
 @dataclass
@@ -51,7 +66,7 @@ class GradientSync:
     """How a stage's gradients meet the other replicas' (module docstring: what the step asks)."""
 
     sharded = False  # the stage's optimizer state is split over its replicas
-    outer = None  # state of its own each replica keeps and checkpoints (DiLoCo's outer loop)
+    replica_files = False  # every replica saves its own weights and optimizer state (they differ between syncs)
 
     def __init__(self, trained: Trained, comm: Communicator | None, device: torch.device) -> None:
         """``comm`` is None for a rank joining a live elastic run until the run takes it in (``use``)."""
@@ -64,6 +79,10 @@ class GradientSync:
         self.optimizer: torch.optim.Optimizer | None = None  # over ``stepped``, given by ``attach``
         self.sum_bytes = 0  # what a sum allocates for a moment, by its own count
         self.own_state_bytes = 0  # state it holds beside the optimizer's
+
+    def own_state(self) -> dict[str, PartState]:
+        """State of its own saved beside the optimizer's, by file prefix (DataParallelConfig.own_prefixes)."""
+        return {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps ``stepped``."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from comm.compress import DP_METHODS
 
+# the file prefix of DiLoCo's outer state per part in a checkpoint (data_parallel.diloco)
+OUTER_PREFIX = "outer_"
 DEFAULT_BUCKET_MB = 25.0  # --dp-bucket-mb: a stage of a few hundred MB of gradients sends a dozen buckets or more
 
 
@@ -37,6 +39,16 @@ class DataParallelConfig:
     def steps_alone(self) -> bool:
         """Each replica steps on its own gradients (normalised by its own tokens)."""
         return self.mode in ("local", "diloco")
+
+    @property
+    def replica_files(self) -> bool:
+        """Every replica saves its own weights and optimizer state: they differ between syncs."""
+        return self.mode == "diloco"
+
+    @property
+    def own_prefixes(self) -> tuple[str, ...]:
+        """File prefixes of what the strategy saves per part beside the optimizer's state."""
+        return (OUTER_PREFIX,) if self.mode == "diloco" else ()
 
     @property
     def bucket_bytes(self) -> int:

@@ -37,7 +37,7 @@ from comm.compress import GradientCompressor
 from comm.process_group import Communicator
 from data_parallel.base import StepsAlone, Trained
 from data_parallel.compressed import compressed_sum
-from data_parallel.config import DataParallelConfig
+from data_parallel.config import OUTER_PREFIX, DataParallelConfig
 from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, layer_part
 from pipeline.stage import Stage
 
@@ -81,6 +81,8 @@ class _Sync:
 
 class DiLoCo:
     """The outer loop over one stage's trained parameters (module docstring)."""
+
+    what = "DiLoCo state (outer anchor and momentum)"
 
     def __init__(self, cfg: DataParallelConfig, stage: Stage, params: list[torch.nn.Parameter], comm: Communicator,
                  tied: torch.nn.Parameter | None, num_layers: int, total_steps: int) -> None:  # fmt: skip
@@ -240,7 +242,7 @@ class DiLoCo:
                 mine * length : (mine + 1) * length
             ].clone()
 
-    def reset_anchor(self) -> None:
+    def reset(self) -> None:
         """Start the outer loop from the weights now (a checkpoint without outer state)."""
         with torch.no_grad():
             for p in self.params:
@@ -302,13 +304,18 @@ class DiLoCo:
 
 class DiLoCoSync(StepsAlone):
     """--dp-mode diloco as a strategy: inner steps on each replica's own gradients, the outer
-    loop (``DiLoCo``, this rank's ``outer`` state) after each of them."""
+    loop (``DiLoCo``, this rank's ``outer`` state, saved as ``outer_<part>``) after each of them."""
+
+    replica_files = True
 
     def __init__(self, cfg: DataParallelConfig, trained: Trained, comm: Communicator, device: torch.device,
                  stage: Stage, num_layers: int, total_steps: int) -> None:  # fmt: skip
         super().__init__(trained, comm, device)
         self.outer = DiLoCo(cfg, stage, self.params, comm, self.tied, num_layers, total_steps)
         self.own_state_bytes = self.outer.state_bytes
+
+    def own_state(self) -> dict[str, DiLoCo]:
+        return {OUTER_PREFIX: self.outer}
 
     @property
     def bytes_sent(self) -> int:

@@ -43,7 +43,6 @@ from pathlib import Path
 
 from comm.process_group import Communicator
 from comm.topology import Topology
-from data_parallel.diloco import DiLoCo
 from modules.layout import atomic_write_text, checkpoint_dir, copy_model_files, latest_step, load_part, save_part
 from modules.lora import ADAPTER_CONFIG, LoraSpec
 from pipeline.stage import Stage
@@ -51,7 +50,6 @@ from trainer.optimizer import StageOptimizer
 
 log = logging.getLogger(__name__)
 OPTIM_PREFIX = "optim_"
-OUTER_PREFIX = "outer_"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST_GLOB = "manifest_stage*.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
@@ -137,10 +135,10 @@ def save_checkpoint(
     source_dir: str,
     disks: Disks,
     keep: int = 0,
-    outer: DiLoCo | None = None,
 ) -> None:
-    """Write this rank's share of checkpoint ``step`` (``Disks.writes``; with ``outer``, DiLoCo,
-    every replica its own files and outer state) into ``checkpoint_<step>.tmp``. Once every rank
+    """Write this rank's share of checkpoint ``step`` (``Disks.writes``; where the optimizer's
+    strategy says so, every replica its own files, and the strategy's own state beside them) into
+    ``checkpoint_<step>.tmp``. Once every rank
     has reported its manifest, each disk's owner renames the folder into place and moves
     ``latest``; ``keep`` > 0 prunes older checkpoints. ``trainer_state`` is rank 0's."""
     topo = comm.topo
@@ -155,8 +153,9 @@ def save_checkpoint(
     trainer_state = comm.all_gather_object(trainer_state)[0]
 
     written: list[Path] = []
-    writes = disks.writes(topo, every_replica=outer is not None)
-    prefix = replica_prefix(topo.replica) if outer is not None else ""
+    own_files = optimizer.sync.replica_files
+    writes = disks.writes(topo, every_replica=own_files)
+    prefix = replica_prefix(topo.replica) if own_files else ""
     for part, module in stage.saved_parts().items() if writes or optimizer.sharded else []:
         # under sharding the writing replica gathers each part's optimizer state from every
         # replica: every rank takes part in each gather, whatever failed on its disk
@@ -164,8 +163,7 @@ def save_checkpoint(
         if not writes or writing.failed:
             continue
         files = [(part, stage.saved_state(module)), (OPTIM_PREFIX + part, moments)]
-        if outer is not None:
-            files.append((OUTER_PREFIX + part, outer.state_tensors(module)))
+        files += [(kind + part, piece.state_tensors(module)) for kind, piece in optimizer.sync.own_state().items()]
         with writing.attempt():
             for name, tensors in files:
                 written.append(save_part(tmp, prefix + name, tensors))
@@ -174,7 +172,7 @@ def save_checkpoint(
             written += _run_files(tmp, trainer_state, source_dir, stage)
     if not writing.failed:
         with writing.attempt():
-            _write_manifest(tmp, written, topo, outer is not None)
+            _write_manifest(tmp, written, topo, own_files)
     # the commit: every rank has written, synced and reported its manifest to the others, or
     # some rank reports why it could not, and every rank abandons the checkpoint
     reports = comm.all_gather_object(writing.why)
@@ -320,12 +318,11 @@ def load_checkpoint(
     stage: Stage,
     optimizer: StageOptimizer,
     base_model: str | None = None,
-    outer: DiLoCo | None = None,
     replica: int = 0,
 ) -> tuple[int, dict] | None:
     """Restore weights (under LoRA: adapters over ``base_model``, already loaded) and optimizer
-    state from ``<root>/latest``; None when there is none. With ``outer`` (DiLoCo), replica
-    ``replica``'s own files where there are any, and the outer state."""
+    state from ``<root>/latest``; None when there is none. Where the optimizer's strategy saves
+    files per replica, replica ``replica``'s own where there are any; and the strategy's own state."""
     step = latest_step(root)
     if step is None:
         return None
@@ -334,12 +331,15 @@ def load_checkpoint(
         raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
     _check_same_kind(directory, stage.lora, base_model)
     parts = list(stage.saved_parts())
-    prefix = replica_prefix(replica) if outer is not None else ""
+    prefix = replica_prefix(replica) if optimizer.sync.replica_files else ""
     if prefix and not (directory / f"{prefix}{OPTIM_PREFIX}{parts[0]}.safetensors").is_file():
         log.info("%s holds no files of replica %d: it resumes as a copy of replica 0", directory, replica)
         prefix = ""
-    with_outer = outer is not None and (directory / f"{prefix}{OUTER_PREFIX}{parts[0]}.safetensors").is_file()
-    kinds = [prefix, prefix + OPTIM_PREFIX] + ([prefix + OUTER_PREFIX] if with_outer else [])
+    own = optimizer.sync.own_state()
+    held = {
+        kind: piece for kind, piece in own.items() if (directory / f"{prefix}{kind}{parts[0]}.safetensors").is_file()
+    }
+    kinds = [prefix, prefix + OPTIM_PREFIX] + [prefix + kind for kind in held]
     names = [f"{kind}{p}.safetensors" for kind in kinds for p in parts] + [TRAINER_STATE]
     _verify(directory, names + ([ADAPTER_CONFIG] if stage.lora else []), root, step)
     stage.load_saved(str(directory), prefix)
@@ -347,13 +347,14 @@ def load_checkpoint(
         name = prefix + OPTIM_PREFIX + part
         try:
             optimizer.load_state_tensors(module, load_part(directory, name))
-            if with_outer:
-                name = prefix + OUTER_PREFIX + part
-                outer.load_state_tensors(module, load_part(directory, name), step)
+            for kind, piece in held.items():
+                name = prefix + kind + part
+                piece.load_state_tensors(module, load_part(directory, name), step)
         except ValueError as err:
             raise CheckpointError(f"{directory / name}.safetensors: {err}") from None
-    if outer is not None and not with_outer:
-        log.info("%s holds no DiLoCo state: the outer loop starts from its weights", directory)
-        outer.reset_anchor()
+    for kind, piece in own.items():
+        if kind not in held:
+            log.info("%s holds no %s: it starts from the weights", directory, piece.what)
+            piece.reset()
     state = json.loads((directory / TRAINER_STATE).read_text())
     return step, state

@@ -19,7 +19,6 @@ from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from data_parallel.base import Trained
 from data_parallel.choose import make_sync
-from data_parallel.diloco import DiLoCo
 from modules import describe_model
 from modules.layout import checkpoint_dir, latest_step
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
@@ -99,7 +98,6 @@ class Trainer:
         self.dpo_reference: DpoReference | None = None  # DPO's reference log-probs (trainer.reference)
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
-        self.outer: DiLoCo | None = None  # --dp-mode diloco's outer loop
         self._dp_bytes_reported = 0
         # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
         self.nonfinite_run = 0
@@ -154,7 +152,6 @@ class Trainer:
         sync = make_sync(cfg.dp, trained, self.comm, self.device, self.stage,
                          self.plan.model_config.num_hidden_layers, cfg.optim.total_steps)  # fmt: skip
         self.optimizer = StageOptimizer(cfg.optim, sync)
-        self.outer = sync.outer
         self.estimate = self._estimate_memory(process)
         log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe(),
                  extra=PER_STAGE)  # fmt: skip
@@ -184,7 +181,7 @@ class Trainer:
             if recorded.is_file():  # else load_checkpoint says what is wrong with the checkpoint
                 check_resume(cfg, json.loads(recorded.read_text()), latest, self.identity)
             resumed = load_checkpoint(
-                cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name, self.outer, topo.replica
+                cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name, topo.replica
             )
         if resumed is not None:
             self.step, state = resumed
@@ -623,7 +620,7 @@ class Trainer:
         cfg = self.cfg
         save_checkpoint(
             cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
-            self.disks, keep=cfg.checkpoint.keep, outer=self.outer,
+            self.disks, keep=cfg.checkpoint.keep,
         )  # fmt: skip
 
     def _answer_notice(self, metrics: MetricsWriter | None) -> bool:

@@ -29,7 +29,6 @@ from modules.lora import ADAPTER_CONFIG
 from pipeline.stage import saved_part_names
 from trainer.checkpoint import (
     OPTIM_PREFIX,
-    OUTER_PREFIX,
     TRAINER_STATE,
     CheckpointError,
     Disks,
@@ -78,11 +77,10 @@ def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
     def files(prefix: str, kinds: tuple[str, ...]) -> list[str]:
         return [f"{prefix}{kind}{p}.safetensors" for kind in kinds for p in parts] + run_files
 
-    if cfg.dp.mode != "diloco":
-        return [files("", ("", OPTIM_PREFIX))]
-    with_outer, without = ("", OPTIM_PREFIX, OUTER_PREFIX), ("", OPTIM_PREFIX)
-    own = replica_prefix(topo.replica)
-    return [files(own, with_outer), files("", with_outer), files("", without)]
+    if not cfg.dp.replica_files:
+        return [files("", ("", OPTIM_PREFIX, *cfg.dp.own_prefixes))]
+    with_own, without = ("", OPTIM_PREFIX, *cfg.dp.own_prefixes), ("", OPTIM_PREFIX)
+    return [files(replica_prefix(topo.replica), with_own), files("", with_own), files("", without)]
 
 
 def agree_on_resume(comm: Communicator, cfg: RunConfig, layers: range, disks: Disks) -> int | None:
