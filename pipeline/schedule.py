@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from comm.process_group import Communicator, Expected, Message
+from comm.p2p import Expected, Message, Neighbours
 from modules.routing import LoadBalance
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 
@@ -116,7 +116,7 @@ class _Runner:
     micro-batch order in every schedule, so the last of ``micro_batches`` finishes the gradients."""
 
     def __init__(
-        self, stage: nn.Module, comm: Communicator, spec: StepSpec, micro_batches: int,
+        self, stage: nn.Module, comm: Neighbours, spec: StepSpec, micro_batches: int,
         weights: DeferredWeightGrads | None = None,
     ) -> None:  # fmt: skip
         self.stage, self.comm, self.spec, self.deferred = stage, comm, spec, weights
@@ -183,9 +183,7 @@ class _Runner:
         return Message(y.detach().to(self.spec.activation_dtype), side[0].detach() if side else None, held.positions)
 
 
-def gpipe_step(
-    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
-) -> torch.Tensor:
+def gpipe_step(stage: nn.Module, comm: Neighbours, micro_batches: Sequence[MicroBatch], spec: StepSpec) -> torch.Tensor:
     """All forwards, then all backwards; gradients accumulate in ``stage``. Returns the sum of
     the micro-batch losses on the last stage (as ``spec.loss_fn`` scales them), 0 elsewhere.
     Each receive is posted one micro-batch ahead, so its data moves while this one computes."""
@@ -213,14 +211,14 @@ def gpipe_step(
 
 
 def one_f_one_b_step(
-    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
+    stage: nn.Module, comm: Neighbours, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
     """1F1B: the same gradients as GPipe with activations held for at most p - s micro-batches."""
     return _one_forward_one_backward(stage, comm, micro_batches, spec, weights=None)
 
 
 def zero_bubble_step(
-    stage: nn.Module, comm: Communicator, micro_batches: Sequence[MicroBatch], spec: StepSpec
+    stage: nn.Module, comm: Neighbours, micro_batches: Sequence[MicroBatch], spec: StepSpec
 ) -> torch.Tensor:
     """ZB-H1: 1F1B's order and memory, each backward split into B (input gradient, sent at
     once) and W (weight gradients, ``pipeline.weight_grad``); stage s runs each W s backwards
@@ -230,7 +228,7 @@ def zero_bubble_step(
 
 def _one_forward_one_backward(
     stage: nn.Module,
-    comm: Communicator,
+    comm: Neighbours,
     micro_batches: Sequence[MicroBatch],
     spec: StepSpec,
     weights: DeferredWeightGrads | None,

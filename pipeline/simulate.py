@@ -17,20 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from comm.process_group import Communicator, Expected, Message
+from comm.p2p import Expected, Message, Neighbours
 from comm.topology import Topology
 from comm.trace import LANES, Tracer
 from pipeline.schedule import MicroBatch, StepSpec
 
-ScheduleStep = Callable[[nn.Module, Communicator, Sequence[MicroBatch], StepSpec], torch.Tensor]
+ScheduleStep = Callable[[nn.Module, Neighbours, Sequence[MicroBatch], StepSpec], torch.Tensor]
 Op = tuple[str, int]  # ("F" forward | "B" backward, input gradient only under zb1 | "W" weight gradients, micro-batch)
 TRACED_LANES = {LANES.index("forward compute"), LANES.index("backward compute")}  # the spans F{i}, B{i}, W{i}
 
 
 class _OrderOnlyComm:
-    """Stands in for one stage's ``Communicator`` where only the compute order matters: every
-    receive has arrived (zeros; None past the pipeline's ends, as the real helpers return), sends
-    go nowhere, and the tracer keeps the compute spans the schedule opens."""
+    """Stands in for one stage's neighbours (``comm.p2p.Neighbours``) where only the compute order
+    matters: every receive has arrived (zeros; None past the pipeline's ends, as the real helpers
+    return), sends go nowhere, and the tracer keeps the compute spans the schedule opens."""
 
     def __init__(self, stage: int, stages: int) -> None:
         self.topo = Topology(stage, stages, 1)

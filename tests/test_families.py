@@ -384,7 +384,7 @@ def test_router_loss_per_micro_batch_equals_hf_at_pp2_and_pp3(family: str, tmp_p
 def test_a_first_stage_without_routers_passes_the_sums_on() -> None:
     """Qwen3-MoE with dense first layers: the first stage's sums carry no graph, yet the next
     stage sends their gradient back; the backward takes what has a graph and trains the stage."""
-    from comm.process_group import Message
+    from comm.p2p import Message
     from convert.tiny_model import tiny_config
     from modules import attention_implementation, experts_implementation
     from pipeline.schedule import MicroBatch, RouterLoss, StepSpec, one_f_one_b_step

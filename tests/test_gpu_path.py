@@ -98,7 +98,8 @@ def test_nccl_without_cuda_is_refused_by_the_flags(two_tasks: str) -> None:
 def _staged_rank(rank: int, port: int, out: str) -> None:
     import comm.process_group as process_group
     from comm.config import CommConfig
-    from comm.process_group import Communicator, Expected, Message
+    from comm.p2p import Expected, Message
+    from comm.process_group import Communicator
 
     torch.set_num_threads(1)
     topo = Topology(rank, 2, 2)  # ranks 0, 2: stage 0; ranks 1, 3: stage 1

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from comm.compress import Codec
-from comm.process_group import Message
+from comm.p2p import Message
 from comm.trace import LANES, Tracer
 from pipeline.schedule import StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.weight_grad import deferred_weight_grads

@@ -185,7 +185,7 @@ def _collectives_rank(rank: int, port: int, staged: bool, out: str) -> None:
 
     import torch
 
-    import comm.process_group as process_group
+    import comm.collectives as collectives
     from comm.config import CommConfig
     from comm.process_group import Communicator
     from comm.topology import Topology
@@ -196,8 +196,8 @@ def _collectives_rank(rank: int, port: int, staged: bool, out: str) -> None:
     comm = Communicator.connect(topo, cfg, torch.device("cpu"))
     size = 13  # values per replica's slice: chunks of 5 leave a short one
     results = {}
-    for chunk in (process_group.GLOO_CHUNK, 5):
-        process_group.GLOO_CHUNK = chunk
+    for chunk in (collectives.GLOO_CHUNK, 5):
+        collectives.GLOO_CHUNK = chunk
         before = comm.dp_bytes_sent
         grads = torch.arange(3 * size, dtype=torch.float32) * (rank + 1)
         comm.reduce_scatter_data(grads[rank * size : (rank + 1) * size], grads)  # in place, as the optimizer does

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from comm.process_group import Expected, Message
+from comm.p2p import Expected, Message
 from comm.topology import Topology
 from comm.trace import NULL_TRACER
 from pipeline.schedule import MicroBatch, StepSpec
