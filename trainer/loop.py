@@ -144,7 +144,7 @@ class Trainer:
             self.dpo_reference = DpoReference(cfg, self.stage, self._forward_only, self._sequence_logps)
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.tied = TiedCopy(self.stage)  # a copy of the embedding this stage holds for the head, or of it
+        self.tied = TiedCopy(self.stage)  # this stage's copy of a tied embedding and head, if any (pipeline.tied)
         self.trainable = sum(p.numel() for p in self.tied.counted(self.params))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()), extra=PER_STAGE)  # fmt: skip
