@@ -39,7 +39,7 @@ from trainer.elastic import ElasticController, ReplicasChanged
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, PipelineSums, Progress
+from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
 from trainer.optimizer import StageOptimizer
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
@@ -385,17 +385,18 @@ class Trainer:
                 self.dpo_reference.forward(batch, slots, self.topo.is_last_stage)
             loss = self._run_slots(batch, slots, loss_fn, True, watch, router)
         # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
-        parts = [loss.reshape(1)]
+        named = NamedTotals()
+        named.add("loss", loss)
         if router is not None:
-            parts.append(router.total.to(loss).reshape(1))
+            named.add("aux_loss", router.total)
         if pairs is not None:
-            parts.append(pairs.totals.to(loss))
-        # last, one slot per replica: 1 in this replica's if this rank has a preemption notice
+            named.add("pairs", pairs.totals)
+        # one slot per replica: 1 in this replica's if this rank has a preemption notice
         dp = self.topo.data_size
-        notice = torch.zeros(dp).to(loss)
+        notice = torch.zeros(dp)
         notice[self.topo.replica] = float(self.notice.pending)
-        parts.append(notice)
-        totals = torch.cat(parts)
+        named.add("notices", notice)
+        totals = named.flat()
 
         self.tied.sum_ends(self.comm.all_reduce_ends)  # both ends' copies of a tied weight get the sum
 
@@ -407,8 +408,8 @@ class Trainer:
         except ReplicaLostError as err:
             log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
             lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
-        notices, totals = totals[-dp:], totals[:-dp]
-        loss = totals[0] / scale
+        totals = named.read(totals)
+        loss = totals["loss"][0] / scale
 
         # clipping by the norm over every stage's gradients; every rank sees the same norm, so
         # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
@@ -427,7 +428,7 @@ class Trainer:
         sums.add("peak_mem_bytes", self.memory.peak_bytes(), per_stage=True)
         sums.add("peak_mem_estimate_bytes", self.estimate.total, per_stage=True)
         sums.add("lost", lost)
-        for replica, noticed in enumerate(notices.tolist()):  # the sum over stages: every rank's notices
+        for replica, noticed in enumerate(totals["notices"].tolist()):  # summed over stages: every rank's notices
             sums.add(f"notice/{replica}", noticed)
         self.memory.reset()
         summed = sums.reduce(self.comm.all_reduce_pipeline, self.device)
@@ -471,9 +472,9 @@ class Trainer:
             **stage_estimates,
         }
         if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
-            row["aux_loss"] = float(totals[1]) / self._micro_batches_per_step()
+            row["aux_loss"] = float(totals["aux_loss"][0]) / self._micro_batches_per_step()
         if pairs is not None:  # TRL's names, means over the step's pairs
-            row.update(pairs.row(totals[-pairs.totals.numel() :].tolist()))
+            row.update(pairs.row(totals["pairs"].tolist()))
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:
@@ -542,16 +543,22 @@ class Trainer:
             if batch is not None and topo.is_last_stage and pairs is None:
                 totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
         self.stage.train()
+        named = NamedTotals()
+        named.add("loss", totals[:1])
         if pairs is not None:  # the metrics over pairs, and the pairs in place of tokens
-            totals = torch.cat([totals[:1], pairs.totals.to(totals)])
-        self._sum_over_replicas(totals, "the evaluation")
+            named.add("pairs", pairs.totals)
+        else:
+            named.add("tokens", totals[1:])
+        summed = named.flat()
+        self._sum_over_replicas(summed, "the evaluation")
         if not self.is_reporter:
             return None
+        summed = named.read(summed)
         if pairs is not None:
-            count = max(1.0, float(totals[-1]))
-            return {"step": self.step, "valid.loss": float(totals[0]) / count,
-                    **pairs.row(totals[1:].tolist(), prefix="valid.")}  # fmt: skip
-        loss = float(totals[0] / max(1.0, float(totals[1])))
+            count = max(1.0, float(summed["pairs"][-1]))  # PairLoss's totals end with the pair count
+            return {"step": self.step, "valid.loss": float(summed["loss"][0]) / count,
+                    **pairs.row(summed["pairs"].tolist(), prefix="valid.")}  # fmt: skip
+        loss = float(summed["loss"][0] / max(1.0, float(summed["tokens"][0])))
         return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
 
     def _evaluation_row(self) -> dict[str, float] | None:

@@ -40,6 +40,30 @@ class PipelineSums:
         return {name: values[where] for name, where in self.slots.items()}
 
 
+class NamedTotals:
+    """Named values the replicas add up in one message, read back by name: a step's loss, the
+    routers' aux, DPO's metrics and a preemption slot per replica; an evaluation's sums. Laid end
+    to end in the order added, in the first value's dtype and device."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.slots: dict[str, slice] = {}
+        self.size = 0
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        values = values.reshape(-1) if not self.parts else values.to(self.parts[0]).reshape(-1)
+        self.parts.append(values)
+        self.slots[name] = slice(self.size, self.size + values.numel())
+        self.size += values.numel()
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+    def read(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each name's values in ``flat`` (``flat()``, or the replicas' sum of it)."""
+        return {name: flat[where] for name, where in self.slots.items()}
+
+
 class MetricsWriter:
     """Appends one line per step, flushed at once, so a crash loses no finished step; with
     ``backend="wandb"`` every row also goes to Weights & Biases (imported only then)."""
