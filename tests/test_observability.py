@@ -193,6 +193,30 @@ def test_pipeline_sums_gather_each_stage_s_slot_and_add_the_rest() -> None:
     assert summed == {"comm_bytes": [2**41 + 1], "peak": [100.0, 101.0], "lost": [0.0]}
 
 
+def test_named_totals_come_back_by_name_in_the_first_value_s_dtype() -> None:
+    """A step's totals on two replicas, laid end to end and summed as one tensor: each name reads
+    back its own summed values, whatever was added before or after it."""
+    import torch
+
+    from trainer.metrics import NamedTotals
+
+    replicas = []
+    for r in range(2):
+        named = NamedTotals()
+        named.add("loss", torch.tensor(1.5 + r))
+        named.add("pairs", torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (r + 1))
+        notices = torch.zeros(2)
+        notices[r] = float(r == 1)
+        named.add("notices", notices)
+        replicas.append(named)
+    flats = [named.flat() for named in replicas]
+    assert flats[0].dtype == torch.float32 and flats[0].numel() == 6
+    summed = replicas[0].read(flats[0] + flats[1])
+    assert summed["loss"].tolist() == [4.0]
+    assert summed["pairs"].tolist() == [3.0, 6.0, 9.0]
+    assert summed["notices"].tolist() == [0.0, 1.0]
+
+
 def test_a_log_that_is_no_terminal_holds_no_progress_bars(tmp_path: Path) -> None:
     """The quickstart's tools write plain lines into a log file: no carriage returns of progress
     bars (HF's loading and writing bars, the tokenizer trainer's) and no blank lines."""
