@@ -89,6 +89,13 @@ def run(
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def largest_stage_bytes(checkpoint: Path) -> int:
+    """Bytes of the largest stage's files in ``checkpoint`` (weights and AdamW state, by its
+    manifests): what a stage's state takes to send over a link."""
+    stages = [json.loads(p.read_text()) for p in sorted(checkpoint.glob("manifest_stage*.json"))]
+    return max(sum(entry["bytes"] for entry in manifest.values()) for manifest in stages)
+
+
 def metric_rows(out: Path) -> list[dict]:
     """The rows of ``out``'s metrics.jsonl so far (none before the first step)."""
     path = out / "metrics.jsonl"

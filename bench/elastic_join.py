@@ -13,7 +13,6 @@ and AdamW files, by the final checkpoint's manifests) takes at --mbps, and the r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, free_port, metric_rows, wait_for_step  # noqa: E402
+from bench.common import build_model, free_port, largest_stage_bytes, metric_rows, wait_for_step  # noqa: E402
 
 log = logging.getLogger("bench.elastic_join")
 
@@ -63,9 +62,7 @@ def main() -> None:
             raise RuntimeError("a rank failed after the join")
         events = {r["event"]: r for r in metric_rows(out) if "event" in r}
         left, joined = events["replicas left"], events["replicas joined"]
-        final = out / f"checkpoint_{args.steps}"
-        stages = [json.loads(p.read_text()) for p in sorted(final.glob("manifest_stage*.json"))]
-        state = max(sum(entry["bytes"] for entry in manifest.values()) for manifest in stages)
+        state = largest_stage_bytes(out / f"checkpoint_{args.steps}")
         wire = state * 8 / (args.mbps * 1e6)
         log.info("regrouped %.2f s after the kill (at step %d; their own regroup took %.2f s)",
                  left["unix_time"] - killed, left["step"], left["regroup_s"])  # fmt: skip

@@ -14,7 +14,6 @@ time the largest stage's state (weights and AdamW files, by the checkpoint's man
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, free_port, metric_rows, wait_for_step  # noqa: E402
+from bench.common import build_model, free_port, largest_stage_bytes, metric_rows, wait_for_step  # noqa: E402
 
 log = logging.getLogger("bench.preemption")
 
@@ -59,11 +58,6 @@ def run(shards: Path, corpus: Path, out: Path, args: argparse.Namespace, elastic
     return exits, {r["event"]: r for r in metric_rows(out) if "event" in r}
 
 
-def state_bytes(checkpoint: Path) -> int:
-    stages = [json.loads(p.read_text()) for p in sorted(checkpoint.glob("manifest_stage*.json"))]
-    return max(sum(entry["bytes"] for entry in manifest.values()) for manifest in stages)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mbps", type=float, default=20.0, help="emulated link rate of every rank's sends")
@@ -76,7 +70,7 @@ def main() -> None:
         shards = build_model(folder, corpus)
         exits, events = run(shards, corpus, folder / "stop", args, elastic=False)
         stopped = events["preempted"]
-        state = state_bytes(folder / "stop" / f"checkpoint_{stopped['step']}")
+        state = largest_stage_bytes(folder / "stop" / f"checkpoint_{stopped['step']}")
         wire = state * 8 / (args.mbps * 1e6)
         log.info("without --elastic: every rank exited %.2f s after SIGTERM (checkpoint of step %d committed in "
                  "%.2f s); the largest stage's state, %.1f MB, takes %.2f s at %g Mbit/s",
