@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OFFLINE_ENV, assert_all_ok, bundled_texts, instruction_records, launch, write_jsonl, write_zst
+from tests.helpers import (
+    OFFLINE_ENV,
+    assert_all_ok,
+    bundled_texts,
+    instruction_records,
+    launch,
+    tiny_gptneox,
+    two_task_spec,
+    write_jsonl,
+    write_zst,
+)
 from tests.pp2_dp2 import elastic_args
 
 os.environ.update(OFFLINE_ENV)
@@ -15,9 +25,7 @@ os.environ.update(OFFLINE_ENV)
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 5-layer GPT-NeoX HF folder (5 layers: uneven on 2 stages) with its tokenizer."""
-    from convert.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_hf"), bundled_texts(), "gptneox", num_layers=5, seed=0)
+    return tiny_gptneox(tmp_path_factory.mktemp("tiny_hf"))
 
 
 @pytest.fixture(scope="session")
@@ -30,11 +38,7 @@ def tiny_shards(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def two_tasks(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Two jsonl tasks and their --task-name spec (unequal weights)."""
-    root = tmp_path_factory.mktemp("data")
-    texts = bundled_texts()
-    a = write_jsonl(root / "stories.jsonl", texts[:200])
-    b = write_jsonl(root / "more.jsonl", [t.upper() for t in texts[200:]])
-    return f"{a}:0.7,{b}:0.3"
+    return two_task_spec(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,7 @@ import tempfile
 from pathlib import Path
 
 from convert.from_hf import convert_from_hf
-from convert.tiny_model import build_tiny_model
-from tests.helpers import assert_all_ok, bundled_texts, launch, read_metrics, write_jsonl
+from tests.helpers import assert_all_ok, launch, read_metrics, tiny_gptneox, two_task_spec
 from tests.pp2_dp2 import elastic_args
 
 log = logging.getLogger("golden")
@@ -65,13 +64,9 @@ def one_run(name: str, shards: Path, tasks: str, root: Path) -> dict:
 
 def record_all(names: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
-        root = Path(tmp)
-        hf = build_tiny_model(root / "tiny_hf", bundled_texts(), "gptneox", num_layers=5, seed=0)
-        shards = convert_from_hf(hf, root / "shards")
-        texts = bundled_texts()
-        a = write_jsonl(root / "stories.jsonl", texts[:200])
-        b = write_jsonl(root / "more.jsonl", [t.upper() for t in texts[200:]])
-        tasks = f"{a}:0.7,{b}:0.3"
+        root = Path(tmp)  # the model and tasks of the tests' fixtures (tests/conftest.py)
+        shards = convert_from_hf(tiny_gptneox(root / "tiny_hf"), root / "shards")
+        tasks = two_task_spec(root)
         results = {}
         for name in names:
             log.info("run %s", name)

@@ -44,6 +44,22 @@ def write_zst(path: Path, records: list[dict], frames: int = 3) -> Path:
     return path
 
 
+def tiny_gptneox(folder: Path) -> Path:
+    """A tiny 5-layer GPT-NeoX HF folder (5 layers: uneven on 2 stages) with its tokenizer."""
+    from convert.tiny_model import build_tiny_model
+
+    return build_tiny_model(folder, bundled_texts(), "gptneox", num_layers=5, seed=0)
+
+
+def two_task_spec(folder: Path) -> str:
+    """Two jsonl tasks of the bundled stories (the second upper-cased) and their --task-name spec
+    (unequal weights)."""
+    texts = bundled_texts()
+    a = write_jsonl(folder / "stories.jsonl", texts[:200])
+    b = write_jsonl(folder / "more.jsonl", [t.upper() for t in texts[200:]])
+    return f"{a}:0.7,{b}:0.3"
+
+
 def instruction_records(texts: list[str]) -> list[dict]:
     """Prompt/completion records from texts: the question is context, the answer is trained on."""
     records = []
