@@ -15,31 +15,6 @@ import torch
 from comm.topology import Topology
 
 
-class PipelineSums:
-    """Named statistics that the stages of a pipeline add up in one all-reduce: a name holds one
-    value, or with ``per_stage`` one slot per stage that only this stage fills (so the sum
-    gathers every stage's value). ``reduce`` gives each name's list of summed values."""
-
-    def __init__(self, stage: int, stages: int) -> None:
-        self.stage, self.stages = stage, stages
-        self.values: list[float] = []
-        self.slots: dict[str, slice] = {}
-
-    def add(self, name: str, value: float, per_stage: bool = False) -> None:
-        start = len(self.values)
-        if per_stage:
-            self.values += [float(value) if s == self.stage else 0.0 for s in range(self.stages)]
-        else:
-            self.values.append(float(value))
-        self.slots[name] = slice(start, len(self.values))
-
-    def reduce(self, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> dict[str, list[float]]:
-        summed = torch.tensor(self.values, dtype=torch.float64, device=device)
-        all_reduce(summed)  # float64: byte counts and squared norms stay exact
-        values = summed.tolist()
-        return {name: values[where] for name, where in self.slots.items()}
-
-
 class NamedTotals:
     """Named values the replicas add up in one message, read back by name: a step's loss, the
     routers' aux, DPO's metrics and a preemption slot per replica; an evaluation's sums. Laid end
@@ -62,6 +37,26 @@ class NamedTotals:
     def read(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each name's values in ``flat`` (``flat()``, or the replicas' sum of it)."""
         return {name: flat[where] for name, where in self.slots.items()}
+
+
+class PipelineSums:
+    """Named statistics that the stages of a pipeline add up in one all-reduce: a name holds one
+    value, or with ``per_stage`` one slot per stage that only this stage fills (so the sum
+    gathers every stage's value). ``reduce`` gives each name's list of summed values."""
+
+    def __init__(self, stage: int, stages: int) -> None:
+        self.stage, self.stages = stage, stages
+        self.totals = NamedTotals()
+
+    def add(self, name: str, value: float, per_stage: bool = False) -> None:
+        values = [float(value) if s == self.stage else 0.0 for s in range(self.stages)] if per_stage else [float(value)]
+        # float64: byte counts and squared norms stay exact
+        self.totals.add(name, torch.tensor(values, dtype=torch.float64))
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> dict[str, list[float]]:
+        summed = self.totals.flat().to(device)
+        all_reduce(summed)
+        return {name: values.tolist() for name, values in self.totals.read(summed).items()}
 
 
 class MetricsWriter:
