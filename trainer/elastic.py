@@ -55,8 +55,7 @@ class ElasticController:
         comm = self.trainer.comm
         spans = comm.all_gather_object([layers.start, layers.stop])
         self.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
-        if comm.topo.rank == 0:
-            publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
+        self._publish()
 
     def regroup(self, step: int, why: str = "lost") -> None:
         """After ReplicasChanged in step ``step`` (or, ``why`` "preempted", after step ``step``,
@@ -101,6 +100,11 @@ class ElasticController:
         set_threads(comm.all_gather_object(socket.gethostname()))
         comm.start_heartbeat()
         setup_logging(comm.topo, trainer.cfg.log_level)  # the log's prefix names the new place
+        self._publish()
+
+    def _publish(self) -> None:
+        """Rank 0: the generation and each stage's layers, where ranks asking to join read them."""
+        comm = self.trainer.comm
         if comm.topo.rank == 0:
             publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
 
