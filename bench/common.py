@@ -97,9 +97,12 @@ def largest_stage_bytes(checkpoint: Path) -> int:
 
 
 def metric_rows(out: Path) -> list[dict]:
-    """The rows of ``out``'s metrics.jsonl so far (none before the first step)."""
+    """The rows of ``out``'s metrics.jsonl so far (none before the first step; a row the run is
+    still writing, with no newline yet, is not one)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def wait_for_step(out: Path, step: int, procs: list[subprocess.Popen]) -> None:

@@ -136,8 +136,10 @@ def assert_all_ok(results: list[RankResult]) -> None:
 
 
 def read_metrics(checkpoint_path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A live run's reporter may be half-way through writing a row:
+    only lines it has finished (ended with a newline) are rows yet."""
     with open(checkpoint_path / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def peft_reference_model(hf_dir: Path, spec: object, seed: int) -> torch.nn.Module:
