@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,17 @@ def link_parser(doc: str, bandwidths: str, steps: int, what: str) -> argparse.Ar
         help="run the ranks on two network namespaces shaped by tc tbf (root) instead of emulating",
     )
     return parser
+
+
+def emulated_link_args(doc: str, steps: int) -> argparse.Namespace:
+    """The flags of a benchmark whose ranks hold every send to one emulated rate (--mbps), and
+    the number of steps; logs its findings as plain lines."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mbps", type=float, default=20.0, help="emulated link rate of every rank's sends")
+    parser.add_argument("--steps", type=int, default=steps)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args
 
 
 def build_model(folder: Path, corpus: Path) -> Path:

@@ -12,7 +12,6 @@ and AdamW files, by the final checkpoint's manifests) takes at --mbps, and the r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -25,17 +24,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, free_port, largest_stage_bytes, metric_rows, wait_for_step  # noqa: E402
+from bench.common import (  # noqa: E402
+    build_model,
+    emulated_link_args,
+    free_port,
+    largest_stage_bytes,
+    metric_rows,
+    wait_for_step,
+)
 
 log = logging.getLogger("bench.elastic_join")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mbps", type=float, default=20.0, help="emulated link rate of every rank's sends")
-    parser.add_argument("--steps", type=int, default=16)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = emulated_link_args(__doc__, 16)
     corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -26,7 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_model, free_port, largest_stage_bytes, metric_rows, wait_for_step  # noqa: E402
+from bench.common import (  # noqa: E402
+    build_model,
+    emulated_link_args,
+    free_port,
+    largest_stage_bytes,
+    metric_rows,
+    wait_for_step,
+)
 
 log = logging.getLogger("bench.preemption")
 
@@ -59,11 +66,7 @@ def run(shards: Path, corpus: Path, out: Path, args: argparse.Namespace, elastic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mbps", type=float, default=20.0, help="emulated link rate of every rank's sends")
-    parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = emulated_link_args(__doc__, 40)
     corpus = ROOT / "example_scripts" / "data" / "tiny.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
