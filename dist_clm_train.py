@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_args(args)
     except (ValueError, OSError) as err:
         sys.exit(f"dist_clm_train.py: error: {err}")
-    setup_logging(cfg.topology, cfg.log_level)
+    setup_logging(cfg.topology, cfg.log_level, cfg.spare_rank)
     try:
         run(cfg)
     except (StartupError, CheckpointError, ConnectionError, ValueError, OSError, ArithmeticError) as err:

@@ -36,11 +36,19 @@ class CommConfig:
     # replicas may leave (comm.membership): the store runs in a process of its own, a lost
     # replica's data-parallel partners regroup instead of stopping
     elastic: bool = False
+    # standby processes (ranks world_size .. world_size + spares - 1) that take a lost rank's
+    # place: like --elastic, the run's store runs in a process of its own and ranks regroup
+    spares: int = 0
     # Send Gloo's tensors through host buffers even when computing on the CPU: the path that
     # CUDA compute over Gloo takes, for tests on machines without a GPU. Not a flag.
     host_staging: bool = False
     # the run token (comm.admission): never printed, written or sent, so kept out of repr
     run_token: str | None = field(default=None, repr=False)
+
+    @property
+    def regroups(self) -> bool:
+        """Whether ranks move to a new generation when one is lost (--elastic or --spares)."""
+        return self.elastic or self.spares > 0
 
     @property
     def emulates_link(self) -> bool:
@@ -71,6 +79,8 @@ class CommConfig:
                 raise ValueError(f"{flag} nccl needs CUDA, which this machine lacks; use {flag} gloo")
         if self.timeout_s <= 0:
             raise ValueError("--comm-timeout must be a positive number of seconds")
+        if self.spares < 0:
+            raise ValueError(f"--spares {self.spares} must be 0 or more")
 
     @staticmethod
     def add_flags(connection: argparse._ArgumentGroup, links: argparse._ArgumentGroup) -> None:
@@ -98,6 +108,17 @@ class CommConfig:
             "complete pipelines go on without a restart, the global batch split over fewer replicas; its ranks "
             "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; the "
             "run's store runs in a process of its own that rank 0 starts)",
+        )
+        connection.add_argument(
+            "--spares",
+            type=int,
+            default=0,
+            metavar="K",
+            help="K standby processes, started with --rank world-size .. world-size+K-1 and the same flags (under "
+            "torchrun $WORLD_SIZE counts them; --world-size does not): they load nothing and wait; when a rank is "
+            "lost a spare takes its stage and replica, gets its state from a live replica of the stage, and the "
+            "step is done again, with no restart; with one replica every rank rolls back to the last checkpoint "
+            "in-process instead (--dp-mode allreduce, no --shard-optimizer)",
         )
         connection.add_argument(
             "--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error"
@@ -165,5 +186,6 @@ class CommConfig:
             link_bandwidth_mbps=args.link_bandwidth_mbps,
             link_latency_ms=args.link_latency_ms,
             elastic=args.elastic,
+            spares=args.spares,
             run_token=token_from(args.run_token),
         )

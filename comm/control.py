@@ -50,6 +50,6 @@ class Control:
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's ``obj``, indexed by rank (pickled: use only for our own small dicts)."""
         gathered: list[object] = [None] * self.topo.world_size
-        with self._guard("start-up exchange"):
+        with self._guard("an exchange of control messages"):
             dist.all_gather_object(gathered, obj)
         return gathered

@@ -40,7 +40,7 @@ class Heartbeat:
         topo: Topology,
         dead_after_s: float,
         interval_s: float = 1.0,
-        on_lost: Callable[[str], None] = leave_now,
+        on_lost: Callable[[str], None] | None = None,
         key_prefix: str = "",
         watch: list[int] | None = None,
         pulse_key: str | None = None,
@@ -54,7 +54,7 @@ class Heartbeat:
         self._store_owner = "the elastic run's store host" if pulse_key else topo.describe(0)
         self.dead_after_s = dead_after_s
         self.interval_s = interval_s
-        self.on_lost = on_lost
+        self.on_lost = on_lost or (lambda problem: leave_now(f"{problem}; stopping"))  # told who was lost
         # Our own client: the default store belongs to the process group's thread.
         self._store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30), wait_for_workers=False)
         self._beats = 0
@@ -85,7 +85,12 @@ class Heartbeat:
                     return
                 problem = f"lost {self._store_owner}, which hosts the job's store ({str(err).splitlines()[0]})"
             if problem is not None and not self._stop.is_set():
-                self.on_lost(f"{self.topo.describe(self.topo.rank)}: {problem}; stopping")
+                self.on_lost(f"{self.topo.describe(self.topo.rank)}: {problem}")
+                break  # an ``on_lost`` that returns (a run with spares regroups): go on beating, stop checking
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except RuntimeError:
                 return
 
     def peers(self) -> dict[int, dict]:

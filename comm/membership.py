@@ -32,7 +32,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -49,26 +49,52 @@ class Membership:
     generation: int
     replicas: tuple[int, ...]  # the launch replica of each live pipeline, in the new replica order
     pipeline_size: int
+    # --spares: (a slot's launch rank, the spare's launch rank that holds the slot now), for
+    # each slot whose launched rank was lost; a slot's place stays its launched rank's
+    stand_ins: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def at_launch(cls, topo: Topology) -> Membership:
         return cls(0, tuple(range(topo.data_size)), topo.pipeline_size)
 
+    @classmethod
+    def from_record(cls, record: dict, pipeline_size: int | None = None) -> Membership:
+        return cls(record["generation"], tuple(record["replicas"]), pipeline_size or record["pipeline_size"],
+                   tuple((slot, spare) for slot, spare in record.get("stand_ins", ())))  # fmt: skip
+
     @property
     def key_space(self) -> str:
         return f"gen{self.generation}/"
 
+    def occupant(self, slot: int) -> int:
+        """The launch rank of the process that holds ``slot`` (a launch rank's place)."""
+        return dict(self.stand_ins).get(slot, slot)
+
+    def slot_of(self, launch_rank: int) -> int | None:
+        """The slot the process launched as ``launch_rank`` holds (None: a spare took it over)."""
+        for slot, spare in self.stand_ins:
+            if spare == launch_rank:
+                return slot
+        return None if launch_rank in dict(self.stand_ins) else launch_rank
+
     def topology(self, launch_rank: int) -> Topology:
         """Where the rank launched as ``launch_rank`` sits in this generation."""
-        pp = self.pipeline_size
-        return Topology(self.replicas.index(launch_rank // pp) * pp + launch_rank % pp, pp, len(self.replicas))
+        pp, slot = self.pipeline_size, self.slot_of(launch_rank)
+        if slot is None:
+            raise ValueError(f"launch rank {launch_rank} holds no place in generation {self.generation}")
+        return Topology(self.replicas.index(slot // pp) * pp + slot % pp, pp, len(self.replicas))
 
     def launch_ranks(self) -> list[int]:
         pp = self.pipeline_size
-        return [replica * pp + stage for replica in self.replicas for stage in range(pp)]
+        return [self.occupant(replica * pp + stage) for replica in self.replicas for stage in range(pp)]
 
     def holds(self, launch_rank: int) -> bool:
-        return launch_rank // self.pipeline_size in self.replicas
+        slot = self.slot_of(launch_rank)
+        return slot is not None and slot // self.pipeline_size in self.replicas
+
+    def new_stand_ins(self, before: Membership) -> list[tuple[int, int]]:
+        """The (slot, spare) pairs of this generation that ``before`` did not have."""
+        return [pair for pair in self.stand_ins if pair not in before.stand_ins]
 
 
 def _record(store: dist.Store, key: str) -> dict | None:
@@ -78,7 +104,8 @@ def _record(store: dist.Store, key: str) -> dict | None:
 def publish(store: dist.Store, membership: Membership, layers: list[list[int]]) -> None:
     """Rank 0 of a generation that trains: where joiners find it (and each stage's layers)."""
     record = {"generation": membership.generation, "replicas": list(membership.replicas),
-              "pipeline_size": membership.pipeline_size, "layers": layers}  # fmt: skip
+              "pipeline_size": membership.pipeline_size, "stand_ins": membership.stand_ins,
+              "layers": layers}  # fmt: skip
     store.set(CURRENT, json.dumps(record))
 
 
@@ -104,36 +131,141 @@ def live_run(store: dist.Store, watch_s: float = 3.0) -> dict | None:
 
 
 def mark_left(store: dist.Store, membership: Membership, launch_rank: int, reason: str) -> None:
-    """Tell the survivors' agreement that this rank's pipeline is broken (it is about to exit)."""
+    """Tell the survivors' agreement that this rank's replica leaves on purpose (a preemption
+    notice): no spare takes its place."""
     store.set(f"{membership.key_space}left/{launch_rank}", reason)
 
 
+def mark_lost(store: dist.Store, membership: Membership, launch_rank: int, reason: str) -> None:
+    """Tell the survivors' agreement that this rank is gone (an error, or its pipeline broke
+    in a run without spares; it is about to exit): a spare may take its place."""
+    store.set(f"{membership.key_space}lost/{launch_rank}", reason)
+
+
+SILENT_S = 3.0  # a rank whose heartbeat stood still this long while the survivors agree is lost
+SPARES = "spares/"  # spares/ask/<r>: a waiting spare; taken/<r>: the generation it joins; refused/<r>
+
+
+@dataclass(frozen=True)
+class SparePool:
+    """The --spares of a run: launch ranks ``first`` .. ``first + count - 1``, each admitted with
+    the run's settings (and a proof of its token) before it may take a lost rank's place."""
+
+    first: int
+    count: int
+    fingerprint: str
+    token: str | None = field(default=None, repr=False)
+
+    def ready(self, store: dist.Store) -> list[int]:
+        """The spares waiting and admitted, in launch order; a spare asking with other settings
+        or a wrong proof is refused (it reads why and stops)."""
+        ready = []
+        for rank in range(self.first, self.first + self.count):
+            asked = f"{SPARES}ask/{rank}"
+            if not store.check([asked]) or store.check([f"{SPARES}taken/{rank}", f"{SPARES}refused/{rank}"]):
+                continue
+            refused = _refusal(store, store.get(asked).decode(), rank, self.fingerprint, self.token)
+            if refused is None:
+                ready.append(rank)
+            else:
+                store.set(f"{SPARES}refused/{rank}", refused)
+        return ready
+
+
+class _Beats:
+    """When each rank of ``current`` last moved its heartbeat (comm.health), as this rank sees it."""
+
+    def __init__(self, store: dist.Store, current: Membership) -> None:
+        self.store, self.current = store, current
+        self.seen: dict[int, tuple[bytes | None, float]] = {}
+
+    def silent(self, after_s: float) -> set[int]:
+        now, silent = time.monotonic(), set()
+        for launch_rank in self.current.launch_ranks():
+            key = f"{self.current.key_space}heartbeat/{self.current.topology(launch_rank).rank}"
+            beat = self.store.get(key) if self.store.check([key]) else None
+            last, since = self.seen.get(launch_rank, (None, now))
+            if beat != last or launch_rank not in self.seen:
+                self.seen[launch_rank] = (beat, now)
+            elif now - since > after_s:
+                silent.add(launch_rank)
+        return silent
+
+
 def next_membership(
-    store: dist.Store, current: Membership, launch_rank: int, settle_s: float, poll_s: float = 0.05
-) -> Membership:
+    store: dist.Store, current: Membership, launch_rank: int, settle_s: float, spares: SparePool | None = None,
+    poll_s: float = 0.05, silent_s: float = SILENT_S,
+) -> Membership:  # fmt: skip
     """Register this (surviving) rank for the generation after ``current`` and return that
-    generation's membership, the same on every rank that calls this (module docstring)."""
+    generation's membership, the same on every rank that calls this (module docstring). With
+    ``spares``, the ranks of a broken pipeline survive too, and a spare takes each lost rank's
+    slot; a pipeline is dropped when one of its ranks left on purpose or spares are too few."""
     space, pp = current.key_space, current.pipeline_size
     store.set(f"{space}alive/{launch_rank}", "1")
-    deadline = time.monotonic() + settle_s
+    deadline, beats = time.monotonic() + settle_s, _Beats(store, current)
     while not store.check([f"{space}next"]):
-        alive = {r for r in current.launch_ranks() if store.check([f"{space}alive/{r}"])}
-        left = {r for r in current.launch_ranks() if store.check([f"{space}left/{r}"])}
-        complete = [rep for rep in current.replicas if all(rep * pp + s in alive for s in range(pp))]
-        broken = [rep for rep in current.replicas if any(rep * pp + s in left for s in range(pp))]
-        if len(complete) + len(broken) >= len(current.replicas) or time.monotonic() > deadline:
-            proposal = {"generation": store.add(GENERATIONS, 1), "replicas": complete}
-            store.compare_set(f"{space}next", "", json.dumps(proposal))  # the first proposal wins
+        ranks = current.launch_ranks()
+        alive = {r for r in ranks if store.check([f"{space}alive/{r}"])}
+        left = {r for r in ranks if store.check([f"{space}left/{r}"])}
+        lost = {r for r in ranks if store.check([f"{space}lost/{r}"])} | beats.silent(silent_s)
+        late = time.monotonic() > deadline
+        complete, holes, undecided = [], {}, False
+        for replica in current.replicas:
+            slots = {replica * pp + s: current.occupant(replica * pp + s) for s in range(pp)}
+            if all(r in alive for r in slots.values()):
+                complete.append(replica)
+            elif any(r in left for r in slots.values()) or (spares is None and any(r in lost for r in slots.values())):
+                continue  # broken: it leaves
+            elif spares is not None and (late or all(r in alive or r in lost for r in slots.values())):
+                holes[replica] = [slot for slot, r in slots.items() if r not in alive]
+            else:
+                undecided = True
+        if not undecided or late:
+            _propose(store, current, complete, holes, spares.ready(store) if spares is not None else [])
             break
         time.sleep(poll_s)
     chosen = json.loads(store.get(f"{space}next"))
-    return Membership(chosen["generation"], tuple(chosen["replicas"]), pp)
+    membership = Membership.from_record(chosen, pp)
+    for _, spare in membership.new_stand_ins(current):  # every rank writes the same: whoever is first
+        store.set(f"{SPARES}taken/{spare}", json.dumps({**chosen, "pipeline_size": pp, "before": current.stand_ins}))
+    return membership
 
 
-def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprint: str, token: str | None) -> None:
-    """Ask with this rank's settings and, when the run is guarded, a proof of the run token over
-    the launch's challenge (comm.admission); a joiner that has a token the run lacks, or lacks
-    the one it has, stops here."""
+def _propose(
+    store: dist.Store, current: Membership, complete: list[int], holes: dict[int, list[int]], free: list[int]
+) -> None:
+    """Propose the next generation (the first proposal wins): the complete pipelines, and those
+    with lost ranks whose every hole a free spare fills, in launch order."""
+    pp, kept, stand_ins = current.pipeline_size, list(complete), {}
+    free = [spare for spare in free if spare not in {s for _, s in current.stand_ins}]  # a spare serves once
+    for replica, slots in sorted(holes.items()):
+        if len(slots) <= len(free):
+            kept.append(replica)
+            stand_ins.update({slot: free.pop(0) for slot in slots})
+    for slot, spare in current.stand_ins:
+        if slot // pp in kept and slot not in stand_ins:
+            stand_ins[slot] = spare
+    proposal = {"generation": store.add(GENERATIONS, 1), "replicas": [r for r in current.replicas if r in kept],
+                "stand_ins": sorted(stand_ins.items())}  # fmt: skip
+    store.compare_set(f"{current.key_space}next", "", json.dumps(proposal))
+
+
+def _refusal(store: dist.Store, asked: str, rank: int, fingerprint: str, token: str | None) -> str | None:
+    """Why a rank asking with ``asked`` ("<fingerprint> <proof>") may not enter, or None."""
+    theirs, _, proof = asked.partition(" ")
+    if theirs != fingerprint:
+        return "its settings differ from the live run's; start it with the same flags"
+    if token is not None:
+        challenge = read_card(dist.PrefixStore(LAUNCH_SPACE, store)).challenge
+        if not hmac.compare_digest(proof, join_proof(token, challenge, rank, theirs)):
+            return f"its run token is not the run's (give it the run's --run-token or {TOKEN_ENV})"
+    return None
+
+
+def _ask(store: dist.Store, key: str, launch_rank: int, fingerprint: str, token: str | None) -> None:
+    """Ask under ``key`` with this rank's settings and, when the run is guarded, a proof of the
+    run token over the launch's challenge (comm.admission); a rank that has a token the run
+    lacks, or lacks the one it has, stops here."""
     card = read_card(dist.PrefixStore(LAUNCH_SPACE, store))
     guarded = card is not None and card.guarded
     if guarded != (token is not None):
@@ -143,7 +275,12 @@ def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprin
             f"{TOKEN_ENV}), or none at all"
         )
     proof = join_proof(token, card.challenge, launch_rank, fingerprint) if token is not None else ""
-    store.set(f"gen{generation}/join/{launch_rank}", f"{fingerprint} {proof}")
+    store.set(key, f"{fingerprint} {proof}")
+
+
+def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprint: str, token: str | None) -> None:
+    """A relaunched rank asks the live generation ``generation`` to take its replica back."""
+    _ask(store, f"gen{generation}/join/{launch_rank}", launch_rank, fingerprint, token)
 
 
 def joining_replicas(
@@ -153,7 +290,6 @@ def joining_replicas(
     these settings (and a valid proof of the run token, when it has one); a rank asking with
     other settings or a wrong proof is refused (rank 0 of the generation asks)."""
     pp, space, ready = current.pipeline_size, current.key_space, []
-    challenge = read_card(dist.PrefixStore(LAUNCH_SPACE, store)).challenge if token is not None else ""
     for replica in range(launched):
         if replica in current.replicas:
             continue
@@ -161,12 +297,7 @@ def joining_replicas(
         for rank in range(replica * pp, (replica + 1) * pp):
             if not store.check([f"{space}join/{rank}"]):
                 continue
-            theirs, _, proof = store.get(f"{space}join/{rank}").decode().partition(" ")
-            refused = None
-            if theirs != fingerprint:
-                refused = "its settings differ from the live run's; start it with the same flags"
-            elif token is not None and not hmac.compare_digest(proof, join_proof(token, challenge, rank, theirs)):
-                refused = f"its run token is not the run's (give it the run's --run-token or {TOKEN_ENV})"
+            refused = _refusal(store, store.get(f"{space}join/{rank}").decode(), rank, fingerprint, token)
             if refused is None:
                 asking += 1
             else:
@@ -179,7 +310,7 @@ def joining_replicas(
 def announce_growth(store: dist.Store, current: Membership, joining: list[int], step: int) -> None:
     """Rank 0: the generation with ``joining`` added starts after step ``step`` (once only)."""
     record = {"step": step, "generation": store.add(GENERATIONS, 1),
-              "replicas": sorted([*current.replicas, *joining])}  # fmt: skip
+              "replicas": sorted([*current.replicas, *joining]), "stand_ins": current.stand_ins}  # fmt: skip
     store.compare_set(f"{current.key_space}grow", "", json.dumps(record))
 
 
@@ -188,7 +319,7 @@ def growth_after(store: dist.Store, current: Membership, step: int) -> Membershi
     record = _record(store, f"{current.key_space}grow")
     if record is None or record["step"] != step:
         return None
-    return Membership(record["generation"], tuple(record["replicas"]), current.pipeline_size)
+    return Membership.from_record(record, current.pipeline_size)
 
 
 def wait_to_join(
@@ -203,7 +334,7 @@ def wait_to_join(
         if store.check([FINISHED]):
             raise ConnectionError("the elastic run finished before this replica could join it")
         record = json.loads(store.get(CURRENT))
-        current = Membership(record["generation"], tuple(record["replicas"]), record["pipeline_size"])
+        current = Membership.from_record(record)
         if asked != current.generation:
             ask_to_join(store, current.generation, launch_rank, fingerprint, token)
             asked = current.generation
@@ -212,7 +343,35 @@ def wait_to_join(
             raise ValueError(f"the live elastic run refused rank {launch_rank}: {reason}")
         grown = _record(store, f"{current.key_space}grow")
         if grown is not None and launch_rank // current.pipeline_size in grown["replicas"]:
-            return Membership(grown["generation"], tuple(grown["replicas"]), current.pipeline_size), record
+            return Membership.from_record(grown, current.pipeline_size), record
         time.sleep(poll_s)
     raise ConnectionError(f"rank {launch_rank} asked for {timeout_s:g}s to join the live elastic run, and was not "
                           "taken in: are all ranks of its replica started?")  # fmt: skip
+
+
+def wait_as_spare(store: dist.Store, launch_rank: int, fingerprint: str, token: str | None,
+                  poll_s: float = 0.2) -> tuple[Membership, list[tuple[int, int]], dict] | None:  # fmt: skip
+    """A spare (--spares): once the run trains, ask to stand by, and wait until a regroup gives
+    this rank a lost rank's slot: return that generation, the spares it brings in (this one
+    among them) and the run's published record (the stages' layers); None when the run finished
+    without needing it."""
+    try:
+        while not store.check([CURRENT]):  # the launch is still starting
+            if store.check([FINISHED]):
+                return None
+            time.sleep(poll_s)
+        _ask(store, f"{SPARES}ask/{launch_rank}", launch_rank, fingerprint, token)
+        while not store.check([f"{SPARES}taken/{launch_rank}"]):
+            if store.check([f"{SPARES}refused/{launch_rank}"]):
+                reason = store.get(f"{SPARES}refused/{launch_rank}").decode()
+                raise ValueError(f"the live run refused spare rank {launch_rank}: {reason}")
+            if store.check([FINISHED]):
+                return None
+            time.sleep(poll_s)
+    except RuntimeError as err:  # the store's host left: the run stopped without finishing
+        raise ConnectionError(f"spare rank {launch_rank}: the run's store went away ({str(err).splitlines()[0]}); "
+                              "the run stopped without finishing, so this spare stops too") from None  # fmt: skip
+    taken = json.loads(store.get(f"{SPARES}taken/{launch_rank}"))
+    membership = Membership.from_record(taken)
+    before = Membership(0, (), membership.pipeline_size, tuple((slot, spare) for slot, spare in taken["before"]))
+    return membership, membership.new_stand_ins(before), json.loads(store.get(CURRENT))

@@ -13,6 +13,7 @@ import copy
 import logging
 import re
 import socket
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat, leave_now
 from comm.lane import Lane
 from comm.link import Wire
-from comm.membership import Membership, mark_left
+from comm.membership import Membership, mark_left, mark_lost
 from comm.p2p import PipelinePeers
 from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
 from comm.store_host import FINISHED, PULSE
@@ -152,8 +153,10 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
         # and its errors surface later, in its own watchdog thread.
         dead_after = min(30.0, cfg.timeout_s)
         if elastic is not None:  # a lost rank elsewhere is the data-parallel collectives' business
+            # with spares this rank outlives a lost peer of its pipeline: its own calls fail, and it regroups
+            on_lost = self._leave if cfg.spares == 0 else self._stay
             self.heartbeat = Heartbeat(
-                *address, topo, dead_after, key_prefix=elastic.membership.key_space, on_lost=self._leave,
+                *address, topo, dead_after, key_prefix=elastic.membership.key_space, on_lost=on_lost,
                 watch=topo.pipeline_ranks(topo.replica), pulse_key=PULSE,
             )  # fmt: skip
         else:
@@ -174,23 +177,25 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
     @classmethod
     def connect(
         cls, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False, side_group: bool = False,
-        store: dist.Store | None = None, membership: Membership | None = None,
+        store: dist.Store | None = None, membership: Membership | None = None, launch_rank: int | None = None,
     ) -> Communicator:  # fmt: skip
         """Join the job; a master that cannot be reached is a one-line error after the timeout.
 
         ``link_ends`` adds a group joining the first and last stage of each pipeline (for
         weights both ends hold, such as tied embeddings); ``side_group`` a second data-parallel
         group for ``side_channel``. An elastic run passes its ``store`` (``elastic_store``) and
-        the generation to join: by default the launch's, where ``topo`` is this rank's place.
+        the generation to join: by default the launch's, where ``topo`` is this rank's place;
+        ``launch_rank`` is this process's name in the store when that is not ``topo.rank`` (a spare).
         """
         if cfg.net_interface:
             bind_interface(cfg.net_interface)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL makes its communicators on the current device
-        if not cfg.elastic:
+        if not cfg.regroups:
             join_job(topo, cfg.dist_url, cfg.timeout_s, token=cfg.run_token)
             return cls(topo, cfg, device, link_ends, side_group)
-        elastic = Elastic(store, membership or Membership.at_launch(topo), topo.rank)
+        launch_rank = topo.rank if launch_rank is None else launch_rank
+        elastic = Elastic(store, membership or Membership.at_launch(topo), launch_rank)
         topo = elastic.membership.topology(elastic.launch_rank)
         # the launch's ranks pass rank 0's door; a joiner proved the token when it asked (comm.membership)
         join_job(topo, cfg.dist_url, cfg.timeout_s, store, elastic.membership.key_space, token=cfg.run_token,
@@ -207,27 +212,51 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
             self.heartbeat.stop("done")  # done with this generation: not a loss to its peers
         self._close_lane()
         self._pipeline_group = self._data_group = self._ends_group = self._side_group = None
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (``abandon`` may have torn them down already)
+            dist.destroy_process_group()
         elastic = Elastic(self.elastic.store, membership, self.elastic.launch_rank)
         topo = membership.topology(elastic.launch_rank)
         join_job(topo, self.cfg.dist_url, self.timeout_s, elastic.store, membership.key_space, admit=False)
         self._make_groups(topo, elastic)
 
     def _leave(self, message: str) -> None:
-        """Elastic runs: this rank's pipeline lost a rank (so this replica is gone); say so where
-        the survivors' agreement looks, and exit at once, which closes this rank's connections
-        and releases every peer waiting on it."""
-        self._mark_left(message)
-        leave_now(message)
+        """Elastic runs without spares: this rank's pipeline lost a rank (so this replica is
+        gone); say so where the survivors' agreement looks, and exit at once, which closes this
+        rank's connections and releases every peer waiting on it."""
+        self._mark_gone(message)
+        leave_now(f"{message}; stopping")
 
-    def _mark_left(self, reason: str) -> None:
-        """Elastic runs: the survivors' agreement must not wait for this rank."""
+    @staticmethod
+    def _stay(message: str) -> None:
+        """Runs with spares: a lost peer of this pipeline is replaced, and this rank regroups."""
+        log.warning("%s; this rank stays and regroups with a spare in its place", message)
+
+    def _mark_gone(self, reason: str, on_purpose: bool = False) -> None:
+        """Elastic runs: the survivors' agreement must not wait for this rank (which a spare may
+        replace, unless its replica leaves ``on_purpose``)."""
         if self.elastic is None:
             return
+        mark = mark_left if on_purpose else mark_lost
         try:
-            mark_left(self.elastic.store, self.elastic.membership, self.elastic.launch_rank, reason)
+            mark(self.elastic.store, self.elastic.membership, self.elastic.launch_rank, reason)
         except RuntimeError:
             pass  # the store itself is gone: nobody is left to regroup
+
+    def abandon(self, failure: BaseException) -> None:
+        """A peer was lost during a step, an evaluation or a checkpoint's commit (``failure``
+        says so), and this rank will regroup instead of exiting. Tear down every process group
+        of this generation now: that closes their connections, so a peer still waiting on this
+        rank (a stage further along its pipeline, another replica in a gradient sum, any rank in
+        a control exchange) fails at once too instead of waiting out the timeout. A group stays
+        connected while anything references it, and the frames of the failed call, kept by the
+        failure's traceback, do: their locals are cleared first."""
+        while failure is not None:
+            traceback.clear_frames(failure.__traceback__)
+            failure = failure.__context__
+        self._close_lane()
+        self._ends_group = self._pipeline_group = self._data_group = self._side_group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def side_channel(self) -> Communicator:
         """This communicator with its data-parallel collectives on the second group over the same
@@ -257,8 +286,8 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
             if data and self.elastic is not None:
                 groups = [g for g in (self._data_group, self._side_group) if g is not None]
                 self._data_group = self._side_group = None
-                for group in groups:
-                    dist.destroy_process_group(group)
+                while groups:  # no reference left here: a referenced group stays connected (``abandon``)
+                    dist.destroy_process_group(groups.pop())
                 me = self.topo.describe(self.topo.rank)
                 raise ReplicaLostError(f"{me}: another replica was lost during {what} ({reason})") from None
             who = f"lost {self.topo.describe(peer)}" if peer is not None else "a peer failed"
@@ -279,7 +308,7 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
         if self.heartbeat is not None:
             self.heartbeat.stop("done")
         self._close_lane()
-        self._mark_left(reason)
+        self._mark_gone(reason, on_purpose=True)
         self._left = True
 
     def close(self, error: str | None = None) -> None:
@@ -291,7 +320,7 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
             self.heartbeat.stop("done" if error is None else error)
         self._close_lane()
         if error is not None:
-            self._mark_left(error)
+            self._mark_gone(error)
             return  # tearing down groups can wait on a frozen peer; the process is about to exit
         with self._guard("final barrier"):
             dist.barrier()

@@ -41,6 +41,13 @@ class DataParallelConfig:
         return self.mode in ("local", "diloco")
 
     @property
+    def replicated(self) -> bool:
+        """After every step each replica holds the stage's whole state, the same: a live replica
+        can hand it to a joiner or a spare. Otherwise (ZeRO-1's shards, steps alone) a change of
+        replicas goes through a checkpoint."""
+        return self.mode == "allreduce" and not self.shard_optimizer
+
+    @property
     def replica_files(self) -> bool:
         """Every replica saves its own weights and optimizer state: they differ between syncs."""
         return self.mode == "diloco"

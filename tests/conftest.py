@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from tests.helpers import (
     OFFLINE_ENV,
     assert_all_ok,
     bundled_texts,
+    free_port,
     instruction_records,
     launch,
     tiny_gptneox,
@@ -17,7 +20,7 @@ from tests.helpers import (
     write_jsonl,
     write_zst,
 )
-from tests.pp2_dp2 import elastic_args
+from tests.pp2_dp2 import elastic_args, evaluation_flags
 
 os.environ.update(OFFLINE_ENV)
 
@@ -69,3 +72,20 @@ def pp2_dp2_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.Temp
     tmp = tmp_path_factory.mktemp("pp2_dp2_run")
     assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp / "ckpt"), 4, tmp))
     return tmp / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def pp2_dp2_evaluated_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted pp=2 x dp=2 run with evaluations (tests/pp2_dp2.evaluation_flags): the
+    oracle of runs that lose a rank during one. No emulated latency: it delays the same sums."""
+    tmp = tmp_path_factory.mktemp("pp2_dp2_evaluated_run")
+    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp / "ckpt", *evaluation_flags(two_tasks)), 4, tmp))
+    return tmp / "ckpt"
+
+
+@pytest.fixture
+def store() -> tuple[dist.TCPStore, int]:
+    """A store of its own on a free port, and the port: for the agreements made through it
+    (admission, elastic membership, spares) tested in one process with no process group."""
+    port = free_port()
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)), port

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from comm.rendezvous import free_port
 
@@ -90,14 +92,16 @@ def start_ranks(
     rank_args: Callable[[int], list[str]] | None = None,
     env: dict[str, str] | None = None,
     log_name: str = "rank{}.log",
+    script: tuple[str, ...] = ("dist_clm_train.py",),
 ) -> list[subprocess.Popen]:
     """Start ``dist_clm_train.py`` once per rank (as users do) with master port ``port``, each
     rank's output appended to ``logs / log_name.format(rank)``; ``rank_args(rank)`` adds flags
-    that differ between ranks (such as ``--cuda-id``)."""
+    that differ between ranks (such as ``--cuda-id``); ``script`` runs another entry point (a
+    script under tests/ and its own arguments) in its place."""
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in ranks:
-        cmd = [sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank),
+        cmd = [sys.executable, str(ROOT / script[0]), *script[1:], "--rank", str(rank),
                "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(rank_args(rank) if rank_args else [])]  # fmt: skip
         with open(logs / log_name.format(rank), "a") as out:  # the child keeps its own handle
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
@@ -343,3 +347,8 @@ def resume_elsewhere(
     expected = [r["loss"] for r in read_metrics(ckpt) if "loss" in r][5:]
     assert [r["loss"] for r in rows] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
     assert_same_state(load_hf_state(convert_to_hf(tmp / "ckpt", tmp / "hf")), final_state)
+
+
+def store_client(port: int) -> dist.TCPStore:
+    """Another client of the store ``store`` (tests/conftest.py) serves, as a second rank has."""
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))

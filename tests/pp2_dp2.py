@@ -23,10 +23,27 @@ def elastic_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]
             "--total-steps", str(TOTAL), "--checkpoint-steps", "8", *extra]  # fmt: skip
 
 
+def evaluation_flags(tasks: str) -> tuple[str, ...]:
+    """An evaluation after steps 35 and 40 of the first task, 60 batches: over a 20 ms emulated
+    link it lasts seconds, time enough to lose a rank in it."""
+    first_task = tasks.split(",")[0].rsplit(":", 1)[0]
+    return ("--evaluation-data", first_task, "--evaluation-steps", "35", "--evaluation-num-batch", "60")
+
+
+def validation_rows(ckpt: Path) -> dict[int, float]:
+    return {r["step"]: r["valid.loss"] for r in read_metrics(ckpt) if "valid.loss" in r}
+
+
 def training_rows(*folders: Path) -> dict[int, float]:
     rows = [r for f in folders if (f / "metrics.jsonl").exists() for r in read_metrics(f) if "loss" in r]
     assert len({r["step"] for r in rows}) == len(rows), "a step was reported twice"
     return {r["step"]: r["loss"] for r in rows}
+
+
+def last_rows(ckpt: Path) -> dict[int, float]:
+    """Each step's loss by its last row: a run that rolled back to a checkpoint wrote the steps
+    after it again (its "rolled back" row lies between)."""
+    return {r["step"]: r["loss"] for r in read_metrics(ckpt) if "loss" in r}
 
 
 def events(*folders: Path) -> list[dict]:
@@ -37,6 +54,12 @@ def events(*folders: Path) -> list[dict]:
 def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     folder = ckpt / f"checkpoint_{TOTAL}"
     return {f"{p.name}/{k}": v for p in sorted(folder.glob("layer_*.safetensors")) for k, v in load_file(p).items()}
+
+
+def checkpoint_tensors(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoint ``step``: weights, optimizer state, anything else saved."""
+    folder = ckpt / f"checkpoint_{step}"
+    return {f"{p.name}/{k}": v for p in sorted(folder.glob("*.safetensors")) for k, v in load_file(p).items()}
 
 
 def wait_for_rows(procs: list[subprocess.Popen], rows: int, *folders: Path) -> None:

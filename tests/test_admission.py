@@ -5,27 +5,16 @@ on a real store, with no process group; the multi-rank case is in tests/test_rel
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
 from comm.admission import LIVE, Doorkeeper, ask_to_enter, open_run, read_card, refuse_if_live
-from comm.rendezvous import free_port
+from tests.helpers import store_client
 
 TOKEN = "correct horse battery staple"
 URL = "tcp://127.0.0.1:{port}"
-
-
-@pytest.fixture
-def store() -> tuple[dist.TCPStore, int]:
-    port = free_port()
-    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)), port
-
-
-def client(port: int) -> dist.TCPStore:
-    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
 
 
 def asking(port: int, rank: int, token: str | None) -> tuple[threading.Thread, list[BaseException | None]]:
@@ -35,7 +24,7 @@ def asking(port: int, rank: int, token: str | None) -> tuple[threading.Thread, l
 
     def ask() -> None:
         try:
-            ask_to_enter(client(port), rank, token, URL.format(port=port), timeout_s=10)
+            ask_to_enter(store_client(port), rank, token, URL.format(port=port), timeout_s=10)
             outcome.append(None)
         except ConnectionError as err:
             outcome.append(err)
@@ -75,8 +64,8 @@ def test_a_rank_and_a_run_that_disagree_on_having_a_token_refuse_each_other(
     main, port = store
     open_run(main, world_size=2, token=None)
     with pytest.raises(ConnectionError, match=r"this rank has a run token but the run at .* runs without one"):
-        ask_to_enter(client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
-    ask_to_enter(client(port), 1, None, URL.format(port=port), timeout_s=5)  # the same run, no token: in
+        ask_to_enter(store_client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
+    ask_to_enter(store_client(port), 1, None, URL.format(port=port), timeout_s=5)  # the same run, no token: in
 
 
 def test_an_answer_that_does_not_prove_the_token_is_refused(store: tuple[dist.TCPStore, int]) -> None:
@@ -88,12 +77,12 @@ def test_an_answer_that_does_not_prove_the_token_is_refused(store: tuple[dist.TC
     try:
         # the stranger's doorkeeper finds this rank's MAC wrong; a forged "admitted" would not verify
         with pytest.raises(ConnectionError, match="refused by the run"):
-            ask_to_enter(client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
+            ask_to_enter(store_client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
     finally:
         door.stop()
     main.set("run/verdict/1/2", "admitted " + "0" * 64)  # forged, where this rank's next ask looks
     with pytest.raises(ConnectionError, match="does not prove the run token"):
-        ask_to_enter(client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
+        ask_to_enter(store_client(port), 1, TOKEN, URL.format(port=port), timeout_s=5)
 
 
 def test_a_run_that_trains_is_named_and_refused(store: tuple[dist.TCPStore, int]) -> None:
@@ -102,7 +91,7 @@ def test_a_run_that_trains_is_named_and_refused(store: tuple[dist.TCPStore, int]
     refuse_if_live(main, URL.format(port=port), "rank 0")  # still gathering: not refused here
     main.set(LIVE, "1")
     with pytest.raises(ConnectionError, match=r"another run is already training at .* \(4 ranks, rank 0 on "):
-        ask_to_enter(client(port), 2, None, URL.format(port=port), timeout_s=5)
+        ask_to_enter(store_client(port), 2, None, URL.format(port=port), timeout_s=5)
 
 
 def test_a_replica_joining_a_live_elastic_run_proves_the_token(store: tuple[dist.TCPStore, int]) -> None:

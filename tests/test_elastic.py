@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,21 @@ import torch
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
-    assert_all_ok,
     assert_same_state,
     free_port,
-    launch,
     read_metrics,
     start_ranks,
 )
 from tests.pp2_dp2 import (
     TOTAL,
     elastic_args,
+    evaluation_flags,
     events,
     final_weights,
     kill_after_rows,
+    last_rows,
     training_rows,
+    validation_rows,
     wait_all,
     wait_for_rows,
 )
@@ -110,6 +112,39 @@ def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     assert_same_state(here, final_weights(pp2_dp2_run))
 
 
+def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpoints_to_the_same_losses(
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """--shard-optimizer: each replica holds half of every stage's AdamW moments, so a lost
+    replica's half is gone with it. Rank 1 is SIGKILLed after step 10: the survivors roll back
+    in-process to checkpoint 8, its moments laid out for one replica, and train on. Ranks 0 and
+    1 started again join at a step boundary where the live replica commits a checkpoint that
+    every rank then loads, laid out for two. Each step's last row, and the final weights, equal
+    the uninterrupted run's (all-reduce, moments whole) to rounding."""
+    ckpt, port = tmp_path / "ckpt", free_port()
+    args = [*elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", "--shard-optimizer"), "--link-latency-ms", "50"]
+    procs = start_ranks(args, range(4), tmp_path, port)
+    wait_for_rows(procs, 10, ckpt)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
+    while max(last_rows(ckpt), default=0) < 14:  # rolled back to 8, then six more steps
+        assert procs[2].poll() is None and procs[3].poll() is None, (tmp_path / "rank2.log").read_text()[-2000:]
+        time.sleep(0.05)
+    procs[:2] = start_ranks(args, [0, 1], tmp_path, port)
+    codes = wait_all(procs)
+    assert codes == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+
+    ours, expected = last_rows(ckpt), training_rows(pp2_dp2_run)
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    rows = {r["event"]: r for r in events(ckpt)}
+    assert sorted(rows) == ["replicas joined", "replicas left", "rolled back"]
+    left, back, joined = rows["replicas left"], rows["rolled back"], rows["replicas joined"]
+    assert left["left_launch_ranks"] == [0, 1] and back["step"] == 8 and back["from_step"] == left["step"]
+    assert joined["replicas"] == 2 and joined["step"] > 14
+    assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
+
+
 def test_a_joiner_with_other_settings_is_refused_with_a_message(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -138,7 +173,6 @@ def test_a_joiner_with_other_settings_is_refused_with_a_message(
     [
         (["--data-group-size", "1", "--world-size", "2"], "--elastic needs --data-group-size 2 or more"),
         (["--dp-mode", "local", "--sync-every", "2"], "--elastic works with --dp-mode allreduce"),
-        (["--shard-optimizer"], "--elastic works with --dp-mode allreduce"),
         (["--min-replicas", "3"], "--min-replicas 3 must lie in 1..--data-group-size 2"),
     ],
 )
@@ -153,31 +187,22 @@ def test_bad_elastic_settings_are_one_line_errors(
 
 
 def test_a_replica_lost_during_an_evaluation_is_evaluated_without_it(
-    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+    pp2_dp2_run: Path, pp2_dp2_evaluated_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
     """SIGKILL rank 3 as the run evaluates after step 35 (60 evaluation batches over a 20 ms
     emulated link make that last seconds): replica 0's stages agree that the evaluation's sum
     failed, regroup and evaluate again alone. Every evaluation row equals a run's that lost
     nothing (to 1e-5: summed in another order) and training ends with the same losses."""
-    first_task = two_tasks.split(",")[0].rsplit(":", 1)[0]
-    evaluation = ("--evaluation-data", first_task, "--evaluation-steps", "35", "--evaluation-num-batch", "60")
-    (tmp_path / "oracle").mkdir()
-    # the oracle needs no emulated latency: it delays the same sums, it does not change them
-    assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, tmp_path / "oracle" / "ckpt", *evaluation), 4,
-                         tmp_path / "oracle"))  # fmt: skip
     ckpt = tmp_path / "ckpt"
-    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", *evaluation, "--link-latency-ms", "20"),
-                        range(4), tmp_path, free_port())  # fmt: skip
+    args = elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", *evaluation_flags(two_tasks))
+    procs = start_ranks([*args, "--link-latency-ms", "20"], range(4), tmp_path, free_port())
     kill_after_rows(procs, ckpt, 35, victim=3)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}
     assert codes[3] == -signal.SIGKILL and codes[:2] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "during the evaluation; this pipeline is whole" in logs[0] + logs[1], logs[1][-2000:]
 
-    def valid(folder: Path) -> dict[int, float]:
-        return {r["step"]: r["valid.loss"] for r in read_metrics(folder) if "valid.loss" in r}
-
-    ours, expected = valid(ckpt), valid(tmp_path / "oracle" / "ckpt")
+    ours, expected = validation_rows(ckpt), validation_rows(pp2_dp2_evaluated_run)
     assert sorted(ours) == sorted(expected) == [35, 40]
     assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
     (event,) = events(ckpt)

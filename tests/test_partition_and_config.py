@@ -186,8 +186,10 @@ def test_world_size_must_equal_pp_times_dp(two_tasks: str, clean_env: pytest.Mon
 
 
 def test_world_size_from_the_environment_is_checked(two_tasks: str, clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match="--world-size 4"):
+    clean_env.setenv("WORLD_SIZE", "4")  # torchrun's count: the pipelines' ranks and any spares
+    with pytest.raises(
+        ValueError, match=r"\$WORLD_SIZE 4 != --pipeline-group-size 2 x --data-group-size 1 \+ --spares 0"
+    ):
         parse(two_tasks, "--rank", "0", "--pipeline-group-size", "2")
 
 

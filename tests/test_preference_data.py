@@ -245,7 +245,7 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
         (["--packing", "documents"], "each sequence is one response to its prompt (packing none); drop --packing"),
         (["--dpo-beta", "0"], "--dpo-beta must be positive"),
         (["--dpo-label-smoothing", "0.5"], "--dpo-label-smoothing must lie in [0, 0.5)"),
-        (["--elastic", "--data-group-size", "2"], "does not run with --elastic yet"),
+        (["--elastic", "--data-group-size", "2"], "does not run with --elastic or --spares yet"),
     ):
         with pytest.raises(ValueError) as err:
             config_from_args(parse_args([*base, *extra]))

@@ -181,12 +181,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     rank = args.rank if args.rank is not None else _env_int("RANK")
     if rank is None:
         raise ValueError("no --rank given and no $RANK set; pass --rank N or launch with torchrun")
+    slots = Topology(0, args.pipeline_group_size, args.data_group_size).world_size
+    spare_rank = None
+    if slots <= rank < slots + args.spares:  # a spare: it takes a place only when a rank is lost
+        spare_rank, rank = rank, 0
+    elif rank >= slots and args.spares:
+        raise ValueError(f"--rank {rank} is outside 0..{slots + args.spares - 1} ({slots} ranks, then --spares "
+                         f"{args.spares} from rank {slots})")  # fmt: skip
     topo = Topology(rank, args.pipeline_group_size, args.data_group_size)
-    world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
-    if world is not None and world != topo.world_size:
+    # --world-size counts the pipelines' ranks; torchrun's $WORLD_SIZE counts every process it starts
+    if args.world_size is not None and args.world_size != slots:
         raise ValueError(
-            f"--world-size {world} != --pipeline-group-size {topo.pipeline_size} x "
-            f"--data-group-size {topo.data_size} = {topo.world_size}; make them agree"
+            f"--world-size {args.world_size} != --pipeline-group-size {topo.pipeline_size} x "
+            f"--data-group-size {topo.data_size} = {slots}; make them agree (spares are not counted)"
+        )
+    world = _env_int("WORLD_SIZE") if args.world_size is None else None
+    if world is not None and world != slots + args.spares:
+        raise ValueError(
+            f"$WORLD_SIZE {world} != --pipeline-group-size {topo.pipeline_size} x --data-group-size "
+            f"{topo.data_size} + --spares {args.spares} = {slots + args.spares}; make them agree (torchrun's "
+            "--nproc-per-node x nodes counts the spares too)"
         )
     use_cuda = torch.cuda.is_available() if args.use_cuda is None else args.use_cuda
     device = choose_device(use_cuda, args.cuda_id, _env_int("LOCAL_RANK"), torch.cuda.device_count())
@@ -212,4 +226,5 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         project_name=args.project_name,
         lora=LoraSpec.from_args(args),
         objective=objective,
+        spare_rank=spare_rank,
     )

@@ -359,6 +359,7 @@ PER_RANK: dict[str, tuple[str, ...]] = {
         "loss_chunk_tokens",
         "log_backend",
         "project_name",
+        "spare_rank",
     ),
 }
 
@@ -386,6 +387,14 @@ class RunConfig:
     profiling: str = "no-profiling"  # | tidy_profiling | pytorch_profiling
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
+    # --spares: this process is the spare launched as --rank spare_rank; ``topology`` is a
+    # placeholder (rank 0's) until it takes a lost rank's place (trainer.loop.stand_by)
+    spare_rank: int | None = None
+
+    @property
+    def launch_rank(self) -> int:
+        """This process's --rank: its name in an elastic run's store."""
+        return self.topology.rank if self.spare_rank is None else self.spare_rank
 
     def chunk_tokens_for(self, vocab_size: int) -> int:
         """The loss's chunk: as asked, or under auto the chunked loss only where it pays. It saves
@@ -446,29 +455,30 @@ class RunConfig:
                 f"--packing {self.data.packing}: under --objective {self.objective.name} each sequence is one "
                 "response to its prompt (packing none); drop --packing"
             )
-        if self.comm.elastic and self.objective.precomputed_reference:
+        if self.comm.regroups and self.objective.precomputed_reference:
             raise ValueError(
-                f"--objective {self.objective.name} with a precomputed reference does not run with --elastic yet (a "
-                "joining replica would need the reference log-probs handed over); use --dpo-reference frozen, or "
-                "drop --elastic"
+                f"--objective {self.objective.name} with a precomputed reference does not run with --elastic or "
+                "--spares yet (a joining replica or spare would need the reference log-probs handed over); use "
+                "--dpo-reference frozen, or drop --elastic and --spares"
             )
 
     def _check_elastic(self) -> None:
         dp = self.topology.data_size
-        if not self.comm.elastic:
-            if self.dp.min_replicas != 1:
-                raise ValueError("--min-replicas applies to --elastic runs; add --elastic or drop it")
+        if not self.comm.elastic and self.dp.min_replicas != 1:
+            raise ValueError("--min-replicas applies to --elastic runs; add --elastic or drop it")
+        if not self.comm.regroups:
             return
-        if dp < 2:
+        flag = "--elastic" if self.comm.elastic else "--spares"
+        if dp < 2 and self.comm.elastic:  # (a spare in a single pipeline rolls back to the last checkpoint)
             raise ValueError("--elastic needs --data-group-size 2 or more: with one replica a lost rank leaves "
                              "no pipeline to go on")  # fmt: skip
-        if self.dp.mode != "allreduce" or self.dp.shard_optimizer:
-            raise ValueError("--elastic works with --dp-mode allreduce and a replicated optimizer; drop --elastic, "
-                             "or drop --dp-mode local/diloco and --shard-optimizer")  # fmt: skip
+        if self.dp.mode != "allreduce":
+            raise ValueError(f"{flag} works with --dp-mode allreduce (--shard-optimizer included); drop {flag}, or "
+                             "drop --dp-mode local/diloco")  # fmt: skip
         if not 1 <= self.dp.min_replicas <= dp:
             raise ValueError(f"--min-replicas {self.dp.min_replicas} must lie in 1..--data-group-size {dp}")
         if not self.comm.dist_url.startswith("tcp://"):
-            raise ValueError(f"--elastic needs a tcp://host:port --dist-url for its store (got {self.comm.dist_url})")
+            raise ValueError(f"{flag} needs a tcp://host:port --dist-url for its store (got {self.comm.dist_url})")
 
     def summary(self) -> dict:
         """The run's settings for experiment trackers: no paths beyond the model's, no secrets."""

@@ -21,6 +21,7 @@ from torch.distributed import Store
 
 from comm.membership import (
     Membership,
+    SparePool,
     announce_growth,
     growth_after,
     joining_replicas,
@@ -29,6 +30,7 @@ from comm.membership import (
     wait_to_join,
 )
 from comm.process_group import Communicator, PeerLostError
+from modules.layout import latest_step
 from trainer.metrics import setup_logging
 from trainer.resume import probe_disks
 from trainer.startup import set_threads
@@ -41,6 +43,17 @@ log = logging.getLogger(__name__)
 
 class ReplicasChanged(Exception):
     """An elastic run's step found another replica gone: no stage stepped; regroup and redo it."""
+
+
+class RollBack(Exception):
+    """The replicas changed and no live replica can hand the newcomers, or the new layout, its
+    state (a spare in the only replica; ZeRO-1's shards): every rank of the new generation loads
+    the last checkpoint (``trainer.loop.roll_back``). ``lost``: progress since it is redone (a
+    loss); else the checkpoint is of this very step (committed for a join)."""
+
+    def __init__(self, step: int, events: list[dict], lost: bool = True) -> None:
+        super().__init__(f"step {step}: the replicas changed; every rank loads the last checkpoint")
+        self.step, self.events, self.lost, self.started = step, events, lost, time.perf_counter()
 
 
 class ElasticController:
@@ -57,38 +70,86 @@ class ElasticController:
         self.layers_by_stage = [spans[comm.topo.rank_of(s, 0)] for s in range(comm.topo.pipeline_size)]
         self._publish()
 
-    def regroup(self, step: int, why: str = "lost") -> None:
+    def regroup(self, step: int, why: str = "lost", during: str = "step") -> None:
         """After ReplicasChanged in step ``step`` (or, ``why`` "preempted", after step ``step``,
-        which replicas with a preemption notice leave): agree with the other survivors on the
-        complete pipelines (comm.membership) and move to the new generation with this rank's
-        place among them (a metrics row says who left, and why). Raises when this replica was
-        left out or fewer than --min-replicas remain."""
+        which replicas with a preemption notice leave; ``during`` "evaluation" or "checkpoint": in
+        that, after step ``step``): agree with the other survivors on the complete pipelines, and with
+        --spares on the spares that take lost ranks' places (comm.membership), and move to the new
+        generation with this rank's place among them; a live replica of each replaced stage hands
+        its spare the state. Metrics rows say who left, and why, and who replaced whom. Raises
+        when this replica was left out or fewer replicas remain than the run accepts."""
         trainer = self.trainer
-        started = time.perf_counter()
+        cfg, started = trainer.cfg, time.perf_counter()
         elastic = trainer.comm.elastic
-        settle = min(10.0, trainer.cfg.comm.timeout_s)  # how long a slow survivor may take to register
-        membership = next_membership(elastic.store, elastic.membership, elastic.launch_rank, settle)
-        gone = sorted(set(elastic.membership.launch_ranks()) - set(membership.launch_ranks()))
+        settle = min(10.0, cfg.comm.timeout_s)  # how long a slow survivor may take to register
+        old = elastic.membership
+        membership = next_membership(elastic.store, old, elastic.launch_rank, settle, self._spares())
+        gone = sorted(set(old.launch_ranks()) - set(membership.launch_ranks()))
         if not membership.holds(elastic.launch_rank):
             raise PeerLostError(
-                f"{trainer.topo.describe(trainer.topo.rank)} registered after the surviving replicas had agreed "
-                f"without it (they go on as generation {membership.generation}); it leaves"
+                f"{trainer.topo.describe(trainer.topo.rank)}: its pipeline lost a rank and the surviving replicas "
+                f"went on without it as generation {membership.generation} (no spare was free, or it registered "
+                "late); it leaves"
             )
-        if len(membership.replicas) < trainer.cfg.dp.min_replicas:
+        fewest = cfg.dp.min_replicas if cfg.comm.elastic else cfg.topology.data_size  # only --elastic drops any
+        if len(membership.replicas) < fewest:
             raise ConnectionError(
                 f"step {step}: launch ranks {gone} were lost and {len(membership.replicas)} complete replicas remain, "
-                f"fewer than --min-replicas {trainer.cfg.dp.min_replicas}; stopping (relaunch the lost ranks and "
-                "resume from the last checkpoint)"
+                + (f"fewer than --min-replicas {fewest}" if cfg.comm.elastic else "and no spare was free")
+                + "; stopping (relaunch the lost ranks and resume from the last checkpoint)"
             )
         trainer.comm.regroup(membership)
         self._settle()
-        took = time.perf_counter() - started
-        log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in %.2fs); "
-                    "this rank is now %s", step, gone, why, len(membership.replicas), membership.generation, took,
-                    trainer.topo.describe(trainer.topo.rank))  # fmt: skip
-        trainer.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": gone,
-                               "replicas": len(membership.replicas), "generation": membership.generation,
-                               "regroup_s": took, "unix_time": time.time()})  # fmt: skip
+        stand_ins = membership.new_stand_ins(old)
+        left = [r for r in gone if r not in dict(stand_ins)]
+        if left:
+            took = time.perf_counter() - started
+            log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in "
+                        "%.2fs); this rank is now %s", step, left, why, len(membership.replicas), membership.generation,
+                        took, trainer.topo.describe(trainer.topo.rank))  # fmt: skip
+            trainer.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": left,
+                                   "replicas": len(membership.replicas), "generation": membership.generation,
+                                   "regroup_s": took, "unix_time": time.time()})  # fmt: skip
+        sources = [self._source(membership, slot, stand_ins) for slot, _ in stand_ins]
+        if None in sources or not cfg.dp.replicated:  # no live replica holds what the new generation needs
+            self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
+            raise RollBack(step, trainer.events)
+        for (slot, _), source in zip(stand_ins, sources, strict=True):
+            if trainer.topo.stage == slot % old.pipeline_size and trainer.topo.replica == source:
+                header, tensors = self._shared_state()
+                header["during"] = during
+                trainer.comm.send_to_replica(membership.replicas.index(slot // old.pipeline_size), header,
+                                             list(tensors.values()))  # fmt: skip
+        self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
+
+    def _spares(self) -> SparePool | None:
+        cfg = self.trainer.cfg
+        if cfg.comm.spares == 0:
+            return None
+        return SparePool(cfg.topology.world_size, cfg.comm.spares, cfg.fingerprint(), cfg.comm.run_token)
+
+    @staticmethod
+    def _source(membership: Membership, slot: int, new: list[tuple[int, int]]) -> int | None:
+        """The replica (in ``membership``'s order) whose rank of ``slot``'s stage hands the spare
+        now in ``slot`` its state: the first whose rank there did not just arrive itself (None:
+        every copy of the stage was lost, as with one replica)."""
+        pp, arrived = membership.pipeline_size, {s for s, _ in new}
+        for index, replica in enumerate(membership.replicas):
+            if replica * pp + slot % pp not in arrived:
+                return index
+        return None
+
+    def _note_stand_ins(self, step: int, membership: Membership, stand_ins: list[tuple[int, int]], took: float) -> None:
+        """The metrics rows (for the reporter) and log lines of spares taking lost ranks' places."""
+        pp = membership.pipeline_size
+        for slot, spare in stand_ins:
+            log.warning("step %d: spare rank %d took the place of launch rank %d (stage %d of launch replica %d) in "
+                        "%.2fs; %d replicas go on as generation %d", step, spare, slot, slot % pp, slot // pp, took,
+                        len(membership.replicas), membership.generation)  # fmt: skip
+            self.trainer.events.append({"step": step, "event": "spare took over", "lost_launch_rank": slot,
+                                        "spare_launch_rank": spare, "stage": slot % pp, "launch_replica": slot // pp,
+                                        "replicas": len(membership.replicas), "generation": membership.generation,
+                                        "takeover_s": took, "unix_time": time.time()})  # fmt: skip
 
     def _settle(self) -> None:
         """This rank in its communicator's generation (now in ``trainer.topo``): who writes
@@ -124,8 +185,14 @@ class ElasticController:
             return
         started = time.perf_counter()
         old = elastic.membership
+        replicated = trainer.cfg.dp.replicated
+        if not replicated and latest_step(trainer.cfg.checkpoint.path) != trainer.step:
+            trainer.checkpoint(must=True)  # what every rank of the grown generation loads (below)
         trainer.comm.regroup(grown)
         self._settle()
+        if not replicated:  # the joiners and the new layout of the state: through this step's checkpoint
+            self._note_joined(old.replicas, grown, time.perf_counter() - started)
+            raise RollBack(trainer.step, trainer.events, lost=False)
         live = [grown.replicas.index(r) for r in old.replicas]
         if trainer.topo.replica == live[0]:
             header, tensors = self._shared_state()
@@ -138,9 +205,10 @@ class ElasticController:
                     trainer.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
 
     def join(self, store: Store, live: dict) -> None:
-        """A rank started again while its elastic run trains (its trainer set up with the stage's
-        layers as the run has them): ask to join, and once the run takes this rank's replica in,
-        receive the run's state from a live replica of this stage."""
+        """A rank started again while its elastic run trains (its trainer made with the stage's
+        layers as the run has them, not set up): ask to join, and once the run takes this rank's
+        replica in, set up and receive the run's state from a live replica of this stage (or,
+        where none holds all of it, load the checkpoint the run committed for the join: RollBack)."""
         trainer = self.trainer
         cfg, topo = trainer.cfg, trainer.cfg.topology
         self.layers_by_stage = live["layers"]
@@ -151,12 +219,37 @@ class ElasticController:
         comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=trainer.plan.tied,
                                     store=store, membership=membership)  # fmt: skip
         trainer.comm = comm
-        trainer.optimizer.sync.use(comm)
         self._settle()
+        if not cfg.dp.replicated:  # the live ranks committed this step's checkpoint: every rank loads it
+            self._note_joined(record["replicas"], membership, time.perf_counter() - started)
+            raise RollBack(trainer.step, trainer.events, lost=False)
+        trainer.setup(joining=True)
         self._receive_state(membership.replicas.index(min(record["replicas"])))
         took = time.perf_counter() - started
         self._note_joined(record["replicas"], membership, took)
         log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
+
+    def stand_in(self, store: Store, membership: Membership, stand_ins: list[tuple[int, int]], live: dict) -> None:
+        """A spare given a lost rank's slot (its trainer made for that slot's stage, not set up):
+        move into the survivors' new generation, set up, and take the stage's state from a live
+        replica of it; raises RollBack when none holds it (the survivors roll back too)."""
+        trainer = self.trainer
+        cfg, started = trainer.cfg, time.perf_counter()
+        self.layers_by_stage = live["layers"]
+        trainer.comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device),
+                                            link_ends=trainer.plan.tied, store=store, membership=membership,
+                                            launch_rank=cfg.spare_rank)  # fmt: skip
+        self._settle()
+        source = self._source(membership, cfg.topology.rank, stand_ins)
+        if source is None or not cfg.dp.replicated:
+            self._note_stand_ins(trainer.step, membership, stand_ins, time.perf_counter() - started)
+            raise RollBack(trainer.step, trainer.events)
+        trainer.setup(joining=True)
+        header = self._receive_state(source)
+        took = time.perf_counter() - started
+        step = trainer.step + (header["during"] == "step")  # the step the survivors do again
+        self._note_stand_ins(step, membership, stand_ins, took)
+        trainer.joined_during = None if header["during"] == "step" else header["during"]
 
     def _note_joined(self, before: list[int], now: Membership, took: float) -> list[int]:
         """The metrics row of a join (for the reporter): the launch ranks in ``now`` that the
@@ -184,8 +277,9 @@ class ElasticController:
         }
         return header, tensors
 
-    def _receive_state(self, source: int) -> None:
-        """A joiner: take the run's state from this stage's rank in replica ``source``."""
+    def _receive_state(self, source: int) -> dict:
+        """A joiner or spare: take the run's state from this stage's rank in replica ``source``
+        (returns what came with it)."""
         trainer = self.trainer
         header, received = trainer.comm.recv_from_replica(source, lambda h: [(s, d) for _, s, d in h["tensors"]])
         tensors = {name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)}
@@ -203,3 +297,4 @@ class ElasticController:
         if trainer.stream is not None:
             trainer.stream.load_state_dict(header["data"])
             trainer.data_state = header["data"]
+        return header

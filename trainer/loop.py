@@ -6,15 +6,15 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch.distributed import Store
 
-from comm.membership import (
-    live_run,
-)
-from comm.process_group import Communicator, ReplicaLostError
+from comm.membership import live_run, wait_as_spare
+from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from data_parallel.base import Trained
@@ -35,11 +35,11 @@ from trainer.data import (
     parse_task_names,
     resumed_packing,
 )
-from trainer.elastic import ElasticController, ReplicasChanged
+from trainer.elastic import ElasticController, ReplicasChanged, RollBack
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
+from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress, setup_logging
 from trainer.optimizer import StageOptimizer
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
@@ -104,8 +104,11 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
         self.loss_chunk = 0  # tokens the loss projects at a time (0: all logits), set in setup
-        self.elastic = ElasticController(self) if cfg.comm.elastic else None  # replicas leaving and joining
-        self.events: list[dict] = []  # --elastic: metrics rows saying who left or joined, for the reporter
+        # replicas leaving and joining, spares taking lost ranks' places
+        self.elastic = ElasticController(self) if cfg.comm.regroups else None
+        self.events: list[dict] = []  # metrics rows saying who left, joined or took over, for the reporter
+        # a spare that took a place after a step, during its evaluation or checkpoint: where it starts
+        self.joined_during: str | None = None
 
     @property
     def topo(self) -> Topology:
@@ -362,7 +365,26 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _spare_takes_over(self, step: int) -> Iterator[None]:
+        """--spares: a peer of this pipeline lost during a step (or an evaluation) is replaced,
+        so this rank does not stop: it drops its groups (whoever waits on it fails at once too),
+        undoes the step's sync state and raises ReplicasChanged, to regroup and do it again."""
+        try:
+            yield
+        except PeerLostError as err:
+            if self.cfg.comm.spares == 0:
+                raise
+            log.warning("%s; this rank stays, to regroup with a spare in the lost rank's place", err)
+            self.comm.abandon(err)
+            self.optimizer.rollback()
+            raise ReplicasChanged(step) from None
+
     def train_step(self, batch: Batch | None) -> dict[str, float]:
+        with self._spare_takes_over(self.step + 1):
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch | None) -> dict[str, float]:
         cfg = self.cfg
         step = self.step + 1
         started = time.perf_counter()
@@ -566,9 +588,10 @@ class Trainer:
         and evaluate again (the same batches, split over fewer replicas)."""
         while True:
             try:
-                return self.evaluate()
+                with self._spare_takes_over(self.step):
+                    return self.evaluate()
             except ReplicasChanged:
-                self.elastic.regroup(self.step)
+                self.elastic.regroup(self.step, during="evaluation")
 
     def _sum_over_replicas(self, totals: torch.Tensor, during: str) -> None:
         """Sum ``totals`` over the replicas. In an elastic run a replica lost meanwhile fails some
@@ -605,7 +628,7 @@ class Trainer:
         every rank (trainer.checkpoint); it stops the run, unless --on-checkpoint-error continue
         lets training go on to the next one (not when ``must``, nor at the last step)."""
         try:
-            self._save()
+            self._commit()
         except CheckpointWriteError as err:
             cfg = self.cfg
             if must or cfg.checkpoint.on_error == "stop" or self.step >= cfg.optim.total_steps:
@@ -616,6 +639,23 @@ class Trainer:
                         extra=ONCE)  # fmt: skip
             self.events.append({"step": self.step, "event": "checkpoint failed", "error": str(err),
                                 "unix_time": time.time()})  # fmt: skip
+
+    def _commit(self) -> None:
+        """``_save``. In a run whose ranks regroup (--elastic, --spares), a rank lost during the
+        commit fails its gathers on every survivor before any of them moves ``latest`` (or, lost
+        after the last one, each has moved it): the survivors regroup and commit the same step
+        again, so it ends committed on every one of them."""
+        while True:
+            try:
+                self._save()
+                return
+            except PeerLostError as err:
+                if self.elastic is None:
+                    raise
+                log.warning("%s during the commit of checkpoint %d; the survivors regroup and commit it again", err,
+                            self.step)  # fmt: skip
+                self.comm.abandon(err)
+                self.elastic.regroup(self.step, during="checkpoint")
 
     def _save(self) -> None:
         state = None
@@ -635,7 +675,7 @@ class Trainer:
         --elastic (or if too few replicas would stay) the whole run commits this step and stops;
         with it, the noticed replicas leave and the others regroup and train on. True: stop."""
         staying = self.topo.data_size - len(self.noticed)
-        if self.comm.elastic is None or staying < max(1, self.cfg.dp.min_replicas):
+        if not self.cfg.comm.elastic or staying < max(1, self.cfg.dp.min_replicas):
             self._stop_for_notice(metrics)
             return True
         if self.topo.replica in self.noticed:
@@ -690,6 +730,26 @@ class Trainer:
         self.events.clear()
         return metrics, progress
 
+    def _after_step_row(
+        self, metrics: MetricsWriter | None, progress: Progress | None, first: str = "evaluation"
+    ) -> tuple[MetricsWriter | None, Progress | None]:
+        """What follows a step's row: the evaluation when due, the checkpoint when due, and
+        replicas asking to join taken in (a spare that took its place in the checkpoint's commit
+        starts there: ``first``)."""
+        cfg, total = self.cfg, self.cfg.optim.total_steps
+        if first == "evaluation" and cfg.evaluation.due(self.step, total):
+            valid = self._evaluation_row()
+            metrics, progress = self._report_events(metrics, progress)  # and have a new reporter
+            if metrics is not None and valid is not None:
+                metrics.write(valid)
+                shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in valid.items() if k[6:] in EVAL_SHOWN)
+                log.info("step %d valid loss %.4f %s", self.step, valid["valid.loss"], shown)
+        if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
+            self.checkpoint()
+        if self.elastic is not None:
+            self.elastic.grow_if_due()
+        return metrics, progress
+
     def train(self) -> None:
         cfg = self.cfg
         total = cfg.optim.total_steps
@@ -705,18 +765,22 @@ class Trainer:
         self.memory.reset()
         first_step = self.step + 1
         try:
+            if self.joined_during is not None:  # a spare that took its place after this step
+                metrics, progress = self._after_step_row(metrics, progress, first=self.joined_during)
             while self.step < total:
                 metrics, progress = self._report_events(metrics, progress)
                 with self.comm.tracer.span("step", f"step {self.step + 1}"):
-                    batch = None
+                    batch = after = None
                     if prefetch is not None:
-                        batch, self.data_state = prefetch.next()
+                        batch, after = prefetch.next()
                     row = None
                     while row is None:
                         try:
                             row = self.train_step(batch)
                         except ReplicasChanged:  # nothing stepped: the survivors redo it with the same batch
                             self.elastic.regroup(self.step + 1)
+                    if prefetch is not None:
+                        self.data_state = after  # trained on: where a checkpoint, joiner or spare goes on from
                 metrics, progress = self._report_events(metrics, progress)  # who left, before the step's row
                 if self.step == first_step:  # the optimizer's state exists from its first update
                     log.info("optimizer state held on this rank: %.3g GB (%d bytes)",
@@ -733,17 +797,7 @@ class Trainer:
                 if self.noticed:  # a preemption notice reached some rank (trainer.preemption)
                     if self._answer_notice(metrics):
                         break  # this rank is done: the step is committed, or its replica left
-                if cfg.evaluation.due(self.step, total):
-                    valid = self._evaluation_row()
-                    metrics, progress = self._report_events(metrics, progress)  # and have a new reporter
-                    if metrics is not None and valid is not None:
-                        metrics.write(valid)
-                        shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in valid.items() if k[6:] in EVAL_SHOWN)
-                        log.info("step %d valid loss %.4f %s", self.step, valid["valid.loss"], shown)
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
-                    self.checkpoint()
-                if self.elastic is not None:
-                    self.elastic.grow_if_due()
+                metrics, progress = self._after_step_row(metrics, progress)
         finally:
             if prefetch is not None:
                 prefetch.close()
@@ -758,17 +812,28 @@ def run(cfg: RunConfig) -> None:
     # from here a SIGTERM or SIGUSR1 is a notice: the run stops at a step boundary with a checkpoint
     notice = PreemptionNotice(cfg.checkpoint.preempt_grace_s)
     notice.install()
-    store = elastic_store(cfg.comm.dist_url, cfg.topology.rank, cfg.comm.timeout_s) if cfg.comm.elastic else None
-    live = live_run(store) if store is not None else None  # started again while the run trains: join it
+    store = elastic_store(cfg.comm.dist_url, cfg.launch_rank, cfg.comm.timeout_s) if cfg.comm.regroups else None
+    # started again while the run trains: join it (a spare only ever takes a lost rank's place)
+    live = live_run(store) if store is not None and cfg.spare_rank is None else None
     comm = trainer = None
     try:
-        if live is not None:
+        if cfg.spare_rank is not None:
+            trainer = stand_by(cfg, store, notice)
+            if trainer is None:
+                log.info("the run finished without needing this spare")
+                return
+        elif live is not None:
             trainer = join_run(cfg, plan, store, live, notice)
         else:
             comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied,
                                         side_group=cfg.dp.mode == "diloco", store=store)  # fmt: skip
             trainer = start_run(cfg, plan, comm, notice)
-        trainer.train()
+        while True:
+            try:
+                trainer.train()
+                break
+            except RollBack as back:
+                trainer = roll_back(trainer, back)
     except BaseException as err:
         comm = trainer.comm if trainer is not None and trainer.comm is not None else comm
         if comm is not None:
@@ -812,6 +877,58 @@ def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict, notice: Preem
     run has them, then join (trainer.elastic)."""
     plan = replace(plan, layers=range(*live["layers"][cfg.topology.stage]))
     trainer = Trainer(cfg, plan, None, None, notice)
-    trainer.setup(joining=True)
-    trainer.elastic.join(store, live)
+    try:
+        trainer.elastic.join(store, live)
+    except RollBack as back:  # the run's state is not held whole by any replica: through its checkpoint
+        return roll_back(trainer, back)
+    return trainer
+
+
+def stand_by(cfg: RunConfig, store: Store, notice: PreemptionNotice) -> Trainer | None:
+    """A spare (--spares): wait, loading nothing, until a regroup gives it a lost rank's slot;
+    then set up as that slot's rank with the stage's layers as the run has them, and take the
+    stage's state from a live replica (trainer.elastic). None: the run finished without it."""
+    log.info("spare rank %d: waiting for a lost rank's place", cfg.spare_rank)
+    taken = wait_as_spare(store, cfg.spare_rank, cfg.fingerprint(), cfg.comm.run_token)
+    if taken is None:
+        return None
+    membership, stand_ins, live = taken
+    slot = membership.slot_of(cfg.spare_rank)
+    cfg = replace(cfg, topology=Topology(slot, cfg.topology.pipeline_size, cfg.topology.data_size))
+    setup_logging(cfg.topology, cfg.log_level)  # the log's prefix names its place from now on
+    plan = replace(plan_stage(cfg), layers=range(*live["layers"][cfg.topology.stage]))
+    trainer = Trainer(cfg, plan, None, None, notice)
+    try:
+        trainer.elastic.stand_in(store, membership, stand_ins, live)
+    except RollBack as back:  # no live replica holds the state of the stage it took
+        return roll_back(trainer, back)
+    return trainer
+
+
+def roll_back(old: Trainer, back: RollBack) -> Trainer:
+    """The replicas changed and no live replica could hand over what the new generation needs (a
+    spare in the only replica; ZeRO-1's shards, laid out anew for the new replica count): every
+    rank of the new generation, a spare or joiner too, loads the last checkpoint they agree on
+    (a rank whose folder lacks its part fetches it from one that has it, trainer.resume), in this
+    process, and trains on from there. After a loss a metrics row says from which step to which,
+    and how long it took."""
+    comm = old.comm
+    cfg = replace(old.cfg, checkpoint=replace(old.cfg.checkpoint, resume=True))
+    # the survivors know the step they were in, and hold the takeover's rows (a spare knows neither)
+    lost_in, events = max(comm.all_gather_object((back.step, back.events)), key=lambda gathered: gathered[0])
+    old.stage = old.optimizer = old.params = old.tied = None  # its memory, before the checkpoint's copy is built
+    agree_on_resume(comm, cfg, old.plan.layers, old.disks)
+    trainer = Trainer(cfg, old.plan, comm, old.disks, old.notice)
+    trainer.setup()
+    trainer.elastic.layers_by_stage = old.elastic.layers_by_stage
+    took = time.perf_counter() - back.started
+    trainer.events = events
+    if back.lost:
+        log.warning("rolled back from step %d to checkpoint %d in %.2fs: no live replica held all of the state the "
+                    "new replicas need", lost_in, trainer.step, took)  # fmt: skip
+        trainer.events.append({"step": trainer.step, "event": "rolled back", "from_step": lost_in,
+                               "rollback_s": took, "unix_time": time.time()})  # fmt: skip
+    else:
+        log.info("every rank loaded checkpoint %d, laid out for %d replicas, in %.2fs", trainer.step,
+                 trainer.topo.data_size, took)  # fmt: skip
     return trainer

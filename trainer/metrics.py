@@ -141,17 +141,20 @@ class _SaidOnce(logging.Filter):
     """Drops the lines marked ONCE on every rank but 0, and those marked PER_STAGE on every
     replica but the first."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: Topology | None) -> None:
         super().__init__()
         self.topo = topo
 
     def filter(self, record: logging.LogRecord) -> bool:
         once = getattr(record, "once", None)
+        if once is not None and self.topo is None:  # a waiting spare says nothing for the run
+            return False
         return once is None or (self.topo.rank == 0 if once == "run" else self.topo.replica == 0)
 
 
-def setup_logging(topo: Topology, level: str) -> None:
-    prefix = f"[stage {topo.stage} | replica {topo.replica}]"
+def setup_logging(topo: Topology, level: str, spare: int | None = None) -> None:
+    """Every line prefixed with this rank's place (a waiting --spares process: its rank)."""
+    prefix = f"[stage {topo.stage} | replica {topo.replica}]" if spare is None else f"[spare rank {spare}]"
     logging.basicConfig(
         level=getattr(logging, level),
         format=f"%(asctime)s %(levelname)s {prefix} %(name)s: %(message)s",
@@ -159,6 +162,6 @@ def setup_logging(topo: Topology, level: str) -> None:
         force=True,
     )
     for handler in logging.getLogger().handlers:  # handlers see every logger's records
-        handler.addFilter(_SaidOnce(topo))
+        handler.addFilter(_SaidOnce(topo if spare is None else None))
     # bitsandbytes (optional, imported by peft when installed) reports missing CPU kernels at import
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
