@@ -187,8 +187,13 @@ class GradientCompressor:
         payload, self.chunk_residual = self._encode_with_feedback(summed, self.chunk_residual)
         return payload
 
+    def mark(self) -> None:
+        """A step starts: what ``rollback`` returns to if it is given up before any encode."""
+        self._before = (self.residual, self.chunk_residual)
+
     def rollback(self) -> None:
-        """Forget the last step's encodes (it was skipped, e.g. for non-finite gradients)."""
+        """Forget the last step's encodes (it was skipped, e.g. for non-finite gradients, or given
+        up: back to its ``mark`` when it encoded nothing)."""
         self.residual, self.chunk_residual = self._before
 
     def _encode_with_feedback(

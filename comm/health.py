@@ -4,7 +4,8 @@ Every rank bumps a counter in the store once a second and reads everyone else's.
 counter stops moving for ``dead_after`` seconds is dead or frozen (a slow link does not stop
 it: the beats are a few bytes, sent from their own thread); a peer that stops with an error
 leaves its reason. Either way this rank logs who was lost and exits, instead of waiting in a
-collective until a long timeout. A rank that finishes normally marks itself done.
+collective until a long timeout (a run with spares only logs it, and beats on: its own calls
+fail and it regroups). A rank that finishes normally marks itself done.
 """
 
 from __future__ import annotations

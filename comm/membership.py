@@ -1,20 +1,30 @@
-"""Which replicas train in an elastic run (``--elastic``), agreed through the job's store.
+"""Which ranks train in a run that regroups (``--elastic``, ``--spares``), agreed through the
+job's store.
 
 A generation is one membership: the launch replicas (``--rank // pp``) whose pipelines are
-complete, renumbered in launch order, so ranks keep the layout of ``topology.py``. Generation 0
-is the launch; later ones take numbers from a counter in the store, and the process groups of
-generation g use the key space ``gen<g>/pg/``, so a generation never reads another's addresses.
-Rank 0 of each generation publishes it under ``CURRENT`` once it trains.
+complete, renumbered in launch order, so ranks keep the layout of ``topology.py``; and, with
+spares, which spare holds each slot (a launch rank's place) whose launched rank was lost.
+Generation 0 is the launch; later ones take numbers from a counter in the store, and the process
+groups of generation g use the key space ``gen<g>/pg/``, so a generation never reads another's
+addresses. Rank 0 of each generation publishes it under ``CURRENT`` once it trains.
 
 When a rank is lost:
 
 - every rank of its pipeline sees a point-to-point or pipeline collective fail (or its heartbeat
-  stop), marks itself ``left`` and exits: its closed connections release whoever waits on it;
+  stop). Without spares it marks itself ``lost`` and exits: its closed connections release
+  whoever waits on it. With spares it tears down its process groups (the same release) and
+  registers ``alive`` for the next generation;
 - the other pipelines see a data-parallel collective fail. They finish the step's pipeline
   all-reduce with a flag instead of stepping (no replica commits a step another did not), and
   each of their ranks registers ``alive`` for the next generation;
-- the first rank to see every launch replica decided (all its ranks alive, or one of them left),
-  or to wait out the settle time, fixes the next generation with one compare-and-set; all read it.
+- a rank is lost when it marked itself so or its heartbeat stood still for ``SILENT_S`` (a
+  SIGKILLed rank marks nothing); a replica whose rank left on purpose (``left``: a preemption
+  notice) is never mended;
+- the first rank to see every launch replica decided (all its ranks alive; or, without spares,
+  one of them gone; or, with spares, each of them alive or lost), or to wait out the settle time,
+  fixes the next generation with one compare-and-set: the complete pipelines and those whose
+  every lost slot a free spare fills. All read it, and write each chosen spare its generation
+  under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``).
 
 When ranks are started again with the same flags while a run is live, they join:
 

@@ -54,6 +54,11 @@ class AllReduce(GradientSync):
         unflatten(flat[: -loss.numel()], grads)
         return flat[-loss.numel() :].detach()
 
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        if self.compressed is not None:
+            self.compressed.mark()
+
     def rollback(self) -> None:
         if self.compressed is not None:
             self.compressed.rollback()

@@ -39,6 +39,10 @@ class CompressedSums:
         """Message ``message``'s sum over the replicas (a new tensor of ``flat``'s length)."""
         return compressed_sum(comm, self.compressors[message], flat)
 
+    def mark(self) -> None:
+        for compressor in self.compressors:
+            compressor.mark()  # a step given up before its sums rolls back to here, not to the step before
+
     def rollback(self) -> None:
         for compressor in self.compressors:
             compressor.rollback()  # a skipped step must not poison the error feedback

@@ -145,6 +145,34 @@ def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpo
     assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
 
 
+def test_with_a_sharded_optimizer_a_replica_lost_while_gathering_the_update_is_rolled_back(
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """--shard-optimizer gathers the updated shards after the step: rank 3 dies just before its
+    gather of step 10 (tests/dies_in.py), so stage 1's gather fails in replica 0 while stage 0's
+    succeeds. Both of replica 0's stages learn it before step 11 (a flag summed along the
+    pipeline), regroup and roll back to checkpoint 8. Every step's last row, and the final
+    weights, equal the uninterrupted run's to rounding."""
+    ckpt, port = tmp_path / "ckpt", free_port()
+    args = elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", "--shard-optimizer")
+    procs = start_ranks(args, range(3), tmp_path, port)
+    procs += start_ranks(
+        args, [3], tmp_path, port, script=("tests/dies_in.py", "data_parallel.sharded:Sharded.after_update", "10")
+    )
+    codes = wait_all(procs)
+    logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}
+    assert codes == [0, 0, 1, -signal.SIGKILL], logs[0][-2000:] + logs[1][-2000:]
+    assert "after the update; this pipeline regroups" in logs[1], logs[1][-2000:]
+
+    ours, expected = last_rows(ckpt), training_rows(pp2_dp2_run)
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    rows = {r["event"]: r for r in events(ckpt)}
+    assert sorted(rows) == ["replicas left", "rolled back"]
+    assert rows["replicas left"]["step"] == 10 and rows["rolled back"]["step"] == 8
+    assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
+
+
 def test_a_joiner_with_other_settings_is_refused_with_a_message(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

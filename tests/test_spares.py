@@ -47,7 +47,9 @@ def test_a_spare_takes_a_killed_rank_s_place_and_every_loss_stays_the_uninterrup
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(5)}
     assert codes == [0, 0, 0, -signal.SIGKILL, 0], "".join(logs[r][-1500:] for r in (0, 1, 2, 4))
-    assert "this rank stays, to regroup with a spare" in logs[2]
+    assert "lost rank 3 (stage 1, replica 1)" in logs[2] and "; this rank regroups with the other" in logs[2], logs[2][
+        -2000:
+    ]
     assert "spare rank 4 took the place of launch rank 3 (stage 1 of launch replica 1)" in logs[4], logs[4][-2000:]
 
     ours, expected = training_rows(ckpt), training_rows(pp2_dp2_run)
@@ -91,19 +93,19 @@ def test_a_reporter_lost_during_an_evaluation_is_replaced_and_the_evaluation_don
 def test_a_rank_lost_during_a_checkpoint_commit_is_replaced_and_the_commit_done_again(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
-    """Rank 3 dies as the commit of checkpoint 16 begins (tests/dies_in_commit.py): the
+    """Rank 3 dies as the commit of checkpoint 16 begins (tests/dies_in.py): the
     survivors' gathers fail before any of them moves ``latest``, which still names step 8 while
     they regroup; the spare takes rank 3's place with rank 1's state and commits step 16 with
     them. Checkpoint 16, every loss and the final weights are those of the uninterrupted run."""
     ckpt, port = tmp_path / "ckpt", free_port()
     args = elastic_args(tiny_shards, two_tasks, ckpt, "--spares", "1")
     procs = start_ranks(args, [0, 1, 2], tmp_path, port)
-    procs += start_ranks(args, [3], tmp_path, port, script=("tests/dies_in_commit.py", "16"))
+    procs += start_ranks(args, [3], tmp_path, port, script=("tests/dies_in.py", "trainer.loop:save_checkpoint", "2"))
     procs += start_ranks(args, [4], tmp_path, port)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(5)}
     assert codes == [0, 0, 0, -signal.SIGKILL, 0], "".join(logs[r][-1500:] for r in (0, 1, 2, 4))
-    assert "during the commit of checkpoint 16; the survivors regroup and commit it again" in logs[0], logs[0][-2000:]
+    assert "in the commit of checkpoint 16; this rank regroups with the other survivors" in logs[0], logs[0][-2000:]
 
     (event,) = events(ckpt)
     assert (event["event"], event["step"], event["lost_launch_rank"], event["spare_launch_rank"]) == (

@@ -322,6 +322,30 @@ def test_a_rolled_back_step_leaves_no_error_feedback(kind: str, n: int) -> None:
         assert not torch.equal(out["kept"][-1], out["never happened"][-1])  # the feedback matters
 
 
+@pytest.mark.parametrize("kind", ["allreduce-int8", "bucketed-int8"])
+def test_a_step_abandoned_before_its_sums_rolls_back_only_itself(kind: str) -> None:
+    """A step given up before any sum (a pipeline peer lost in its forward, --spares) rolls
+    back to its own start: step 1's error feedback survives, so steps 1, 2 (abandoned), 3 sum at
+    step 3 what steps 1, 3 do."""
+
+    def replica(comm: ReplicaComm):
+        out = {}
+        for run, steps in {"abandoned": (1, 2, 3), "never happened": (1, 3)}.items():
+            r = setup(comm, CONFIGS[kind])
+            for step in steps:
+                if step == 2 and run == "abandoned":
+                    r.opt.zero_grad()
+                    r.opt.rollback()
+                    continue
+                backward(r, step)
+                r.opt.reduce(totals_of(comm.topo.replica, step), 1.0)
+            out[run] = r.grads()
+        return out
+
+    for out in run_replicas(2, replica):
+        assert_same(out["abandoned"], out["never happened"], f"{kind}: step 3 after an abandoned step 2")
+
+
 # -- Sharded ------------------------------------------------------------------------------------
 
 

@@ -366,22 +366,28 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------
 
     @contextmanager
-    def _spare_takes_over(self, step: int) -> Iterator[None]:
-        """--spares: a peer of this pipeline lost during a step (or an evaluation) is replaced,
-        so this rank does not stop: it drops its groups (whoever waits on it fails at once too),
-        undoes the step's sync state and raises ReplicasChanged, to regroup and do it again."""
+    def _regroup_on_loss(self, step: int, what: str, in_step: bool = False, commit: bool = False) -> Iterator[None]:
+        """In a run that regroups (--elastic, --spares), a peer lost during a step, an evaluation
+        or a checkpoint's ``commit`` does not stop this rank: it drops its process groups (whoever
+        waits on it fails at once too), forgets what a step ``in_step`` carried into the sync
+        state, and raises ReplicasChanged. The survivors' agreement then says whether its pipeline
+        goes on (a spare in the lost rank's place) or leaves. Without spares, a failure of its own
+        pipeline (any but a data-parallel one, outside a commit's control exchanges) cannot be
+        mended: the rank leaves at once, as before, and its exit tells the survivors."""
         try:
             yield
         except PeerLostError as err:
-            if self.cfg.comm.spares == 0:
+            broken = self.cfg.comm.spares == 0 and not commit and not isinstance(err, ReplicaLostError)
+            if self.elastic is None or broken:
                 raise
-            log.warning("%s; this rank stays, to regroup with a spare in the lost rank's place", err)
+            log.warning("%s, in %s; this rank regroups with the other survivors", err, what)
             self.comm.abandon(err)
-            self.optimizer.rollback()
+            if in_step:
+                self.optimizer.rollback()
             raise ReplicasChanged(step) from None
 
     def train_step(self, batch: Batch | None) -> dict[str, float]:
-        with self._spare_takes_over(self.step + 1):
+        with self._regroup_on_loss(self.step + 1, f"step {self.step + 1}", in_step=True):
             return self._train_step(batch)
 
     def _train_step(self, batch: Batch | None) -> dict[str, float]:
@@ -468,12 +474,21 @@ class Trainer:
         if not finite:
             self.optimizer.rollback()
         lr = cfg.optim.lr_at(step)
+        lost_in_update = 0.0
         if finite:
             clip = None
             if cfg.optim.max_grad_norm > 0:
                 clip = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
             with self.comm.tracer.span("optimizer step"):
-                self.optimizer.step(lr, clip)
+                lost_in_update = self._update(lr, clip)
+        if self.elastic is not None and self.optimizer.sharded:
+            # ZeRO-1 gathers the updated weights after the step: a replica lost there fails only
+            # its stage's gather, so every stage of this pipeline learns it before the next step
+            # (the regroup then reloads the last checkpoint: the update is not everyone's)
+            flag = torch.tensor([lost_in_update], dtype=torch.float64, device=self.device)
+            self.comm.all_reduce_pipeline(flag)
+            if flag.item() > 0:
+                raise ReplicasChanged(step)
         self._after_step(step, finite, scale)
         self.optimizer.sync.end_of_step(step)  # local SGD and DiLoCo: the replicas meet again when due
         self.step = step
@@ -502,6 +517,18 @@ class Trainer:
         if self.scaler is not None:
             row["loss_scale"] = scale
         return row
+
+    def _update(self, lr: float, clip: float | None) -> float:
+        """The optimizer's step; 1.0 where an elastic run lost a replica in it (ZeRO-1's gather
+        of the updated shards), else 0.0."""
+        try:
+            self.optimizer.step(lr, clip)
+        except ReplicaLostError as err:
+            if self.elastic is None:
+                raise
+            log.warning("%s after the update; this pipeline regroups with the other survivors", err)
+            return 1.0
+        return 0.0
 
     def _loss_tokens(self, batch: Batch) -> int:
         """Tokens (DPO: pairs) the loss is averaged over: the whole global batch, or in local and
@@ -588,7 +615,7 @@ class Trainer:
         and evaluate again (the same batches, split over fewer replicas)."""
         while True:
             try:
-                with self._spare_takes_over(self.step):
+                with self._regroup_on_loss(self.step, f"the evaluation after step {self.step}"):
                     return self.evaluate()
             except ReplicasChanged:
                 self.elastic.regroup(self.step, during="evaluation")
@@ -647,14 +674,10 @@ class Trainer:
         again, so it ends committed on every one of them."""
         while True:
             try:
-                self._save()
+                with self._regroup_on_loss(self.step, f"the commit of checkpoint {self.step}", commit=True):
+                    self._save()
                 return
-            except PeerLostError as err:
-                if self.elastic is None:
-                    raise
-                log.warning("%s during the commit of checkpoint %d; the survivors regroup and commit it again", err,
-                            self.step)  # fmt: skip
-                self.comm.abandon(err)
+            except ReplicasChanged:
                 self.elastic.regroup(self.step, during="checkpoint")
 
     def _save(self) -> None:
