@@ -17,7 +17,16 @@ import torch.distributed as dist
 from comm.membership import Membership, SparePool, mark_left, mark_lost, next_membership, publish, wait_as_spare
 from comm.store_host import FINISHED
 from comm.topology import Topology
-from tests.helpers import assert_all_ok, free_port, launch, read_metrics, start_ranks, store_client, train_args
+from tests.helpers import (
+    assert_all_ok,
+    assert_same_state,
+    free_port,
+    launch,
+    read_metrics,
+    start_ranks,
+    store_client,
+    train_args,
+)
 from tests.pp2_dp2 import (
     TOTAL,
     checkpoint_tensors,
@@ -26,6 +35,7 @@ from tests.pp2_dp2 import (
     events,
     final_weights,
     kill_after_rows,
+    last_rows,
     training_rows,
     validation_rows,
     wait_all,
@@ -114,6 +124,30 @@ def test_a_rank_lost_during_a_checkpoint_commit_is_replaced_and_the_commit_done_
     for step in (16, TOTAL):
         here, there = checkpoint_tensors(ckpt, step), checkpoint_tensors(pp2_dp2_run, step)
         assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here), step
+
+
+def test_with_a_sharded_optimizer_the_spare_and_the_survivors_go_through_the_last_checkpoint(
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """--shard-optimizer: rank 3's share of stage 1's AdamW moments is gone with it, so no live
+    replica can hand the spare its state. SIGKILL rank 3 after step 10: every rank, the spare
+    too, loads checkpoint 8 in-process and the two replicas train on. Every step's last row and
+    the final checkpoint equal the uninterrupted (all-reduce, moments whole) run's."""
+    ckpt = tmp_path / "ckpt"
+    args = elastic_args(tiny_shards, two_tasks, ckpt, "--spares", "1", "--shard-optimizer")
+    procs = start_ranks(args, range(5), tmp_path, free_port())
+    kill_after_rows(procs, ckpt, 10, victim=3)
+    codes = wait_all(procs)
+    logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(5)}
+    assert codes == [0, 0, 0, -signal.SIGKILL, 0], "".join(logs[r][-1500:] for r in (0, 1, 2, 4))
+
+    rows = {r["event"]: r for r in events(ckpt)}
+    assert sorted(rows) == ["rolled back", "spare took over"]
+    assert rows["rolled back"]["step"] == 8 and rows["spare took over"]["spare_launch_rank"] == 4
+    ours, expected = last_rows(ckpt), training_rows(pp2_dp2_run)
+    assert sorted(ours) == list(range(1, TOTAL + 1))
+    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+    assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
 
 
 def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_process(
@@ -308,7 +342,6 @@ def test_spares_are_ranks_after_the_pipelines_and_torchrun_s_world_size_counts_t
     "extra, message",
     [
         (["--dp-mode", "local", "--sync-every", "2"], "--spares works with --dp-mode allreduce"),
-        (["--shard-optimizer"], "--spares does not work with --shard-optimizer yet"),
         (["--dist-url", "file:///tmp/rendezvous"], "--spares needs a tcp://host:port --dist-url"),
         (["--min-replicas", "2"], "--min-replicas applies to --elastic runs"),
         (["--spares", "-1"], "--spares -1 must be 0 or more"),

@@ -475,9 +475,6 @@ class RunConfig:
         if self.dp.mode != "allreduce":
             raise ValueError(f"{flag} works with --dp-mode allreduce (--shard-optimizer included); drop {flag}, or "
                              "drop --dp-mode local/diloco")  # fmt: skip
-        if self.comm.spares and self.dp.shard_optimizer:
-            raise ValueError("--spares does not work with --shard-optimizer yet (a spare would need the lost "
-                             "replica's share of the moments); drop one of them")  # fmt: skip
         if not 1 <= self.dp.min_replicas <= dp:
             raise ValueError(f"--min-replicas {self.dp.min_replicas} must lie in 1..--data-group-size {dp}")
         if not self.comm.dist_url.startswith("tcp://"):
