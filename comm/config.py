@@ -106,8 +106,9 @@ class CommConfig:
             action="store_true",
             help="replicas may leave and come back: when a rank is lost, its whole replica leaves and the other "
             "complete pipelines go on without a restart, the global batch split over fewer replicas; its ranks "
-            "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; the "
-            "run's store runs in a process of its own that rank 0 starts)",
+            "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; with "
+            "--shard-optimizer or --dp-mode diloco both go through a checkpoint; the run's store runs in a process "
+            "of its own that rank 0 starts)",
         )
         connection.add_argument(
             "--spares",

@@ -266,7 +266,7 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
         if self._data_group is not None and self._side_group is None:
             raise RuntimeError("side_channel() needs a communicator connected with side_group=True")
         side = copy.copy(self)
-        side._data_group = self._side_group
+        side._data_group, side._side_group = self._side_group, None
         side.dp_bytes_sent = 0
         return side
 
@@ -287,7 +287,10 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
                 groups = [g for g in (self._data_group, self._side_group) if g is not None]
                 self._data_group = self._side_group = None
                 while groups:  # no reference left here: a referenced group stays connected (``abandon``)
-                    dist.destroy_process_group(groups.pop())
+                    try:
+                        dist.destroy_process_group(groups.pop())
+                    except ValueError:
+                        pass  # torn down already, by the side channel that shares it
                 me = self.topo.describe(self.topo.rank)
                 raise ReplicaLostError(f"{me}: another replica was lost during {what} ({reason})") from None
             who = f"lost {self.topo.describe(peer)}" if peer is not None else "a peer failed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import torch
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
+    assert_all_ok,
     assert_same_state,
     free_port,
+    launch,
     read_metrics,
     start_ranks,
 )
@@ -171,6 +174,49 @@ def test_with_a_sharded_optimizer_a_replica_lost_while_gathering_the_update_is_r
     assert sorted(rows) == ["replicas left", "rolled back"]
     assert rows["replicas left"]["step"] == 10 and rows["rolled back"]["step"] == 8
     assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
+
+
+def test_with_diloco_a_lost_and_rejoined_replica_train_on_as_resumes_at_each_replica_count(
+    tiny_shards: Path, two_tasks: str, tmp_path: Path
+) -> None:
+    """Streaming DiLoCo (two fragments, overlap): the replicas differ between syncs and each
+    saves its own files, so no live replica can stand for a lost one. Rank 1 is SIGKILLed after
+    step 10: the survivors roll back to checkpoint 8 and train on alone; ranks 0 and 1 started
+    again join through a checkpoint of the join step that every rank loads. The run is then two
+    resumes in one process: from step 9 to the join its rows are those of a run resumed from
+    checkpoint 8 with one replica (the same global batch), after the join those of a run resumed
+    from the join's checkpoint with two."""
+    diloco = ("--dp-mode", "diloco", "--sync-every", "4", "--diloco-fragments", "2", "--diloco-overlap-steps", "1")
+    ckpt, port = tmp_path / "ckpt", free_port()
+    args = [*elastic_args(tiny_shards, two_tasks, ckpt, *diloco, "--elastic"), "--link-latency-ms", "50"]
+    procs = start_ranks(args, range(4), tmp_path, port)
+    wait_for_rows(procs, 10, ckpt)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
+    while max(last_rows(ckpt), default=0) < 14:  # rolled back to 8, then six more steps
+        assert procs[2].poll() is None and procs[3].poll() is None, (tmp_path / "rank2.log").read_text()[-2000:]
+        time.sleep(0.05)
+    procs[:2] = start_ranks(args, [0, 1], tmp_path, port)
+    assert wait_all(procs) == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+    rows = {r["event"]: r for r in events(ckpt)}
+    assert sorted(rows) == ["replicas joined", "replicas left", "rolled back"] and rows["rolled back"]["step"] == 8
+    joined = rows["replicas joined"]["step"]
+    ours = last_rows(ckpt)
+    assert sorted(ours) == list(range(1, TOTAL + 1)) and 14 <= joined < TOTAL
+
+    def resumed(step: int, name: str, world: int, *flags: str) -> dict[int, float]:
+        """A run of ``world`` ranks resumed from a copy of this run's checkpoint ``step``, with ``flags``."""
+        folder = tmp_path / name / "ckpt"
+        shutil.copytree(ckpt / f"checkpoint_{step}", folder / f"checkpoint_{step}")
+        (folder / "latest").write_text(f"{step}\n")
+        assert_all_ok(launch([*elastic_args(tiny_shards, two_tasks, folder, *diloco), *flags], world, tmp_path / name))
+        return last_rows(folder)
+
+    # one replica trains the two replicas' slots: the same sequences in the same order
+    alone = resumed(8, "alone", 2, "--data-group-size", "1", "--world-size", "2", "--batch-size", "4")
+    assert [ours[s] for s in range(9, joined + 1)] == pytest.approx([alone[s] for s in range(9, joined + 1)], rel=1e-5)
+    together = resumed(joined, "together", 4)
+    assert [ours[s] for s in range(joined + 1, TOTAL + 1)] == [together[s] for s in range(joined + 1, TOTAL + 1)]
 
 
 def test_a_joiner_with_other_settings_is_refused_with_a_message(

@@ -342,6 +342,7 @@ def test_spares_are_ranks_after_the_pipelines_and_torchrun_s_world_size_counts_t
     "extra, message",
     [
         (["--dp-mode", "local", "--sync-every", "2"], "--spares works with --dp-mode allreduce"),
+        (["--dp-mode", "diloco", "--sync-every", "4"], "--spares works with --dp-mode allreduce"),
         (["--dist-url", "file:///tmp/rendezvous"], "--spares needs a tcp://host:port --dist-url"),
         (["--min-replicas", "2"], "--min-replicas applies to --elastic runs"),
         (["--spares", "-1"], "--spares -1 must be 0 or more"),

@@ -206,9 +206,10 @@ class ElasticController:
 
     def join(self, store: Store, live: dict) -> None:
         """A rank started again while its elastic run trains (its trainer made with the stage's
-        layers as the run has them, not set up): ask to join, and once the run takes this rank's
-        replica in, set up and receive the run's state from a live replica of this stage (or,
-        where none holds all of it, load the checkpoint the run committed for the join: RollBack)."""
+        layers as the run has them, and set up where a replica holds all of a stage's state):
+        ask to join, and once the run takes this rank's replica in, receive the run's state from
+        a live replica of this stage (or, where none holds all of it, load the checkpoint the run
+        committed for the join: RollBack)."""
         trainer = self.trainer
         cfg, topo = trainer.cfg, trainer.cfg.topology
         self.layers_by_stage = live["layers"]
@@ -217,13 +218,13 @@ class ElasticController:
         membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.run_token, cfg.comm.timeout_s)
         started = time.perf_counter()
         comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=trainer.plan.tied,
-                                    store=store, membership=membership)  # fmt: skip
+                                    side_group=cfg.dp.mode == "diloco", store=store, membership=membership)  # fmt: skip
         trainer.comm = comm
         self._settle()
         if not cfg.dp.replicated:  # the live ranks committed this step's checkpoint: every rank loads it
             self._note_joined(record["replicas"], membership, time.perf_counter() - started)
             raise RollBack(trainer.step, trainer.events, lost=False)
-        trainer.setup(joining=True)
+        trainer.optimizer.sync.use(comm)  # set up before the run took it in (trainer.loop.join_run)
         self._receive_state(membership.replicas.index(min(record["replicas"])))
         took = time.perf_counter() - started
         self._note_joined(record["replicas"], membership, took)
@@ -237,8 +238,8 @@ class ElasticController:
         cfg, started = trainer.cfg, time.perf_counter()
         self.layers_by_stage = live["layers"]
         trainer.comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device),
-                                            link_ends=trainer.plan.tied, store=store, membership=membership,
-                                            launch_rank=cfg.spare_rank)  # fmt: skip
+                                            link_ends=trainer.plan.tied, side_group=cfg.dp.mode == "diloco",
+                                            store=store, membership=membership, launch_rank=cfg.spare_rank)  # fmt: skip
         self._settle()
         source = self._source(membership, cfg.topology.rank, stand_ins)
         if source is None or not cfg.dp.replicated:

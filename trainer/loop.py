@@ -900,6 +900,8 @@ def join_run(cfg: RunConfig, plan: Plan, store: Store, live: dict, notice: Preem
     run has them, then join (trainer.elastic)."""
     plan = replace(plan, layers=range(*live["layers"][cfg.topology.stage]))
     trainer = Trainer(cfg, plan, None, None, notice)
+    if cfg.dp.replicated:  # set up before asking: the live ranks then pause only for the state's transfer
+        trainer.setup(joining=True)
     try:
         trainer.elastic.join(store, live)
     except RollBack as back:  # the run's state is not held whole by any replica: through its checkpoint
