@@ -42,6 +42,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -360,23 +361,30 @@ def wait_to_join(
 
 
 def wait_as_spare(store: dist.Store, launch_rank: int, fingerprint: str, token: str | None,
+                  leave: Callable[[], bool] = lambda: False,
                   poll_s: float = 0.2) -> tuple[Membership, list[tuple[int, int]], dict] | None:  # fmt: skip
     """A spare (--spares): once the run trains, ask to stand by, and wait until a regroup gives
     this rank a lost rank's slot: return that generation, the spares it brings in (this one
     among them) and the run's published record (the stages' layers); None when the run finished
-    without needing it."""
+    without needing it, or when ``leave()`` (a preemption notice) came before a slot did."""
+    asked = f"{SPARES}ask/{launch_rank}"
     try:
         while not store.check([CURRENT]):  # the launch is still starting
-            if store.check([FINISHED]):
+            if store.check([FINISHED]) or leave():
                 return None
             time.sleep(poll_s)
-        _ask(store, f"{SPARES}ask/{launch_rank}", launch_rank, fingerprint, token)
+        _ask(store, asked, launch_rank, fingerprint, token)
         while not store.check([f"{SPARES}taken/{launch_rank}"]):
             if store.check([f"{SPARES}refused/{launch_rank}"]):
                 reason = store.get(f"{SPARES}refused/{launch_rank}").decode()
                 raise ValueError(f"the live run refused spare rank {launch_rank}: {reason}")
             if store.check([FINISHED]):
                 return None
+            if leave():
+                store.delete_key(asked)  # no longer on offer; a slot given meanwhile is still taken up
+                if not store.check([f"{SPARES}taken/{launch_rank}"]):
+                    return None
+                break
             time.sleep(poll_s)
     except RuntimeError as err:  # the store's host left: the run stopped without finishing
         raise ConnectionError(f"spare rank {launch_rank}: the run's store went away ({str(err).splitlines()[0]}); "

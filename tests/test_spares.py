@@ -298,6 +298,24 @@ def test_too_few_spares_or_a_replica_leaving_on_purpose_drop_the_pipeline(store:
     assert chosen.replicas == (0, 1) and chosen.stand_ins == ((3, 7),)
 
 
+def test_a_spare_with_a_preemption_notice_withdraws_its_offer(store: tuple[dist.TCPStore, int]) -> None:
+    """A waiting spare that gets SIGTERM leaves at once, and is no longer offered to a regroup."""
+    main, port = store
+    publish(main, Membership(0, (0, 1), 2), [[0, 2], [2, 4]])
+    notice = threading.Event()
+    outcome: list = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(wait_as_spare(store_client(port), 4, "settings", None, notice.is_set, 0.02))
+    )
+    thread.start()
+    while not main.check(["spares/ask/4"]):
+        time.sleep(0.01)
+    assert SparePool(4, 1, "settings").ready(main) == [4]
+    notice.set()
+    thread.join(10)
+    assert outcome == [None] and SparePool(4, 1, "settings").ready(main) == []
+
+
 def test_a_spare_that_was_not_needed_leaves_when_the_run_finishes(store: tuple[dist.TCPStore, int]) -> None:
     main, port = store
     publish(main, Membership(0, (0, 1), 2), [[0, 2], [2, 4]])

@@ -843,7 +843,10 @@ def run(cfg: RunConfig) -> None:
         if cfg.spare_rank is not None:
             trainer = stand_by(cfg, store, notice)
             if trainer is None:
-                log.info("the run finished without needing this spare")
+                if notice.pending:
+                    log.info("preempted (%s) while waiting: this spare leaves", notice.signal_name)
+                else:
+                    log.info("the run finished without needing this spare")
                 return
         elif live is not None:
             trainer = join_run(cfg, plan, store, live, notice)
@@ -914,7 +917,7 @@ def stand_by(cfg: RunConfig, store: Store, notice: PreemptionNotice) -> Trainer 
     then set up as that slot's rank with the stage's layers as the run has them, and take the
     stage's state from a live replica (trainer.elastic). None: the run finished without it."""
     log.info("spare rank %d: waiting for a lost rank's place", cfg.spare_rank)
-    taken = wait_as_spare(store, cfg.spare_rank, cfg.fingerprint(), cfg.comm.run_token)
+    taken = wait_as_spare(store, cfg.spare_rank, cfg.fingerprint(), cfg.comm.run_token, lambda: notice.pending)
     if taken is None:
         return None
     membership, stand_ins, live = taken
