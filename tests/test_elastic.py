@@ -115,6 +115,22 @@ def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     assert_same_state(here, final_weights(pp2_dp2_run))
 
 
+def lose_replica_0_and_start_it_again(args: list[str], ckpt: Path, tmp_path: Path) -> None:
+    """A run of a mode that goes through checkpoints: SIGKILL rank 1 after step 10 (replica 0
+    breaks; the survivors roll back to checkpoint 8), start ranks 0 and 1 again once step 14 is
+    done, and wait for every rank to end well. Steps are slowed by a 50 ms emulated latency."""
+    args, port = [*args, "--link-latency-ms", "50"], free_port()
+    procs = start_ranks(args, range(4), tmp_path, port)
+    wait_for_rows(procs, 10, ckpt)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
+    while max(last_rows(ckpt), default=0) < 14:  # rolled back to 8, then six more steps
+        assert procs[2].poll() is None and procs[3].poll() is None, (tmp_path / "rank2.log").read_text()[-2000:]
+        time.sleep(0.05)
+    procs[:2] = start_ranks(args, [0, 1], tmp_path, port)
+    assert wait_all(procs) == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+
+
 def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpoints_to_the_same_losses(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -124,18 +140,9 @@ def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpo
     1 started again join at a step boundary where the live replica commits a checkpoint that
     every rank then loads, laid out for two. Each step's last row, and the final weights, equal
     the uninterrupted run's (all-reduce, moments whole) to rounding."""
-    ckpt, port = tmp_path / "ckpt", free_port()
-    args = [*elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", "--shard-optimizer"), "--link-latency-ms", "50"]
-    procs = start_ranks(args, range(4), tmp_path, port)
-    wait_for_rows(procs, 10, ckpt)
-    procs[1].send_signal(signal.SIGKILL)
-    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
-    while max(last_rows(ckpt), default=0) < 14:  # rolled back to 8, then six more steps
-        assert procs[2].poll() is None and procs[3].poll() is None, (tmp_path / "rank2.log").read_text()[-2000:]
-        time.sleep(0.05)
-    procs[:2] = start_ranks(args, [0, 1], tmp_path, port)
-    codes = wait_all(procs)
-    assert codes == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+    ckpt = tmp_path / "ckpt"
+    lose_replica_0_and_start_it_again(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic", "--shard-optimizer"),
+                                      ckpt, tmp_path)  # fmt: skip
 
     ours, expected = last_rows(ckpt), training_rows(pp2_dp2_run)
     assert sorted(ours) == list(range(1, TOTAL + 1))
@@ -187,17 +194,8 @@ def test_with_diloco_a_lost_and_rejoined_replica_train_on_as_resumes_at_each_rep
     checkpoint 8 with one replica (the same global batch), after the join those of a run resumed
     from the join's checkpoint with two."""
     diloco = ("--dp-mode", "diloco", "--sync-every", "4", "--diloco-fragments", "2", "--diloco-overlap-steps", "1")
-    ckpt, port = tmp_path / "ckpt", free_port()
-    args = [*elastic_args(tiny_shards, two_tasks, ckpt, *diloco, "--elastic"), "--link-latency-ms", "50"]
-    procs = start_ranks(args, range(4), tmp_path, port)
-    wait_for_rows(procs, 10, ckpt)
-    procs[1].send_signal(signal.SIGKILL)
-    assert procs[1].wait(timeout=60) == -signal.SIGKILL and procs[0].wait(timeout=60) == 1
-    while max(last_rows(ckpt), default=0) < 14:  # rolled back to 8, then six more steps
-        assert procs[2].poll() is None and procs[3].poll() is None, (tmp_path / "rank2.log").read_text()[-2000:]
-        time.sleep(0.05)
-    procs[:2] = start_ranks(args, [0, 1], tmp_path, port)
-    assert wait_all(procs) == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
+    ckpt = tmp_path / "ckpt"
+    lose_replica_0_and_start_it_again(elastic_args(tiny_shards, two_tasks, ckpt, *diloco, "--elastic"), ckpt, tmp_path)
     rows = {r["event"]: r for r in events(ckpt)}
     assert sorted(rows) == ["replicas joined", "replicas left", "rolled back"] and rows["rolled back"]["step"] == 8
     joined = rows["replicas joined"]["step"]
