@@ -119,7 +119,7 @@ class CommConfig:
             "torchrun $WORLD_SIZE counts them; --world-size does not): they load nothing and wait; when a rank is "
             "lost a spare takes its stage and replica, gets its state from a live replica of the stage, and the "
             "step is done again, with no restart; with one replica every rank rolls back to the last checkpoint "
-            "in-process instead, as with --shard-optimizer (--dp-mode allreduce)",
+            "in-process instead, as with --shard-optimizer or --dp-mode diloco (not --dp-mode local)",
         )
         connection.add_argument(
             "--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error"

@@ -87,14 +87,18 @@ def test_the_notice_running_out_stops_the_process_as_the_signal_would() -> None:
     assert "the run did not stop within --preempt-grace 0.5s" in done.stderr
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 def test_with_elastic_only_the_noticed_replica_leaves_and_the_other_trains_on_to_the_same_losses(
-    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, sharded: bool
 ) -> None:
     """--elastic: SIGTERM to rank 2 (stage 0 of replica 1) after step 5. Replica 1 leaves cleanly
     (exit 0, nothing redone); replica 0 regroups alone and finishes with the whole global batch;
-    every step's loss equals the uninterrupted run's."""
+    every step's loss equals the uninterrupted run's. With --shard-optimizer the replicas commit
+    that step first and the survivor loads it, its moments laid out for one replica: again
+    nothing is redone."""
     ckpt = tmp_path / "ckpt"
-    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, "--elastic"), range(4), tmp_path, free_port())
+    flags = ("--elastic", "--shard-optimizer") if sharded else ("--elastic",)
+    procs = start_ranks(elastic_args(tiny_shards, two_tasks, ckpt, *flags), range(4), tmp_path, free_port())
     signal_after_rows(procs, ckpt, 5, victim=2, how=signal.SIGTERM)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(4)}

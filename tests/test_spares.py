@@ -126,15 +126,26 @@ def test_a_rank_lost_during_a_checkpoint_commit_is_replaced_and_the_commit_done_
         assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here), step
 
 
-def test_with_a_sharded_optimizer_the_spare_and_the_survivors_go_through_the_last_checkpoint(
-    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
+DILOCO = ("--dp-mode", "diloco", "--sync-every", "4", "--diloco-fragments", "2", "--diloco-overlap-steps", "1")
+
+
+@pytest.mark.parametrize("mode", ["sharded", "diloco"])
+def test_where_no_replica_holds_the_lost_state_the_spare_and_the_survivors_go_through_the_last_checkpoint(
+    pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, mode: str
 ) -> None:
-    """--shard-optimizer: rank 3's share of stage 1's AdamW moments is gone with it, so no live
-    replica can hand the spare its state. SIGKILL rank 3 after step 10: every rank, the spare
-    too, loads checkpoint 8 in-process and the two replicas train on. Every step's last row and
-    the final checkpoint equal the uninterrupted (all-reduce, moments whole) run's."""
+    """--shard-optimizer: rank 3's share of stage 1's AdamW moments is gone with it; streaming
+    DiLoCo: its replica's own weights and outer state are. So no live replica can hand the spare
+    its state. SIGKILL rank 3 after step 10: every rank, the spare too, loads checkpoint 8
+    in-process and the two replicas train on. Every step's last row and the final checkpoint
+    equal the uninterrupted run's (ZeRO-1: the all-reduce run's, to rounding; DiLoCo: its own
+    run's, bit for bit, as resumes are)."""
     ckpt = tmp_path / "ckpt"
-    args = elastic_args(tiny_shards, two_tasks, ckpt, "--spares", "1", "--shard-optimizer")
+    flags, oracle = ("--shard-optimizer",) if mode == "sharded" else DILOCO, pp2_dp2_run
+    if mode == "diloco":  # an uninterrupted DiLoCo run of its own
+        (tmp_path / "oracle").mkdir()
+        oracle = tmp_path / "oracle" / "ckpt"
+        assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, oracle, *flags), 4, tmp_path / "oracle"))
+    args = elastic_args(tiny_shards, two_tasks, ckpt, "--spares", "1", *flags)
     procs = start_ranks(args, range(5), tmp_path, free_port())
     kill_after_rows(procs, ckpt, 10, victim=3)
     codes = wait_all(procs)
@@ -144,10 +155,15 @@ def test_with_a_sharded_optimizer_the_spare_and_the_survivors_go_through_the_las
     rows = {r["event"]: r for r in events(ckpt)}
     assert sorted(rows) == ["rolled back", "spare took over"]
     assert rows["rolled back"]["step"] == 8 and rows["spare took over"]["spare_launch_rank"] == 4
-    ours, expected = last_rows(ckpt), training_rows(pp2_dp2_run)
+    ours, expected = last_rows(ckpt), training_rows(oracle)
     assert sorted(ours) == list(range(1, TOTAL + 1))
-    assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
-    assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
+    if mode == "diloco":
+        assert ours == expected
+        here, there = checkpoint_tensors(ckpt, TOTAL), checkpoint_tensors(oracle, TOTAL)
+        assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+    else:
+        assert [ours[s] for s in expected] == pytest.approx([expected[s] for s in expected], rel=1e-5)
+        assert_same_state(final_weights(ckpt), final_weights(oracle))
 
 
 def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_process(
@@ -360,7 +376,6 @@ def test_spares_are_ranks_after_the_pipelines_and_torchrun_s_world_size_counts_t
     "extra, message",
     [
         (["--dp-mode", "local", "--sync-every", "2"], "--spares works with --dp-mode allreduce"),
-        (["--dp-mode", "diloco", "--sync-every", "4"], "--spares works with --dp-mode allreduce"),
         (["--dist-url", "file:///tmp/rendezvous"], "--spares needs a tcp://host:port --dist-url"),
         (["--min-replicas", "2"], "--min-replicas applies to --elastic runs"),
         (["--spares", "-1"], "--spares -1 must be 0 or more"),

@@ -474,11 +474,10 @@ class RunConfig:
                              "no pipeline to go on")  # fmt: skip
         # DiLoCo's replicas differ between syncs and each saves its own files: a change of replicas
         # goes through a checkpoint. Local SGD's checkpoints hold replica 0's weights, everyone's
-        # only right after a sync, and spares with DiLoCo are not tested yet.
-        if self.dp.mode == "local" or (self.dp.mode == "diloco" and not self.comm.elastic):
-            raise ValueError(f"{flag} works with --dp-mode allreduce (--shard-optimizer included)"
-                             f"{' and diloco' if self.comm.elastic else ''}; drop {flag}, or choose another "
-                             "--dp-mode")  # fmt: skip
+        # only right after a sync.
+        if self.dp.mode == "local":
+            raise ValueError(f"{flag} works with --dp-mode allreduce (--shard-optimizer included) and diloco; drop "
+                             f"{flag}, or choose another --dp-mode")  # fmt: skip
         if not 1 <= self.dp.min_replicas <= dp:
             raise ValueError(f"--min-replicas {self.dp.min_replicas} must lie in 1..--data-group-size {dp}")
         if not self.comm.dist_url.startswith("tcp://"):

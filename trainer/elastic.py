@@ -113,7 +113,7 @@ class ElasticController:
         sources = [self._source(membership, slot, stand_ins) for slot, _ in stand_ins]
         if None in sources or not cfg.dp.replicated:  # no live replica holds what the new generation needs
             self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
-            raise RollBack(step, trainer.events)
+            raise RollBack(step, trainer.events, lost=why != "preempted")  # (a notice's step is committed)
         for (slot, _), source in zip(stand_ins, sources, strict=True):
             if trainer.topo.stage == slot % old.pipeline_size and trainer.topo.replica == source:
                 header, tensors = self._shared_state()

@@ -701,6 +701,8 @@ class Trainer:
         if not self.cfg.comm.elastic or staying < max(1, self.cfg.dp.min_replicas):
             self._stop_for_notice(metrics)
             return True
+        if not self.cfg.dp.replicated:  # the survivors go on through a checkpoint: this step's loses nothing
+            self.checkpoint(must=True)
         if self.topo.replica in self.noticed:
             self._leave_for_notice()
             return True
