@@ -1,6 +1,7 @@
 """--spares: a standby process takes a lost rank's place (same stage, same replica) and the run
-goes on with every replica, no restart. The agreement itself is tested here with a real store
-and no process group; one multi-rank run shows the whole path."""
+goes on with every replica, no restart. Multi-rank runs show each path (a hand-over after a loss
+in a step, an evaluation or a commit; the roll-back with one replica, ZeRO-1 or DiLoCo); the
+agreement itself is tested with a real store and no process group."""
 
 from __future__ import annotations
 
