@@ -696,7 +696,9 @@ class Trainer:
     def _answer_notice(self, metrics: MetricsWriter | None) -> bool:
         """Every rank, at the end of a step where some rank had a preemption notice: without
         --elastic (or if too few replicas would stay) the whole run commits this step and stops;
-        with it, the noticed replicas leave and the others regroup and train on. True: stop."""
+        with it, the noticed replicas leave and the others regroup and train on (where the state
+        goes through a checkpoint, ZeRO-1 and DiLoCo, every replica commits this step first, and
+        the survivors load it). True: stop."""
         staying = self.topo.data_size - len(self.noticed)
         if not self.cfg.comm.elastic or staying < max(1, self.cfg.dp.min_replicas):
             self._stop_for_notice(metrics)
