@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from trainer.checkpoint import CheckpointError
 from trainer.cli import config_from_args, parse_args
 from trainer.config import DataConfig
-from trainer.loop import run
+from trainer.entry import run
 from trainer.metrics import setup_logging
 from trainer.preview import preview
 from trainer.startup import StartupError

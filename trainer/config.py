@@ -388,7 +388,7 @@ class RunConfig:
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
     # --spares: this process is the spare launched as --rank spare_rank; ``topology`` is a
-    # placeholder (rank 0's) until it takes a lost rank's place (trainer.loop.stand_by)
+    # placeholder (rank 0's) until it takes a lost rank's place (trainer.entry.stand_by)
     spare_rank: int | None = None
 
     @property

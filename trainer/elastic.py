@@ -48,7 +48,7 @@ class ReplicasChanged(Exception):
 class RollBack(Exception):
     """The replicas changed and no live replica can hand the newcomers, or the new layout, its
     state (a spare in the only replica; ZeRO-1's shards): every rank of the new generation loads
-    the last checkpoint (``trainer.loop.roll_back``). ``lost``: progress since it is redone (a
+    the last checkpoint (``trainer.entry.roll_back``). ``lost``: progress since it is redone (a
     loss); else the checkpoint is of this very step (committed for a join)."""
 
     def __init__(self, step: int, events: list[dict], lost: bool = True) -> None:
@@ -224,7 +224,7 @@ class ElasticController:
         if not cfg.dp.replicated:  # the live ranks committed this step's checkpoint: every rank loads it
             self._note_joined(record["replicas"], membership, time.perf_counter() - started)
             raise RollBack(trainer.step, trainer.events, lost=False)
-        trainer.optimizer.sync.use(comm)  # set up before the run took it in (trainer.loop.join_run)
+        trainer.optimizer.sync.use(comm)  # set up before the run took it in (trainer.entry.join_run)
         self._receive_state(membership.replicas.index(min(record["replicas"])))
         took = time.perf_counter() - started
         self._note_joined(record["replicas"], membership, took)
