@@ -107,8 +107,8 @@ class CommConfig:
             help="replicas may leave and come back: when a rank is lost, its whole replica leaves and the other "
             "complete pipelines go on without a restart, the global batch split over fewer replicas; its ranks "
             "started again with the same flags join the live run at a step boundary (--dp-mode allreduce; with "
-            "--shard-optimizer or --dp-mode diloco both go through a checkpoint; the run's store runs in a process "
-            "of its own that rank 0 starts)",
+            "--shard-optimizer or --dp-mode local or diloco both go through a checkpoint; the run's store runs in a "
+            "process of its own that rank 0 starts)",
         )
         connection.add_argument(
             "--spares",
@@ -119,7 +119,7 @@ class CommConfig:
             "torchrun $WORLD_SIZE counts them; --world-size does not): they load nothing and wait; when a rank is "
             "lost a spare takes its stage and replica, gets its state from a live replica of the stage, and the "
             "step is done again, with no restart; with one replica every rank rolls back to the last checkpoint "
-            "in-process instead, as with --shard-optimizer or --dp-mode diloco (not --dp-mode local)",
+            "in-process instead, as with --shard-optimizer or --dp-mode local or diloco",
         )
         connection.add_argument(
             "--comm-timeout", type=float, default=300.0, help="seconds before a silent peer is an error"

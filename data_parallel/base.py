@@ -158,7 +158,11 @@ class GradientSync:
 
 class StepsAlone(GradientSync):
     """Each replica steps on its own gradients (local SGD, DiLoCo): only the step's totals are
-    summed, and reported as the replicas' mean; the replicas meet again in ``end_of_step``."""
+    summed, and reported as the replicas' mean; the replicas meet again in ``end_of_step``.
+    Their weights differ between those meetings and their optimizer moments always: each
+    replica saves its own files."""
+
+    replica_files = True
 
     def reduce(self, totals: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         loss = totals.to(self.device).reshape(-1)

@@ -49,8 +49,9 @@ class DataParallelConfig:
 
     @property
     def replica_files(self) -> bool:
-        """Every replica saves its own weights and optimizer state: they differ between syncs."""
-        return self.mode == "diloco"
+        """Every replica saves its own weights and optimizer state: they differ between syncs (and
+        the AdamW moments always), so a resume at any step is exact."""
+        return self.steps_alone
 
     @property
     def own_prefixes(self) -> tuple[str, ...]:

@@ -306,8 +306,6 @@ class DiLoCoSync(StepsAlone):
     """--dp-mode diloco as a strategy: inner steps on each replica's own gradients, the outer
     loop (``DiLoCo``, this rank's ``outer`` state, saved as ``outer_<part>``) after each of them."""
 
-    replica_files = True
-
     def __init__(self, cfg: DataParallelConfig, trained: Trained, comm: Communicator, device: torch.device,
                  stage: Stage, num_layers: int, total_steps: int) -> None:  # fmt: skip
         super().__init__(trained, comm, device)

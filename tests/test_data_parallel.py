@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,17 +103,25 @@ def test_compressed_gradient_sums(tiny_shards: Path, two_tasks: str, tmp_path: P
     assert topk[-1] < topk[0] - 0.1  # 1% of the gradient per step, the rest fed back: it still learns
 
 
-def test_local_sgd_matches_replicas_averaged_every_h_steps(
-    tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
-) -> None:
+LOCAL_SGD = ("--dp-mode", "local", "--sync-every", "3", "--checkpoint-steps", "4")  # checkpoints between syncs
+
+
+@pytest.fixture(scope="module")
+def local_sgd_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pp=1 x dp=2 local SGD over 10 steps, synced at 3, 6, 9 and 10, checkpoints at 4, 8 and 10."""
+    folder = tmp_path_factory.mktemp("local_sgd")
+    assert_all_ok(launch(dp2_args(tiny_shards, two_tasks, folder / "ckpt", *LOCAL_SGD), 2, folder))
+    return folder / "ckpt"
+
+
+def test_local_sgd_matches_replicas_averaged_every_h_steps(tiny_hf: Path, two_tasks: str, local_sgd_run: Path,
+                                                           tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
     from tests.helpers import LR, STEPS, WARMUP
     from trainer.data import TokenStream, parse_task_names
 
-    ckpt = tmp_path / "ckpt"
-    args = dp2_args(tiny_shards, two_tasks, ckpt, "--dp-mode", "local", "--sync-every", "3", "--checkpoint-steps", "3")
-    assert_all_ok(launch(args, 2, tmp_path))
+    ckpt = local_sgd_run
 
     # Oracle: two HF models, each training on its replica's slices alone, averaged every 3 steps.
     models = [AutoModelForCausalLM.from_pretrained(tiny_hf, attn_implementation="sdpa").train() for _ in range(2)]
@@ -143,10 +152,27 @@ def test_local_sgd_matches_replicas_averaged_every_h_steps(
     assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), models[0].state_dict())
 
 
-def test_local_mode_checkpoints_only_after_a_sync(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
-    args = dp2_args(tiny_shards, two_tasks, tmp_path / "ckpt", "--dp-mode", "local", "--sync-every", "4")
-    (result,) = launch(args, 2, tmp_path, ranks=[0])  # --checkpoint-steps 5 is no multiple of 4
-    assert result.returncode != 0 and "--checkpoint-steps 5 must be a multiple of --sync-every 4" in result.output
+def test_local_sgd_resumes_exactly_from_a_checkpoint_between_syncs(
+    tiny_shards: Path, two_tasks: str, local_sgd_run: Path, tmp_path: Path
+) -> None:
+    """At step 4 the replicas have stepped alone since the sync at 3: each saved its own weights
+    and AdamW moments (replica 1's prefixed), so a run resumed there ends as the uninterrupted one."""
+    from tests.pp2_dp2 import checkpoint_tensors, last_rows
+
+    saved = checkpoint_tensors(local_sgd_run, 4)
+    weight = "attention.dense.weight"
+    kinds = {"layer_0.safetensors/" + weight, "replica1_layer_0.safetensors/" + weight}
+    assert kinds <= saved.keys()
+    assert not torch.equal(*(saved[k] for k in sorted(kinds)))  # two replicas' own weights, not one copied
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(local_sgd_run / "checkpoint_4", ckpt / "checkpoint_4")
+    (ckpt / "latest").write_text("4\n")
+    assert_all_ok(launch(dp2_args(tiny_shards, two_tasks, ckpt, *LOCAL_SGD), 2, tmp_path))
+    uninterrupted, resumed = last_rows(local_sgd_run), last_rows(ckpt)
+    assert [resumed[s] for s in range(5, 11)] == [uninterrupted[s] for s in range(5, 11)]
+    here, there = checkpoint_tensors(ckpt, 10), checkpoint_tensors(local_sgd_run, 10)
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 
 def test_rollback_forgets_a_skipped_step() -> None:

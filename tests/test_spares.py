@@ -127,22 +127,26 @@ def test_a_rank_lost_during_a_checkpoint_commit_is_replaced_and_the_commit_done_
         assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here), step
 
 
-DILOCO = ("--dp-mode", "diloco", "--sync-every", "4", "--diloco-fragments", "2", "--diloco-overlap-steps", "1")
+CHECKPOINTED = {
+    "sharded": ("--shard-optimizer",),
+    "diloco": ("--dp-mode", "diloco", "--sync-every", "4", "--diloco-fragments", "2", "--diloco-overlap-steps", "1"),
+    "local": ("--dp-mode", "local", "--sync-every", "3"),  # checkpoint 8 falls between syncs
+}
 
 
-@pytest.mark.parametrize("mode", ["sharded", "diloco"])
+@pytest.mark.parametrize("mode", sorted(CHECKPOINTED))
 def test_where_no_replica_holds_the_lost_state_the_spare_and_the_survivors_go_through_the_last_checkpoint(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, mode: str
 ) -> None:
     """--shard-optimizer: rank 3's share of stage 1's AdamW moments is gone with it; streaming
-    DiLoCo: its replica's own weights and outer state are. So no live replica can hand the spare
-    its state. SIGKILL rank 3 after step 10: every rank, the spare too, loads checkpoint 8
-    in-process and the two replicas train on. Every step's last row and the final checkpoint
-    equal the uninterrupted run's (ZeRO-1: the all-reduce run's, to rounding; DiLoCo: its own
-    run's, bit for bit, as resumes are)."""
+    DiLoCo and local SGD: its replica's own weights (and outer state) and moments are. So no
+    live replica can hand the spare its state. SIGKILL rank 3 after step 10: every rank, the
+    spare too, loads checkpoint 8 in-process and the two replicas train on. Every step's last
+    row and the final checkpoint equal the uninterrupted run's (ZeRO-1: the all-reduce run's, to
+    rounding; DiLoCo and local SGD: their own runs', bit for bit, as resumes are)."""
     ckpt = tmp_path / "ckpt"
-    flags, oracle = ("--shard-optimizer",) if mode == "sharded" else DILOCO, pp2_dp2_run
-    if mode == "diloco":  # an uninterrupted DiLoCo run of its own
+    flags, oracle = CHECKPOINTED[mode], pp2_dp2_run
+    if mode != "sharded":  # an uninterrupted run of its own mode
         (tmp_path / "oracle").mkdir()
         oracle = tmp_path / "oracle" / "ckpt"
         assert_all_ok(launch(elastic_args(tiny_shards, two_tasks, oracle, *flags), 4, tmp_path / "oracle"))
@@ -158,7 +162,7 @@ def test_where_no_replica_holds_the_lost_state_the_spare_and_the_survivors_go_th
     assert rows["rolled back"]["step"] == 8 and rows["spare took over"]["spare_launch_rank"] == 4
     ours, expected = last_rows(ckpt), training_rows(oracle)
     assert sorted(ours) == list(range(1, TOTAL + 1))
-    if mode == "diloco":
+    if mode != "sharded":
         assert ours == expected
         here, there = checkpoint_tensors(ckpt, TOTAL), checkpoint_tensors(oracle, TOTAL)
         assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
@@ -376,7 +380,6 @@ def test_spares_are_ranks_after_the_pipelines_and_torchrun_s_world_size_counts_t
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--dp-mode", "local", "--sync-every", "2"], "--spares works with --dp-mode allreduce"),
         (["--dist-url", "file:///tmp/rendezvous"], "--spares needs a tcp://host:port --dist-url"),
         (["--min-replicas", "2"], "--min-replicas applies to --elastic runs"),
         (["--spares", "-1"], "--spares -1 must be 0 or more"),

@@ -441,12 +441,6 @@ class RunConfig:
         self._check_elastic()
         if self.objective.pairs:
             self._check_pairs()
-        if self.dp.mode == "local" and self.checkpoint.every_steps % self.dp.sync_every:
-            # checkpoints hold replica 0's weights: only right after a sync are they everyone's
-            raise ValueError(
-                f"--checkpoint-steps {self.checkpoint.every_steps} must be a multiple of --sync-every "
-                f"{self.dp.sync_every} in --dp-mode local"
-            )
 
     def _check_pairs(self) -> None:
         """What preference pairs need: one pair's two sequences per row pair, never packed together."""
@@ -472,12 +466,6 @@ class RunConfig:
         if dp < 2 and self.comm.elastic:  # (a spare in a single pipeline rolls back to the last checkpoint)
             raise ValueError("--elastic needs --data-group-size 2 or more: with one replica a lost rank leaves "
                              "no pipeline to go on")  # fmt: skip
-        # DiLoCo's replicas differ between syncs and each saves its own files: a change of replicas
-        # goes through a checkpoint. Local SGD's checkpoints hold replica 0's weights, everyone's
-        # only right after a sync.
-        if self.dp.mode == "local":
-            raise ValueError(f"{flag} works with --dp-mode allreduce (--shard-optimizer included) and diloco; drop "
-                             f"{flag}, or choose another --dp-mode")  # fmt: skip
         if not 1 <= self.dp.min_replicas <= dp:
             raise ValueError(f"--min-replicas {self.dp.min_replicas} must lie in 1..--data-group-size {dp}")
         if not self.comm.dist_url.startswith("tcp://"):
