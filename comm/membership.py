@@ -24,7 +24,10 @@ When a rank is lost:
   one of them gone; or, with spares, each of them alive or lost), or to wait out the settle time,
   fixes the next generation with one compare-and-set: the complete pipelines and those whose
   every lost slot a free spare fills. All read it, and write each chosen spare its generation
-  under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``).
+  under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``). A waiting spare
+  counts up ``spares/beat/<launch rank>`` as it polls: only one whose count moved while the
+  survivors agree is free; one whose count stood still for ``SILENT_S`` (a spare that died while
+  it waited) is refused, so no slot goes to a dead process.
 
 When ranks are started again with the same flags while a run is live, they join:
 
@@ -167,13 +170,18 @@ class SparePool:
     fingerprint: str
     token: str | None = field(default=None, repr=False)
 
+    @property
+    def ranks(self) -> range:
+        return range(self.first, self.first + self.count)
+
     def ready(self, store: dist.Store) -> list[int]:
         """The spares waiting and admitted, in launch order; a spare asking with other settings
         or a wrong proof is refused (it reads why and stops)."""
         ready = []
-        for rank in range(self.first, self.first + self.count):
+        for rank in self.ranks:
             asked = f"{SPARES}ask/{rank}"
-            if not store.check([asked]) or store.check([f"{SPARES}taken/{rank}", f"{SPARES}refused/{rank}"]):
+            done = (f"{SPARES}taken/{rank}", f"{SPARES}refused/{rank}")  # (check() of several keys: all of them)
+            if not store.check([asked]) or any(store.check([key]) for key in done):
                 continue
             refused = _refusal(store, store.get(asked).decode(), rank, self.fingerprint, self.token)
             if refused is None:
@@ -184,23 +192,51 @@ class SparePool:
 
 
 class _Beats:
-    """When each rank of ``current`` last moved its heartbeat (comm.health), as this rank sees it."""
+    """When each of some ranks last moved its beat in the store (``keys``: launch rank -> key),
+    as this rank sees it from its first look on."""
 
-    def __init__(self, store: dist.Store, current: Membership) -> None:
-        self.store, self.current = store, current
+    def __init__(self, store: dist.Store, keys: dict[int, str]) -> None:
+        self.store, self.keys = store, keys
         self.seen: dict[int, tuple[bytes | None, float]] = {}
+        self.moved: set[int] = set()  # beat since the first look: alive
+
+    @classmethod
+    def of_members(cls, store: dist.Store, current: Membership) -> _Beats:
+        """The heartbeats (comm.health) of ``current``'s ranks."""
+        space = current.key_space
+        return cls(store, {r: f"{space}heartbeat/{current.topology(r).rank}" for r in current.launch_ranks()})
+
+    @classmethod
+    def of_spares(cls, store: dist.Store, spares: SparePool) -> _Beats:
+        """The counts waiting spares move as they poll (``wait_as_spare``)."""
+        return cls(store, {r: f"{SPARES}beat/{r}" for r in spares.ranks})
 
     def silent(self, after_s: float) -> set[int]:
+        """Look again; the ranks whose beat has stood still for more than ``after_s``."""
         now, silent = time.monotonic(), set()
-        for launch_rank in self.current.launch_ranks():
-            key = f"{self.current.key_space}heartbeat/{self.current.topology(launch_rank).rank}"
+        for launch_rank, key in self.keys.items():
             beat = self.store.get(key) if self.store.check([key]) else None
             last, since = self.seen.get(launch_rank, (None, now))
-            if beat != last or launch_rank not in self.seen:
+            if launch_rank not in self.seen:
                 self.seen[launch_rank] = (beat, now)
+            elif beat != last:
+                self.seen[launch_rank] = (beat, now)
+                self.moved.add(launch_rank)
             elif now - since > after_s:
                 silent.add(launch_rank)
         return silent
+
+
+def _free_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: set[int],
+                 silent_s: float) -> tuple[list[int], bool]:  # fmt: skip
+    """The admitted spares seen beating, in launch order, and whether some admitted spare is not
+    known yet either way. One that stood still (``silent``) is refused: it died while it waited,
+    or froze (woken, it reads why and stops)."""
+    ready = spares.ready(store)
+    for rank in silent.intersection(ready):
+        store.set(f"{SPARES}refused/{rank}", f"it stood still for {silent_s:g}s while it waited (dead or frozen)")
+    free = [rank for rank in ready if rank in beats.moved]
+    return free, any(rank not in beats.moved and rank not in silent for rank in ready)
 
 
 def next_membership(
@@ -213,7 +249,8 @@ def next_membership(
     slot; a pipeline is dropped when one of its ranks left on purpose or spares are too few."""
     space, pp = current.key_space, current.pipeline_size
     store.set(f"{space}alive/{launch_rank}", "1")
-    deadline, beats = time.monotonic() + settle_s, _Beats(store, current)
+    deadline, beats = time.monotonic() + settle_s, _Beats.of_members(store, current)
+    spare_beats = _Beats.of_spares(store, spares) if spares is not None else None
     while not store.check([f"{space}next"]):
         ranks = current.launch_ranks()
         alive = {r for r in ranks if store.check([f"{space}alive/{r}"])}
@@ -231,9 +268,12 @@ def next_membership(
                 holes[replica] = [slot for slot, r in slots.items() if r not in alive]
             else:
                 undecided = True
+        still = spare_beats.silent(silent_s) if spares is not None else set()  # watched from the first look on
         if not undecided or late:
-            _propose(store, current, complete, holes, spares.ready(store) if spares is not None else [])
-            break
+            free, unsure = _free_spares(store, spares, spare_beats, still, silent_s) if holes else ([], False)
+            if not unsure or late:  # (a live spare's beat moves within its poll)
+                _propose(store, current, complete, holes, free)
+                break
         time.sleep(poll_s)
     chosen = json.loads(store.get(f"{space}next"))
     membership = Membership.from_record(chosen, pp)
@@ -375,6 +415,7 @@ def wait_as_spare(store: dist.Store, launch_rank: int, fingerprint: str, token: 
             time.sleep(poll_s)
         _ask(store, asked, launch_rank, fingerprint, token)
         while not store.check([f"{SPARES}taken/{launch_rank}"]):
+            store.add(f"{SPARES}beat/{launch_rank}", 1)  # alive: a regroup gives slots only to spares that beat
             if store.check([f"{SPARES}refused/{launch_rank}"]):
                 reason = store.get(f"{SPARES}refused/{launch_rank}").decode()
                 raise ValueError(f"the live run refused spare rank {launch_rank}: {reason}")

@@ -9,6 +9,8 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,27 @@ def register(store: dist.TCPStore, current: Membership, *alive: int) -> None:
         store.set(f"{current.key_space}alive/{rank}", "1")
 
 
+@contextmanager
+def beating(port: int, *spares: int) -> Iterator[None]:
+    """Spares that asked by hand are alive while this lasts: their beats move as a waiting spare's do."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = store_client(port)
+        while not stop.is_set():
+            for rank in spares:
+                client.add(f"spares/beat/{rank}", 1)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def spare_waiting(port: int, rank: int, fingerprint: str) -> tuple[threading.Thread, list]:
     """``wait_as_spare`` on a thread of its own; what it returns or raises lands in the list."""
     outcome: list = []
@@ -289,34 +312,59 @@ def test_a_rank_whose_heartbeat_stands_still_is_lost_and_a_slow_survivor_is_wait
     thread = threading.Thread(target=slow_survivor, daemon=True)
     thread.start()
     register(main, current, 0, 1)
-    chosen = next_membership(main, current, 0, settle_s=10, spares=SparePool(4, 1, "settings"), silent_s=0.5)
+    with beating(port, 4):
+        chosen = next_membership(main, current, 0, settle_s=10, spares=SparePool(4, 1, "settings"), silent_s=0.5)
     thread.join(10)
     assert chosen.replicas == (0, 1) and chosen.stand_ins == ((3, 4),)
+
+
+def test_a_spare_that_died_while_waiting_is_refused_and_the_next_one_takes_the_slot(
+    store: tuple[dist.TCPStore, int],
+) -> None:
+    """Spare 4 asked and then died (its beat stands still); spare 5 waits alive. Rank 3 is lost:
+    its slot goes to spare 5, not to the first spare in launch order, and spare 4 is refused,
+    so no later regroup offers it either."""
+    main, port = store
+    current = Membership(0, (0, 1), 2)
+    publish(main, current, [[0, 2], [2, 4]])
+    main.set("spares/ask/4", "settings ")
+    main.add("spares/beat/4", 7)  # as far as it got
+    thread, taken = spare_waiting(port, 5, "settings")
+    while not main.check(["spares/ask/5"]):
+        time.sleep(0.01)
+    register(main, current, 0, 1, 2)
+    mark_lost(main, current, 3, "killed")
+    chosen = next_membership(main, current, 0, settle_s=10, spares=SparePool(4, 2, "settings"), silent_s=0.5)
+    thread.join(10)
+    assert chosen.stand_ins == ((3, 5),) and taken[0][1] == [(3, 5)]
+    assert "it stood still for 0.5s while it waited" in main.get("spares/refused/4").decode()
+    assert SparePool(4, 2, "settings").ready(main) == []
 
 
 def test_too_few_spares_or_a_replica_leaving_on_purpose_drop_the_pipeline(store: tuple[dist.TCPStore, int]) -> None:
     """Replica 1 lost both ranks and one spare waits: it cannot be mended, so it leaves (and the
     spare stays free). Next, replica 2 leaves on purpose (a preemption notice): it is not
     mended either, though a spare is free. A spare lost in turn is replaced like any rank."""
-    main, _ = store
+    main, port = store
     current = Membership(0, (0, 1, 2), 2)
     main.set("spares/ask/6", "settings ")
     main.set("spares/ask/7", "settings ")
-    pool = SparePool(6, 2, "settings")
-    register(main, current, 0, 1, 4, 5)
-    mark_lost(main, current, 2, "killed")
-    mark_lost(main, current, 3, "killed")
-    mark_lost(main, current, 0, "an error")  # replica 0's rank 0 too, after registering: alive wins
-    chosen = next_membership(main, current, 0, settle_s=10, spares=SparePool(6, 1, "settings"))
-    assert chosen.replicas == (0, 2) and chosen.stand_ins == () and not main.check(["spares/taken/6"])
+    with beating(port, 6, 7):
+        pool = SparePool(6, 2, "settings")
+        register(main, current, 0, 1, 4, 5)
+        mark_lost(main, current, 2, "killed")
+        mark_lost(main, current, 3, "killed")
+        mark_lost(main, current, 0, "an error")  # replica 0's rank 0 too, after registering: alive wins
+        chosen = next_membership(main, current, 0, settle_s=10, spares=SparePool(6, 1, "settings"))
+        assert chosen.replicas == (0, 2) and chosen.stand_ins == () and not main.check(["spares/taken/6"])
 
-    current = Membership(1, (0, 1, 2), 2, ((3, 6),))  # spare 6 held slot 3 ...
-    register(main, current, 0, 1, 2)
-    mark_lost(main, current, 6, "killed")  # ... and is lost in turn
-    mark_left(main, current, 4, "preempted")
-    mark_left(main, current, 5, "preempted")
-    chosen = next_membership(main, current, 0, settle_s=10, spares=pool)
-    assert chosen.replicas == (0, 1) and chosen.stand_ins == ((3, 7),)
+        current = Membership(1, (0, 1, 2), 2, ((3, 6),))  # spare 6 held slot 3 ...
+        register(main, current, 0, 1, 2)
+        mark_lost(main, current, 6, "killed")  # ... and is lost in turn
+        mark_left(main, current, 4, "preempted")
+        mark_left(main, current, 5, "preempted")
+        chosen = next_membership(main, current, 0, settle_s=10, spares=pool)
+        assert chosen.replicas == (0, 1) and chosen.stand_ins == ((3, 7),)
 
 
 def test_a_spare_with_a_preemption_notice_withdraws_its_offer(store: tuple[dist.TCPStore, int]) -> None:
