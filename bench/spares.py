@@ -3,14 +3,16 @@
     python bench/spares.py [--mbps 20] [--steps 12]
 
 Trains a small GPT-NeoX (hidden 256, 4 layers) on this machine with every send held to --mbps by
-the link emulation, twice:
+the link emulation, three times:
 
 - pp=2 x dp=2 and one spare: rank 3 (replica 1's last stage) is SIGKILLed after step 3; the spare
   takes its place with the state of replica 0's stage 1, sent over the emulated link.
 - pp=2 x dp=1 and one spare, a checkpoint every 4 steps: rank 1 is SIGKILLed after step 6; no
   live copy of its stage exists, so rank 0 and the spare roll back to checkpoint 4 in-process.
+- pp=2 x dp=2 and one spare: rank 3 gets SIGTERM (a preemption notice) after step 3; at the end of
+  its step every rank commits that step, rank 3 leaves and the spare takes its place as above.
 
-For each: the seconds from the kill to the next step's row (the step in flight done again, or
+For each: the seconds from the signal to the next step's row (the step in flight done again, or
 the first step after the roll-back), what the run's own event row says it took, a step's time
 before the kill, and the time the largest stage's state (weights and AdamW files, by the final
 checkpoint's manifests) needs at --mbps.
@@ -44,9 +46,9 @@ log = logging.getLogger("bench.spares")
 
 
 def losing_a_rank(shards: Path, corpus: Path, out: Path, args: argparse.Namespace, dp: int, victim: int,
-                  after: int) -> tuple[float, dict]:  # fmt: skip
-    """Run pp=2 x ``dp`` with one spare, SIGKILL ``victim`` after step ``after``; the seconds from
-    the kill to the next training row written after it, and the run's event rows by kind."""
+                  after: int, how: signal.Signals = signal.SIGKILL) -> tuple[float, dict]:  # fmt: skip
+    """Run pp=2 x ``dp`` with one spare, send ``victim`` ``how`` after step ``after``; the seconds
+    from the signal to the next training row written after it, and the run's event rows by kind."""
     port, ranks = free_port(), 2 * dp + 1
     flags = ["--model-name", str(shards), "--task-name", str(corpus), "--seq-length", "128",
              "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--total-steps", str(args.steps),
@@ -57,7 +59,7 @@ def losing_a_rank(shards: Path, corpus: Path, out: Path, args: argparse.Namespac
     procs = [subprocess.Popen([sys.executable, str(ROOT / "dist_clm_train.py"), "--rank", str(rank), *flags],
                               cwd=ROOT, env=env, stderr=subprocess.DEVNULL) for rank in range(ranks)]  # fmt: skip
     wait_for_step(out, after, procs)
-    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].send_signal(how)
     killed, rows_then = time.time(), len(metric_rows(out))
     steps = sorted(r["step_time_s"] for r in metric_rows(out)[1:rows_then] if "loss" in r)  # not the first
     while not any("loss" in r for r in metric_rows(out)[rows_then:]):
@@ -89,6 +91,12 @@ def main() -> None:
         log.info("dp=1: rolled back from step %d to checkpoint %d; the first step after it was done %.2f s after "
                  "the kill (the agreement, new groups and reloading the checkpoint: %.2f s)", back["from_step"],
                  back["step"], rolled, back["rollback_s"])  # fmt: skip
+        noticed, events = losing_a_rank(shards, corpus, folder / "noticed", args, dp=2, victim=3, after=3,
+                                        how=signal.SIGTERM)  # fmt: skip
+        took, preempted = events["spare took over"], events["preempted"]
+        log.info("dp=2, a notice: the first step after step %d, with the spare, was done %.2f s after the signal "
+                 "(the commit of step %d: %.2f s; the regroup and the hand-over: %.2f s)", took["step"], noticed,
+                 preempted["step"], preempted["commit_s"], took["takeover_s"])  # fmt: skip
 
 
 if __name__ == "__main__":

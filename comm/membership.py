@@ -227,7 +227,7 @@ class _Beats:
         return silent
 
 
-def _free_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: set[int],
+def _beating_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: set[int],
                  silent_s: float) -> tuple[list[int], bool]:  # fmt: skip
     """The admitted spares seen beating, in launch order, and whether some admitted spare is not
     known yet either way. One that stood still (``silent``) is refused: it died while it waited,
@@ -237,6 +237,18 @@ def _free_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: se
         store.set(f"{SPARES}refused/{rank}", f"it stood still for {silent_s:g}s while it waited (dead or frozen)")
     free = [rank for rank in ready if rank in beats.moved]
     return free, any(rank not in beats.moved and rank not in silent for rank in ready)
+
+
+def enough_spares(store: dist.Store, spares: SparePool, wanted: int, silent_s: float = SILENT_S,
+                poll_s: float = 0.05) -> bool:  # fmt: skip
+    """Whether ``wanted`` spares wait, admitted and seen beating: watched until as many have
+    beaten, until none is left unknown, or for ``silent_s``."""
+    beats, deadline = _Beats.of_spares(store, spares), time.monotonic() + silent_s
+    while True:
+        free, unsure = _beating_spares(store, spares, beats, beats.silent(silent_s), silent_s)
+        if len(free) >= wanted or not unsure or time.monotonic() > deadline:
+            return len(free) >= wanted
+        time.sleep(poll_s)
 
 
 def next_membership(
@@ -270,7 +282,7 @@ def next_membership(
                 undecided = True
         still = spare_beats.silent(silent_s) if spares is not None else set()  # watched from the first look on
         if not undecided or late:
-            free, unsure = _free_spares(store, spares, spare_beats, still, silent_s) if holes else ([], False)
+            free, unsure = _beating_spares(store, spares, spare_beats, still, silent_s) if holes else ([], False)
             if not unsure or late:  # (a live spare's beat moves within its poll)
                 _propose(store, current, complete, holes, free)
                 break

@@ -304,14 +304,15 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
         if self.heartbeat is not None:
             self.heartbeat.start()
 
-    def leave(self, reason: str) -> None:
+    def leave(self, reason: str, replaceable: bool = False) -> None:
         """Elastic runs: this rank's replica leaves on purpose (a preemption notice) while the
-        others train on: no loss for its peers' heartbeats, a mark for the survivors' agreement,
-        no final barrier (the survivors do not wait for it); ``close`` is then a no-op."""
+        others train on (or, ``replaceable``, this rank leaves and a spare takes its place): no
+        loss for its peers' heartbeats, a mark for the survivors' agreement, no final barrier
+        (the survivors do not wait for it); ``close`` is then a no-op."""
         if self.heartbeat is not None:
             self.heartbeat.stop("done")
         self._close_lane()
-        self._mark_gone(reason, on_purpose=True)
+        self._mark_gone(reason, on_purpose=not replaceable)
         self._left = True
 
     def close(self, error: str | None = None) -> None:

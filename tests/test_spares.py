@@ -39,10 +39,12 @@ from tests.pp2_dp2 import (
     final_weights,
     kill_after_rows,
     last_rows,
+    signal_after_rows,
     training_rows,
     validation_rows,
     wait_all,
 )
+from trainer.checkpoint import complete_steps
 from trainer.config import RunConfig
 
 
@@ -173,23 +175,29 @@ def test_where_no_replica_holds_the_lost_state_the_spare_and_the_survivors_go_th
         assert_same_state(final_weights(ckpt), final_weights(oracle))
 
 
+def pp2_dp1_args(shards: Path, tasks: str, ckpt: Path, *extra: str) -> list[str]:
+    return [*train_args(shards, tasks, ckpt, pp=2, dp=1, batch=2, micro=1, accum=2),
+            "--total-steps", "24", "--checkpoint-steps", "8", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pp2_dp1_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted pp=2 x dp=1 run of 24 steps, no spares: the oracle of the runs below."""
+    tmp = tmp_path_factory.mktemp("pp2_dp1_run")
+    assert_all_ok(launch(pp2_dp1_args(tiny_shards, two_tasks, tmp / "ckpt"), 2, tmp))
+    return tmp / "ckpt"
+
+
 def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_process(
-    tiny_shards: Path, two_tasks: str, tmp_path: Path
+    pp2_dp1_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
     """pp=2 x dp=1 with one spare (launch rank 2): SIGKILL stage 1 (which writes the metrics)
     after step 11. No live copy of its state exists: rank 0 and the spare load the last
     checkpoint in this same process (no rank restarts) and train on from there. Every row
     before the loss and after the roll-back, and the final checkpoint, are those of an
     uninterrupted run (a run resumed from that checkpoint: resumes are exact)."""
-
-    def args(ckpt: Path, *extra: str) -> list[str]:
-        return [*train_args(tiny_shards, two_tasks, ckpt, pp=2, dp=1, batch=2, micro=1, accum=2),
-                "--total-steps", "24", "--checkpoint-steps", "8", *extra]  # fmt: skip
-
-    (tmp_path / "oracle").mkdir()
-    assert_all_ok(launch(args(tmp_path / "oracle" / "ckpt"), 2, tmp_path / "oracle"))  # no spares: a plain run
     ckpt = tmp_path / "ckpt"
-    procs = start_ranks(args(ckpt, "--spares", "1"), range(3), tmp_path, free_port())
+    procs = start_ranks(pp2_dp1_args(tiny_shards, two_tasks, ckpt, "--spares", "1"), range(3), tmp_path, free_port())
     kill_after_rows(procs, ckpt, 11, victim=1)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(3)}
@@ -204,11 +212,45 @@ def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_proce
     split = rows.index(back)
     before = [(r["step"], r["loss"]) for r in rows[:split] if "loss" in r]
     after = [(r["step"], r["loss"]) for r in rows[split:] if "loss" in r]
-    oracle = training_rows(tmp_path / "oracle" / "ckpt")
+    oracle = training_rows(pp2_dp1_run)
     assert [s for s, _ in before] == list(range(1, len(before) + 1)) and len(before) >= 11
     assert [s for s, _ in after] == list(range(back["step"] + 1, 25))
     assert all(loss == oracle[step] for step, loss in before + after)
-    here, there = checkpoint_tensors(ckpt, 24), checkpoint_tensors(tmp_path / "oracle" / "ckpt", 24)
+    here, there = checkpoint_tensors(ckpt, 24), checkpoint_tensors(pp2_dp1_run, 24)
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+
+
+@pytest.mark.parametrize("dp", [2, 1])
+def test_a_spare_takes_the_place_of_a_rank_with_a_preemption_notice_and_no_step_is_lost(
+    pp2_dp2_run: Path, pp2_dp1_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, dp: int
+) -> None:
+    """SIGTERM to the last stage of the last replica (at dp=1 the metrics writer) after step 5,
+    one spare waiting, no --elastic: instead of the whole run stopping, every rank commits that
+    step, the noticed rank leaves (exit 0) and the spare takes its place - at dp=2 handed the
+    stage's state by the other replica, at dp=1 loading the step just committed with rank 0. No
+    step is redone (training_rows refuses a step reported twice); every loss and the final
+    checkpoint are the uninterrupted run's, bit for bit."""
+    ckpt, world = tmp_path / "ckpt", 2 * dp
+    args = elastic_args(tiny_shards, two_tasks, ckpt) if dp == 2 else pp2_dp1_args(tiny_shards, two_tasks, ckpt)
+    oracle, noticed = (pp2_dp2_run, 3) if dp == 2 else (pp2_dp1_run, 1)
+    procs = start_ranks([*args, "--spares", "1"], range(world + 1), tmp_path, free_port())
+    signal_after_rows(procs, ckpt, 5, victim=noticed, how=signal.SIGTERM)
+    codes = wait_all(procs)
+    logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(world + 1)}
+    assert codes == [0] * (world + 1), "".join(log[-1500:] for log in logs.values())
+    ours, expected = training_rows(ckpt), training_rows(oracle)
+    assert ours == expected
+    preempted, took_over = events(ckpt)
+    left = f"preempted: step {preempted['step']} is committed and this rank leaves, "
+    assert left in logs[noticed] and "a spare takes its place" in logs[noticed], logs[noticed][-2000:]
+    assert f"spare rank {world} took the place of launch rank {noticed}" in logs[world], logs[world][-2000:]
+    assert preempted["event"] == "preempted" and preempted["noticed_launch_ranks"] == [noticed]
+    assert took_over["event"] == "spare took over" and took_over["step"] == preempted["step"] >= 5
+    replaced = (took_over["lost_launch_rank"], took_over["spare_launch_rank"], took_over["replicas"])
+    assert replaced == (noticed, world, dp)
+    assert preempted["step"] in complete_steps(ckpt)  # committed before the rank left
+    last = max(expected)
+    here, there = checkpoint_tensors(ckpt, last), checkpoint_tensors(oracle, last)
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 

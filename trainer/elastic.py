@@ -23,6 +23,7 @@ from comm.membership import (
     Membership,
     SparePool,
     announce_growth,
+    enough_spares,
     growth_after,
     joining_replicas,
     next_membership,
@@ -121,6 +122,13 @@ class ElasticController:
                 trainer.comm.send_to_replica(membership.replicas.index(slot // old.pipeline_size), header,
                                              list(tensors.values()))  # fmt: skip
         self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
+
+    def enough_spares(self, wanted: int) -> bool:
+        """Whether ``wanted`` spares wait, admitted and beating (comm.membership), to take the
+        places of ranks with a preemption notice: rank 0 looks, and every rank gets its answer."""
+        comm = self.trainer.comm
+        found = enough_spares(comm.elastic.store, self._spares(), wanted) if comm.topo.rank == 0 else None
+        return comm.all_gather_object(found)[0]
 
     def _spares(self) -> SparePool | None:
         cfg = self.trainer.cfg
@@ -247,6 +255,7 @@ class ElasticController:
             raise RollBack(trainer.step, trainer.events)
         trainer.setup(joining=True)
         header = self._receive_state(source)
+        trainer.events = header["events"]  # the survivors' rows not written yet: this rank may be the reporter now
         took = time.perf_counter() - started
         step = trainer.step + (header["during"] == "step")  # the step the survivors do again
         self._note_stand_ins(step, membership, stand_ins, took)
@@ -274,6 +283,7 @@ class ElasticController:
             "packing": trainer.packing,  # the data state lives on the first and last stages only
             "nonfinite_run": trainer.nonfinite_run,
             "loss_scale": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "events": trainer.events,
             "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
         }
         return header, tensors

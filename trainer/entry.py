@@ -139,8 +139,10 @@ def roll_back(old: Trainer, back: RollBack) -> Trainer:
     and how long it took."""
     comm = old.comm
     cfg = replace(old.cfg, checkpoint=replace(old.cfg.checkpoint, resume=True))
-    # the survivors know the step they were in, and hold the takeover's rows (a spare knows neither)
-    lost_in, events = max(comm.all_gather_object((back.step, back.events)), key=lambda gathered: gathered[0])
+    # the survivors know the step they were in, whether progress was lost, and hold the takeover's
+    # rows (a spare knows none of it)
+    gathered = comm.all_gather_object((back.step, back.events, back.lost))
+    lost_in, events, lost = max(gathered, key=lambda survivor: survivor[0])
     old.stage = old.optimizer = old.params = old.tied = None  # its memory, before the checkpoint's copy is built
     agree_on_resume(comm, cfg, old.plan.layers, old.disks)
     trainer = Trainer(cfg, old.plan, comm, old.disks, old.notice)
@@ -148,7 +150,7 @@ def roll_back(old: Trainer, back: RollBack) -> Trainer:
     trainer.elastic.layers_by_stage = old.elastic.layers_by_stage
     took = time.perf_counter() - back.started
     trainer.events = events
-    if back.lost:
+    if lost:
         log.warning("rolled back from step %d to checkpoint %d in %.2fs: no live replica held all of the state the "
                     "new replicas need", lost_in, trainer.step, took)  # fmt: skip
         trainer.events.append({"step": trainer.step, "event": "rolled back", "from_step": lost_in,

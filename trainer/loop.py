@@ -70,7 +70,7 @@ class Trainer:
         preemption notice (trainer.preemption), shared with every rank at each step's end."""
         self.cfg = cfg
         self.notice = notice
-        # the replicas of which some rank had a preemption notice, as the last step's sums agreed
+        # the ranks that had a preemption notice, as the last step's sums agreed
         self.noticed: list[int] = []
         self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
@@ -452,14 +452,15 @@ class Trainer:
         sums.add("peak_mem_bytes", self.memory.peak_bytes(), per_stage=True)
         sums.add("peak_mem_estimate_bytes", self.estimate.total, per_stage=True)
         sums.add("lost", lost)
-        for replica, noticed in enumerate(totals["notices"].tolist()):  # summed over stages: every rank's notices
-            sums.add(f"notice/{replica}", noticed)
+        for replica, noticed in enumerate(totals["notices"].tolist()):  # this stage's rank of each replica ...
+            sums.add(f"notice/{replica}", noticed, per_stage=True)  # ... and, summed, every rank's
         self.memory.reset()
         summed = sums.reduce(self.comm.all_reduce_pipeline, self.device)
         if summed["lost"][0] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
             self.optimizer.rollback()
             raise ReplicasChanged(step)
-        self.noticed = [r for r in range(dp) if summed[f"notice/{r}"][0] > 0]
+        noticed = [(stage, r) for r in range(dp) for stage, n in enumerate(summed[f"notice/{r}"]) if n > 0]
+        self.noticed = sorted(self.topo.rank_of(stage, r) for stage, r in noticed)
         grad_norm = math.sqrt(summed["squared_norm"][0])
         comm_bytes, dp_bytes = int(summed["comm_bytes"][0]), int(summed["dp_bytes"][0])
         trainable = int(summed["trainable"][0])
@@ -690,21 +691,48 @@ class Trainer:
         )  # fmt: skip
 
     def _answer_notice(self, metrics: MetricsWriter | None) -> bool:
-        """Every rank, at the end of a step where some rank had a preemption notice: without
-        --elastic (or if too few replicas would stay) the whole run commits this step and stops;
-        with it, the noticed replicas leave and the others regroup and train on (where the state
-        goes through a checkpoint, ZeRO-1 and DiLoCo, every replica commits this step first, and
-        the survivors load it). True: stop."""
-        staying = self.topo.data_size - len(self.noticed)
+        """Every rank, at the end of a step where some rank had a preemption notice: with --spares
+        and a free spare for each noticed rank, spares take their places (``_replace_noticed``);
+        else without --elastic (or if too few replicas would stay) the whole run commits this step
+        and stops; with it, the noticed replicas leave and the others regroup and train on (where
+        the state goes through a checkpoint, ZeRO-1, local SGD and DiLoCo, every replica commits
+        this step first, and the survivors load it). True: stop."""
+        if self.cfg.comm.spares and self.elastic.enough_spares(len(self.noticed)):
+            return self._replace_noticed()
+        noticed = self._noticed_replicas()
+        staying = self.topo.data_size - len(noticed)
         if not self.cfg.comm.elastic or staying < max(1, self.cfg.dp.min_replicas):
             self._stop_for_notice(metrics)
             return True
         if not self.cfg.dp.replicated:  # the survivors go on through a checkpoint: this step's loses nothing
             self.checkpoint(must=True)
-        if self.topo.replica in self.noticed:
+        if self.topo.replica in noticed:
             self._leave_for_notice()
             return True
         self.elastic.regroup(self.step, why="preempted")
+        return False
+
+    def _noticed_replicas(self) -> list[int]:
+        return sorted({rank // self.topo.pipeline_size for rank in self.noticed})
+
+    def _replace_noticed(self) -> bool:
+        """--spares, a free spare for each noticed rank: every rank commits this step (so nothing
+        is lost, and it is what every rank loads where no live replica can hand a spare its stage's
+        state), the noticed ranks leave, and the others regroup with spares in their places and
+        go on from this step, its evaluation (when due) done with them. True: this rank left."""
+        started = time.perf_counter()
+        self.checkpoint(must=True)
+        launch_ranks = self.comm.elastic.membership.launch_ranks()
+        self.events.append({"step": self.step, "event": "preempted",
+                            "noticed_launch_ranks": [launch_ranks[r] for r in self.noticed],
+                            "commit_s": time.perf_counter() - started, "unix_time": time.time()})  # fmt: skip
+        if self.topo.rank in self.noticed:
+            self.comm.leave(f"preempted ({self.notice.signal_name or 'a notice'})", replaceable=True)
+            after = f", {self.notice.seconds_since():.1f}s after the notice" if self.notice.pending else ""
+            log.warning("preempted: step %d is committed and this rank leaves%s; a spare takes its place", self.step,
+                        after)  # fmt: skip
+            return True
+        self.elastic.regroup(self.step, why="preempted", during="evaluation")
         return False
 
     def _stop_for_notice(self, metrics: MetricsWriter | None) -> None:
@@ -718,11 +746,12 @@ class Trainer:
                         self.notice.signal_name, self.step, self.cfg.checkpoint.path, took,
                         self.notice.seconds_since())  # fmt: skip
         else:
-            where = f"replica{'s' if len(self.noticed) > 1 else ''} {', '.join(map(str, self.noticed))}"
+            noticed = self._noticed_replicas()
+            where = f"replica{'s' if len(noticed) > 1 else ''} {', '.join(map(str, noticed))}"
             log.warning("a preemption notice reached %s: step %d committed to %s in %.1fs; every rank exits",
                         where, self.step, self.cfg.checkpoint.path, took, extra=ONCE)  # fmt: skip
         if metrics is not None:
-            metrics.write({"step": self.step, "event": "preempted", "noticed_replicas": self.noticed,
+            metrics.write({"step": self.step, "event": "preempted", "noticed_replicas": self._noticed_replicas(),
                            "commit_s": took, "unix_time": time.time()})  # fmt: skip
 
     def _leave_for_notice(self) -> None:
