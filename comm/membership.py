@@ -239,6 +239,21 @@ def _beating_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent:
     return free, any(rank not in beats.moved and rank not in silent for rank in ready)
 
 
+def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float, poll_s: float = 0.01) -> None:
+    """Every rank of ``current`` calls this before a planned change of generation (``tag`` names
+    it): it returns once all of them have, so each has finished its last collective in this
+    generation. A rank that tore down its groups or exited at once could close a connection a
+    slower peer still reads that collective's last bytes from, failing the peer's call."""
+    key, count = f"{current.key_space}done/{tag}", len(current.launch_ranks())
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < count:
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"generation {current.generation}: not every rank reached {tag} within "
+                                  f"{timeout_s:.0f}s (--comm-timeout); a rank is lost or stuck")  # fmt: skip
+        time.sleep(poll_s)
+
+
 def enough_spares(store: dist.Store, spares: SparePool, wanted: int, silent_s: float = SILENT_S,
                 poll_s: float = 0.05) -> bool:  # fmt: skip
     """Whether ``wanted`` spares wait, admitted and seen beating: watched until as many have

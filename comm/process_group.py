@@ -30,7 +30,7 @@ from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat, leave_now
 from comm.lane import Lane
 from comm.link import Wire
-from comm.membership import Membership, mark_left, mark_lost
+from comm.membership import Membership, all_done, mark_left, mark_lost
 from comm.p2p import PipelinePeers
 from comm.rendezvous import bind_interface, join_job, restart_attempt, store_address
 from comm.store_host import FINISHED, PULSE
@@ -303,6 +303,12 @@ class Communicator(PipelinePeers, Collectives, Control, Wire):
     def start_heartbeat(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.start()
+
+    def quiesce(self, tag: str) -> None:
+        """Elastic runs, before a planned change of generation (a join, a preemption notice; not
+        after a loss, where the lost ranks would never come): wait until every rank of this
+        generation is done with its process groups (comm.membership.all_done)."""
+        all_done(self.elastic.store, self.elastic.membership, tag, self.timeout_s)
 
     def leave(self, reason: str, replaceable: bool = False) -> None:
         """Elastic runs: this rank's replica leaves on purpose (a preemption notice) while the

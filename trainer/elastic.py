@@ -196,6 +196,7 @@ class ElasticController:
         replicated = trainer.cfg.dp.replicated
         if not replicated and latest_step(trainer.cfg.checkpoint.path) != trainer.step:
             trainer.checkpoint(must=True)  # what every rank of the grown generation loads (below)
+        trainer.comm.quiesce(f"growth after step {trainer.step}")
         trainer.comm.regroup(grown)
         self._settle()
         if not replicated:  # the joiners and the new layout of the state: through this step's checkpoint

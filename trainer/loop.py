@@ -706,6 +706,7 @@ class Trainer:
             return True
         if not self.cfg.dp.replicated:  # the survivors go on through a checkpoint: this step's loses nothing
             self.checkpoint(must=True)
+        self.comm.quiesce(f"the notice after step {self.step}")
         if self.topo.replica in noticed:
             self._leave_for_notice()
             return True
@@ -726,6 +727,7 @@ class Trainer:
         self.events.append({"step": self.step, "event": "preempted",
                             "noticed_launch_ranks": [launch_ranks[r] for r in self.noticed],
                             "commit_s": time.perf_counter() - started, "unix_time": time.time()})  # fmt: skip
+        self.comm.quiesce(f"the notice after step {self.step}")
         if self.topo.rank in self.noticed:
             self.comm.leave(f"preempted ({self.notice.signal_name or 'a notice'})", replaceable=True)
             after = f", {self.notice.seconds_since():.1f}s after the notice" if self.notice.pending else ""
