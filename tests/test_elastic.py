@@ -7,12 +7,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from comm.membership import Membership, all_done
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
@@ -22,6 +25,7 @@ from tests.helpers import (
     launch,
     read_metrics,
     start_ranks,
+    store_client,
 )
 from tests.pp2_dp2 import (
     TOTAL,
@@ -288,3 +292,30 @@ def test_a_replica_lost_during_an_evaluation_is_evaluated_without_it(
     trained, oracle = training_rows(ckpt), training_rows(pp2_dp2_run)
     assert sorted(trained) == list(range(1, TOTAL + 1))
     assert [trained[s] for s in oracle] == pytest.approx([oracle[s] for s in oracle], rel=1e-5)
+
+
+def test_a_planned_regroup_waits_until_every_rank_is_done_with_the_generation(
+    store: tuple[dist.TCPStore, int],
+) -> None:
+    """Before a join or a notice changes the generation, no rank may tear down its groups while a
+    peer still reads its last collective: each waits in the store until all four ranks arrived
+    (the last of them late); a rank that never comes is an error naming the generation."""
+    main, port = store
+    current, tag = Membership(3, (0, 1), 2), "growth after step 7"
+    arrived: list[float] = []
+
+    def rank(delay: float) -> None:
+        time.sleep(delay)
+        arrived.append(time.monotonic())
+        all_done(store_client(port), current, tag, timeout_s=10)
+
+    threads = [threading.Thread(target=rank, args=(delay,), daemon=True) for delay in (0.0, 0.0, 0.3)]
+    for thread in threads:
+        thread.start()
+    all_done(main, current, tag, timeout_s=10)
+    returned = time.monotonic()
+    for thread in threads:
+        thread.join(10)
+    assert len(arrived) == 3 and returned >= max(arrived)
+    with pytest.raises(ConnectionError, match="generation 4: not every rank reached the notice after step 9 within"):
+        all_done(main, Membership(4, (0, 1), 2), "the notice after step 9", timeout_s=0.2)
