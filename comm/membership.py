@@ -228,7 +228,7 @@ class _Beats:
 
 
 def _beating_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: set[int],
-                 silent_s: float) -> tuple[list[int], bool]:  # fmt: skip
+                    silent_s: float) -> tuple[list[int], bool]:  # fmt: skip
     """The admitted spares seen beating, in launch order, and whether some admitted spare is not
     known yet either way. One that stood still (``silent``) is refused: it died while it waited,
     or froze (woken, it reads why and stops)."""
@@ -255,7 +255,7 @@ def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float,
 
 
 def enough_spares(store: dist.Store, spares: SparePool, wanted: int, silent_s: float = SILENT_S,
-                poll_s: float = 0.05) -> bool:  # fmt: skip
+                  poll_s: float = 0.05) -> bool:  # fmt: skip
     """Whether ``wanted`` spares wait, admitted and seen beating: watched until as many have
     beaten, until none is left unknown, or for ``silent_s``."""
     beats, deadline = _Beats.of_spares(store, spares), time.monotonic() + silent_s
