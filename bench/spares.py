@@ -1,4 +1,4 @@
-"""A spare taking a killed rank's place (--spares): how long the run stops, beside the link.
+"""A spare taking a killed or preempted rank's place (--spares): how long the run stops, beside the link.
 
     python bench/spares.py [--mbps 20] [--steps 12]
 
@@ -12,10 +12,10 @@ the link emulation, three times:
 - pp=2 x dp=2 and one spare: rank 3 gets SIGTERM (a preemption notice) after step 3; at the end of
   its step every rank commits that step, rank 3 leaves and the spare takes its place as above.
 
-For each: the seconds from the signal to the next step's row (the step in flight done again, or
-the first step after the roll-back), what the run's own event row says it took, a step's time
-before the kill, and the time the largest stage's state (weights and AdamW files, by the final
-checkpoint's manifests) needs at --mbps.
+For each: the seconds from the signal to the next step's row after the takeover (the step in
+flight done again, the first step after the roll-back, or the step after the notice's), what the
+run's own event rows say it took, a step's time before the signal, and the time the largest
+stage's state (weights and AdamW files, by the final checkpoint's manifests) needs at --mbps.
 """
 
 from __future__ import annotations
@@ -62,15 +62,22 @@ def losing_a_rank(shards: Path, corpus: Path, out: Path, args: argparse.Namespac
     procs[victim].send_signal(how)
     killed, rows_then = time.time(), len(metric_rows(out))
     steps = sorted(r["step_time_s"] for r in metric_rows(out)[1:rows_then] if "loss" in r)  # not the first
-    while not any("loss" in r for r in metric_rows(out)[rows_then:]):
+    while not _stepped_after_event(metric_rows(out)[rows_then:]):
         if all(p.poll() is not None for p in procs):
             raise RuntimeError("every rank stopped")
         time.sleep(0.02)
     back = time.time() - killed
     if any(p.wait() for i, p in enumerate(procs) if i != victim):
         raise RuntimeError("a rank failed after the spare took over")
-    log.info("dp=%d: a step took %.2f s before the kill (median)", dp, steps[len(steps) // 2])
+    log.info("dp=%d: a step took %.2f s before the signal (median)", dp, steps[len(steps) // 2])
     return back, {r["event"]: r for r in metric_rows(out) if "event" in r}
+
+
+def _stepped_after_event(rows: list[dict]) -> bool:
+    """Whether a training row follows an event row (the spare's takeover; a notice's step, in
+    flight at the signal, comes before it)."""
+    events = [i for i, r in enumerate(rows) if "event" in r]
+    return bool(events) and any("loss" in r for r in rows[events[0] + 1 :])
 
 
 def main() -> None:
