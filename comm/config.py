@@ -118,7 +118,8 @@ class CommConfig:
             help="K standby processes, started with --rank world-size .. world-size+K-1 and the same flags (under "
             "torchrun $WORLD_SIZE counts them; --world-size does not): they load nothing and wait; when a rank is "
             "lost a spare takes its stage and replica, gets its state from a live replica of the stage, and the "
-            "step is done again, with no restart; with one replica every rank rolls back to the last checkpoint "
+            "step is done again, with no restart (a rank with a preemption notice is replaced the same way once "
+            "its step is committed, nothing redone); with one replica every rank rolls back to the last checkpoint "
             "in-process instead, as with --shard-optimizer or --dp-mode local or diloco",
         )
         connection.add_argument(
