@@ -239,12 +239,14 @@ def _beating_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent:
     return free, any(rank not in beats.moved and rank not in silent for rank in ready)
 
 
-def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float, poll_s: float = 0.01) -> None:
-    """Every rank of ``current`` calls this before a planned change of generation (``tag`` names
-    it): it returns once all of them have, so each has finished its last collective in this
-    generation. A rank that tore down its groups or exited at once could close a connection a
-    slower peer still reads that collective's last bytes from, failing the peer's call."""
-    key, count = f"{current.key_space}done/{tag}", len(current.launch_ranks())
+def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float, ranks: int | None = None,
+             poll_s: float = 0.01) -> None:  # fmt: skip
+    """Every rank of ``current`` (or the ``ranks`` of them that survive a loss) calls this before
+    a change of generation (``tag`` names it): it returns once all of them have, so each has
+    finished its last collective in this generation. A rank that tore down its groups or exited
+    at once could close a connection a slower peer still reads that collective's last bytes
+    from, failing the peer's call."""
+    key, count = f"{current.key_space}done/{tag}", len(current.launch_ranks()) if ranks is None else ranks
     store.add(key, 1)
     deadline = time.monotonic() + timeout_s
     while store.add(key, 0) < count:

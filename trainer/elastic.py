@@ -22,6 +22,7 @@ from torch.distributed import Store
 from comm.membership import (
     Membership,
     SparePool,
+    all_done,
     announce_growth,
     enough_spares,
     growth_after,
@@ -99,6 +100,9 @@ class ElasticController:
                 + (f"fewer than --min-replicas {fewest}" if cfg.comm.elastic else "and no spare was free")
                 + "; stopping (relaunch the lost ranks and resume from the last checkpoint)"
             )
+        # the survivors whose groups still stand must not tear them down under a peer still reading
+        staying = sum(membership.holds(rank) for rank in old.launch_ranks())
+        all_done(elastic.store, old, f"the move to generation {membership.generation}", cfg.comm.timeout_s, staying)
         trainer.comm.regroup(membership)
         self._settle()
         stand_ins = membership.new_stand_ins(old)
