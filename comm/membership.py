@@ -19,7 +19,8 @@ When a rank is lost:
   each of their ranks registers ``alive`` for the next generation;
 - a rank is lost when it marked itself so or its heartbeat stood still for ``SILENT_S`` (a
   SIGKILLed rank marks nothing); a replica whose rank left on purpose (``left``: a preemption
-  notice) is never mended;
+  notice) is never mended (with a free spare for it, a noticed rank marks itself ``lost``
+  instead, once its step is committed, and is replaced);
 - the first rank to see every launch replica decided (all its ranks alive; or, without spares,
   one of them gone; or, with spares, each of them alive or lost), or to wait out the settle time,
   fixes the next generation with one compare-and-set: the complete pipelines and those whose
@@ -27,7 +28,10 @@ When a rank is lost:
   under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``). A waiting spare
   counts up ``spares/beat/<launch rank>`` as it polls: only one whose count moved while the
   survivors agree is free; one whose count stood still for ``SILENT_S`` (a spare that died while
-  it waited) is refused, so no slot goes to a dead process.
+  it waited) is refused, so no slot goes to a dead process;
+- before tearing down the old groups, the survivors the new generation holds wait for each other
+  in the store (``all_done``), so none closes a connection a slower one still reads from. Planned
+  changes (a join, a preemption notice) wait so too, for every rank of the generation.
 
 When ranks are started again with the same flags while a run is live, they join:
 
