@@ -41,6 +41,8 @@ _ASKS = "run/asks/"  # run/asks/<rank>: how many times that rank asked (a counte
 _ASK = "run/ask/"  # run/ask/<rank>/<i>: the i-th ask, "<challenge> <mac>"
 _VERDICT = "run/verdict/"  # run/verdict/<rank>/<i>: "admitted <mac>" or "refused <why>"
 POLL_S = 0.05
+# where the launch's ranks pass rank 0's door in an elastic run's store (generation 0's key space)
+LAUNCH_SPACE = "gen0/"
 NOTE_AFTER_S, NOTE_EVERY_S = 5.0, 30.0  # a rank waiting (here or in comm.rendezvous) says so after 5 s, then every 30 s
 
 
@@ -213,3 +215,31 @@ def token_from(flag: str | None) -> str | None:
     """The run token: the flag, else the environment variable, else none (empty means none)."""
     token = flag if flag is not None else os.environ.get(TOKEN_ENV)
     return token or None
+
+
+def refusal(store: dist.Store, asked: str, rank: int, fingerprint: str, token: str | None) -> str | None:
+    """Why a rank asking with ``asked`` ("<fingerprint> <proof>") may not enter, or None."""
+    theirs, _, proof = asked.partition(" ")
+    if theirs != fingerprint:
+        return "its settings differ from the live run's; start it with the same flags"
+    if token is not None:
+        challenge = read_card(dist.PrefixStore(LAUNCH_SPACE, store)).challenge
+        if not hmac.compare_digest(proof, join_proof(token, challenge, rank, theirs)):
+            return f"its run token is not the run's (give it the run's --run-token or {TOKEN_ENV})"
+    return None
+
+
+def ask_with_proof(store: dist.Store, key: str, launch_rank: int, fingerprint: str, token: str | None) -> None:
+    """Ask under ``key`` with this rank's settings and, when the run is guarded, a proof of the
+    run token over the launch's challenge (``join_proof``); a rank that has a token the run
+    lacks, or lacks the one it has, stops here."""
+    card = read_card(dist.PrefixStore(LAUNCH_SPACE, store))
+    guarded = card is not None and card.guarded
+    if guarded != (token is not None):
+        raise ConnectionError(
+            f"rank {launch_rank}: the live elastic run {'needs' if guarded else 'runs without'} a run token and "
+            f"this rank has {'none' if token is None else 'one'}: give every rank the same --run-token (or "
+            f"{TOKEN_ENV}), or none at all"
+        )
+    proof = join_proof(token, card.challenge, launch_rank, fingerprint) if token is not None else ""
+    store.set(key, f"{fingerprint} {proof}")

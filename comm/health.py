@@ -141,3 +141,31 @@ class Heartbeat:
             self._beat(exit_reason)
         except RuntimeError:
             pass  # the store is gone with rank 0: nobody is left to tell
+
+
+SILENT_S = 3.0  # a rank whose beat stood still this long while the survivors agree is lost
+
+
+class Beats:
+    """When each of some ranks last moved its beat in the store (``keys``: launch rank -> key),
+    as this rank sees it from its first look on."""
+
+    def __init__(self, store: dist.Store, keys: dict[int, str]) -> None:
+        self.store, self.keys = store, keys
+        self.seen: dict[int, tuple[bytes | None, float]] = {}
+        self.moved: set[int] = set()  # beat since the first look: alive
+
+    def silent(self, after_s: float) -> set[int]:
+        """Look again; the ranks whose beat has stood still for more than ``after_s``."""
+        now, silent = time.monotonic(), set()
+        for launch_rank, key in self.keys.items():
+            beat = self.store.get(key) if self.store.check([key]) else None
+            last, since = self.seen.get(launch_rank, (None, now))
+            if launch_rank not in self.seen:
+                self.seen[launch_rank] = (beat, now)
+            elif beat != last:
+                self.seen[launch_rank] = (beat, now)
+                self.moved.add(launch_rank)
+            elif now - since > after_s:
+                silent.add(launch_rank)
+        return silent

@@ -25,10 +25,9 @@ When a rank is lost:
   one of them gone; or, with spares, each of them alive or lost), or to wait out the settle time,
   fixes the next generation with one compare-and-set: the complete pipelines and those whose
   every lost slot a free spare fills. All read it, and write each chosen spare its generation
-  under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``). A waiting spare
-  counts up ``spares/beat/<launch rank>`` as it polls: only one whose count moved while the
-  survivors agree is free; one whose count stood still for ``SILENT_S`` (a spare that died while
-  it waited) is refused, so no slot goes to a dead process;
+  under ``spares/taken/<launch rank>``, where it waits (``wait_as_spare``). Only a spare seen
+  beating while the survivors agree is free; one that stood still for ``SILENT_S`` (it died while
+  it waited) is refused, so no slot goes to a dead process (comm.spares);
 - before tearing down the old groups, the survivors the new generation holds wait for each other
   in the store (``all_done``), so none closes a connection a slower one still reads from. Planned
   changes (a join, a preemption notice) wait so too, for every rank of the generation.
@@ -46,20 +45,20 @@ When ranks are started again with the same flags while a run is live, they join:
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from comm.admission import TOKEN_ENV, join_proof, read_card
+from comm.admission import ask_with_proof, refusal
+from comm.health import SILENT_S, Beats
+from comm.spares import SPARES, SparePool, beating_spares, spare_beats
 from comm.store_host import CURRENT, FINISHED, PULSE
 from comm.topology import Topology
 
 GENERATIONS = "elastic/generations"  # counter: the next generation's number
-LAUNCH_SPACE = "gen0/"  # where the launch's ranks passed rank 0's door (its card, comm.admission)
 
 
 @dataclass(frozen=True)
@@ -160,89 +159,6 @@ def mark_lost(store: dist.Store, membership: Membership, launch_rank: int, reaso
     store.set(f"{membership.key_space}lost/{launch_rank}", reason)
 
 
-SILENT_S = 3.0  # a rank whose heartbeat stood still this long while the survivors agree is lost
-SPARES = "spares/"  # spares/ask/<r>: a waiting spare; taken/<r>: the generation it joins; refused/<r>
-
-
-@dataclass(frozen=True)
-class SparePool:
-    """The --spares of a run: launch ranks ``first`` .. ``first + count - 1``, each admitted with
-    the run's settings (and a proof of its token) before it may take a lost rank's place."""
-
-    first: int
-    count: int
-    fingerprint: str
-    token: str | None = field(default=None, repr=False)
-
-    @property
-    def ranks(self) -> range:
-        return range(self.first, self.first + self.count)
-
-    def ready(self, store: dist.Store) -> list[int]:
-        """The spares waiting and admitted, in launch order; a spare asking with other settings
-        or a wrong proof is refused (it reads why and stops)."""
-        ready = []
-        for rank in self.ranks:
-            asked = f"{SPARES}ask/{rank}"
-            done = (f"{SPARES}taken/{rank}", f"{SPARES}refused/{rank}")  # (check() of several keys: all of them)
-            if not store.check([asked]) or any(store.check([key]) for key in done):
-                continue
-            refused = _refusal(store, store.get(asked).decode(), rank, self.fingerprint, self.token)
-            if refused is None:
-                ready.append(rank)
-            else:
-                store.set(f"{SPARES}refused/{rank}", refused)
-        return ready
-
-
-class _Beats:
-    """When each of some ranks last moved its beat in the store (``keys``: launch rank -> key),
-    as this rank sees it from its first look on."""
-
-    def __init__(self, store: dist.Store, keys: dict[int, str]) -> None:
-        self.store, self.keys = store, keys
-        self.seen: dict[int, tuple[bytes | None, float]] = {}
-        self.moved: set[int] = set()  # beat since the first look: alive
-
-    @classmethod
-    def of_members(cls, store: dist.Store, current: Membership) -> _Beats:
-        """The heartbeats (comm.health) of ``current``'s ranks."""
-        space = current.key_space
-        return cls(store, {r: f"{space}heartbeat/{current.topology(r).rank}" for r in current.launch_ranks()})
-
-    @classmethod
-    def of_spares(cls, store: dist.Store, spares: SparePool) -> _Beats:
-        """The counts waiting spares move as they poll (``wait_as_spare``)."""
-        return cls(store, {r: f"{SPARES}beat/{r}" for r in spares.ranks})
-
-    def silent(self, after_s: float) -> set[int]:
-        """Look again; the ranks whose beat has stood still for more than ``after_s``."""
-        now, silent = time.monotonic(), set()
-        for launch_rank, key in self.keys.items():
-            beat = self.store.get(key) if self.store.check([key]) else None
-            last, since = self.seen.get(launch_rank, (None, now))
-            if launch_rank not in self.seen:
-                self.seen[launch_rank] = (beat, now)
-            elif beat != last:
-                self.seen[launch_rank] = (beat, now)
-                self.moved.add(launch_rank)
-            elif now - since > after_s:
-                silent.add(launch_rank)
-        return silent
-
-
-def _beating_spares(store: dist.Store, spares: SparePool, beats: _Beats, silent: set[int],
-                    silent_s: float) -> tuple[list[int], bool]:  # fmt: skip
-    """The admitted spares seen beating, in launch order, and whether some admitted spare is not
-    known yet either way. One that stood still (``silent``) is refused: it died while it waited,
-    or froze (woken, it reads why and stops)."""
-    ready = spares.ready(store)
-    for rank in silent.intersection(ready):
-        store.set(f"{SPARES}refused/{rank}", f"it stood still for {silent_s:g}s while it waited (dead or frozen)")
-    free = [rank for rank in ready if rank in beats.moved]
-    return free, any(rank not in beats.moved and rank not in silent for rank in ready)
-
-
 def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float, ranks: int | None = None,
              poll_s: float = 0.01) -> None:  # fmt: skip
     """Every rank of ``current`` (or the ``ranks`` of them that survive a loss) calls this before
@@ -260,16 +176,10 @@ def all_done(store: dist.Store, current: Membership, tag: str, timeout_s: float,
         time.sleep(poll_s)
 
 
-def enough_spares(store: dist.Store, spares: SparePool, wanted: int, silent_s: float = SILENT_S,
-                  poll_s: float = 0.05) -> bool:  # fmt: skip
-    """Whether ``wanted`` spares wait, admitted and seen beating: watched until as many have
-    beaten, until none is left unknown, or for ``silent_s``."""
-    beats, deadline = _Beats.of_spares(store, spares), time.monotonic() + silent_s
-    while True:
-        free, unsure = _beating_spares(store, spares, beats, beats.silent(silent_s), silent_s)
-        if len(free) >= wanted or not unsure or time.monotonic() > deadline:
-            return len(free) >= wanted
-        time.sleep(poll_s)
+def _member_beats(store: dist.Store, current: Membership) -> Beats:
+    """The heartbeats (comm.health) of ``current``'s ranks."""
+    space = current.key_space
+    return Beats(store, {r: f"{space}heartbeat/{current.topology(r).rank}" for r in current.launch_ranks()})
 
 
 def next_membership(
@@ -282,8 +192,8 @@ def next_membership(
     slot; a pipeline is dropped when one of its ranks left on purpose or spares are too few."""
     space, pp = current.key_space, current.pipeline_size
     store.set(f"{space}alive/{launch_rank}", "1")
-    deadline, beats = time.monotonic() + settle_s, _Beats.of_members(store, current)
-    spare_beats = _Beats.of_spares(store, spares) if spares is not None else None
+    deadline, beats = time.monotonic() + settle_s, _member_beats(store, current)
+    waiting = spare_beats(store, spares) if spares is not None else None
     while not store.check([f"{space}next"]):
         ranks = current.launch_ranks()
         alive = {r for r in ranks if store.check([f"{space}alive/{r}"])}
@@ -301,9 +211,9 @@ def next_membership(
                 holes[replica] = [slot for slot, r in slots.items() if r not in alive]
             else:
                 undecided = True
-        still = spare_beats.silent(silent_s) if spares is not None else set()  # watched from the first look on
+        still = waiting.silent(silent_s) if spares is not None else set()  # watched from the first look on
         if not undecided or late:
-            free, unsure = _beating_spares(store, spares, spare_beats, still, silent_s) if holes else ([], False)
+            free, unsure = beating_spares(store, spares, waiting, still, silent_s) if holes else ([], False)
             if not unsure or late:  # (a live spare's beat moves within its poll)
                 _propose(store, current, complete, holes, free)
                 break
@@ -334,37 +244,9 @@ def _propose(
     store.compare_set(f"{current.key_space}next", "", json.dumps(proposal))
 
 
-def _refusal(store: dist.Store, asked: str, rank: int, fingerprint: str, token: str | None) -> str | None:
-    """Why a rank asking with ``asked`` ("<fingerprint> <proof>") may not enter, or None."""
-    theirs, _, proof = asked.partition(" ")
-    if theirs != fingerprint:
-        return "its settings differ from the live run's; start it with the same flags"
-    if token is not None:
-        challenge = read_card(dist.PrefixStore(LAUNCH_SPACE, store)).challenge
-        if not hmac.compare_digest(proof, join_proof(token, challenge, rank, theirs)):
-            return f"its run token is not the run's (give it the run's --run-token or {TOKEN_ENV})"
-    return None
-
-
-def _ask(store: dist.Store, key: str, launch_rank: int, fingerprint: str, token: str | None) -> None:
-    """Ask under ``key`` with this rank's settings and, when the run is guarded, a proof of the
-    run token over the launch's challenge (comm.admission); a rank that has a token the run
-    lacks, or lacks the one it has, stops here."""
-    card = read_card(dist.PrefixStore(LAUNCH_SPACE, store))
-    guarded = card is not None and card.guarded
-    if guarded != (token is not None):
-        raise ConnectionError(
-            f"rank {launch_rank}: the live elastic run {'needs' if guarded else 'runs without'} a run token and "
-            f"this rank has {'none' if token is None else 'one'}: give every rank the same --run-token (or "
-            f"{TOKEN_ENV}), or none at all"
-        )
-    proof = join_proof(token, card.challenge, launch_rank, fingerprint) if token is not None else ""
-    store.set(key, f"{fingerprint} {proof}")
-
-
 def ask_to_join(store: dist.Store, generation: int, launch_rank: int, fingerprint: str, token: str | None) -> None:
     """A relaunched rank asks the live generation ``generation`` to take its replica back."""
-    _ask(store, f"gen{generation}/join/{launch_rank}", launch_rank, fingerprint, token)
+    ask_with_proof(store, f"gen{generation}/join/{launch_rank}", launch_rank, fingerprint, token)
 
 
 def joining_replicas(
@@ -381,7 +263,7 @@ def joining_replicas(
         for rank in range(replica * pp, (replica + 1) * pp):
             if not store.check([f"{space}join/{rank}"]):
                 continue
-            refused = _refusal(store, store.get(f"{space}join/{rank}").decode(), rank, fingerprint, token)
+            refused = refusal(store, store.get(f"{space}join/{rank}").decode(), rank, fingerprint, token)
             if refused is None:
                 asking += 1
             else:
@@ -446,7 +328,7 @@ def wait_as_spare(store: dist.Store, launch_rank: int, fingerprint: str, token: 
             if store.check([FINISHED]) or leave():
                 return None
             time.sleep(poll_s)
-        _ask(store, asked, launch_rank, fingerprint, token)
+        ask_with_proof(store, asked, launch_rank, fingerprint, token)
         while not store.check([f"{SPARES}taken/{launch_rank}"]):
             store.add(f"{SPARES}beat/{launch_rank}", 1)  # alive: a regroup gives slots only to spares that beat
             if store.check([f"{SPARES}refused/{launch_rank}"]):

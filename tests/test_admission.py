@@ -97,7 +97,8 @@ def test_a_run_that_trains_is_named_and_refused(store: tuple[dist.TCPStore, int]
 def test_a_replica_joining_a_live_elastic_run_proves_the_token(store: tuple[dist.TCPStore, int]) -> None:
     """comm.membership: rank 0 of the live generation takes in a replica only when each of its
     ranks asked with the run's settings and a proof of its token over the launch's challenge."""
-    from comm.membership import LAUNCH_SPACE, Membership, ask_to_join, joining_replicas
+    from comm.admission import LAUNCH_SPACE
+    from comm.membership import Membership, ask_to_join, joining_replicas
 
     main, _ = store
     open_run(dist.PrefixStore(LAUNCH_SPACE, main), world_size=4, token=TOKEN)

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm.membership import Membership, SparePool, mark_left, mark_lost, next_membership, publish, wait_as_spare
+from comm.membership import Membership, mark_left, mark_lost, next_membership, publish, wait_as_spare
+from comm.spares import SparePool
 from comm.store_host import FINISHED
 from comm.topology import Topology
 from tests.helpers import (

@@ -21,10 +21,8 @@ from torch.distributed import Store
 
 from comm.membership import (
     Membership,
-    SparePool,
     all_done,
     announce_growth,
-    enough_spares,
     growth_after,
     joining_replicas,
     next_membership,
@@ -32,6 +30,7 @@ from comm.membership import (
     wait_to_join,
 )
 from comm.process_group import Communicator, PeerLostError
+from comm.spares import SparePool, enough_spares
 from modules.layout import latest_step
 from trainer.metrics import setup_logging
 from trainer.resume import probe_disks
@@ -128,7 +127,7 @@ class ElasticController:
         self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
 
     def enough_spares(self, wanted: int) -> bool:
-        """Whether ``wanted`` spares wait, admitted and beating (comm.membership), to take the
+        """Whether ``wanted`` spares wait, admitted and beating (comm.spares), to take the
         places of ranks with a preemption notice: rank 0 looks, and every rank gets its answer."""
         comm = self.trainer.comm
         found = enough_spares(comm.elastic.store, self._spares(), wanted) if comm.topo.rank == 0 else None
