@@ -44,6 +44,7 @@ from tests.pp2_dp2 import (
     training_rows,
     validation_rows,
     wait_all,
+    wait_for_rows,
 )
 from trainer.checkpoint import complete_steps
 from trainer.config import RunConfig
@@ -234,7 +235,13 @@ def test_a_spare_takes_the_place_of_a_rank_with_a_preemption_notice_and_no_step_
     ckpt, world = tmp_path / "ckpt", 2 * dp
     args = elastic_args(tiny_shards, two_tasks, ckpt) if dp == 2 else pp2_dp1_args(tiny_shards, two_tasks, ckpt)
     oracle, noticed = (pp2_dp2_run, 3) if dp == 2 else (pp2_dp1_run, 1)
-    procs = start_ranks([*args, "--spares", "1"], range(world + 1), tmp_path, free_port())
+    port = free_port()  # a 50 ms emulated latency slows the steps: the spare is asking well before step 5
+    procs = start_ranks([*args, "--spares", "1", "--link-latency-ms", "50"], range(world + 1), tmp_path, port)
+    wait_for_rows(procs, 1, ckpt)  # the run's store is up
+    waiting = store_client(port)  # the notice finds the spare waiting (one not yet asking is no spare)
+    while not waiting.check([f"spares/ask/{world}"]):
+        assert procs[world].poll() is None, (tmp_path / f"rank{world}.log").read_text()[-2000:]
+        time.sleep(0.05)
     signal_after_rows(procs, ckpt, 5, victim=noticed, how=signal.SIGTERM)
     codes = wait_all(procs)
     logs = {rank: (tmp_path / f"rank{rank}.log").read_text() for rank in range(world + 1)}
