@@ -236,9 +236,11 @@ def test_dpo_frozen_reference_equals_the_formula_and_is_in_the_memory_estimate(
 ) -> None:
     """--dpo-reference frozen: each step's pairs through a frozen copy of the starting weights,
     no pass before training and no file; the same rows as the formula's, and the copy's bytes
-    in each stage's start-up estimate."""
+    in each stage's start-up estimate. The loss is chunked (as ``auto`` chunks a real vocabulary):
+    the copy's log-probs must come through the copy's own output layer, not the trained one."""
     ckpt = tmp_path / "ckpt"
-    results = launch([*dpo_args(tiny_shards, pairs, ckpt), "--dpo-reference", "frozen"], 4, tmp_path)
+    args = [*dpo_args(tiny_shards, pairs, ckpt), "--dpo-reference", "frozen", "--loss-chunk-tokens", "16"]
+    results = launch(args, 4, tmp_path)
     assert_all_ok(results)
     results = [r.output for r in results]
     assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r for r in results)

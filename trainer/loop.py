@@ -267,9 +267,13 @@ class Trainer:
             return DpoLoss(settings, self.device)
         return None
 
-    def _sequence_logps(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Each sequence's summed log-probability of its scored tokens (from logits, or chunked)."""
-        head, chunk = self.stage.head, self.loss_chunk
+    def _sequence_logps(
+        self, out: torch.Tensor, labels: torch.Tensor, stage: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Each sequence's summed log-probability of its scored tokens: from logits, or chunked
+        through the output layer of ``stage``, the module that computed ``out`` (the trained
+        stage, or DPO's frozen reference copy)."""
+        head, chunk = (stage or self.stage).head, self.loss_chunk
         return sequence_logps(out, labels, head.output if chunk else None, chunk, head.softcap)
 
     def _activation_shape(self) -> tuple[int, int, int]:

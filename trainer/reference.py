@@ -33,7 +33,9 @@ from trainer.preference import REFERENCE_FILE, ReferenceLogps, all_pairs, data_h
 log = logging.getLogger(__name__)
 # a forward-only pass of ``module`` (a stage) over this replica's ``slots`` of a batch
 RunForward = Callable[[Batch | None, range, LossFn, nn.Module], object]
-SequenceLogps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, labels) -> (rows,)
+# (output, labels, the stage that computed the output) -> (rows,): a chunked loss projects the
+# final norm's output through that stage's own output layer
+SequenceLogps = Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
 
 
 class DpoReference:
@@ -64,16 +66,15 @@ class DpoReference:
         tasks, lines = batch.tasks[rows][::2], batch.records[rows][::2]  # a pair's two sequences share them
         return self.table.rows([(first_file + t, n) for t, n in zip(tasks, lines, strict=True)])
 
-    def _recorder(self, recorded: list[torch.Tensor]) -> LossFn:
-        """A loss function that appends each micro-batch's per-sequence log-probs to ``recorded``."""
+    def _run_as_reference(self, module: nn.Module, batch: Batch | None, slots: range, recorded: list) -> None:
+        """A forward-only pass of ``module`` over ``slots`` of ``batch``, appending each
+        micro-batch's per-sequence log-probs to ``recorded`` (on the last stage). The log-probs
+        come through ``module``'s own output layer: a frozen copy's, never the trained stage's."""
 
         def record(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-            recorded.append(self.sequence_logps(out, micro.labels).detach())
+            recorded.append(self.sequence_logps(out, micro.labels, module).detach())
             return recorded[-1].sum()
 
-        return record
-
-    def _run_as_reference(self, module: nn.Module, batch: Batch | None, slots: range, record: LossFn) -> None:
         training = module.training
         module.eval()  # the reference is the model itself: no dropout
         with adapters_disabled(module):
@@ -86,8 +87,7 @@ class DpoReference:
         """--dpo-reference frozen: the reference log-probs of this replica's ``slots`` of ``batch``,
         kept for the pass over the same slots that follows."""
         self.by_slot, recorded = None, []
-        self._run_as_reference(self.frozen if self.frozen is not None else self.stage, batch, slots,
-                               self._recorder(recorded))  # fmt: skip
+        self._run_as_reference(self.frozen if self.frozen is not None else self.stage, batch, slots, recorded)
         if is_last:
             size = self.cfg.batch.batch_size
             values = torch.cat(recorded)  # the slots' sequences in order
@@ -146,7 +146,6 @@ class DpoReference:
         per_batch = cfg.batch.batch_size // 2 * launched  # pairs: a slot of each replica
         logps = torch.zeros(total, 2, dtype=torch.float32, device=cfg.device)
         recorded: list[torch.Tensor] = []
-        record = self._recorder(recorded)
         for start in range(0, total, per_batch):
             batch = None
             if flat:  # the last batch is filled up with its last pair, whose values are not kept
@@ -155,7 +154,7 @@ class DpoReference:
                 rows = [row for pair in chunk for row in (pair.chosen, pair.rejected)]
                 batch = pair_batch(rows, [0] * len(rows), [pair.line for pair in chunk for _ in range(2)])
             recorded.clear()
-            self._run_as_reference(self.stage, batch, slots, record)
+            self._run_as_reference(self.stage, batch, slots, recorded)
             if topo.is_last_stage:
                 values = torch.cat(recorded).reshape(-1, 2)  # this replica's slot, in order
                 first = start + topo.replica * cfg.batch.batch_size // 2
