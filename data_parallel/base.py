@@ -7,7 +7,8 @@ The step asks a strategy, in this order:
     reduce(totals, scale)    the gradients made ready for the update (summed over the replicas, or
                              this replica's own), the step's totals summed over the replicas, and
                              this stage's squared gradient norm
-      ... the optimizer steps ``stepped``, clipped by the norm over every stage ...
+    before_update(lr)        then the optimizer steps ``stepped`` (in ``param_groups``), clipped
+                             by the norm over every stage
     after_update()           once the optimizer stepped (a skipped step does not get here)
     end_of_step(step)        every step, updated or skipped
 
@@ -60,6 +61,12 @@ class Trained:
     # so the two ends' copies stay equal bit for bit
     tied: torch.nn.Parameter | None = None
     skip: int | None = None  # index in params of a copy whose norm the other end counts
+    # indices in params of those weight decay applies to (trainer.optimizer.decayed_names: HF's
+    # rule, biases and norm weights exempt); None: all of them
+    decayed: frozenset[int] | None = None
+
+    def decays(self, index: int) -> bool:
+        return self.decayed is None or index in self.decayed
 
 
 class GradientSync:
@@ -72,6 +79,7 @@ class GradientSync:
         """``comm`` is None for a rank joining a live elastic run until the run takes it in (``use``)."""
         self.params = trained.params
         self.tied, self.skip = trained.tied, trained.skip
+        self.trained = trained
         self.comm = comm
         self.device = device
         self.layout = FlatLayout([p.numel() for p in self.params], 1)
@@ -83,6 +91,18 @@ class GradientSync:
     def own_state(self) -> dict[str, PartState]:
         """State of its own saved beside the optimizer's, by file prefix (DataParallelConfig.own_prefixes)."""
         return {}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups over ``stepped``: ``weight_decay`` on the parameters
+        that decay (``Trained.decayed``), none on the others."""
+        groups = [
+            {"params": [p for i, p in enumerate(self.stepped) if self.trained.decays(i)], "weight_decay": weight_decay},
+            {"params": [p for i, p in enumerate(self.stepped) if not self.trained.decays(i)], "weight_decay": 0.0},
+        ]
+        return [group for group in groups if group["params"]] or [{"params": [], "weight_decay": 0.0}]
+
+    def before_update(self, lr: float) -> None:
+        """Right before the optimizer steps at ``lr`` (a skipped step does not get here)."""
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer that steps ``stepped``."""

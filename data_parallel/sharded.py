@@ -51,6 +51,30 @@ class Sharded(GradientSync):
         self.sum_bytes = comm.scratch_bytes(layout.shard_size, MASTER.itemsize)  # the collectives' own
         self.index = {id(p): i for i, p in enumerate(params)}
         self._loaded_step: float | None = None  # set by the first part loaded from a checkpoint
+        self.weight_decay, self.decay_runs = 0.0, []  # set by param_groups
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """One group, the shard, without the optimizer's own weight decay: the shard mixes values
+        that decay with values that do not (biases, norms), so ``before_update`` decays the first
+        kind itself, as AdamW would (it multiplies by 1 - lr * decay before its update: the same
+        bits as the unsharded optimizer's)."""
+        self.weight_decay = weight_decay
+        runs = []  # the shard's ranges of values that decay
+        for i in range(len(self.params)):
+            _, _, lo, hi = self._overlap(i)
+            if lo < hi and self.trained.decays(i):
+                if runs and runs[-1][1] == lo - self.start:
+                    runs[-1] = (runs[-1][0], hi - self.start)
+                else:
+                    runs.append((lo - self.start, hi - self.start))
+        self.decay_runs = runs
+        return [{"params": [self.shard], "weight_decay": 0.0}]
+
+    def before_update(self, lr: float) -> None:
+        if self.weight_decay:
+            with torch.no_grad():
+                for a, b in self.decay_runs:
+                    self.shard[a:b].mul_(1 - lr * self.weight_decay)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         super().attach(optimizer)

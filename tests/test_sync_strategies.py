@@ -79,12 +79,15 @@ class Replica:
         return [p.grad.detach().clone() for p in self.model.parameters()]
 
 
-def setup(comm: ReplicaComm | None, cfg: DataParallelConfig, weights: list[torch.Tensor] | None = None) -> Replica:
+def setup(
+    comm: ReplicaComm | None, cfg: DataParallelConfig, weights: list[torch.Tensor] | None = None,
+    optim: OptimConfig = OPTIM, decayed: frozenset[int] | None = None,
+) -> Replica:  # fmt: skip
     model = Toy(weights)
     params = list(model.parameters())
-    trained = Trained(params, tied=params[TIED], skip=TIED)
+    trained = Trained(params, tied=params[TIED], skip=TIED, decayed=decayed)
     sync = make_sync(cfg, trained, comm, CPU, model, num_layers=2, total_steps=TOTAL_STEPS)
-    return Replica(comm, model, sync, StageOptimizer(OPTIM, sync))
+    return Replica(comm, model, sync, StageOptimizer(optim, sync))
 
 
 def micro_grads(replica: int, step: int, micro: int, scale: float = 1.0) -> list[torch.Tensor]:
@@ -349,10 +352,13 @@ def test_a_step_abandoned_before_its_sums_rolls_back_only_itself(kind: str) -> N
 # -- Sharded ------------------------------------------------------------------------------------
 
 
-def train(comm: ReplicaComm, kind: str, steps: range, start: tuple[list[torch.Tensor], dict] | None = None):
+def train(
+    comm: ReplicaComm, kind: str, steps: range, start: tuple[list[torch.Tensor], dict] | None = None,
+    optim: OptimConfig = OPTIM, decayed: frozenset[int] | None = None,
+):  # fmt: skip
     """``steps`` of training from ``start`` (weights, state tensors); per replica: weights, the
     state tensors as saved, held bytes, each step's totals and squared norm."""
-    r = setup(comm, CONFIGS[kind], start[0] if start else None)
+    r = setup(comm, CONFIGS[kind], start[0] if start else None, optim, decayed)
     if start is not None:
         r.opt.load_state_tensors(r.model, {k: v.clone() for k, v in start[1].items()})  # a file of its own
     reduced = [train_step(r, step) for step in steps]
@@ -380,6 +386,22 @@ def test_sharded_steps_as_allreduce_with_1_nth_of_the_state(n: int) -> None:
         moments = 8 * sum(torch.Size(s).numel() for s in SHAPES)
         assert held == 8 * 12 * 1024 // n + 4, (held, plain_held)
         assert plain_held == moments + 4 * len(SHAPES)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_weight_decay_spares_the_exempt_parameters_sharded_or_not(n: int) -> None:
+    """Weight decay on some parameters only (HF's rule exempts biases and norm weights): the
+    shard, which mixes both kinds in one flat tensor, decays exactly the values the unsharded
+    optimizer's groups do, bit for bit; an exempt parameter moves as without any decay."""
+    steps, decayed = range(1, 4), frozenset({0, 1, 3})  # tensor 2 (80 values, a bias's shape) exempt
+    decaying = OptimConfig(lr=1e-2, total_steps=TOTAL_STEPS, weight_decay=0.3)
+    sharded = run_replicas(n, lambda comm: train(comm, "sharded", steps, optim=decaying, decayed=decayed))
+    plain = run_replicas(n, lambda comm: train(comm, "allreduce", steps, optim=decaying, decayed=decayed))
+    undecayed = run_replicas(n, lambda comm: train(comm, "allreduce", steps))
+    for r in range(n):
+        assert_same(sharded[r][0], plain[r][0], f"sharded vs allreduce weights under decay on replica {r}")
+        for i, (with_decay, without) in enumerate(zip(plain[r][0], undecayed[r][0], strict=True)):
+            assert torch.equal(with_decay, without) == (i not in decayed), i
 
 
 def test_sharded_state_resumes_on_another_replica_count() -> None:

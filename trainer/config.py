@@ -216,7 +216,12 @@ class OptimConfig:
         group.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
         group.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
         group.add_argument("--total-steps", type=int, default=1000, help="optimizer steps in the whole run")
-        group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+        group.add_argument(
+            "--weight-decay",
+            type=float,
+            default=0.0,
+            help="AdamW's decoupled weight decay, on every trained weight but biases and norms (as HF's Trainer)",
+        )
         group.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
         precision = group.add_mutually_exclusive_group()
         precision.add_argument("--fp16", action="store_true", help="fp16 autocast, fp32 master weights, loss scaling")

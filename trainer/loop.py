@@ -37,7 +37,7 @@ from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
-from trainer.optimizer import StageOptimizer
+from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
 from trainer.preference import (
@@ -147,7 +147,10 @@ class Trainer:
         self.trainable = sum(p.numel() for p in self.tied.counted(self.params))
         log.info("%d trainable of %d parameters on this stage", sum(p.numel() for p in self.params),
                  sum(p.numel() for p in self.stage.parameters()), extra=PER_STAGE)  # fmt: skip
-        trained = Trained(self.params, self.tied.param, self.tied.norm_skip(self.params))
+        decayed = decayed_names(self.stage)  # HF Trainer's rule: no decay on biases and norm weights
+        named = [name for name, p in self.stage.named_parameters() if p.requires_grad]
+        indices = frozenset(i for i, name in enumerate(named) if name in decayed)
+        trained = Trained(self.params, self.tied.param, self.tied.norm_skip(self.params), indices)
         sync = make_sync(cfg.dp, trained, self.comm, self.device, self.stage,
                          self.plan.model_config.num_hidden_layers, cfg.optim.total_steps)  # fmt: skip
         self.optimizer = StageOptimizer(cfg.optim, sync)
