@@ -72,6 +72,25 @@ def instruction_records(texts: list[str]) -> list[dict]:
     return records
 
 
+BOS = "<|begin_of_text|>"
+
+
+def bos_tokenizer(texts: list[str]) -> object:
+    """A tiny byte-level BPE tokenizer whose call puts BOS before every text, as Llama 3's does
+    (the tiny models' own adds nothing): EOS id 0, BOS the last id."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from convert.tiny_model import EOS, train_tokenizer
+
+    tok = train_tokenizer(texts).backend_tokenizer
+    tok.add_special_tokens([BOS])
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS, unk_token=EOS)
+
+
 def bundled_texts() -> list[str]:
     with open(BUNDLED_CORPUS) as f:
         return [json.loads(line)["text"] for line in f]

@@ -235,3 +235,34 @@ def test_errors_after_a_resume_still_name_the_right_line(tmp_path: Path) -> None
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     with pytest.raises(ValueError, match=re.escape(f"{path}:5")):
         resumed.read(2)
+
+
+# --- special tokens, as HF's tokenizer puts them ------------------------------------------------
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_text_and_prompts_start_as_the_tokenizers_own_call_starts_them(tmp_path: Path, bos: bool) -> None:
+    """A tokenizer that puts BOS before a text (Llama 3's) gets it before each plain text and each
+    prompt, as ``tokenizer(text)`` and so HF's and TRL's data paths give it; one that adds nothing
+    (GPT-2's, Qwen's, the tiny models') gets nothing."""
+    from tests.helpers import bos_tokenizer
+    from trainer.data import special_prefix
+
+    texts = bundled_texts()[:3]
+    tokenizer = bos_tokenizer(bundled_texts()[:200])
+    if not bos:
+        tokenizer.backend_tokenizer.post_processor = None
+    assert special_prefix(tokenizer) == ((tokenizer.bos_token_id,) if bos else ())
+    plain = write_jsonl(tmp_path / "plain.jsonl", texts)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "Question: who?", "completion": " Tom."}) + "\n")
+    for path, whole in ((plain, texts[0]), (qa, "Question: who? Tom.")):
+        batch = TokenStream(parse_task_names(str(path)), tokenizer, 256, 0, packing="none").next_batch(1)
+        # TRL's SFT tokenises the text with EOS appended: tokenizer(text + eos)
+        expected = tokenizer(whole + tokenizer.eos_token)["input_ids"]
+        assert batch.input_ids[0, : len(expected)].tolist() == expected
+        scored = [t for t in batch.labels[0].tolist() if t != -100]
+        if path == qa:  # the completion and its EOS
+            assert scored == tokenizer(" Tom.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:  # every token that has one before it: with BOS, the text's first token too
+            assert scored == expected[1:]

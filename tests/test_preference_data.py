@@ -141,6 +141,74 @@ def test_a_pair_too_long_loses_its_prompts_start_then_its_responses_end(
     assert packer.state_dict()["truncated"] == READ_CHUNK
 
 
+def trl_rows(tokenizer: object, record: dict, max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """TRL's own tokens and completion mask of a text pair's two sequences (DPOTrainer's
+    tokenisation: the prompt, and prompt + response + EOS, through ``tokenizer``'s call, the
+    completion from where they part; then its collator's ``keep_start`` truncation)."""
+    from trl.data_utils import common_prefix_length
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    prompt = tokenizer(record["prompt"])["input_ids"]
+    whole = {
+        k: tokenizer(record["prompt"] + record[k] + tokenizer.eos_token)["input_ids"] for k in ("chosen", "rejected")
+    }
+    start = min(common_prefix_length(prompt, ids) for ids in whole.values())
+    example = {"prompt_ids": prompt[:start], **{f"{k}_ids": ids[start:] for k, ids in whole.items()}}
+    out = DataCollatorForPreference(pad_token_id=-1, max_length=max_length)([example])
+    return [
+        ([t for t in ids if t != -1], mask[: int((ids != -1).sum())].tolist())
+        for ids, mask in zip(out["input_ids"], out["completion_mask"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_text_pair_is_tokenised_as_trl_tokenises_it(tmp_path: Path, bos: bool) -> None:
+    """With a tokenizer that puts BOS before a text (Llama 3's) both sequences start with it, as in
+    TRL; without, nothing is added. Tokens and scored positions equal TRL's."""
+    from tests.helpers import bos_tokenizer, bundled_texts
+
+    tokenizer = bos_tokenizer(bundled_texts()[:200])
+    if not bos:
+        tokenizer.backend_tokenizer.post_processor = None
+    record = {"prompt": "Bo saw a", "chosen": " red fox", "rejected": " tall tree by the lake"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    batch = TokenStream(parse_task_names(str(path)), tokenizer, 24, 0, packing="none", pairs=True).next_batch(2)
+    for row, (theirs, mask) in enumerate(trl_rows(tokenizer, record)):  # chosen, then rejected
+        tokens, targets = batch.input_ids[row].tolist(), (batch.labels[row] != IGNORE_INDEX).long().tolist()
+        assert tokens[: len(theirs)] == theirs and targets[: len(mask)] == mask
+        assert (tokens[0] == tokenizer.bos_token_id) == bos
+
+
+def test_keep_start_cuts_as_trl_and_drops_a_pair_whose_prompt_fills_the_length(
+    tmp_path: Path, tokenizer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--truncation-mode keep_start: each sequence keeps its first --seq-length tokens, as TRL's
+    collator keeps them; a pair whose prompt alone fills the length is dropped (TRL filters it
+    out), logged once and counted; the next pair is drawn in its place."""
+    words = " ".join(f"w{i}" for i in range(40))
+    long_prompt = {"prompt": words, "chosen": " yes", "rejected": " no"}
+    record = {"prompt": "w1 w2 w3", "chosen": " yes", "rejected": " " + words}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(long_prompt) + "\n" + json.dumps(record) + "\n")
+    packer = PairPacker(Source(path, pairs=True), tokenizer, tokenizer.eos_token_id, 0, ChatTemplate(tokenizer),
+                        truncation="keep_start")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        pair = packer.next_pair(16)
+    assert pair.line == 2 and packer.dropped >= 1 and caplog.text.count("is dropped under --truncation-mode") == 1
+    for (tokens, targets, _), (theirs, mask) in zip((pair.chosen, pair.rejected), trl_rows(tokenizer, record, 16),
+                                                     strict=True):  # fmt: skip
+        assert tokens[: len(theirs)] == theirs and targets[: len(mask)] == mask
+    assert len(trl_rows(tokenizer, record, 16)[1][0]) == 16  # the rejected sequence was cut, at its end
+    assert packer.state_dict()["dropped"] == packer.dropped
+    # a file of nothing but such pairs is an error, not a wait forever
+    path.write_text(json.dumps(long_prompt) + "\n")
+    packer = PairPacker(Source(path, pairs=True), tokenizer, tokenizer.eos_token_id, 0, ChatTemplate(tokenizer),
+                        truncation="keep_start")  # fmt: skip
+    with pytest.raises(ValueError, match="no pair of a whole pass over the file could be used"):
+        packer.next_pair(16)
+
+
 def test_the_pair_stream_alternates_chosen_and_rejected_and_resumes_exactly(tmp_path: Path, tokenizer: object) -> None:
     from tests.helpers import bundled_texts
 
@@ -163,6 +231,10 @@ def test_the_pair_stream_alternates_chosen_and_rejected_and_resumes_exactly(tmp_
         got = resumed.next_batch(6)
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
         assert got.records == want.records
+    # a resume that would cut the pairs another way is refused, naming both ways
+    other = TokenStream(tasks, tokenizer, 32, 5, packing="none", pairs=True, truncation="keep_start")
+    with pytest.raises(ValueError, match="--truncation-mode keep_start, but the checkpoint's pairs were cut keep_end"):
+        other.load_state_dict(state)
     # every pair of a file once, in order
     source = Source(b, pairs=True)
     lines = [p.line for p in all_pairs(PairPacker(source, tokenizer, 0, 0, ChatTemplate(tokenizer)), 32)]
@@ -224,15 +296,21 @@ def test_the_reference_table_is_used_only_for_its_run_and_data(
 ) -> None:
     table = ReferenceLogps([{"name": "a.jsonl", "hash": "h1", "lines": [1, 3], "logps": [[-1.5, -2.0], [-3.0, -4.25]]}])
     path = tmp_path / "ref.json"
-    table.save(path, {"model": "m"}, 32)
-    loaded = ReferenceLogps.load(path, {"model": "m"}, 32, [("a.jsonl", "h1")])
+    table.save(path, {"model": "m"}, 32, "keep_end")
+    loaded = ReferenceLogps.load(path, {"model": "m"}, 32, "keep_end", [("a.jsonl", "h1")])
     assert loaded.rows([(0, 3), (0, 1)]).tolist() == [-3.0, -4.25, -1.5, -2.0]
     with caplog.at_level(logging.WARNING):
-        assert ReferenceLogps.load(path, {"model": "m"}, 32, [("a.jsonl", "h2")]) is None  # the data changed
-        assert ReferenceLogps.load(path, {"model": "other"}, 32, [("a.jsonl", "h1")]) is None
-        assert ReferenceLogps.load(path, {"model": "m"}, 64, [("a.jsonl", "h1")]) is None
-    assert "computed for another model, sequence length or data" in caplog.text
-    assert ReferenceLogps.load(tmp_path / "none.json", {}, 32, []) is None
+        assert ReferenceLogps.load(path, {"model": "m"}, 32, "keep_end", [("a.jsonl", "h2")]) is None  # data changed
+        assert ReferenceLogps.load(path, {"model": "other"}, 32, "keep_end", [("a.jsonl", "h1")]) is None
+        assert ReferenceLogps.load(path, {"model": "m"}, 64, "keep_end", [("a.jsonl", "h1")]) is None
+        assert ReferenceLogps.load(path, {"model": "m"}, 32, "keep_start", [("a.jsonl", "h1")]) is None
+    assert "computed for another model, sequence length, truncation or data" in caplog.text
+    assert ReferenceLogps.load(tmp_path / "none.json", {}, 32, "keep_end", []) is None
+    # a table written before --truncation-mode existed was cut keep_end
+    saved = json.loads(path.read_text())
+    del saved["truncation"]
+    path.write_text(json.dumps(saved))
+    assert ReferenceLogps.load(path, {"model": "m"}, 32, "keep_end", [("a.jsonl", "h1")]) is not None
 
 
 def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tmp_path: Path) -> None:
@@ -250,6 +328,10 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
         with pytest.raises(ValueError) as err:
             config_from_args(parse_args([*base, *extra]))
         assert message in str(err.value)
+    assert config_from_args(parse_args([*base, "--truncation-mode", "keep_start"])).data.pair_truncation == "keep_start"
+    assert config_from_args(parse_args(base)).data.pair_truncation == "keep_end"
+    with pytest.raises(ValueError, match="--truncation-mode applies to preference pairs"):
+        config_from_args(parse_args([*base[:-2], "--truncation-mode", "keep_start"]))
     with pytest.raises(ValueError, match="--dpo-beta applies to --objective dpo; add that or drop it"):
         config_from_args(parse_args([*base[:-2], "--dpo-beta", "0.3"]))
     simpo = config_from_args(parse_args([*base, "--dpo-loss", "simpo", "--simpo-gamma", "1.0"]))

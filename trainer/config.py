@@ -14,6 +14,7 @@ from data_parallel.config import DataParallelConfig
 from modules.lora import LoraSpec
 from trainer.data import PACKING, TaskSpec, parse_task_names
 from trainer.objective import ObjectiveConfig
+from trainer.preference import TRUNCATION
 
 # --loss-chunk-tokens auto: chunks of this many tokens once a micro-batch's fp32 logits reach
 # AUTO_CHUNK_MIB (measured: on a 490-token vocabulary the chunked loss took 4.6 ms a micro-batch
@@ -96,6 +97,11 @@ class DataConfig:
     skip_bad_lines: bool = False
     chat_template: str | None = None  # --chat-template's text (None: the tokenizer's own)
     packing: str | None = None  # --packing; None: documents, or what a resumed stream recorded
+    truncation: str | None = None  # --truncation-mode, preference pairs only; None: keep_end
+
+    @property
+    def pair_truncation(self) -> str:
+        return self.truncation or "keep_end"
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -124,6 +130,14 @@ class DataConfig:
             "checkpointed then resumes with it); none: one example a sequence, padded",
         )
         group.add_argument(
+            "--truncation-mode",
+            choices=TRUNCATION,
+            default=None,
+            help="preference pairs longer than --seq-length: keep_end drops the start of the prompt, keeping at "
+            "least half the length, then cuts the responses' ends (default); keep_start keeps each sequence's start, "
+            "cutting the responses, and drops pairs whose prompt fills the length (TRL's default)",
+        )
+        group.add_argument(
             "--chat-template",
             default=None,
             metavar="FILE",
@@ -139,7 +153,7 @@ class DataConfig:
                 raise FileNotFoundError(f"--chat-template {path}: no such file (give a Jinja chat template file)")
             template = path.read_text(encoding="utf-8")
         tasks = parse_task_names(args.task_name)
-        return cls(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing)
+        return cls(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing, args.truncation_mode)
 
 
 @dataclass(frozen=True)
@@ -446,6 +460,11 @@ class RunConfig:
         self._check_elastic()
         if self.objective.pairs:
             self._check_pairs()
+        elif self.data.truncation is not None:
+            raise ValueError(
+                f"--truncation-mode applies to preference pairs (--objective dpo or reward), not --objective "
+                f"{self.objective.name}, whose examples keep their first --seq-length tokens; drop it"
+            )
 
     def _check_pairs(self) -> None:
         """What preference pairs need: one pair's two sequences per row pair, never packed together."""

@@ -117,11 +117,14 @@ class TaskPacker:
     template closes them. Returns each sequence's tokens, targets and position ids."""
 
     def __init__(
-        self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate, packing: str
-    ) -> None:
+        self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate, packing: str,
+        prefix: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
+        """``prefix``: the special tokens the tokenizer puts before a text (``special_prefix``)."""
         self.source = source
         self.tokenizer = tokenizer
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.prefix = list(prefix)
         self.chat = chat
         self.packing = packing
         self.tokens: list[int] = []  # concat: tokens read but not yet cut into sequences
@@ -146,7 +149,7 @@ class TaskPacker:
                         raise ValueError(f"{err}; fix the record or pass --skip-bad-lines") from None
                     self.source.skipped(err)
             else:
-                prompt, completion = next(prompts), next(completions)
+                prompt, completion = self.prefix + next(prompts), next(completions)
                 encoded.append((prompt + completion + [self.eos_id], [0] * len(prompt) + [1] * (len(completion) + 1)))
         return encoded
 
@@ -218,6 +221,20 @@ class TaskPacker:
         self.truncated = state.get("truncated", 0)
 
 
+def special_prefix(tokenizer: object) -> tuple[int, ...]:
+    """The special tokens HF's tokenizer call puts before a text: Llama 3's BOS, Gemma's; none for
+    GPT-2, GPT-NeoX, Qwen or SmolLM2. A plain text, a prompt and a preference pair's prompt start
+    with them, as ``tokenizer(text)`` (and so TRL) gives them; a conversation's come from its chat
+    template. Tokens a tokenizer appends after a text are not added: each example ends with EOS."""
+    probe = "a"
+    whole = tokenizer(probe)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(whole) - len(bare) + 1):
+        if whole[start : start + len(bare)] == bare:
+            return tuple(whole[:start])
+    return ()
+
+
 def pair_batch(rows: list, tasks: list[int], lines: list[int]) -> Batch:
     """A batch of preference sequences (trainer.preference's rows: tokens, targets, positions)."""
     input_ids = torch.tensor([tokens for tokens, _, _ in rows], dtype=torch.long)
@@ -244,11 +261,13 @@ class TokenStream:
     def __init__(
         self, tasks: tuple[TaskSpec, ...], tokenizer: object, seq_length: int, seed: int, skip_bad_lines: bool = False,
         chat_template: str | None = None, packing: str | None = None, pairs: bool = False,
+        truncation: str = "keep_end",
     ) -> None:  # fmt: skip
         """``chat_template``: the Jinja text conversations are rendered with (default: the
         tokenizer's). ``packing``: one of PACKING; None is ``documents`` for a new stream and the
         recorded one for a resumed stream (``resumed_packing``). ``pairs``: the tasks hold
-        preference pairs, each drawn as two sequences (trainer.preference), and packing is none."""
+        preference pairs, each drawn as two sequences (trainer.preference), and packing is none;
+        ``truncation`` says how a pair too long is cut (trainer.preference.TRUNCATION)."""
         if packing is not None and packing not in PACKING:
             raise ValueError(f"--packing {packing!r}: choose one of {', '.join(PACKING)}")
         eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -264,18 +283,19 @@ class TokenStream:
         self.rng = random.Random(seed)
         chat = ChatTemplate(tokenizer, chat_template)
         self.chat, self.chat_template = chat, chat.fingerprint()
-        self.pairs = pairs
+        self.pairs, self.truncation = pairs, truncation
+        self.prefix = special_prefix(tokenizer)
         if pairs:
             self.packers = [self.pair_packer(t) for t in tasks]
         else:
             self.packers = [TaskPacker(Source(t.path, skip_bad_lines), tokenizer, eos_id, self.pad_id, chat,
-                                       self.packing) for t in tasks]  # fmt: skip
+                                       self.packing, self.prefix) for t in tasks]  # fmt: skip
         self.weights = [t.weight for t in tasks]
 
     def pair_packer(self, task: TaskSpec) -> PairPacker:
         """A fresh reader of ``task``'s preference pairs, cut as this stream cuts them."""
         source = Source(task.path, self.skip_bad_lines, pairs=True)
-        return PairPacker(source, self.tokenizer, self.eos_id, self.pad_id, self.chat)
+        return PairPacker(source, self.tokenizer, self.eos_id, self.pad_id, self.chat, self.prefix, self.truncation)
 
     def next_batch(self, count: int) -> Batch:
         if self.pairs:
@@ -308,6 +328,7 @@ class TokenStream:
         return {
             "rng": [version, list(internal), gauss],
             "packing": self.packing,
+            **({"truncation": self.truncation} if self.pairs else {}),
             # the template that rendered conversations into this stream (None: none rendered yet)
             "chat_template": self.chat_template if self.chat.used else None,
             "tasks": {str(t.path): p.state_dict() for t, p in zip(self.tasks, self.packers, strict=True)},
@@ -320,6 +341,12 @@ class TokenStream:
             raise ValueError(
                 "the checkpoint's data stream rendered conversations with another chat template; resume with "
                 "the --chat-template (and tokenizer) it used, or start a new run in another --checkpoint-path"
+            )
+        recorded_cut = state.get("truncation", "keep_end")
+        if self.pairs and recorded_cut != self.truncation:
+            raise ValueError(
+                f"--truncation-mode {self.truncation}, but the checkpoint's pairs were cut {recorded_cut}; resume with "
+                f"--truncation-mode {recorded_cut}, or start a new run in another --checkpoint-path"
             )
         if "packing" not in state:
             log.warning("the checkpoint's data stream predates --packing: it goes on packed as it was, concat")

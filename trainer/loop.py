@@ -209,7 +209,7 @@ class Trainer:
     def _stream(self, tasks: tuple[TaskSpec, ...], packing: str | None) -> TokenStream:
         data = self.cfg.data
         return TokenStream(tasks, self.tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
-                           packing, pairs=self.cfg.objective.pairs)  # fmt: skip
+                           packing, pairs=self.cfg.objective.pairs, truncation=data.pair_truncation)  # fmt: skip
 
     def _micro_batches(self, batch: Batch | None, slot: int, first_file: int = 0) -> list[MicroBatch]:
         """This replica's micro-batches of slot ``slot``; under DPO the last stage's carry the

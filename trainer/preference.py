@@ -5,10 +5,14 @@ A pair (trainer.sources.Pair) becomes two sequences, chosen then rejected, next 
 the batch, so every micro-batch holds whole pairs (``--batch-size`` and ``--micro-batch-size``
 count pairs). Each sequence is its prompt followed by its response (text: the response and an
 EOS; turns: the chat template's rendering, the response's assistant tokens scored), padded;
-only response tokens are scored. A pair longer than ``--seq-length`` loses the start of its
-prompt until the longer sequence fits, keeping at least the prompt's last half of the sequence
-length; a response that still does not fit is cut at its end (counted as ``truncated`` in the
-data state, logged once per task).
+only response tokens are scored. A text pair's prompt starts with the special tokens the
+tokenizer puts before a text (Llama 3's BOS), as ``tokenizer(prompt)`` gives them. A pair longer
+than ``--seq-length`` is cut as ``--truncation-mode`` says (``TRUNCATION``): ``keep_end`` (the
+default) drops the start of its prompt until the longer sequence fits, keeping at least the
+prompt's last half of the sequence length, and then cuts a response still too long at its end;
+``keep_start`` (TRL's default) keeps the start of each sequence, cutting responses at their end,
+and drops a pair whose prompt alone fills the length (counted as ``truncated`` and ``dropped``
+in the data state, logged once per task).
 
 For DPO the last stage sums each sequence's log-probability over its response tokens (without
 holding all logits: trainer.loss.sequence_logps) and forms TRL's loss,
@@ -36,6 +40,7 @@ from trainer.sources import Conversation, Pair, Source
 log = logging.getLogger(__name__)
 READ_CHUNK = 64  # pairs tokenised together
 REFERENCE_FILE = "dpo_reference.json"
+TRUNCATION = ("keep_end", "keep_start")  # --truncation-mode: which end of a pair too long is kept
 Row = tuple[list[int], list[int], list[int]]  # tokens, targets (1: scored), position ids
 
 
@@ -49,15 +54,29 @@ class EncodedPair:
 class PairPacker:
     """One task's pairs in file order, each as two padded sequences (the module docstring)."""
 
-    def __init__(self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate) -> None:
+    def __init__(
+        self, source: Source, tokenizer: object, eos_id: int, pad_id: int, chat: ChatTemplate,
+        prefix: tuple[int, ...] = (), truncation: str = "keep_end",
+    ) -> None:  # fmt: skip
+        """``prefix``: the special tokens the tokenizer puts before a text (trainer.data.special_prefix)."""
+        if truncation not in TRUNCATION:
+            raise ValueError(f"--truncation-mode {truncation!r}: choose one of {', '.join(TRUNCATION)}")
         self.source, self.tokenizer, self.chat = source, tokenizer, chat
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.prefix, self.truncation = list(prefix), truncation
         self.pending: list[EncodedPair] = []  # read, not yet drawn
         self.truncated = 0  # pairs whose prompt or responses were cut to the sequence length
+        self.dropped = 0  # keep_start: pairs whose prompt alone filled the sequence length
 
     def next_pair(self, length: int) -> EncodedPair:
+        epoch = self.source.epoch
         while not self.pending:
             self.pending = [p for p in (self._encoded(pair, length) for pair in self.source.read(READ_CHUNK)) if p]
+            if not self.pending and self.source.epoch > epoch + 1:
+                raise ValueError(
+                    f"{self.source.path}: no pair of a whole pass over the file could be used (each was skipped, or "
+                    f"its prompt alone fills --seq-length {length}); raise --seq-length or fix the records"
+                )
         return self.pending.pop(0)
 
     def _encoded(self, pair: Pair, length: int) -> EncodedPair | None:
@@ -68,12 +87,16 @@ class PairPacker:
                 raise ValueError(f"{err}; fix the record or pass --skip-bad-lines") from None
             self.source.skipped(err)
             return None
-        longest = max(len(p) + len(r) for p, (r, _) in zip(prompt, responses, strict=True))
+        prefix = [] if pair.conversational else self.prefix  # a chat template renders its own
+        if self.truncation == "keep_start" and len(prefix) + max(map(len, prompt)) >= length:
+            self._dropping(pair, len(prefix) + max(map(len, prompt)), length)
+            return None  # nothing of a response would be left to score
+        longest = len(prefix) + max(len(p) + len(r) for p, (r, _) in zip(prompt, responses, strict=True))
         if longest > length:
             self._truncating(pair, longest, length)
-        # both prompts keep the same tokens: as many as the longer response leaves room for
-        response_room = length - max(len(r) for r, _ in responses)
-        rows = [self._row(p, r, t, length, response_room) for p, (r, t) in zip(prompt, responses, strict=True)]
+        # keep_end: both prompts keep the same tokens, as many as the longer response leaves room for
+        response_room = length - len(prefix) - max(len(r) for r, _ in responses)
+        rows = [self._row(prefix, p, r, t, length, response_room) for p, (r, t) in zip(prompt, responses, strict=True)]
         return EncodedPair(pair.line, *rows)
 
     def _split(self, pair: Pair) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
@@ -93,33 +116,55 @@ class PairPacker:
             responses.append((tokens[start:], targets[start:]))
         return prompts, responses
 
-    def _row(self, prompt: list[int], response: list[int], scored: list[int], length: int, room: int) -> Row:
-        keep = max(room, min(len(prompt), length // 2))
-        prompt = prompt[len(prompt) - keep :] if keep < len(prompt) else prompt
-        tokens = (prompt + response)[:length]
+    def _row(
+        self, prefix: list[int], prompt: list[int], response: list[int], scored: list[int], length: int, room: int
+    ) -> Row:
+        if self.truncation == "keep_end":
+            keep = max(room, min(len(prompt), length // 2))
+            prompt = prompt[len(prompt) - keep :] if keep < len(prompt) else prompt
+        prompt = prefix + prompt  # the prefix survives a cut prompt
+        tokens = (prompt + response)[:length]  # keep_start: each sequence's first tokens
         targets = ([0] * len(prompt) + scored)[:length]
         targets[0] = 0  # the first token has nothing before it
         pad = length - len(tokens)  # padding: its own block of positions, never scored
         return tokens + [self.pad_id] * pad, targets + [0] * pad, [*range(len(tokens)), *range(pad)]
 
     def _truncating(self, pair: Pair, size: int, length: int) -> None:
-        if self.truncated == 0:
+        if self.truncated == 0 and self.truncation == "keep_end":
             log.warning(
                 "%s: a pair of %d tokens is longer than --seq-length %d; such pairs lose the start of their prompt "
                 "(keeping at least its last %d tokens) and then the end of their responses until they fit "
-                "(counted in the data state, logged once per task)",
+                "(counted in the data state, logged once per task; --truncation-mode keep_start cuts as TRL does)",
                 pair.where, size, length, length // 2,
+            )  # fmt: skip
+        elif self.truncated == 0:
+            log.warning(
+                "%s: a pair of %d tokens is longer than --seq-length %d; under --truncation-mode keep_start such "
+                "sequences keep their first %d tokens, their responses cut at the end (counted in the data state, "
+                "logged once per task)",
+                pair.where, size, length, length,
             )  # fmt: skip
         self.truncated += 1
 
+    def _dropping(self, pair: Pair, size: int, length: int) -> None:
+        if self.dropped == 0:
+            log.warning(
+                "%s: a pair whose prompt alone has %d tokens, not less than --seq-length %d, is dropped under "
+                "--truncation-mode keep_start, as TRL drops it (counted in the data state, logged once per task)",
+                pair.where, size, length,
+            )  # fmt: skip
+        self.dropped += 1
+
     def state_dict(self) -> dict:
         pending = [[p.line, [list(x) for x in p.chosen], [list(x) for x in p.rejected]] for p in self.pending]
-        return {"source": self.source.state_dict(), "pending": pending, "truncated": self.truncated}
+        state = {"source": self.source.state_dict(), "pending": pending, "truncated": self.truncated}
+        return state | ({"dropped": self.dropped} if self.dropped else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self.pending = [EncodedPair(line, tuple(c), tuple(r)) for line, c, r in state["pending"]]
         self.truncated = state.get("truncated", 0)
+        self.dropped = state.get("dropped", 0)
 
 
 def all_pairs(packer: PairPacker, length: int) -> list[EncodedPair]:
@@ -247,21 +292,25 @@ class ReferenceLogps:
         values = [v for file, line in keys for v in self.files[file]["logps"][self._index[file][line]]]
         return torch.tensor(values, dtype=torch.float32)
 
-    def save(self, path: Path, identity: dict, seq_length: int) -> None:
+    def save(self, path: Path, identity: dict, seq_length: int, truncation: str) -> None:
         from modules.layout import atomic_write_text
 
-        atomic_write_text(path, json.dumps({"run": identity, "seq_length": seq_length, "files": self.files}))
+        saved = {"run": identity, "seq_length": seq_length, "truncation": truncation, "files": self.files}
+        atomic_write_text(path, json.dumps(saved))
 
     @staticmethod
-    def load(path: Path, identity: dict, seq_length: int, hashes: list[tuple[str, str]]) -> ReferenceLogps | None:
-        """The table at ``path`` if it was computed for this run, sequence length and data
-        (each file's name and hash, in order); None where there is none or it does not fit."""
+    def load(
+        path: Path, identity: dict, seq_length: int, truncation: str, hashes: list[tuple[str, str]]
+    ) -> ReferenceLogps | None:
+        """The table at ``path`` if it was computed for this run, sequence length, truncation mode
+        and data (each file's name and hash, in order); None where there is none or it does not fit."""
         if not path.is_file():
             return None
         saved = json.loads(path.read_text())
         fits = saved.get("run") == identity and saved.get("seq_length") == seq_length
+        fits = fits and saved.get("truncation", "keep_end") == truncation  # tables from before the flag: keep_end
         if not fits or [(f["name"], f["hash"]) for f in saved["files"]] != hashes:
-            log.warning("%s was computed for another model, sequence length or data: it is not used", path)
+            log.warning("%s was computed for another model, sequence length, truncation or data: it is not used", path)
             return None
         return ReferenceLogps(saved["files"])
 

@@ -33,7 +33,7 @@ def preview(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     packing = "none" if pairs else data.packing
     stream = TokenStream(data.tasks, tokenizer, data.seq_length, data.seed, data.skip_bad_lines, data.chat_template,
-                         packing, pairs=pairs)  # fmt: skip
+                         packing, pairs=pairs, truncation=data.pair_truncation)  # fmt: skip
     colour = out.isatty()
     for n in range(count):
         batch = stream.next_batch(2 if pairs else 1)

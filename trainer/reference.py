@@ -106,7 +106,7 @@ class DpoReference:
         files = self._files() if data is not None else []
         hashes = [(task.path.name, data_hash(task.path)) for task in files] if topo.is_last_stage else []
         if topo.is_last_stage:
-            self.table = ReferenceLogps.load(path, identity, cfg.data.seq_length, hashes)
+            self.table = ReferenceLogps.load(path, identity, cfg.data.seq_length, cfg.data.pair_truncation, hashes)
         if all(comm.all_gather_object(self.table is not None or not topo.is_last_stage)):
             log.info("DPO reference log-probs read from %s", path, extra=ONCE)
             return
@@ -120,7 +120,7 @@ class DpoReference:
         table = self._pass(comm, files, hashes, data, slots)
         if topo.is_last_stage:
             self.table = table
-            table.save(path, identity, cfg.data.seq_length)
+            table.save(path, identity, cfg.data.seq_length, cfg.data.pair_truncation)
         log.info("DPO reference log-probs of every pair computed in %.1fs (kept in %s)",
                  time.perf_counter() - started, path, extra=ONCE)  # fmt: skip
 
