@@ -34,6 +34,7 @@ __all__ = [
     "family_for",
     "family_of",
     "init_weights",
+    "is_classifier",
     "layer_part",
     "load_config",
     "part_generator",
@@ -93,6 +94,11 @@ def family_of(config: object, requested: str | None = None) -> Family:
             "drop --model-type: the family is read from config.json"
         )
     return family
+
+
+def is_classifier(config: object) -> bool:
+    """Whether an HF config is a sequence classifier's (a reward model), by its architectures."""
+    return any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or [])
 
 
 def attention_implementation(config: object) -> str:

@@ -266,3 +266,78 @@ def test_unknown_keys_are_refused() -> None:
         family.hf_to_shard("transformer.h.0.attn.c_attn.weight")
     with pytest.raises(KeyError, match="'bogus'"):
         family.shard_to_hf("bogus", "weight")
+
+
+# -- reward models: HF's sequence classifiers ----------------------------------------------------
+
+
+def hf_classifier(lm: Path, folder: Path) -> Path:
+    """HF's one-label sequence classifier of the causal LM ``lm`` (its score head random), saved."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1, pad_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["gptneox", "llama"])  # untied, tied
+def test_an_hf_reward_model_converts_scores_as_hf_and_exports_back_exactly(
+    tiny_hf: Path, tmp_path: Path, family: str
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from convert.tiny_model import build_tiny_model
+    from modules import SCORE_PART
+    from tests.helpers import bundled_texts
+    from trainer.preference import last_tokens
+
+    lm = tiny_hf if family == "gptneox" else build_tiny_model(tmp_path / "lm", bundled_texts()[:200], family, 2)
+    original = hf_classifier(lm, tmp_path / "rm")
+    shards = convert_from_hf(original, tmp_path / "shards")
+    assert sorted(load_file(shards / f"{SCORE_PART}.safetensors")) == ["weight"]
+
+    # our stages score a batch as HF's classifier does, pooled where it pools
+    config = load_config(shards)
+    stage = Stage(family_for(config.model_type), config, range(config.num_hidden_layers), True, True, score=True)
+    stage.load_parts(str(shards))
+    stage.project_logits = False
+    ids = sample_ids(config.vocab_size)
+    ids[0, -5:] = config.pad_token_id  # a padded sequence
+    hf = AutoModelForSequenceClassification.from_pretrained(original, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        ours = stage.score(stage(ids)[torch.arange(2), last_tokens(ids, config.pad_token_id)]).squeeze(-1)
+        torch.testing.assert_close(ours, hf(input_ids=ids).logits.squeeze(-1), atol=LOGITS_ATOL, rtol=0)
+
+    # and it exports back to the same classifier, bit for bit
+    exported = convert_to_hf(shards, tmp_path / "back")
+    again = AutoModelForSequenceClassification.from_pretrained(exported).state_dict()
+    want = AutoModelForSequenceClassification.from_pretrained(original).state_dict()
+    assert again.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(again[key], value), key
+
+
+def test_a_classifier_of_several_labels_and_an_lm_objective_on_a_reward_model_are_refused(
+    tiny_hf: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.cli import config_from_args, parse_args
+    from trainer.startup import plan_stage
+
+    two = tmp_path / "two"
+    AutoModelForSequenceClassification.from_pretrained(tiny_hf, num_labels=2).save_pretrained(two)
+    shutil.copy(tiny_hf / "tokenizer.json", two)
+    with pytest.raises(ValueError, match="has 2 labels; a reward model scores with one"):
+        convert_from_hf(two, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    shards = convert_from_hf(hf_classifier(tiny_hf, tmp_path / "rm"), tmp_path / "shards")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b"}\n')
+    args = ["--rank", "0", "--model-name", str(shards), "--task-name", str(data)]
+    with pytest.raises(ValueError, match=r"is a reward model .* train it with --objective reward"):
+        plan_stage(config_from_args(parse_args(args)))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from comm.process_group import Communicator
-from modules import Family, family_for, load_config
+from modules import Family, family_for, is_classifier, load_config
 from modules.routing import with_router_loss
 from pipeline.partition import PartWeights, split_layers
 from trainer.config import RunConfig
@@ -39,6 +39,12 @@ def plan_stage(cfg: RunConfig) -> Plan:
     connecting), and this rank's layers split by compute alone (``place_stage`` adds memory)."""
     model_config = load_config(cfg.model.model_name, cfg.model.model_type)
     family = family_for(model_config.model_type)
+    if is_classifier(model_config) and not cfg.objective.reward_model:
+        raise ValueError(
+            f"{cfg.model.model_name} is a reward model (a sequence classifier: a score head, no output layer to "
+            f"predict tokens with); train it with --objective reward, or --objective {cfg.objective.name} from a "
+            "causal LM"
+        )
     if cfg.model.moe_aux_loss_coef is not None and family.router is None:
         raise ValueError(f"--moe-aux-loss-coef: {family.name} models have no experts to balance; drop the flag")
     model_config = with_router_loss(model_config, cfg.model.moe_aux_loss_coef)
