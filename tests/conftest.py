@@ -23,6 +23,8 @@ from tests.helpers import (
 from tests.pp2_dp2 import elastic_args, evaluation_flags
 
 os.environ.update(OFFLINE_ENV)
+# the preference runs, shared by the formula's oracle and TRL's: session fixtures defined once
+pytest_plugins = ["tests.preference_runs"]
 
 
 @pytest.fixture(scope="session")

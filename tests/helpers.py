@@ -323,10 +323,12 @@ def train_args(shards: Path, tasks: str, ckpt: Path, pp: int, dp: int, batch: in
     ]  # fmt: skip
 
 
-def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def assert_same_state(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = WEIGHT_ATOL
+) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, atol=WEIGHT_ATOL, rtol=0, msg=key)
+        torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=lambda msg, key=key: f"{key}: {msg}")
 
 
 def compare_to_reference(hf_dir: Path, tasks: str, ckpt: Path, per_step: int, tmp_path: Path) -> dict:

@@ -34,45 +34,18 @@ from tests.helpers import (
     _train_in_process,
     assert_all_ok,
     assert_same_state,
-    bundled_texts,
     launch,
     load_hf_state,
     peft_reference_model,
     read_metrics,
     saved_adapters,
-    train_args,
 )
+from tests.preference_runs import BETA, LORA, PAIRS_PER_STEP, SIMPO_GAMMA, Run, dpo_args
 from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.preference import REFERENCE_FILE
 
-BETA = 0.5
-SIMPO_GAMMA = 0.3
-PAIRS_PER_STEP = 4  # pp=2 x dp=2, --batch-size 2 pairs a replica
-LORA = ("--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0")
 ROW_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected")  # fmt: skip
-
-
-def write_pairs(path: Path, texts: list[str], shift: int) -> Path:
-    """Pairs from the corpus: a sentence's opening as the prompt, its own continuation chosen,
-    another sentence's words rejected."""
-    with open(path, "w") as f:
-        for i, text in enumerate(texts):
-            words, other = text.split(), texts[(i + shift) % len(texts)].split()
-            record = {"prompt": " ".join(words[:5]), "chosen": " " + " ".join(words[5:12]),
-                      "rejected": " " + " ".join(other[2:7])}  # fmt: skip
-            f.write(json.dumps(record) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """Training pairs and evaluation pairs (files)."""
-    root = tmp_path_factory.mktemp("pairs")
-    texts = bundled_texts()
-    return str(write_pairs(root / "train.jsonl", texts[:150], 7)), str(
-        write_pairs(root / "valid.jsonl", texts[300:340], 3)
-    )
 
 
 def sequence_logps(model: torch.nn.Module, batch: object) -> torch.Tensor:
@@ -183,14 +156,6 @@ def dpo_oracle(hf: Path, train: str, valid: str, lora: LoraSpec | None = None) -
     return rows, evaluation, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def dpo_args(shards: Path, pairs: tuple[str, str], ckpt: Path, pp: int = 2, dp: int = 2) -> list[str]:
-    batch = PAIRS_PER_STEP // dp
-    return [
-        *train_args(shards, pairs[0], ckpt, pp=pp, dp=dp, batch=batch, micro=1, accum=1),
-        "--objective", "dpo", "--dpo-beta", str(BETA), "--evaluation-data", pairs[1], "--evaluation-num-batch", "5",
-    ]  # fmt: skip
-
-
 def launch_logs(folder: Path) -> list[str]:
     return [path.read_text() for path in sorted(folder.glob("rank*.log"))]
 
@@ -203,22 +168,14 @@ def assert_rows_match(ours: list[dict], theirs: list[dict], keys: tuple[str, ...
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tiny_shards: Path, pairs: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Full fine-tuning by DPO at pp=2 x dp=2: 10 steps, checkpoints at 5 and 10, evaluation at the end."""
-    tmp = tmp_path_factory.mktemp("dpo_run")
-    assert_all_ok(launch(dpo_args(tiny_shards, pairs, tmp / "ckpt"), 4, tmp))
-    return tmp / "ckpt"
-
-
-@pytest.fixture(scope="module")
 def dpo_expected(tiny_hf: Path, pairs: tuple[str, str]) -> tuple[list[dict], dict, dict]:
     """The oracle's full fine-tuning by DPO: rows, evaluation row, final weights."""
     return dpo_oracle(tiny_hf, *pairs)
 
 
-def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, dpo_expected: tuple, tmp_path: Path) -> None:
+def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Run, dpo_expected: tuple, tmp_path: Path) -> None:
     rows, evaluation, weights = dpo_expected
-    metrics = read_metrics(dpo_run)
+    metrics = read_metrics(dpo_run.ckpt)
     ours = [r for r in metrics if "loss" in r]
     assert_rows_match(ours, rows)
     assert [r["grad_norm"] for r in ours] == pytest.approx([r["grad_norm"] for r in rows], rel=1e-5)
@@ -228,22 +185,18 @@ def test_dpo_pipeline_equals_the_formula_on_hf(dpo_run: Path, dpo_expected: tupl
     assert ours[-1]["loss"] < 0.6 and ours[-1]["rewards/accuracies"] > 0.5  # it learns the preference
     (valid,) = [r for r in metrics if "valid.loss" in r]
     assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
-    assert_same_state(load_hf_state(convert_to_hf(dpo_run, tmp_path / "hf")), weights)
+    assert_same_state(load_hf_state(convert_to_hf(dpo_run.ckpt, tmp_path / "hf")), weights)
 
 
 def test_dpo_frozen_reference_equals_the_formula_and_is_in_the_memory_estimate(
-    dpo_run: Path, dpo_expected: tuple, tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+    dpo_run: Run, dpo_frozen_chunked_run: Run, dpo_expected: tuple, tmp_path: Path
 ) -> None:
     """--dpo-reference frozen: each step's pairs through a frozen copy of the starting weights,
     no pass before training and no file; the same rows as the formula's, and the copy's bytes
     in each stage's start-up estimate. The loss is chunked (as ``auto`` chunks a real vocabulary):
     the copy's log-probs must come through the copy's own output layer, not the trained one."""
-    ckpt = tmp_path / "ckpt"
-    args = [*dpo_args(tiny_shards, pairs, ckpt), "--dpo-reference", "frozen", "--loss-chunk-tokens", "16"]
-    results = launch(args, 4, tmp_path)
-    assert_all_ok(results)
-    results = [r.output for r in results]
-    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r for r in results)
+    ckpt, logs = dpo_frozen_chunked_run.ckpt, dpo_frozen_chunked_run.logs
+    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r for r in logs)
     rows, evaluation, weights = dpo_expected
     metrics = read_metrics(ckpt)
     assert_rows_match([r for r in metrics if "loss" in r], rows)
@@ -251,7 +204,7 @@ def test_dpo_frozen_reference_equals_the_formula_and_is_in_the_memory_estimate(
     assert_rows_match([valid], [evaluation], keys=tuple(evaluation))
     assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), weights)
     # the start-up estimate counts each stage's weights twice (the copy), its gradients once
-    for run, copies in ((results, 2), (launch_logs(dpo_run.parent), 1)):
+    for run, copies in ((logs, 2), (dpo_run.logs, 1)):
         estimates = [re.search(r"parameters (\S+) GB, gradients (\S+) GB", log) for log in run]
         assert len([e for e in estimates if e]) == 2  # one replica of each stage says it
         for parameters, gradients in (map(float, e.groups()) for e in estimates if e):
@@ -259,13 +212,11 @@ def test_dpo_frozen_reference_equals_the_formula_and_is_in_the_memory_estimate(
 
 
 def test_dpo_with_lora_uses_the_adapters_off_model_as_reference(
-    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+    tiny_hf: Path, pairs: tuple[str, str], dpo_lora_run: Run
 ) -> None:
     """--dpo-reference frozen under LoRA: each step's reference is the same stages with their
     adapters off (no copy of any weight)."""
-    ckpt = tmp_path / "ckpt"
-    args = [*dpo_args(tiny_shards, pairs, ckpt), *LORA, "--pp-mode", "1f1b", "--dpo-reference", "frozen"]
-    assert_all_ok(launch(args, 4, tmp_path))
+    ckpt = dpo_lora_run.ckpt
     rows, evaluation, adapters = dpo_oracle(tiny_hf, *pairs, lora=LoraSpec.read(ckpt / "checkpoint_10")[0])
     metrics = read_metrics(ckpt)
     ours = [r for r in metrics if "loss" in r]
@@ -277,8 +228,9 @@ def test_dpo_with_lora_uses_the_adapters_off_model_as_reference(
 
 
 def test_dpo_resume_reads_the_reference_and_goes_on_bit_for_bit(
-    dpo_run: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
+    dpo_run: Run, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
 ) -> None:
+    dpo_run = dpo_run.ckpt
     ckpt = tmp_path / "ckpt"
     shutil.copytree(dpo_run / "checkpoint_5", ckpt / "checkpoint_5")
     shutil.copy(dpo_run / REFERENCE_FILE, ckpt / REFERENCE_FILE)
@@ -302,20 +254,9 @@ def test_dpo_resume_reads_the_reference_and_goes_on_bit_for_bit(
     assert (ckpt / "latest").read_text() == "10\n"
 
 
-def test_simpo_needs_no_reference_and_equals_its_formula(
-    tiny_hf: Path, tiny_shards: Path, pairs: tuple[str, str], tmp_path: Path
-) -> None:
-    ckpt = tmp_path / "ckpt"
-    simpo = ["--objective", "dpo", "--dpo-beta", str(BETA), "--dpo-loss", "simpo", "--simpo-gamma", str(SIMPO_GAMMA)]
-    args = [
-        *train_args(tiny_shards, pairs[0], ckpt, pp=2, dp=2, batch=2, micro=1, accum=1),
-        *simpo,
-        "--pp-mode",
-        "1f1b",
-    ]
-    results = launch(args, 4, tmp_path)
-    assert_all_ok(results)
-    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r.output for r in results)
+def test_simpo_needs_no_reference_and_equals_its_formula(tiny_hf: Path, pairs: tuple[str, str], simpo_run: Run) -> None:
+    ckpt = simpo_run.ckpt
+    assert not (ckpt / REFERENCE_FILE).exists() and not any("reference log-probs" in r for r in simpo_run.logs)
     ours = [r for r in read_metrics(ckpt) if "loss" in r]
     assert_rows_match(ours, simpo_oracle(tiny_hf, pairs[0]))
     assert ours[-1]["loss"] < ours[0]["loss"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.preference_runs import write_pairs
 from tests.test_chat_data import CHATML
-from tests.test_preference import write_pairs
 from trainer.chat import ChatTemplate
 from trainer.cli import config_from_args, parse_args
 from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names

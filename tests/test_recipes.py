@@ -15,7 +15,7 @@ import yaml
 
 from comm.rendezvous import free_port
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, launch, read_metrics
-from tests.test_preference import write_pairs
+from tests.preference_runs import write_pairs
 from trainer.cli import config_from_args, parse_args
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
