@@ -262,3 +262,52 @@ def test_a_chat_preference_pair_on_real_weights(smollm2_hf: Path, tmp_path: Path
     (chunked * weights).sum().backward()
     torch.testing.assert_close(hidden.grad, grad_full, atol=1e-5, rtol=1e-4)
     assert -40 < full[1].item() < full[0].item() < 0, full  # a trained model prefers the right answer here
+
+
+def test_dpo_with_a_frozen_reference_equals_trl_at_the_default_chunked_loss(
+    smollm2_hf: Path, smollm2_shards: Path, tmp_path: Path
+) -> None:
+    """What the tiny tier cannot show at its defaults: on a 49k vocabulary ``--loss-chunk-tokens
+    auto`` chunks the loss, and the frozen reference's log-probs must come through the frozen
+    copy's output layer (the tied embedding, which trains). DPO at pp=2 equals TRL's DPOTrainer
+    (a frozen copy as reference) on text pairs, step by step; above all, the reference log-probs
+    each row implies stay those of the starting model."""
+    from transformers import AutoModelForCausalLM
+
+    from tests import trl_oracle
+
+    pairs = tmp_path / "capitals.jsonl"
+    wrong = list(CAPITALS.values())[1:] + list(CAPITALS.values())[:1]
+    with open(pairs, "w") as f:
+        for (country, city), other in zip(CAPITALS.items(), wrong, strict=True):
+            f.write(json.dumps({"prompt": f"The capital of {country} is", "chosen": f" {city}.",
+                                "rejected": f" {other}."}) + "\n")  # fmt: skip
+    steps, per_step, lr = 4, 2, 2e-4
+    # micro-batches of two pairs: 4 x 128 x 49k fp32 logits pass auto's threshold, so the loss chunks
+    args = [*fine_tune_args(smollm2_shards, pairs, tmp_path / "ckpt")[:-2], "--objective", "dpo",
+            "--dpo-reference", "frozen", "--dpo-beta", "0.1"]  # fmt: skip
+    for flag, value in (("--batch-size", per_step), ("--micro-batch-size", per_step), ("--lr", lr),
+                        ("--warmup-steps", 0), ("--total-steps", steps), ("--checkpoint-steps", steps)):  # fmt: skip
+        args[args.index(flag) + 1] = str(value)
+    assert_all_ok(launch(args, 2, tmp_path, timeout=900))
+    ours = [r for r in read_metrics(tmp_path / "ckpt") if "loss" in r]
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf)
+    trl = trl_oracle.dpo(model, smollm2_hf, str(pairs), None, tmp_path / "trl", per_step, 0.1, "live", SEQ,
+                         steps=steps, lr=lr, warmup=0)  # fmt: skip
+    assert len(ours) == len(trl.steps) == steps
+
+    def reference(row: dict, key: str) -> float:  # the reference log-probs a row implies
+        return row[f"logps/{key}"] - row[f"rewards/{key}"] / 0.1
+
+    # Measured: the losses agree to 2e-6, the implied reference log-probs to 4e-5 nats (with the
+    # trained output layer they drifted by 0.04 nats at step 2), the policy's log-probs to 1.5e-4
+    # relative (30 fp32 layers at lr 2e-4 over four steps; TRL pads each batch to its longest pair)
+    for mine, theirs in zip(ours, trl.steps, strict=True):
+        step = mine["step"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5), step
+        for key in ("chosen", "rejected"):
+            assert reference(mine, key) == pytest.approx(reference(theirs, key), abs=1e-4), (step, key)
+            assert mine[f"logps/{key}"] == pytest.approx(theirs[f"logps/{key}"], rel=5e-4), (step, key)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)  # TRL's is torch's fp32 norm
+    assert ours[-1]["rewards/margins"] > 0  # it moved: a frozen reference no longer equals the policy

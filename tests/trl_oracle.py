@@ -34,17 +34,19 @@ def records(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def common_args(out: Path, per_step: int, weight_decay: float = 0.0) -> dict:
+def common_args(
+    out: Path, per_step: int, weight_decay: float = 0.0, steps: int = STEPS, lr: float = LR, warmup: int = WARMUP
+) -> dict:
     """TrainingArguments' fields every oracle run shares (as the pipeline runs' flags say)."""
     return {
         "output_dir": str(out),
         "per_device_train_batch_size": per_step,
         "per_device_eval_batch_size": per_step,
         "gradient_accumulation_steps": 1,
-        "max_steps": STEPS,
-        "learning_rate": LR,
+        "max_steps": steps,
+        "learning_rate": lr,
         "lr_scheduler_type": "linear",
-        "warmup_steps": WARMUP,
+        "warmup_steps": warmup,
         "max_grad_norm": 1.0,
         "weight_decay": weight_decay,
         "adam_beta1": 0.9,
@@ -82,16 +84,17 @@ def _finish(trainer: object, evaluate: bool) -> TrlRun:
 
 def dpo(
     model: torch.nn.Module, hf: Path, train: str, valid: str | None, out: Path, per_step: int, beta: float,
-    reference: str, max_length: int,
+    reference: str, max_length: int, **schedule: float,
 ) -> TrlRun:  # fmt: skip
     """TRL's DPOTrainer: ``reference`` "precomputed" (one pass before training) or "live" (each
-    step's forward of a frozen copy; PEFT models: the adapters off)."""
+    step's forward of a frozen copy; PEFT models: the adapters off). ``schedule``: other steps,
+    lr or warmup than the tiny tier's."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     precomputed = reference == "precomputed"
-    args = DPOConfig(**common_args(out, per_step), beta=beta, loss_type=["sigmoid"], max_length=max_length,
+    args = DPOConfig(**common_args(out, per_step, **schedule), beta=beta, loss_type=["sigmoid"], max_length=max_length,
                      precompute_ref_log_probs=precomputed, precompute_ref_batch_size=per_step)  # fmt: skip
     trainer = DPOTrainer(
         model=model, args=args, processing_class=AutoTokenizer.from_pretrained(hf),
