@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
+
+
+def block(config: object, index: int) -> nn.Module:
+    """HF's GPT2Block, imported when a model is built (``--help`` and previews need none)."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    return GPT2Block(config, index)
 
 
 def embedding(config: object) -> Embedding:
@@ -22,7 +28,7 @@ FAMILY = Family(
     name="gpt2",
     hf_model_types=("gpt2",),
     embedding=embedding,
-    block=GPT2Block,
+    block=block,
     head=head,
     context=BlockContext,
     key_rules=(

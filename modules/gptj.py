@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from torch import nn
-from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
 
 from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
+
+
+def _hf() -> ModuleType:
+    """HF's modeling module, imported when a model is built (``--help`` and previews need none)."""
+    from transformers.models.gptj import modeling_gptj
+
+    return modeling_gptj
+
+
+def block(config: object, index: int) -> nn.Module:
+    return _hf().GPTJBlock(config, index)
 
 
 def embedding(config: object) -> Embedding:
@@ -19,14 +31,14 @@ def head(config: object) -> Head:
 
 
 def context(config: object) -> BlockContext:
-    return BlockContext(config, GPTJRotaryEmbedding(config))
+    return BlockContext(config, _hf().GPTJRotaryEmbedding(config))
 
 
 FAMILY = Family(
     name="gptj",
     hf_model_types=("gptj",),
     embedding=embedding,
-    block=GPTJBlock,
+    block=block,
     head=head,
     context=context,
     key_rules=(

@@ -6,11 +6,23 @@ Names inside the shards follow the original layer-sharded files: ``embed_in``,
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from torch import nn
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
 
 from modules.common import BlockContext, Embedding, Head
 from modules.family import EMBEDDING_PART, HEAD_PART, Family, KeyRule
+
+
+def _hf() -> ModuleType:
+    """HF's modeling module, imported when a model is built (``--help`` and previews need none)."""
+    from transformers.models.gpt_neox import modeling_gpt_neox
+
+    return modeling_gpt_neox
+
+
+def block(config: object, index: int) -> nn.Module:
+    return _hf().GPTNeoXLayer(config, index)
 
 
 def embedding(config: object) -> Embedding:
@@ -23,14 +35,14 @@ def head(config: object) -> Head:
 
 
 def context(config: object) -> BlockContext:
-    return BlockContext(config, GPTNeoXRotaryEmbedding(config=config))
+    return BlockContext(config, _hf().GPTNeoXRotaryEmbedding(config=config))
 
 
 FAMILY = Family(
     name="gptneox",
     hf_model_types=("gpt_neox",),
     embedding=embedding,
-    block=GPTNeoXLayer,
+    block=block,
     head=head,
     context=context,
     key_rules=(

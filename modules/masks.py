@@ -12,10 +12,17 @@ config sets a window (Mistral, Phi-3) and none does otherwise, exactly as HF's m
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
-_BUILDERS = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
+KINDS = (FULL_ATTENTION, SLIDING_ATTENTION)
+
+
+def _builder(kind: str) -> object:
+    """HF's mask builder of an attention kind (imported when a mask is built: ``--help`` needs none)."""
+    from transformers import masking_utils
+
+    return {FULL_ATTENTION: masking_utils.create_causal_mask,
+            SLIDING_ATTENTION: masking_utils.create_sliding_window_causal_mask}[kind]  # fmt: skip
 
 
 def layer_kinds(config: object) -> list[str]:
@@ -24,10 +31,10 @@ def layer_kinds(config: object) -> list[str]:
     if kinds is None:
         sliding = getattr(config, "sliding_window", None) is not None
         return [SLIDING_ATTENTION if sliding else FULL_ATTENTION] * config.num_hidden_layers
-    unknown = set(kinds) - _BUILDERS.keys()
+    unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(
-            f"layer_types {sorted(unknown)} in config.json: only {sorted(_BUILDERS)} are supported; "
+            f"layer_types {sorted(unknown)} in config.json: only {sorted(KINDS)} are supported; "
             "this model attends in a way the trainer does not reproduce"
         )
     return list(kinds)
@@ -43,7 +50,7 @@ def attention_masks(
     used); with eager attention or a sliding window it is a 4-D mask. Either way it is what the
     HF model itself would pass to a layer of that kind."""
     return {
-        kind: _BUILDERS[kind](
+        kind: _builder(kind)(
             config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
         )
         for kind in kinds

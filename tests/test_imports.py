@@ -4,6 +4,7 @@ know nothing of each other. A module-level or function-level import both count."
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,33 @@ def test_imports_go_down_the_floors_only(package: str) -> None:
         if other not in below or (package, other) in STRANGERS
     }
     assert not wrong, f"{package}/ imports what it must not: {wrong}"
+
+
+def imported_modules(args: list[str]) -> set[str]:
+    """The modules ``python dist_clm_train.py <args>`` imports (python -X importtime)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import OFFLINE_ENV
+
+    env = {"PATH": "", **OFFLINE_ENV}
+    done = subprocess.run([sys.executable, "-X", "importtime", "dist_clm_train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_help_and_previews_import_no_modeling_code(tiny_hf: Path, tmp_path: Path) -> None:
+    """Families import HF's modeling modules (and its mask builders) when a model is built, so
+    --help and --preview-data start in the time torch and the tokenizer take."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    preview = ["--preview-data", "1", "--task-name", str(data), "--model-name", str(tiny_hf), "--seq-length", "8"]
+    for args in (["--help"], preview):
+        modules = imported_modules(args)
+        assert "trainer.config" in modules  # the measurement saw our imports
+        # (transformers.modeling_rope_utils is its config classes' own: the tokenizer loads it)
+        models = [m for m in modules if m.startswith("transformers.models.") and ".modeling_" in m]
+        modeling = sorted([*models, *(m for m in modules if m.endswith(("masking_utils", ".modeling_utils")))])
+        assert not modeling, (args[0], modeling)
+    assert "transformers" not in imported_modules(["--help"])
