@@ -31,7 +31,6 @@ from comm.membership import (
 )
 from comm.process_group import Communicator, PeerLostError
 from comm.spares import SparePool, enough_spares
-from modules.layout import latest_step
 from trainer.metrics import setup_logging
 from trainer.resume import probe_disks
 from trainer.startup import set_threads
@@ -197,7 +196,9 @@ class ElasticController:
         started = time.perf_counter()
         old = elastic.membership
         replicated = trainer.cfg.dp.replicated
-        if not replicated and latest_step(trainer.cfg.checkpoint.path) != trainer.step:
+        # every rank decides alike: not from the folder's ``latest``, which its owner may not have
+        # moved yet when the others read it (a join due at a checkpoint step hung the run so)
+        if not replicated and trainer.committed_step != trainer.step:
             trainer.checkpoint(must=True)  # what every rank of the grown generation loads (below)
         trainer.comm.quiesce(f"growth after step {trainer.step}")
         trainer.comm.regroup(grown)

@@ -105,6 +105,9 @@ class Trainer:
         self.events: list[dict] = []  # metrics rows saying who left, joined or took over, for the reporter
         # a spare that took a place after a step, during its evaluation or checkpoint: where it starts
         self.joined_during: str | None = None
+        # the step of the last checkpoint every rank committed in this process (or resumed from):
+        # the same on every rank, unlike the folder's ``latest``, which its owner moves last
+        self.committed_step: int | None = None
 
     @property
     def topo(self) -> Topology:
@@ -187,6 +190,7 @@ class Trainer:
             )
         if resumed is not None:
             self.step, state = resumed
+            self.committed_step = self.step
             if self.scaler is not None and "loss_scale" in state:
                 self.scaler.load_state_dict(state["loss_scale"])
             self.nonfinite_run = state.get("nonfinite_run", 0)
@@ -680,6 +684,7 @@ class Trainer:
             try:
                 with self._regroup_on_loss(self.step, f"the commit of checkpoint {self.step}", commit=True):
                     self._save()
+                self.committed_step = self.step
                 return
             except ReplicasChanged:
                 self.elastic.regroup(self.step, during="checkpoint")
