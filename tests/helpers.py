@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from comm.rendezvous import free_port
+from tests import forked
+from tests.forked import Forked
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"
@@ -112,17 +114,25 @@ def start_ranks(
     env: dict[str, str] | None = None,
     log_name: str = "rank{}.log",
     script: tuple[str, ...] = ("dist_clm_train.py",),
-) -> list[subprocess.Popen]:
+    fresh: bool = False,
+) -> list[subprocess.Popen | Forked]:
     """Start ``dist_clm_train.py`` once per rank (as users do) with master port ``port``, each
     rank's output appended to ``logs / log_name.format(rank)``; ``rank_args(rank)`` adds flags
     that differ between ranks (such as ``--cuda-id``); ``script`` runs another entry point (a
-    script under tests/ and its own arguments) in its place."""
+    script under tests/ and its own arguments) in its place. Each rank is forked from a server
+    that has done the imports (tests/forked.py); ``fresh``: a new interpreter each, for tests of
+    the process itself."""
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in ranks:
-        cmd = [sys.executable, str(ROOT / script[0]), *script[1:], "--rank", str(rank),
-               "--dist-url", f"tcp://127.0.0.1:{port}", *args, *(rank_args(rank) if rank_args else [])]  # fmt: skip
-        with open(logs / log_name.format(rank), "a") as out:  # the child keeps its own handle
+        argv = [*script[1:], "--rank", str(rank), "--dist-url", f"tcp://127.0.0.1:{port}", *args,
+                *(rank_args(rank) if rank_args else [])]  # fmt: skip
+        log = logs / log_name.format(rank)
+        if not fresh:
+            procs.append(forked.start(ROOT / script[0], argv, env, ROOT, log))
+            continue
+        with open(log, "a") as out:  # the child keeps its own handle
+            cmd = [sys.executable, str(ROOT / script[0]), *argv]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
