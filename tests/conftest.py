@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from tests import helpers
 from tests.helpers import (
     OFFLINE_ENV,
     assert_all_ok,
@@ -25,6 +26,16 @@ from tests.pp2_dp2 import elastic_args, evaluation_flags
 os.environ.update(OFFLINE_ENV)
 # the preference runs, shared by the formula's oracle and TRL's: session fixtures defined once
 pytest_plugins = ["tests.preference_runs"]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Only a test marked ``ranks`` may start rank processes (tests.helpers.start_ranks checks),
+    its fixtures' included: then ``-m "not ranks"`` runs no rank at all."""
+    helpers.RANKS_ALLOWED[0] = item.get_closest_marker("ranks") is not None
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    helpers.RANKS_ALLOWED[0] = True
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,12 @@ def bundled_texts() -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+# Whether the running test may start rank processes: only a test marked ``ranks`` may, so that
+# ``pytest -m "not ranks"`` (the fast inner loop) never starts one. tests/conftest.py sets it for
+# each test; outside pytest (tests/golden.py, benches) anything goes.
+RANKS_ALLOWED = [True]
+
+
 @dataclass
 class RankResult:
     rank: int
@@ -122,6 +128,8 @@ def start_ranks(
     script under tests/ and its own arguments) in its place. Each rank is forked from a server
     that has done the imports (tests/forked.py); ``fresh``: a new interpreter each, for tests of
     the process itself."""
+    if not RANKS_ALLOWED[0]:
+        pytest.fail("this test starts rank processes: mark it @pytest.mark.ranks (pytest -m 'not ranks' skips those)")
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in ranks:
@@ -191,7 +199,37 @@ def peft_reference_model(hf_dir: Path, spec: object, seed: int) -> torch.nn.Modu
     return model
 
 
+_ORACLE_RUNS: dict[tuple, tuple[list[float], list[float], dict[str, torch.Tensor]]] = {}
+
+
 def hf_reference_training(
+    hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
+    lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None, autocast: torch.dtype | None = None,
+    packing: str | None = None,
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:  # fmt: skip
+    """``_hf_reference_training``, computed once per test session for the same arguments (several
+    runs of other schedules or topologies are compared with the same oracle); treat it as read-only."""
+    key = (
+        str(hf_dir),
+        task_spec,
+        seq_length,
+        seed,
+        per_step,
+        steps,
+        lr,
+        warmup,
+        max_grad_norm,
+        lora,
+        autocast,
+        packing,
+    )
+    if key not in _ORACLE_RUNS:
+        _ORACLE_RUNS[key] = _hf_reference_training(*key[:9], lora=lora, autocast=autocast, packing=packing)
+    losses, norms, state = _ORACLE_RUNS[key]
+    return list(losses), list(norms), state
+
+
+def _hf_reference_training(
     hf_dir: Path, task_spec: str, seq_length: int, seed: int, per_step: int, steps: int,
     lr: float, warmup: int, max_grad_norm: float = 1.0, lora: object = None, autocast: torch.dtype | None = None,
     packing: str | None = None,

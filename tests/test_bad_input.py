@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import RankResult, free_port, launch
 
+pytestmark = pytest.mark.ranks  # every test here starts rank processes
+
 
 def base_args(shards: Path, tasks: str, ckpt: Path, pp: int, world: int, timeout: float = 60) -> list[str]:
     return [

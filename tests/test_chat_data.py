@@ -173,6 +173,7 @@ def test_chat_stream_resumes_bit_exactly_mid_epoch(tmp_path: Path, tokenizer: ob
         other.load_state_dict(head.state_dict())
 
 
+@pytest.mark.ranks
 def test_chat_preview_feeds_hf_the_first_step_and_a_resume_is_exact(
     tiny_hf: Path, tiny_shards: Path, tmp_path: Path, tokenizer: object
 ) -> None:

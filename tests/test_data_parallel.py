@@ -52,6 +52,7 @@ def test_two_round_compressed_sum_loses_nothing_only_delays_it() -> None:
             assert torch.allclose(sent / steps, truth, atol=2e-2), method
 
 
+@pytest.mark.ranks
 def test_compressed_sums_over_four_replicas_send_two_payloads(tiny_shards: Path, two_tasks: str,
                                                                tmp_path: Path) -> None:  # fmt: skip
     """An all-gather would send n - 1 = 3 payloads from each replica; the chunked sum sends 2 (n-1)/n:
@@ -77,6 +78,7 @@ def model_numel(tiny_shards: Path) -> int:
     return sum(t.numel() for p in tiny_shards.glob("*.safetensors") for t in load_file(p).values())
 
 
+@pytest.mark.ranks
 def test_compressed_gradient_sums(tiny_shards: Path, two_tasks: str, tmp_path: Path, model_numel: int) -> None:
     runs = {}
     for method in ("none", "fp16", "int8", "topk"):
@@ -114,6 +116,7 @@ def local_sgd_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.Te
     return folder / "ckpt"
 
 
+@pytest.mark.ranks
 def test_local_sgd_matches_replicas_averaged_every_h_steps(tiny_hf: Path, two_tasks: str, local_sgd_run: Path,
                                                            tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
@@ -152,6 +155,7 @@ def test_local_sgd_matches_replicas_averaged_every_h_steps(tiny_hf: Path, two_ta
     assert_same_state(load_hf_state(convert_to_hf(ckpt, tmp_path / "hf")), models[0].state_dict())
 
 
+@pytest.mark.ranks
 def test_local_sgd_resumes_exactly_from_a_checkpoint_between_syncs(
     tiny_shards: Path, two_tasks: str, local_sgd_run: Path, tmp_path: Path
 ) -> None:
@@ -184,6 +188,7 @@ def test_rollback_forgets_a_skipped_step() -> None:
     assert torch.equal(compressor.residual, kept)
 
 
+@pytest.mark.ranks
 def test_tied_copies_stay_equal_under_compressed_sums(two_tasks: str, tmp_path: Path) -> None:
     from convert.from_hf import convert_from_hf
     from convert.tiny_model import build_tiny_model

@@ -120,6 +120,7 @@ def replica_weights(directory: Path, replica: int) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize(
     ("sync_every", "fragments", "overlap"),
     [(3, 1, 0), (4, 2, 1)],
@@ -153,6 +154,7 @@ def test_diloco_matches_two_replicas_with_outer_nesterov_steps(
     assert synced == {s + overlap + 1 for s in range(interval, STEPS - overlap, interval)}
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("compress", ["none", "int8"])
 def test_streaming_diloco_resumes_exactly_with_a_sync_in_flight(
     tiny_shards: Path, two_tasks: str, tmp_path: Path, compress: str
@@ -182,6 +184,7 @@ def test_streaming_diloco_resumes_exactly_with_a_sync_in_flight(
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), replica
 
 
+@pytest.mark.ranks
 def test_compressed_pseudo_gradients_send_a_quarter(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     runs = {}
     for method in ("none", "int8"):

@@ -42,6 +42,7 @@ from tests.pp2_dp2 import (
 )
 
 
+@pytest.mark.ranks
 def test_killed_rank_s_replica_leaves_and_the_survivors_train_on_to_the_same_losses(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -67,6 +68,7 @@ def test_killed_rank_s_replica_leaves_and_the_survivors_train_on_to_the_same_los
     assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))  # to rounding (summed in another order)
 
 
+@pytest.mark.ranks
 def test_fewer_replicas_than_min_replicas_stop_with_a_message(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -82,6 +84,7 @@ def test_fewer_replicas_than_min_replicas_stop_with_a_message(
         assert "fewer than --min-replicas 2" in log and "launch ranks [2, 3] were lost" in log, log[-2000:]
 
 
+@pytest.mark.ranks
 def test_relaunched_replica_joins_the_live_run_and_all_replicas_end_identical(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -135,6 +138,7 @@ def lose_replica_0_and_start_it_again(args: list[str], ckpt: Path, tmp_path: Pat
     assert wait_all(procs) == [0, 0, 0, 0], "".join((tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(4))
 
 
+@pytest.mark.ranks
 def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpoints_to_the_same_losses(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -159,6 +163,7 @@ def test_with_a_sharded_optimizer_a_lost_and_rejoined_replica_go_through_checkpo
     assert_same_state(final_weights(ckpt), final_weights(pp2_dp2_run))
 
 
+@pytest.mark.ranks
 def test_with_a_sharded_optimizer_a_replica_lost_while_gathering_the_update_is_rolled_back(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -193,6 +198,7 @@ STEPS_ALONE = {
 }
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("mode", sorted(STEPS_ALONE))
 def test_with_replicas_stepping_alone_a_lost_and_rejoined_replica_train_on_as_resumes_at_each_replica_count(
     tiny_shards: Path, two_tasks: str, tmp_path: Path, mode: str
@@ -228,6 +234,7 @@ def test_with_replicas_stepping_alone_a_lost_and_rejoined_replica_train_on_as_re
     assert [ours[s] for s in range(joined + 1, TOTAL + 1)] == [together[s] for s in range(joined + 1, TOTAL + 1)]
 
 
+@pytest.mark.ranks
 def test_a_joiner_with_other_settings_is_refused_with_a_message(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -268,6 +275,7 @@ def test_bad_elastic_settings_are_one_line_errors(
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.ranks
 def test_a_replica_lost_during_an_evaluation_is_evaluated_without_it(
     pp2_dp2_run: Path, pp2_dp2_evaluated_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

@@ -88,6 +88,7 @@ def test_chained_stages_and_round_trip_equal_hf(family_model: tuple[str, Path, P
     assert ("lm_head.weight" in written) != bool(config.tie_word_embeddings)
 
 
+@pytest.mark.ranks
 def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tmp_path: Path) -> None:
     family, hf, shards = family_model
     ckpt = tmp_path / "ckpt"
@@ -108,6 +109,7 @@ def test_pp2_matches_hf(family_model: tuple[str, Path, Path], two_tasks: str, tm
         resume_elsewhere(shards, two_tasks, ckpt, state, tmp_path / "resumed")
 
 
+@pytest.mark.ranks
 def test_llama_tied_pp2_dp2_matches_hf(
     two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -119,6 +121,7 @@ def test_llama_tied_pp2_dp2_matches_hf(
     compare_to_reference(hf, two_tasks, ckpt, per_step=4, tmp_path=tmp_path)
 
 
+@pytest.mark.ranks
 def test_gpt2_zero_bubble_with_accumulation_matches_hf(
     two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -206,6 +209,7 @@ def test_decoder_family_round_trip_and_random_init(decoder_model: tuple[str, Pat
     assert not ours["model.embed_tokens.weight"][config.pad_token_id].any()
 
 
+@pytest.mark.ranks
 def test_gemma2_pp2_through_ranks_matches_hf(
     two_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -265,6 +269,7 @@ def test_relabelled_config_is_refused_naming_both(tmp_path: Path) -> None:
     assert family_for(load_config(shards, "gemma").model_type).name == "gemma"  # agreeing is fine
 
 
+@pytest.mark.ranks
 def test_relabelled_model_is_refused_at_start_up_before_connecting(tmp_path: Path, two_tasks: str) -> None:
     """Rank 0 of two, alone: it stops with the one-line reason instead of waiting for rank 1
     (had it connected, it would wait --comm-timeout, 300 s, and the launch's 120 s would kill it)."""
@@ -451,6 +456,7 @@ def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> 
     return losses, norms, auxes, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.ranks
 def test_mixtral_router_loss_through_three_ranks_matches_hf(
     short_tasks: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -215,6 +215,7 @@ def test_received_bf16_activations_compute_in_fp32(schedule) -> None:
     assert stage.linear.weight.grad is not None
 
 
+@pytest.mark.ranks
 def test_bf16_pipeline_is_as_close_to_hf_autocast_as_one_stage(
     tiny_hf: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -240,6 +241,7 @@ def test_bf16_pipeline_is_as_close_to_hf_autocast_as_one_stage(
 # -- fp16 that cannot make progress stops -------------------------------------------------------
 
 
+@pytest.mark.ranks
 def test_fp16_overflowing_at_the_smallest_loss_scale_stops(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     # A layer norm that lifts every value past fp16's largest (65504): the first linear layer
     # overflows in fp16 whatever the loss scale, as a model whose activations outgrew fp16 does.
@@ -271,6 +273,7 @@ def _smoke(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
+@pytest.mark.ranks
 def test_gpu_smoke_plumbing_on_cpu(tmp_path: Path) -> None:
     """The smoke check's cases run on the CPU (--cpu): what CI can check of the script itself."""
     done = _smoke(["--cpu", "--cases", "pp1-fp32,gloo-1f1b-bf16"], tmp_path)

@@ -134,6 +134,7 @@ def test_lane_runs_in_order_and_fails_every_job_after_a_failure() -> None:
     lane.close()
 
 
+@pytest.mark.ranks
 def test_bucketed_sums_equal_one_sum_after_the_step_and_hf(
     tiny_hf: Path, tiny_shards: Path, mixed_tasks: str, tmp_path: Path
 ) -> None:

@@ -186,6 +186,7 @@ def compare_to_peft(
     return rows, adapters
 
 
+@pytest.mark.ranks
 def test_lora_pipeline_matches_single_process_peft(lora_run: Path, tiny_hf: Path, two_tasks: str) -> None:
     spec = LoraSpec.read(lora_run / "checkpoint_10")[0]
     assert (spec.rank, spec.alpha, spec.dropout) == (RANK, ALPHA, 0.0)
@@ -201,6 +202,7 @@ def test_lora_pipeline_matches_single_process_peft(lora_run: Path, tiny_hf: Path
     assert trainable < sum(p.numel() for p in load_file(tiny_hf / "model.safetensors").values()) / 5
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("mode", ["1f1b", "zb1"])
 def test_lora_tied_llama_1f1b_and_zb1_match_peft(mode: str, two_tasks: str, tmp_path: Path) -> None:
     """Tied embeddings stay frozen at both ends (no sum between them); chosen targets; under zb1
@@ -216,6 +218,7 @@ def test_lora_tied_llama_1f1b_and_zb1_match_peft(mode: str, two_tasks: str, tmp_
     compare_to_peft(hf, two_tasks, ckpt, packing="concat")
 
 
+@pytest.mark.ranks
 def test_lora_export_adapter_and_merged_give_our_logits(lora_run: Path, tiny_hf: Path, tiny_shards: Path,
                                                         tmp_path: Path) -> None:  # fmt: skip
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -252,6 +255,7 @@ def test_lora_export_adapter_and_merged_give_our_logits(lora_run: Path, tiny_hf:
         assert torch.equal(merged_state[key], value) != adapted, key
 
 
+@pytest.mark.ranks
 def test_lora_resume_in_the_same_topology_is_bit_exact(
     lora_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -269,6 +273,7 @@ def test_lora_resume_in_the_same_topology_is_bit_exact(
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
+@pytest.mark.ranks
 def test_lora_resumes_exactly_in_another_topology(
     lora_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -276,6 +281,7 @@ def test_lora_resumes_exactly_in_another_topology(
     resume_elsewhere(tiny_shards, two_tasks, lora_run, final, tmp_path / "resumed", extra=LORA_FLAGS)
 
 
+@pytest.mark.ranks
 def test_lora_checkpoint_refuses_other_flags(lora_run: Path, tiny_shards: Path, two_tasks: str,
                                              tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     ckpt = tmp_path / "ckpt"
@@ -299,6 +305,7 @@ def test_lora_checkpoint_refuses_other_flags(lora_run: Path, tiny_shards: Path, 
     assert "they must be the same model" in caplog.text
 
 
+@pytest.mark.ranks
 def test_lora_bad_input_is_one_clear_line(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     from trainer.cli import config_from_args, parse_args
 

@@ -79,6 +79,7 @@ def test_recomputation_runs_each_block_again_in_the_backward() -> None:
         assert calls == {i: expected + 1 for i in first.layer_ids}
 
 
+@pytest.mark.ranks
 def test_recomputed_pipeline_trains_as_the_plain_one(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     """pp=2, 1F1B, 10 steps: the flag reaches every stage and changes no loss (bit for bit);
     every row reports each stage's peak memory."""

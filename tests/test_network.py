@@ -14,6 +14,8 @@ import pytest
 from bench.netns import NetHosts, NoNetHosts, two_hosts
 from tests.helpers import OFFLINE_ENV, ROOT, free_port
 
+pytestmark = pytest.mark.ranks  # every test here starts rank processes
+
 
 @pytest.fixture
 def hosts() -> Iterator[NetHosts]:

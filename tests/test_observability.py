@@ -47,6 +47,7 @@ def spans(events: list[dict], lane: str, pid: int | None = None) -> list[dict]:
             and e["name"] != "flush"]  # fmt: skip
 
 
+@pytest.mark.ranks
 def test_rank_traces_are_complete(profiled: tuple[Path, list]) -> None:
     ckpt, _ = profiled
     for rank in (0, 1):
@@ -65,6 +66,7 @@ def test_rank_traces_are_complete(profiled: tuple[Path, list]) -> None:
         assert names == set(LANES)
 
 
+@pytest.mark.ranks
 def test_merged_trace_puts_ranks_on_one_clock(profiled: tuple[Path, list]) -> None:
     ckpt, _ = profiled
     events = json.loads((ckpt / "trace" / "merged.json").read_text())["traceEvents"]
@@ -76,6 +78,7 @@ def test_merged_trace_puts_ranks_on_one_clock(profiled: tuple[Path, list]) -> No
     assert (ckpt / "trace" / "timeline.png").read_bytes().startswith(PNG)
 
 
+@pytest.mark.ranks
 def test_summary_bubble_is_close_to_gpipe_theory(profiled: tuple[Path, list]) -> None:
     ckpt, _ = profiled
     summary = json.loads((ckpt / "trace" / "summary.json").read_text())
@@ -87,6 +90,7 @@ def test_summary_bubble_is_close_to_gpipe_theory(profiled: tuple[Path, list]) ->
         assert rank["compute_s"] + rank["communication_s"] + rank["idle_s"] >= rank["wall_s"] * 0.999
 
 
+@pytest.mark.ranks
 def test_only_the_reporting_rank_logs_steps(profiled: tuple[Path, list]) -> None:
     _, results = profiled
     assert f"step {STEPS}/{STEPS} loss" in results[1].output  # the last stage of replica 0 reports
@@ -94,6 +98,7 @@ def test_only_the_reporting_rank_logs_steps(profiled: tuple[Path, list]) -> None
     assert "it/s" not in results[1].output  # no progress bar when stderr is not a terminal
 
 
+@pytest.mark.ranks
 def test_plot_of_metrics(profiled: tuple[Path, list], tmp_path: Path) -> None:
     ckpt, _ = profiled
     assert plot_metrics(ckpt / "metrics.jsonl", tmp_path / "m.png").read_bytes().startswith(PNG)
@@ -107,6 +112,7 @@ def test_plot_of_metrics(profiled: tuple[Path, list], tmp_path: Path) -> None:
         plot_metrics([ckpt / "metrics.jsonl"] * 2, tmp_path / "x.png", ["one"])
 
 
+@pytest.mark.ranks
 def test_pytorch_profiler_and_wandb_offline(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     profiling = ["--profiling", "pytorch_profiling", "--train-log-backend", "wandb", "--project-name", "unit"]
     args = [*args_for(tiny_shards, two_tasks, tmp_path / "ckpt", pp=1, seq=64), *profiling]
@@ -137,6 +143,7 @@ def test_help_is_grouped_and_every_flag_explained() -> None:
         assert action.help and action.help.strip() not in ("-", ""), action.dest
 
 
+@pytest.mark.ranks
 def test_launch_local_stops_every_rank_on_ctrl_c(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     import psutil
 

@@ -72,6 +72,7 @@ def test_documents_train_each_example_as_if_alone(family: str, short_tasks: str,
         assert abs(across.item() - hf_loss) > 1e-4  # a hundred times the tolerance above
 
 
+@pytest.mark.ranks
 def test_documents_through_ranks_pp2_dp2_match_hf(
     tiny_hf: Path, tiny_shards: Path, short_tasks: str, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from tests.pp2_dp2 import TOTAL, elastic_args, final_weights, signal_after_rows,
 from trainer.checkpoint import complete_steps
 
 
+@pytest.mark.ranks
 def test_sigterm_to_one_rank_stops_every_rank_at_a_committed_step_and_a_relaunch_goes_on_exactly(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -87,6 +88,7 @@ def test_the_notice_running_out_stops_the_process_as_the_signal_would() -> None:
     assert "the run did not stop within --preempt-grace 0.5s" in done.stderr
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 def test_with_elastic_only_the_noticed_replica_leaves_and_the_other_trains_on_to_the_same_losses(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, sharded: bool

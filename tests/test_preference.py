@@ -44,6 +44,9 @@ from tests.preference_runs import BETA, LORA, PAIRS_PER_STEP, SIMPO_GAMMA, Run, 
 from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.preference import REFERENCE_FILE
 
+pytestmark = pytest.mark.ranks  # every test here starts rank processes
+
+
 ROW_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected")  # fmt: skip
 

@@ -186,6 +186,7 @@ def step_losses(ckpt: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(ckpt) if "loss" in r]
 
 
+@pytest.mark.ranks
 def test_pp2_fine_tune_equals_hf_and_still_answers(
     smollm2_hf: Path, fine_tuned: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_pp2_fine_tune_equals_hf_and_still_answers(
     assert "Paris" in ask(exported, "What is the capital of France?")
 
 
+@pytest.mark.ranks
 def test_int4_link_stays_within_half_a_percent_on_real_activations(
     smollm2_shards: Path, fine_tuned: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -264,6 +266,7 @@ def test_a_chat_preference_pair_on_real_weights(smollm2_hf: Path, tmp_path: Path
     assert -40 < full[1].item() < full[0].item() < 0, full  # a trained model prefers the right answer here
 
 
+@pytest.mark.ranks
 def test_dpo_with_a_frozen_reference_equals_trl_at_the_default_chunked_loss(
     smollm2_hf: Path, smollm2_shards: Path, tmp_path: Path
 ) -> None:

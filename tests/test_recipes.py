@@ -82,6 +82,7 @@ def test_a_precision_on_the_command_line_replaces_the_recipe_s(tiny_shards: Path
     assert (overridden.fp16, overridden.bf16) == (True, False)
 
 
+@pytest.mark.ranks
 def test_the_dpo_recipe_trains_through_the_slurm_launcher(
     tiny_shards: Path, recipe_data: dict[str, str], tmp_path: Path
 ) -> None:
@@ -107,6 +108,7 @@ def test_the_dpo_recipe_trains_through_the_slurm_launcher(
     assert (ckpt / "checkpoint_2" / "lora.json").is_file()
 
 
+@pytest.mark.ranks
 def test_the_two_site_diloco_recipe_trains(tiny_shards: Path, recipe_data: dict[str, str], tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "gemma2-2b-two-sites-diloco.yaml"
     world = yaml.safe_load(recipe.read_text())["world-size"]

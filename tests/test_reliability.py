@@ -64,11 +64,13 @@ def uninterrupted(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.Te
     return tmp / "ckpt"
 
 
+@pytest.mark.ranks
 def test_keep_checkpoints_prunes_old_ones(uninterrupted: Path) -> None:
     assert complete_steps(uninterrupted) == [STEPS - 4, STEPS]
     assert (uninterrupted / "latest").read_text().strip() == str(STEPS)
 
 
+@pytest.mark.ranks
 def test_sigkill_then_relaunch_equals_uninterrupted(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -99,6 +101,7 @@ def relaunch_equals(uninterrupted: Path, args: list[str], ckpt: Path, tmp_path: 
     assert all(torch.equal(ours[k], reference[k]) for k in reference), what
 
 
+@pytest.mark.ranks
 def test_sigterm_to_the_launch_script_commits_the_step_and_a_relaunch_equals_uninterrupted(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -136,6 +139,7 @@ def stage_for(shards: Path, layers: range, first: bool, last: bool) -> tuple[Sta
     return stage, StageOptimizer(OptimConfig(1e-3, 10), sync)
 
 
+@pytest.mark.ranks
 def test_damaged_checkpoint_names_the_file_and_the_fallback(
     uninterrupted: Path, tiny_shards: Path, tmp_path: Path
 ) -> None:
@@ -158,6 +162,7 @@ def test_damaged_checkpoint_names_the_file_and_the_fallback(
         load_checkpoint(ckpt, stage, optimizer)
 
 
+@pytest.mark.ranks
 def test_refuses_to_overwrite_checkpoints_without_resume(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -172,6 +177,7 @@ def test_refuses_to_overwrite_checkpoints_without_resume(
     }
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_lost_peer_stops_the_others_naming_it(
     tiny_shards: Path, two_tasks: str, tmp_path: Path, how: signal.Signals
@@ -194,6 +200,7 @@ def test_lost_peer_stops_the_others_naming_it(
     assert elapsed < (5 if how == signal.SIGKILL else 6 + 10)  # a closed connection is noticed at once
 
 
+@pytest.mark.ranks
 def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -224,6 +231,7 @@ def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage(
     assert not all(torch.equal(head_after[k], head_before[k]) for k in head_before)
 
 
+@pytest.mark.ranks
 def test_bf16_trains_close_to_fp32(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     losses = {}
     for precision in ("fp32", "bf16"):
@@ -239,6 +247,7 @@ def test_bf16_trains_close_to_fp32(tiny_shards: Path, two_tasks: str, tmp_path: 
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
 
 
+@pytest.mark.ranks
 def test_fp32_stops_after_consecutive_non_finite_steps(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     shards = shutil.copytree(tiny_shards, tmp_path / "shards")
     layer = load_file(shards / "layer_3.safetensors")
@@ -253,6 +262,7 @@ def test_fp32_stops_after_consecutive_non_finite_steps(tiny_shards: Path, two_ta
     assert not (tmp_path / "ckpt" / "latest").exists()  # nothing half-trained was saved
 
 
+@pytest.mark.ranks
 def test_8bit_adam_resumes_exactly(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     extra = ("--optimizer", "8bit-adam", "--checkpoint-steps", "3")
@@ -271,6 +281,7 @@ def test_8bit_adam_resumes_exactly(tiny_shards: Path, two_tasks: str, tmp_path: 
     assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
 
 
+@pytest.mark.ranks
 def test_torchrun_restart_resumes_and_matches_uninterrupted(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -303,6 +314,7 @@ def test_torchrun_restart_resumes_and_matches_uninterrupted(
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
+@pytest.mark.ranks
 def test_a_run_token_keeps_out_a_rank_without_it_and_a_second_run_at_the_address_is_refused(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -389,6 +401,7 @@ def test_a_checkpoint_that_cannot_be_written_is_abandoned_and_the_previous_one_s
     assert load_checkpoint(ckpt, stage, optimizer)[0] == 4
 
 
+@pytest.mark.ranks
 def test_a_full_disk_during_a_run_keeps_latest_and_continue_trains_on_to_the_next_try(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

@@ -75,6 +75,7 @@ def test_identity_is_by_content_and_each_difference_is_named(
     assert "total_steps 10 -> 20" in warning and "lr 0.002 -> 0.001" in warning and "step 5" in warning
 
 
+@pytest.mark.ranks
 def test_a_relaunch_with_another_model_is_refused_before_training(
     tiny_shards: Path, other_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

@@ -325,6 +325,7 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert float((sum(draws) / len(draws) - x).abs().mean()) * 5 < biased  # the mean converges to x
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("mode", ["1f1b", "zb1"])
 def test_1f1b_and_zb1_on_three_stages_match_hf(
     mode: str, tiny_hf: Path, tiny_shards: Path, mixed_tasks: str, tmp_path: Path
@@ -335,6 +336,7 @@ def test_1f1b_and_zb1_on_three_stages_match_hf(
     compare_to_reference(tiny_hf, mixed_tasks, ckpt, per_step=4, tmp_path=tmp_path)
 
 
+@pytest.mark.ranks
 def test_compressed_activations_cut_bytes_and_keep_the_loss(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     """Bytes counted where they leave a rank. Gradients follow the activations' codec unless
     told otherwise: int8 for int8 and int4 activations, none for none."""
@@ -372,6 +374,7 @@ def run_on_emulated_link(shards: Path, tasks: str, tmp: Path, pp: int, dp: int, 
     return read_metrics(ckpt)
 
 
+@pytest.mark.ranks
 def test_link_emulation_holds_sends_to_the_rate(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     for row in run_on_emulated_link(tiny_shards, two_tasks, tmp_path, pp=2, dp=1, batch=4, mbps=2):
         # stage 0 sends half the bytes, one message per micro-batch, before stage 1 can finish
@@ -379,6 +382,7 @@ def test_link_emulation_holds_sends_to_the_rate(tiny_shards: Path, two_tasks: st
         assert row["step_time_s"] >= floor, row
 
 
+@pytest.mark.ranks
 def test_link_emulation_holds_replica_traffic_too(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     for row in run_on_emulated_link(tiny_shards, two_tasks, tmp_path, pp=1, dp=2, batch=2, mbps=8):
         # the gradient sum (the whole model in fp32) leaves each replica at 8 Mbit/s
@@ -386,6 +390,7 @@ def test_link_emulation_holds_replica_traffic_too(tiny_shards: Path, two_tasks: 
         assert row["step_time_s"] >= row["dp_bytes"] * 8 / 8e6 + 0.020, row
 
 
+@pytest.mark.ranks
 def test_1f1b_accumulates_every_round_in_one_pipeline_pass(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     """--gradient-accumulate-step 2 under 1F1B: the pipeline fills and drains once per step
     (forwards F0..F3 of one pass), training bit for bit as one round of twice the batch does;
@@ -410,6 +415,7 @@ def test_1f1b_accumulates_every_round_in_one_pipeline_pass(tiny_shards: Path, tw
         assert (one_pass / "checkpoint_3" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
+@pytest.mark.ranks
 def test_zb1_with_recompute_fp16_and_sharded_optimizer_trains_as_1f1b(
     tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -451,6 +457,7 @@ def llama_with_outlier_channels(folder: Path, channels: tuple[int, ...] = (3, 40
     return convert_from_hf(folder / "hf", folder / "shards")
 
 
+@pytest.mark.ranks
 def test_int4_trains_through_outlier_channels_where_per_token_scales_do_not(two_tasks: str, tmp_path: Path) -> None:
     shards = llama_with_outlier_channels(tmp_path)
     per_token = ["--pp-compress-group", "0", "--pp-compress-outliers", "0"]

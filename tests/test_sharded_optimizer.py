@@ -98,6 +98,7 @@ def runs(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.TempPathFac
     }
 
 
+@pytest.mark.ranks
 def test_sharded_training_is_bit_identical_and_holds_half_the_state(runs: dict) -> None:
     (plain, plain_logs), (sharded, sharded_logs) = runs["plain"], runs["sharded"]
     assert_same_training(sharded, plain)
@@ -112,6 +113,7 @@ def test_sharded_training_is_bit_identical_and_holds_half_the_state(runs: dict) 
     assert len(steady) == 1 and reduced <= steady.pop() < 1.1 * reduced
 
 
+@pytest.mark.ranks
 def test_sharded_checkpoint_resumes_bit_exact_in_its_topology(
     runs: dict, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -123,6 +125,7 @@ def test_sharded_checkpoint_resumes_bit_exact_in_its_topology(
         assert (ckpt / "checkpoint_10" / name).read_bytes() == (sharded / "checkpoint_10" / name).read_bytes(), name
 
 
+@pytest.mark.ranks
 def test_sharded_checkpoint_resumes_unsharded_in_one_process(
     runs: dict, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -131,6 +134,7 @@ def test_sharded_checkpoint_resumes_unsharded_in_one_process(
     resume_elsewhere(tiny_shards, two_tasks, sharded, final, tmp_path / "resumed")
 
 
+@pytest.mark.ranks
 def test_unsharded_checkpoint_resumes_sharded_over_other_replicas(
     runs: dict, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -144,6 +148,7 @@ def test_unsharded_checkpoint_resumes_sharded_over_other_replicas(
     assert [r["loss"] for r in rows(ckpt)] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
 
 
+@pytest.mark.ranks
 def test_sharded_lora_in_bf16_is_bit_identical(tiny_shards: Path, two_tasks: str, tmp_path: Path) -> None:
     """Adapters only are trained (and sharded); frozen weights in bf16 under autocast."""
     plain = run(tiny_shards, two_tasks, tmp_path / "plain", *LORA, "--bf16")
@@ -153,6 +158,7 @@ def test_sharded_lora_in_bf16_is_bit_identical(tiny_shards: Path, two_tasks: str
     assert all(half[rank] < 0.6 * full[rank] for rank in full)
 
 
+@pytest.mark.ranks
 def test_sharded_fp16_with_tied_embeddings_is_bit_identical(two_tasks: str, tmp_path: Path) -> None:
     """LLaMA with tied input and output embeddings on different stages, fp16 with loss scaling."""
     hf = build_tiny_model(tmp_path / "hf", bundled_texts(), "llama", num_layers=4, seed=1)

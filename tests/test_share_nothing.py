@@ -41,6 +41,7 @@ def uninterrupted(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.Te
     return root
 
 
+@pytest.mark.ranks
 def test_each_site_keeps_every_stage_and_matches_a_shared_folder(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -62,6 +63,7 @@ def test_each_site_keeps_every_stage_and_matches_a_shared_folder(
         assert (folder / f"checkpoint_{STEPS}" / "config.json").is_file()  # convert/to_hf.py works at either site
 
 
+@pytest.mark.ranks
 def test_a_site_with_an_empty_disk_fetches_the_checkpoint_from_its_peer(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -86,6 +88,7 @@ def test_a_site_with_an_empty_disk_fetches_the_checkpoint_from_its_peer(
         assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in expected), site
 
 
+@pytest.mark.ranks
 def test_a_step_no_folder_holds_whole_stops_without_writing(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -108,6 +111,7 @@ def test_a_step_no_folder_holds_whole_stops_without_writing(
     assert sorted(p.name for p in (root / "a" / "ckpt").iterdir()) == ["checkpoint_5", "latest"]
 
 
+@pytest.mark.ranks
 def test_a_commit_one_site_did_not_finish_is_completed_from_the_other(
     uninterrupted: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:

@@ -50,6 +50,7 @@ from trainer.checkpoint import complete_steps
 from trainer.config import RunConfig
 
 
+@pytest.mark.ranks
 def test_a_spare_takes_a_killed_rank_s_place_and_every_loss_stays_the_uninterrupted_run_s(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -81,6 +82,7 @@ def test_a_spare_takes_a_killed_rank_s_place_and_every_loss_stays_the_uninterrup
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 
+@pytest.mark.ranks
 def test_a_reporter_lost_during_an_evaluation_is_replaced_and_the_evaluation_done_again(
     pp2_dp2_run: Path, pp2_dp2_evaluated_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -107,6 +109,7 @@ def test_a_reporter_lost_during_an_evaluation_is_replaced_and_the_evaluation_don
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 
+@pytest.mark.ranks
 def test_a_rank_lost_during_a_checkpoint_commit_is_replaced_and_the_commit_done_again(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -140,6 +143,7 @@ CHECKPOINTED = {
 }
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("mode", sorted(CHECKPOINTED))
 def test_where_no_replica_holds_the_lost_state_the_spare_and_the_survivors_go_through_the_last_checkpoint(
     pp2_dp2_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, mode: str
@@ -190,6 +194,7 @@ def pp2_dp1_run(tiny_shards: Path, two_tasks: str, tmp_path_factory: pytest.Temp
     return tmp / "ckpt"
 
 
+@pytest.mark.ranks
 def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_process(
     pp2_dp1_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path
 ) -> None:
@@ -222,6 +227,7 @@ def test_with_one_pipeline_every_rank_rolls_back_to_the_last_checkpoint_in_proce
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("dp", [2, 1])
 def test_a_spare_takes_the_place_of_a_rank_with_a_preemption_notice_and_no_step_is_lost(
     pp2_dp2_run: Path, pp2_dp1_run: Path, tiny_shards: Path, two_tasks: str, tmp_path: Path, dp: int

@@ -26,6 +26,8 @@ from tests.helpers import (
 )
 from trainer.data import TokenStream, parse_task_names
 
+pytestmark = pytest.mark.ranks  # every test here starts rank processes
+
 
 def reference_eval_loss(hf_dir: Path, eval_file: Path, per_batch: int, batches: int) -> float:
     """Mean next-token loss of an HF model on the first evaluation batches."""

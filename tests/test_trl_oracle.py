@@ -55,6 +55,9 @@ from tests.preference_runs import (
     run,
 )
 
+pytestmark = pytest.mark.ranks  # every test here starts rank processes
+
+
 DPO_KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected")  # fmt: skip
 REWARD_KEYS = ("loss", "grad_norm", "accuracy", "margin", "mean_reward")
