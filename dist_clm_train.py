@@ -18,12 +18,12 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 # Each rank already owns its share of the cores; tokenizer threads would only compete.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from data.config import DataConfig
+from data.preview import preview
+from observability.metrics import setup_logging
 from trainer.checkpoint import CheckpointError
 from trainer.cli import config_from_args, parse_args
-from trainer.config import DataConfig
 from trainer.entry import run
-from trainer.metrics import setup_logging
-from trainer.preview import preview
 from trainer.startup import StartupError
 
 

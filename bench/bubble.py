@@ -9,7 +9,7 @@ cores there are, bench.common.rank_core) with --profiling tidy_profiling, and re
 
   F B W     the mean span of a forward, a backward and (zb1) a W, the linear layers' weight
             gradients, averaged over stages; under gpipe and 1f1b the backward holds W
-  measured  the idle share as trainer/profiling.py's summarize computes it: per rank,
+  measured  the idle share as observability/profiling.py's summarize computes it: per rank,
             1 - (forward + backward compute) / the rank's pipeline span, averaged over ranks
   theory    the same share in an event simulation of that schedule (pipeline.simulate):
             each stage's order read off pipeline.schedule's own code, each F, B, W taking its
@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import build_model, rank_core, run  # noqa: E402
 from comm.topology import Topology  # noqa: E402
 from comm.trace import LANES  # noqa: E402
+from observability.profiling import summarize  # noqa: E402
 from pipeline.schedule import SCHEDULES  # noqa: E402
 from pipeline.simulate import TRACED_LANES, closed_form_idle, schedule_orders, simulate  # noqa: E402
-from trainer.profiling import summarize  # noqa: E402
 
 log = logging.getLogger("bench.bubble")
 MICRO_BATCH_SIZE = 2  # sequences per micro-batch (of bench.common.run's 256 tokens)

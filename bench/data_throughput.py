@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from convert.tiny_model import tiny_config, train_tokenizer
+from data.stream import TokenStream, parse_task_names
 from modules import family_for
 from pipeline.stage import Stage
-from trainer.data import TokenStream, parse_task_names
 from trainer.loss import token_loss
 
 log = logging.getLogger("bench.data_throughput")

@@ -15,7 +15,7 @@ namespaces, which the kernel shapes to --rate Mbit/s (tc tbf). Trains a small GP
 Prints the mean step time of each, DiLoCo's step rate over the slow link as a share of the
 fast link's, the loss (mean of the last 10 steps) of each beside synchronous training's, and
 the bytes each pipeline sent to the other replica per step (counted where they enter the
-collectives); --plot overlays the loss curves with trainer.plot.
+collectives); --plot overlays the loss curves with observability.plot.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import build_model, run  # noqa: E402
 from bench.netns import two_hosts  # noqa: E402
-from trainer.plot import plot_metrics  # noqa: E402
+from observability.plot import plot_metrics  # noqa: E402
 
 log = logging.getLogger("bench.diloco_sites")
 TOPOLOGY = ["--pipeline-group-size", "2", "--data-group-size", "2", "--seq-length", "128", "--micro-batch-size", "1"]

@@ -89,13 +89,13 @@ from comm.topology import Topology
 from comm.trace import LANES
 from convert.tiny_model import tiny_config
 from modules import family_for, load_config
+from observability.profiling import COMPUTE
 from pipeline.partition import split_layers
 from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.simulate import ScheduleStep, closed_form_idle, schedule_orders, simulate
 from pipeline.stage import Stage
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 from trainer.loss import token_loss
-from trainer.profiling import COMPUTE
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core

@@ -32,7 +32,7 @@ class Message:
     """What crosses a pipeline link: an activation or its gradient (``tensor``, through the link's
     codec) and, sent exactly beside it where the step needs them: ``side``, fp32 values that
     travel both ways (a mixture of experts' router sums, modules.routing), and ``positions``,
-    the tokens' position ids (micro, seq), forward only (examples packed apart, trainer.data)."""
+    the tokens' position ids (micro, seq), forward only (examples packed apart, data.stream)."""
 
     tensor: torch.Tensor
     side: torch.Tensor | None = None

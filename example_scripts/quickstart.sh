@@ -25,4 +25,4 @@ bash example_scripts/launch_local.sh 4 \
 
 python convert/to_hf.py --ckpt-path "$out/checkpoints" --save-path "$out/tiny-finetuned"
 python example_scripts/show_result.py --model "$out/tiny-finetuned" --metrics "$out/checkpoints/metrics.jsonl"
-python -m trainer.plot --metrics "$out/checkpoints/metrics.jsonl" --out "$out/loss.png"
+python -m observability.plot --metrics "$out/checkpoints/metrics.jsonl" --out "$out/loss.png"

@@ -104,7 +104,7 @@ class BlockInputs:
 class BlockContext(nn.Module):
     """Position ids, the causal masks and the rotary cos/sin, computed once per micro-batch on
     each stage and handed to every block, as HF's model computes them once for all its layers.
-    Position ids that restart (examples packed apart, trainer.data) make HF's mask builders give
+    Position ids that restart (examples packed apart, data.stream) make HF's mask builders give
     each example a causal block of its own, for every attention implementation.
 
     ``rotary`` None: learned positions (GPT-2), whose blocks take the mask only."""

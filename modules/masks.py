@@ -1,6 +1,6 @@
 """Attention masks for packed sequences, as Hugging Face's models build them.
 
-Position ids that restart (examples packed apart, trainer.data) give every example a causal
+Position ids that restart (examples packed apart, data.stream) give every example a causal
 block of its own; HF's builders find them only where no cache is passed, as in training.
 
 A model's layers attend in one of two ways: full causal attention, or causal attention over a

@@ -105,7 +105,7 @@ class Simulated:
 
     @property
     def idle_share(self) -> float:
-        """As trainer.profiling.summarize's bubble: per stage, 1 - compute / its span (from the
+        """As observability.profiling.summarize's bubble: per stage, 1 - compute / its span (from the
         step's start to its own last op), averaged over stages."""
         return statistics.fmean(1 - busy / end for busy, end in zip(self.busy, self.ends, strict=True))
 

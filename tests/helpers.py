@@ -288,7 +288,7 @@ def _train_in_process(
     norm before clipping. ``pairs``: the data are preference pairs (``per_step`` sequences)."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-    from trainer.data import TokenStream, parse_task_names
+    from data.stream import TokenStream, parse_task_names
 
     tokenizer = AutoTokenizer.from_pretrained(data_dir)
     stream = TokenStream(parse_task_names(task_spec), tokenizer, seq_length, seed, packing=packing, pairs=pairs)

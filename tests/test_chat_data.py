@@ -18,6 +18,9 @@ import pytest
 import torch
 
 from convert.to_hf import convert_to_hf
+from data.chat import ChatTemplate
+from data.sources import Conversation, Source, example_from_record
+from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from tests.helpers import (
     OFFLINE_ENV,
     ROOT,
@@ -29,9 +32,6 @@ from tests.helpers import (
     resume_elsewhere,
     train_args,
 )
-from trainer.chat import ChatTemplate
-from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
-from trainer.sources import Conversation, Source, example_from_record
 
 CHATML_MARKED = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.sources import Source
+from data.stream import TokenStream, parse_task_names
 from tests.helpers import bundled_texts, write_jsonl
-from trainer.data import TokenStream, parse_task_names
-from trainer.sources import Source
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +245,8 @@ def test_text_and_prompts_start_as_the_tokenizers_own_call_starts_them(tmp_path:
     """A tokenizer that puts BOS before a text (Llama 3's) gets it before each plain text and each
     prompt, as ``tokenizer(text)`` and so HF's and TRL's data paths give it; one that adds nothing
     (GPT-2's, Qwen's, the tiny models') gets nothing."""
+    from data.stream import special_prefix
     from tests.helpers import bos_tokenizer
-    from trainer.data import special_prefix
 
     texts = bundled_texts()[:3]
     tokenizer = bos_tokenizer(bundled_texts()[:200])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from tests.helpers import OFFLINE_ENV, ROOT, bundled_texts, instruction_records, write_jsonl, write_zst
-from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 
 SEQ = 24
 

@@ -121,8 +121,8 @@ def test_local_sgd_matches_replicas_averaged_every_h_steps(tiny_hf: Path, two_ta
                                                            tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
+    from data.stream import TokenStream, parse_task_names
     from tests.helpers import LR, STEPS, WARMUP
-    from trainer.data import TokenStream, parse_task_names
 
     ckpt = local_sgd_run
 

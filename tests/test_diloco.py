@@ -37,8 +37,8 @@ def diloco_reference(
     since; the last step syncs everything. Returns the mean loss per step and the final weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
+    from data.stream import TokenStream, parse_task_names
     from tests.helpers import LR, WARMUP
-    from trainer.data import TokenStream, parse_task_names
 
     models = [AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").train() for _ in range(2)]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0) for m in models]

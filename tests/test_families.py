@@ -421,9 +421,9 @@ def hf_router_reference(hf_dir: Path, tasks: str, per_step: int, micro: int) -> 
     of HF's ``aux_loss`` for each micro-batch alone. Losses, norms, aux means, final weights."""
     from transformers import AutoModelForCausalLM
 
+    from data.stream import IGNORE_INDEX
     from pipeline.chain import exact_norm
     from tests.helpers import _train_in_process
-    from trainer.data import IGNORE_INDEX
 
     torch.manual_seed(0)
     config = load_config(hf_dir)

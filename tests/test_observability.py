@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from comm.trace import LANES
+from observability.metrics import Progress
+from observability.plot import plot_metrics
 from tests.helpers import OFFLINE_ENV, ROOT, assert_all_ok, free_port, launch, read_metrics
 from trainer.cli import build_parser, parse_args
-from trainer.metrics import Progress
-from trainer.plot import plot_metrics
 
 STEPS, MICRO = 6, 4
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -179,7 +179,7 @@ def test_pipeline_sums_gather_each_stage_s_slot_and_add_the_rest() -> None:
     names come back as each stage's own value in its slot, in float64 (byte counts past 2**24)."""
     import torch
 
-    from trainer.metrics import PipelineSums
+    from observability.metrics import PipelineSums
 
     stages = [PipelineSums(s, 2) for s in range(2)]
     for s, sums in enumerate(stages):
@@ -205,7 +205,7 @@ def test_named_totals_come_back_by_name_in_the_first_value_s_dtype() -> None:
     back its own summed values, whatever was added before or after it."""
     import torch
 
-    from trainer.metrics import NamedTotals
+    from observability.metrics import NamedTotals
 
     replicas = []
     for r in range(2):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from modules import family_for, load_config
 from pipeline.chain import StageChain
 from tests.helpers import assert_all_ok, compare_to_reference, launch, train_args, write_jsonl
 from tests.test_families import tiny_converted
-from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.loss import token_loss
 
 SEQ = 32
@@ -127,7 +127,7 @@ def test_a_long_example_is_cut_and_counted_logged_once(
     long = " ".join(f"word{n}" for n in range(80))
     path = write_jsonl(tmp_path / "long.jsonl", [long, "Short one.", long])
     packed = stream(str(path), tokenizer, "documents")
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="data.stream"):
         batch = packed.next_batch(6)
     first = tokenizer(long, add_special_tokens=False)["input_ids"][:SEQ]
     assert batch.input_ids[0].tolist() == first and batch.lengths(0) == [SEQ]

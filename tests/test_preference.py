@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from convert.to_hf import convert_to_hf
+from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from modules.lora import LoraSpec
 from pipeline.chain import exact_norm
 from tests.helpers import (
@@ -41,7 +42,6 @@ from tests.helpers import (
     saved_adapters,
 )
 from tests.preference_runs import BETA, LORA, PAIRS_PER_STEP, SIMPO_GAMMA, Run, dpo_args
-from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.preference import REFERENCE_FILE
 
 pytestmark = pytest.mark.ranks  # every test here starts rank processes

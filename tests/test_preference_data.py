@@ -13,23 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from data.chat import ChatTemplate
+from data.pairs import READ_CHUNK, PairPacker, all_pairs
+from data.sources import Pair, Source, pair_from_record
+from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from tests.preference_runs import write_pairs
 from tests.test_chat_data import CHATML
-from trainer.chat import ChatTemplate
 from trainer.cli import config_from_args, parse_args
-from trainer.data import IGNORE_INDEX, TokenStream, parse_task_names
 from trainer.loss import chunked_token_loss, sequence_logps
-from trainer.preference import (
-    READ_CHUNK,
-    DpoLoss,
-    DpoSettings,
-    PairPacker,
-    ReferenceLogps,
-    RewardLoss,
-    all_pairs,
-    last_tokens,
-)
-from trainer.sources import Pair, Source, pair_from_record
+from trainer.preference import DpoLoss, DpoSettings, ReferenceLogps, RewardLoss, last_tokens
 
 
 @pytest.fixture(scope="module")
@@ -353,8 +345,8 @@ def test_dpo_flags_count_pairs_and_refuse_what_cannot_work(tiny_shards: Path, tm
 def test_preview_shows_each_pair_as_its_two_sequences(tiny_hf: Path, tmp_path: Path) -> None:
     import io
 
-    from trainer.config import DataConfig
-    from trainer.preview import preview
+    from data.config import DataConfig
+    from data.preview import preview
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Bo saw a", "chosen": " red fox", "rejected": " tall tree"}) + "\n")

@@ -143,9 +143,9 @@ def test_chat_masking_with_the_real_template(smollm2_hf: Path) -> None:
     system prompt; the tokens are the template's own tokenisation."""
     from transformers import AutoTokenizer
 
+    from data.chat import ChatTemplate
+    from data.sources import Conversation
     from tests.test_chat_data import MULTI_TURN, trained_runs
-    from trainer.chat import ChatTemplate
-    from trainer.sources import Conversation
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
     chat = ChatTemplate(tokenizer)
@@ -232,10 +232,11 @@ def test_a_chat_preference_pair_on_real_weights(smollm2_hf: Path, tmp_path: Path
     model pools at the newline the template puts after <|im_end|>, where HF pools."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.chat import ChatTemplate
+    from data.chat import ChatTemplate
+    from data.pairs import PairPacker
+    from data.sources import Source
     from trainer.loss import sequence_logps
-    from trainer.preference import PairPacker, last_tokens
-    from trainer.sources import Source
+    from trainer.preference import last_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
     question = [{"role": "user", "content": "What is the capital of Peru?"}]

@@ -85,7 +85,7 @@ def test_a_relaunch_with_another_model_is_refused_before_training(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convert.to_hf import convert_to_hf
-    from trainer.data import TokenStream, parse_task_names
+    from data.stream import TokenStream, parse_task_names
 
     ckpt = tmp_path / "ckpt"
     args = train_args(tiny_shards, two_tasks, ckpt, pp=1, dp=1, batch=4, micro=4, accum=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from convert.to_hf import convert_to_hf
+from data.stream import TokenStream, parse_task_names
 from tests.helpers import (
     LOSS_ATOL,
     SEED,
@@ -24,7 +25,6 @@ from tests.helpers import (
     train_args,
     write_jsonl,
 )
-from trainer.data import TokenStream, parse_task_names
 
 pytestmark = pytest.mark.ranks  # every test here starts rank processes
 

@@ -1,1 +1,1 @@
-"""The training loop, its configs, the data stream, checkpoints and metrics."""
+"""A rank's training: its stage, optimizer and loop, its configs, checkpoints and resumes."""

@@ -10,13 +10,13 @@ import torch
 from comm.config import CommConfig
 from comm.devices import choose_device
 from comm.topology import Topology
+from data.config import DataConfig
 from modules.lora import LoraSpec
 from trainer.config import (
     AUTO_CHUNK_MIB,
     AUTO_CHUNK_TOKENS,
     BatchConfig,
     CheckpointConfig,
-    DataConfig,
     DataParallelConfig,
     EvalConfig,
     ModelConfig,

@@ -31,7 +31,7 @@ from comm.membership import (
 )
 from comm.process_group import Communicator, PeerLostError
 from comm.spares import SparePool, enough_spares
-from trainer.metrics import setup_logging
+from observability.metrics import setup_logging
 from trainer.resume import probe_disks
 from trainer.startup import set_threads
 

@@ -16,10 +16,10 @@ from comm.process_group import Communicator
 from comm.rendezvous import elastic_store
 from comm.topology import Topology
 from modules import describe_model
+from observability.metrics import ONCE, setup_logging
 from trainer.config import RunConfig
 from trainer.elastic import RollBack
 from trainer.loop import Trainer
-from trainer.metrics import ONCE, setup_logging
 from trainer.preemption import PreemptionNotice
 from trainer.resume import agree_on_resume, probe_disks
 from trainer.startup import Plan, agree_on_start, place_stage, plan_stage, set_threads, stage_memory_limits

@@ -15,15 +15,7 @@ import torch
 
 from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.topology import Topology
-from data_parallel.base import Trained
-from data_parallel.choose import make_sync
-from modules.layout import checkpoint_dir, latest_step
-from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
-from pipeline.stage import Stage
-from pipeline.tied import TiedCopy
-from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_checkpoint, save_checkpoint
-from trainer.config import RunConfig
-from trainer.data import (
+from data.stream import (
     IGNORE_INDEX,
     Batch,
     Prefetcher,
@@ -32,22 +24,24 @@ from trainer.data import (
     parse_task_names,
     resumed_packing,
 )
+from data_parallel.base import Trained
+from data_parallel.choose import make_sync
+from modules.layout import checkpoint_dir, latest_step
+from observability.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
+from observability.profiling import Profiler
+from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
+from pipeline.stage import Stage
+from pipeline.tied import TiedCopy
+from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_checkpoint, save_checkpoint
+from trainer.config import RunConfig
 from trainer.elastic import ElasticController, ReplicasChanged
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
-from trainer.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
 from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
-from trainer.preference import (
-    DpoLoss,
-    DpoSettings,
-    PairLoss,
-    RewardLoss,
-    last_tokens,
-)
-from trainer.profiling import Profiler
+from trainer.preference import DpoLoss, DpoSettings, PairLoss, RewardLoss, last_tokens
 from trainer.reference import DpoReference
 from trainer.startup import Plan
 
@@ -827,7 +821,7 @@ class Trainer:
         prefetch = (
             Prefetcher(self.stream, cfg.global_batch_sequences, pin_memory=pin) if self.stream is not None else None
         )
-        profiler = Profiler(cfg, self.comm)
+        profiler = Profiler(cfg.profiling, cfg.checkpoint.path, cfg.batch.micro_batches, self.comm)
         self.memory.reset()
         first_step = self.step + 1
         try:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.stream import IGNORE_INDEX
 from modules.common import soft_cap
-from trainer.data import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:

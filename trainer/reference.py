@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from comm.process_group import Communicator
+from data.pairs import all_pairs, data_hash
+from data.stream import Batch, TaskSpec, TokenStream, pair_batch, parse_task_names
 from modules.lora import adapters_disabled
+from observability.metrics import ONCE
 from pipeline.schedule import LossFn, MicroBatch
 from trainer.config import RunConfig
-from trainer.data import Batch, TaskSpec, TokenStream, pair_batch, parse_task_names
-from trainer.metrics import ONCE
-from trainer.preference import REFERENCE_FILE, ReferenceLogps, all_pairs, data_hash, reference_table
+from trainer.preference import REFERENCE_FILE, ReferenceLogps, reference_table
 
 log = logging.getLogger(__name__)
 # a forward-only pass of ``module`` (a stage) over this replica's ``slots`` of a batch

@@ -1,8 +1,8 @@
 """Plot a run's metrics.jsonl (loss and validation loss, learning rate, tokens/s) to a PNG,
 or several runs' overlaid.
 
-python -m trainer.plot --metrics model_checkpoints/run1/metrics.jsonl --out run1.png
-python -m trainer.plot --metrics a/metrics.jsonl b/metrics.jsonl --labels sync diloco --out both.png
+python -m observability.plot --metrics model_checkpoints/run1/metrics.jsonl --out run1.png
+python -m observability.plot --metrics a/metrics.jsonl b/metrics.jsonl --labels sync diloco --out both.png
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-log = logging.getLogger("trainer.plot")
+log = logging.getLogger("observability.plot")
 
 
 def plot_metrics(metrics: Path | list[Path], out: Path, labels: list[str] | None = None) -> Path:

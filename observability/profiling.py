@@ -18,7 +18,6 @@ from pathlib import Path
 from comm.process_group import Communicator
 from comm.topology import Topology
 from comm.trace import LANES, Tracer
-from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
 COMPUTE = ("forward compute", "backward compute", "optimizer step")
@@ -127,19 +126,21 @@ class Profiler:
     """What ``--profiling`` asks for, driven by the training loop: ``stepped()`` after each
     step, ``finish()`` once at the end (every rank: it synchronises)."""
 
-    def __init__(self, cfg: RunConfig, comm: Communicator) -> None:
-        self.cfg, self.comm = cfg, comm
+    def __init__(self, mode: str, folder: Path, micro_batches: int, comm: Communicator) -> None:
+        """``mode``: --profiling (``tidy_profiling``, ``pytorch_profiling`` or none); ``folder``:
+        the checkpoint folder the traces go under; ``micro_batches``: a step's, for the summary."""
+        self.folder, self.micro_batches, self.comm = folder, micro_batches, comm
         self.offset_us = 0.0
         self.torch_profiler = None
-        if cfg.profiling == "tidy_profiling":
+        if mode == "tidy_profiling":
             comm.tracer = Tracer(comm.topo.rank, comm.device)
             self.offset_us = comm.clock_offset_us(comm.tracer.now_us)
-        elif cfg.profiling == "pytorch_profiling":
+        elif mode == "pytorch_profiling":
             import torch
 
-            folder = trace_dir(cfg.checkpoint.path)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"torch_rank{comm.topo.rank}.json"
+            traces = trace_dir(folder)
+            traces.mkdir(parents=True, exist_ok=True)
+            path = traces / f"torch_rank{comm.topo.rank}.json"
             self.torch_profiler = torch.profiler.profile(
                 schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
                 on_trace_ready=lambda prof: prof.export_chrome_trace(str(path)),
@@ -156,7 +157,7 @@ class Profiler:
         if not isinstance(self.comm.tracer, Tracer):
             return
         topo = self.comm.topo
-        write_rank_trace(self.cfg.checkpoint.path, self.comm.tracer, topo, self.offset_us)
+        write_rank_trace(self.folder, self.comm.tracer, topo, self.offset_us)
         self.comm.barrier_all()  # every rank's file is written
         if topo.rank == 0:
-            merge(self.cfg.checkpoint.path, topo, self.cfg.batch.micro_batches)
+            merge(self.folder, topo, self.micro_batches)

@@ -21,7 +21,7 @@ import re
 
 from jinja2 import TemplateError
 
-from trainer.sources import Conversation
+from data.sources import Conversation
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

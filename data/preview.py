@@ -17,8 +17,8 @@ from typing import TextIO
 
 import torch
 
-from trainer.config import DataConfig
-from trainer.data import IGNORE_INDEX, TokenStream
+from data.config import DataConfig
+from data.stream import IGNORE_INDEX, TokenStream
 
 TRAINED_COLOUR, PLAIN = "\033[1;32m", "\033[0m"
 

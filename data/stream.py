@@ -6,7 +6,7 @@ every checkpoint.
 
 Each sequence comes from one task, picked by normalised weight; a task reads its examples in
 file order and starts over from its first record when it runs out. A text or prompt/completion
-example ends with EOS; a conversation is its chat template's rendering (trainer.chat). How
+example ends with EOS; a conversation is its chat template's rendering (data.chat). How
 examples become sequences (``--packing``):
 
 - ``documents`` (default): whole examples back to back, each attending only to itself with its
@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.chat import ChatTemplate
-from trainer.preference import PairPacker
-from trainer.sources import Conversation, Example, Source, source_kind
+from data.chat import ChatTemplate
+from data.pairs import PairPacker
+from data.sources import Conversation, Example, Source, source_kind
 
 PACKING = ("documents", "concat", "none")
 READ_CHUNK = 64  # examples tokenised together: the fast tokenizer works best in batches

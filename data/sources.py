@@ -5,7 +5,7 @@ its position is a record count, so a resumed run re-opens the file and skips exa
 records. Each record is plain text (every token trained), a prompt with a completion (only
 the completion and its EOS trained), or a conversation (``Conversation``: OpenAI/TRL
 ``messages``, ShareGPT ``conversations``, alpaca ``instruction``/``input``/``output``), which
-``trainer.chat`` renders through the chat template, training the assistant's turns.
+``data.chat`` renders through the chat template, training the assistant's turns.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Conversation:
-    """Chat turns, rendered by the tokenizer's chat template (trainer.chat); the assistant's
+    """Chat turns, rendered by the tokenizer's chat template (data.chat); the assistant's
     turns are trained on, the others are context."""
 
     messages: tuple[tuple[str, str], ...]  # (role, content), role one of ROLES
