@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from comm.compress import Codec, gradient_codec_for  # noqa: E402
 from data.stream import TokenStream, parse_task_names  # noqa: E402
 from modules import family_for, load_config  # noqa: E402
+from objectives.loss import token_loss  # noqa: E402
 from pipeline.chain import StageChain  # noqa: E402
-from trainer.loss import token_loss  # noqa: E402
 
 log = logging.getLogger("bench.codecs_real")
 CORPUS = ROOT / "example_scripts" / "data" / "tiny.jsonl"

@@ -33,8 +33,8 @@ import torch
 from convert.tiny_model import tiny_config, train_tokenizer
 from data.stream import TokenStream, parse_task_names
 from modules import family_for
+from objectives.loss import token_loss
 from pipeline.stage import Stage
-from trainer.loss import token_loss
 
 log = logging.getLogger("bench.data_throughput")
 

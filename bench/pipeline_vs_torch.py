@@ -89,13 +89,13 @@ from comm.topology import Topology
 from comm.trace import LANES
 from convert.tiny_model import tiny_config
 from modules import family_for, load_config
+from objectives.loss import token_loss
 from observability.profiling import COMPUTE
 from pipeline.partition import split_layers
 from pipeline.schedule import MicroBatch, StepSpec, gpipe_step, one_f_one_b_step, zero_bubble_step
 from pipeline.simulate import ScheduleStep, closed_form_idle, schedule_orders, simulate
 from pipeline.stage import Stage
 from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
-from trainer.loss import token_loss
 
 log = logging.getLogger("bench.pipeline_vs_torch")
 STAGES = 2  # one stage per rank, one rank per core
@@ -237,8 +237,8 @@ def compute_only(
         grad = None if topo.is_last_stage else torch.randn(hidden_shape, generator=generator)
         started = time.perf_counter()
         y = stage(x)
-        if mb.labels is not None:
-            y = loss_fn(y, mb.labels)
+        if mb.targets is not None:
+            y = loss_fn(y, mb.targets["labels"])
         seconds[0].append(time.perf_counter() - started)
         saved.append((y, grad))
     for y, grad in saved:
@@ -291,7 +291,7 @@ def measure(setup: Setup, comm: Communicator, stages: tuple[Stage, Stage], name:
     loss_fn = functools.partial(token_loss, normalizer=normalizer)
     micro = [
         MicroBatch(ids[i : i + micro_size] if topo.is_first_stage else None,
-                   ids[i : i + micro_size] if topo.is_last_stage else None)
+                   {"labels": ids[i : i + micro_size]} if topo.is_last_stage else None)
         for i in range(0, setup.batch_size, micro_size)
     ]  # fmt: skip
     stage, split_stage = stages
@@ -301,7 +301,9 @@ def measure(setup: Setup, comm: Communicator, stages: tuple[Stage, Stage], name:
     schedule = torch_schedule(name, stage, topo, (micro_size, setup.seq_length), setup, loss_fn)
 
     # As Trainer._run_rounds builds it in fp32: activations travel as the weights' dtype, no autocast.
-    spec = StepSpec(hidden_shape, torch.float32, lambda y, mb: loss_fn(y, mb.labels), train=True, compute_dtype=None)
+    spec = StepSpec(
+        hidden_shape, torch.float32, lambda y, targets: loss_fn(y, targets["labels"]), train=True, compute_dtype=None
+    )
 
     def run_ours() -> torch.Tensor:
         return our_step(ours_stage, comm, micro, spec)

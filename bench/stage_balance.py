@@ -36,11 +36,11 @@ import torch  # noqa: E402
 
 from convert.tiny_model import tiny_config  # noqa: E402
 from modules import Family, family_for  # noqa: E402
+from objectives.loss import chunked_token_loss, token_loss  # noqa: E402
 from pipeline.partition import PartWeights, split_layers  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
 from trainer.cli import build_parser, config_from_args  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
-from trainer.loss import chunked_token_loss, token_loss  # noqa: E402
 from trainer.startup import part_sizes, stage_costs  # noqa: E402
 
 log = logging.getLogger("bench.stage_balance")
@@ -111,12 +111,12 @@ def build_passes(
         first, last = s == 0, s == pp - 1
         stage = Stage(family, config, layers, first, last)
         stage.init_parts(config.initializer_range, SEED)
-        stage.project_logits = loss_chunk == 0  # as trainer/loop.py: chunked loss gets the normed hidden state
+        stage.project_logits = loss_chunk == 0  # as the trainer: the chunked loss gets the normed hidden state
         stage.train()
         head = stage.head
 
         def loss_fn(out: torch.Tensor, labels: torch.Tensor, head=head) -> torch.Tensor:
-            # trainer/loop.py's _loss_fn: the chunked loss where cfg.chunk_tokens_for turns it on
+            # objectives/lm.py's TokenLoss: the chunked loss where cfg.chunk_tokens_for turns it on
             if loss_chunk:
                 return chunked_token_loss(out, head.output, labels, normalizer, loss_chunk, head.softcap)
             return token_loss(out, labels, normalizer)

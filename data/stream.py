@@ -236,7 +236,7 @@ def special_prefix(tokenizer: object) -> tuple[int, ...]:
 
 
 def pair_batch(rows: list, tasks: list[int], lines: list[int]) -> Batch:
-    """A batch of preference sequences (trainer.preference's rows: tokens, targets, positions)."""
+    """A batch of preference sequences (data.pairs's rows: tokens, targets, positions)."""
     input_ids = torch.tensor([tokens for tokens, _, _ in rows], dtype=torch.long)
     scored = torch.tensor([targets for _, targets, _ in rows], dtype=torch.long)
     positions = torch.tensor([places for _, _, places in rows], dtype=torch.long)
@@ -266,8 +266,8 @@ class TokenStream:
         """``chat_template``: the Jinja text conversations are rendered with (default: the
         tokenizer's). ``packing``: one of PACKING; None is ``documents`` for a new stream and the
         recorded one for a resumed stream (``resumed_packing``). ``pairs``: the tasks hold
-        preference pairs, each drawn as two sequences (trainer.preference), and packing is none;
-        ``truncation`` says how a pair too long is cut (trainer.preference.TRUNCATION)."""
+        preference pairs, each drawn as two sequences (data.pairs), and packing is none;
+        ``truncation`` says how a pair too long is cut (data.pairs.TRUNCATION)."""
         if packing is not None and packing not in PACKING:
             raise ValueError(f"--packing {packing!r}: choose one of {', '.join(PACKING)}")
         eos_id = getattr(tokenizer, "eos_token_id", None)

@@ -41,16 +41,15 @@ from pipeline.weight_grad import DeferredWeightGrads, deferred_weight_grads
 @dataclass(frozen=True)
 class MicroBatch:
     input_ids: torch.Tensor | None  # (micro, seq) on the first stage, else None
-    labels: torch.Tensor | None  # (micro, seq) on the last stage, else None
+    # on the last stage, what the objective's loss compares the output with (its labels, a
+    # reference's log-probs, where a sequence is scored: objectives/), else None; the schedule
+    # only hands it to the loss
+    targets: dict[str, torch.Tensor] | None
     position_ids: torch.Tensor | None = None  # (micro, seq) on the first stage (None: 0..seq-1)
-    # on the last stage, per sequence: what the loss compares with (DPO's reference log-probs),
-    # and where it is scored (a reward model's last real token)
-    reference: torch.Tensor | None = None
-    scored_at: torch.Tensor | None = None
 
 
-# the last stage's output and its micro-batch (labels, reference) -> the micro-batch's loss
-LossFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+# the last stage's output and its micro-batch's targets -> the micro-batch's loss
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class GradientWatch(Protocol):
@@ -141,8 +140,8 @@ class _Runner:
                 outputs = (self.stage(x) if positions is None else self.stage(x, positions),)
             else:
                 outputs = self.stage.routed(x, sums, positions)
-            if micro.labels is not None:
-                loss = spec.loss_fn(outputs[0], micro)
+            if micro.targets is not None:
+                loss = spec.loss_fn(outputs[0], micro.targets)
                 if routing is not None and spec.train:
                     aux = routing.balance.loss(outputs[1])
                     loss = loss + routing.weight * aux

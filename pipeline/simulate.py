@@ -86,7 +86,7 @@ def schedule_orders(step: ScheduleStep, stages: int, micro_batches: int) -> list
     for s in range(stages):
         comm = _OrderOnlyComm(s, stages)
         toy = torch.zeros(1, 1)  # input "ids" of the first stage, labels of the last
-        micro = [MicroBatch(toy if s == 0 else None, toy if s == stages - 1 else None)] * micro_batches
+        micro = [MicroBatch(toy if s == 0 else None, {"labels": toy} if s == stages - 1 else None)] * micro_batches
         step(nn.Linear(1, 1), comm, micro, spec)  # the stand-in has every helper the schedules call
         orders.append([(e["name"][0], int(e["name"][1:])) for e in comm.tracer.events if e["tid"] in TRACED_LANES])
     return orders

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modules import EMBEDDING_PART, HEAD_PART, SCORE_PART, Family, init_weights, layer_part, part_generator
+from modules import EMBEDDING_PART, HEAD_PART, Family, init_weights, layer_part, part_generator
 from modules.layout import load_part, part_exists
 from modules.lora import LoraSpec, adapter_part, adapter_state, add_adapters, is_adapter_parameter, load_adapter_state
 from modules.routing import load_balance
 
 
 def saved_part_names(
-    layers: Iterable[int], is_first: bool, is_last: bool, lora: bool, score: bool = False
+    layers: Iterable[int], is_first: bool, is_last: bool, lora: bool, extra: Iterable[str] = ()
 ) -> list[str]:
     """The shard names a checkpoint holds of a stage of ``layers``, in order: every part, or
-    under LoRA each block's adapters; a reward model's last stage adds its score head
-    (``Stage.saved_parts``; known before the stage is built)."""
-    scored = [SCORE_PART] * (is_last and score)
+    under LoRA each block's adapters; the last stage adds the ``extra`` parts its objective
+    gave it (a reward model's score head), whole under LoRA too (``Stage.saved_parts``; known
+    before the stage is built)."""
+    added = list(extra) if is_last else []
     if lora:
-        return [adapter_part(layer_part(i)) for i in layers] + scored
-    return [EMBEDDING_PART] * is_first + [layer_part(i) for i in layers] + [HEAD_PART] * is_last + scored
+        return [adapter_part(layer_part(i)) for i in layers] + added
+    return [EMBEDDING_PART] * is_first + [layer_part(i) for i in layers] + [HEAD_PART] * is_last + added
 
 
 class Stage(nn.Module):
@@ -38,34 +39,39 @@ class Stage(nn.Module):
         is_last: bool,
         recompute: bool = False,
         device: torch.device | str = "cpu",
-        score: bool = False,
+        extra: Mapping[str, Callable[[object], nn.Module]] | None = None,
+        output_used: bool = True,
     ) -> None:
         """The parts are built on the meta device and then given uninitialised memory on
         ``device``: no layer of another stage is ever allocated, and no random initialisation
         runs that ``load_parts`` or ``init_parts`` (one of which must follow) would overwrite.
-        ``score``: a reward model, whose last stage scores the final hidden state with a scalar
-        head (``score``) in place of the output layer, which is then frozen and unused."""
+        ``extra``: parts the objective adds to the last stage, by shard name, each built from
+        the config (a reward model's score head), an attribute of that name; ``output_used``
+        False: the output layer is not used (it stays as loaded, frozen; a tied one is untied)."""
         super().__init__()
         self.layer_ids = list(layers)
         # Activation recomputation: a block keeps only its input for the backward and runs its
         # forward again there, so a held micro-batch costs one hidden state per block.
         self.recompute = recompute
         # False: the last stage returns the final norm's output and the loss applies the output
-        # layer chunk by chunk (trainer.loss.chunked_token_loss), never holding all the logits.
+        # layer chunk by chunk (objectives.loss.chunked_token_loss), never holding all the logits.
         self.project_logits = True
         with torch.device("meta"):
             self.embedding = family.embedding(config) if is_first else None
             self.layers = nn.ModuleDict({str(i): family.block(config, i) for i in self.layer_ids})
             self.head = family.head(config) if is_last else None
-            self.score = nn.Linear(config.hidden_size, 1, bias=False) if is_last and score else None
+            self.extra_names = tuple(extra or {}) if is_last else ()
+            for name in self.extra_names:
+                self.add_module(name, extra[name](config))
         for part in self.parts().values():
             part.to_empty(device=device)
-        if self.score is not None:  # the output layer is not used: it stays as loaded, untrained
+        if self.head is not None and not output_used:  # it stays as loaded, untrained
             self.head.output.requires_grad_(False)
         # The context's tables (rotary frequencies) are computed, not loaded: built for real.
         self.context = family.context(config).to(device)
-        # a reward model has no output layer to keep tied (HF's ForSequenceClassification has none)
-        self.tied_keys = family.tied_keys if getattr(config, "tie_word_embeddings", False) and not score else None
+        # an unused output layer is not kept tied (HF's ForSequenceClassification has none)
+        tied = getattr(config, "tie_word_embeddings", False) and output_used
+        self.tied_keys = family.tied_keys if tied else None
         self.family = family
         self.config = config
         # a mixture of experts' load-balancing loss, when the config asks for it (``routed``)
@@ -90,10 +96,14 @@ class Stage(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The pieces of this stage by shard name: how they are stored, whatever the topology."""
-        first, last, score = self.embedding is not None, self.head is not None, self.score is not None
-        names = saved_part_names(self.layer_ids, first, last, lora=False, score=score)
-        modules = [self.embedding, *(self.layers[str(i)] for i in self.layer_ids), self.head, self.score]
+        first, last = self.embedding is not None, self.head is not None
+        names = saved_part_names(self.layer_ids, first, last, lora=False, extra=self.extra_names)
+        modules = [self.embedding, *(self.layers[str(i)] for i in self.layer_ids), self.head, *self.extra_parts()]
         return dict(zip(names, [m for m in modules if m is not None], strict=True))
+
+    def extra_parts(self) -> list[nn.Module]:
+        """The parts the objective added to this (last) stage, in order."""
+        return [self.get_submodule(name) for name in self.extra_names]
 
     def init_parts(self, std: float, seed: int) -> None:
         """Random weights for training from scratch, independent of how layers are split."""
@@ -113,11 +123,11 @@ class Stage(nn.Module):
 
     def load_parts(self, model_dir: str, prefix: str = "", std: float = 0.02, seed: int = 0) -> None:
         """Load every part of this stage from a layer-sharded directory (strict: no silent gaps);
-        ``prefix`` names another copy of the parts there (a checkpoint's other replicas). A
-        reward model's score head that the folder lacks (a causal LM's) starts as HF starts it,
-        normal with ``std``, drawn from ``seed``."""
+        ``prefix`` names another copy of the parts there (a checkpoint's other replicas). A part
+        the objective added that the folder lacks (a reward model's score head, from a causal
+        LM's folder) starts as HF starts a new head, normal with ``std``, drawn from ``seed``."""
         for part, module in self.parts().items():
-            if part == SCORE_PART and not part_exists(model_dir, prefix + part):
+            if part in self.extra_names and not part_exists(model_dir, prefix + part):
                 init_weights(module, std, seed, part)
                 continue
             tensors = load_part(model_dir, prefix + part)
@@ -140,8 +150,9 @@ class Stage(nn.Module):
         for i in self.layer_ids:
             add_adapters(self.layers[str(i)], spec, seed, layer_part(i))
         for name, param in self.named_parameters():
-            # a reward model's score head is new: trained whole, as PEFT's modules_to_save
-            param.requires_grad_(is_adapter_parameter(name) or name.startswith("score."))
+            # the parts the objective added are new: trained whole, as PEFT's modules_to_save
+            whole = name.partition(".")[0] in self.extra_names
+            param.requires_grad_(is_adapter_parameter(name) or whole)
         if frozen_dtype is not None:
             for name, module in self.layers.named_modules():
                 linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -155,12 +166,13 @@ class Stage(nn.Module):
         adapters of each block only (``lora_layer_<i>``); the base stays where it was loaded from."""
         if self.lora is None:
             return self.parts()
-        names = saved_part_names(self.layer_ids, False, self.score is not None, lora=True, score=self.score is not None)
-        modules = [*(self.layers[str(i)] for i in self.layer_ids), self.score]
-        return dict(zip(names, [m for m in modules if m is not None], strict=True))
+        names = saved_part_names(self.layer_ids, False, self.head is not None, lora=True, extra=self.extra_names)
+        modules = [*(self.layers[str(i)] for i in self.layer_ids), *self.extra_parts()]
+        return dict(zip(names, modules, strict=True))
 
     def saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return module.state_dict() if self.lora is None or module is self.score else adapter_state(module)
+        whole = self.lora is None or any(module is part for part in self.extra_parts())
+        return module.state_dict() if whole else adapter_state(module)
 
     def load_saved(self, directory: str, prefix: str = "") -> None:
         """Load what ``saved_parts`` names from a checkpoint directory (files ``prefix + part``)."""
@@ -169,7 +181,7 @@ class Stage(nn.Module):
             return
         for part, module in self.saved_parts().items():
             tensors = load_part(directory, prefix + part)
-            if module is self.score:
+            if part in self.extra_names:
                 module.load_state_dict(tensors, strict=True)
             else:
                 load_adapter_state(module, tensors, f"{directory}/{prefix}{part}")

@@ -312,8 +312,8 @@ def chained_training(
     """Our stages of ``shards`` (``splits``: each stage's layers) chained in one process and
     trained by the oracle's loop with the trainer's loss: losses, norms, final HF-named weights."""
     from modules import family_for, load_config
+    from objectives.loss import token_loss
     from pipeline.chain import StageChain
-    from trainer.loss import token_loss
 
     config = load_config(shards)
     chain = StageChain(family_for(config.model_type), config, splits)

@@ -291,8 +291,8 @@ def test_an_hf_reward_model_converts_scores_as_hf_and_exports_back_exactly(
 
     from convert.tiny_model import build_tiny_model
     from modules import SCORE_PART
+    from objectives.reward import Reward, last_tokens
     from tests.helpers import bundled_texts
-    from trainer.preference import last_tokens
 
     lm = tiny_hf if family == "gptneox" else build_tiny_model(tmp_path / "lm", bundled_texts()[:200], family, 2)
     original = hf_classifier(lm, tmp_path / "rm")
@@ -301,7 +301,8 @@ def test_an_hf_reward_model_converts_scores_as_hf_and_exports_back_exactly(
 
     # our stages score a batch as HF's classifier does, pooled where it pools
     config = load_config(shards)
-    stage = Stage(family_for(config.model_type), config, range(config.num_hidden_layers), True, True, score=True)
+    family = family_for(config.model_type)
+    stage = Stage(family, config, range(config.num_hidden_layers), True, True, **Reward().stage_options())
     stage.load_parts(str(shards))
     stage.project_logits = False
     ids = sample_ids(config.vocab_size)

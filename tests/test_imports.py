@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import ROOT
 
 # top to bottom; a package may import those after it
-FLOORS = ["trainer", "observability", "data", "data_parallel", "pipeline", "convert", "modules", "comm"]
+FLOORS = ["trainer", "objectives", "observability", "data", "data_parallel", "pipeline", "convert", "modules", "comm"]
 STRANGERS = {("comm", "modules"), ("modules", "comm")}
 
 

@@ -17,9 +17,9 @@ from convert.tiny_model import tiny_config
 from data.stream import IGNORE_INDEX
 from modules import family_for, init_weights
 from modules.common import soft_cap
+from objectives.loss import chunked_token_loss, token_loss
 from pipeline.stage import Stage
 from tests.helpers import ROOT, assert_all_ok, launch, read_metrics, train_args
-from trainer.loss import chunked_token_loss, token_loss
 
 VOCAB = 384
 

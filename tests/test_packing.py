@@ -16,10 +16,10 @@ import torch
 
 from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from modules import family_for, load_config
+from objectives.loss import token_loss
 from pipeline.chain import StageChain
 from tests.helpers import assert_all_ok, compare_to_reference, launch, train_args, write_jsonl
 from tests.test_families import tiny_converted
-from trainer.loss import token_loss
 
 SEQ = 32
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from convert.to_hf import convert_to_hf
 from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
 from modules.lora import LoraSpec
+from objectives.reference import REFERENCE_FILE
 from pipeline.chain import exact_norm
 from tests.helpers import (
     LOSS_ATOL,
@@ -42,7 +43,6 @@ from tests.helpers import (
     saved_adapters,
 )
 from tests.preference_runs import BETA, LORA, PAIRS_PER_STEP, SIMPO_GAMMA, Run, dpo_args
-from trainer.preference import REFERENCE_FILE
 
 pytestmark = pytest.mark.ranks  # every test here starts rank processes
 

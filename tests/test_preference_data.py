@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,11 @@ from data.chat import ChatTemplate
 from data.pairs import READ_CHUNK, PairPacker, all_pairs
 from data.sources import Pair, Source, pair_from_record
 from data.stream import IGNORE_INDEX, TokenStream, parse_task_names
+from objectives.loss import chunked_token_loss, sequence_logps
+from objectives.reference import ReferenceLogps
 from tests.preference_runs import write_pairs
 from tests.test_chat_data import CHATML
 from trainer.cli import config_from_args, parse_args
-from trainer.loss import chunked_token_loss, sequence_logps
-from trainer.preference import DpoLoss, DpoSettings, ReferenceLogps, RewardLoss, last_tokens
 
 
 @pytest.fixture(scope="module")
@@ -262,27 +261,6 @@ def test_sequence_logps_chunked_equal_the_logits_way(softcap: float | None) -> N
     torch.testing.assert_close(loss, -chunked.sum() / tokens, atol=1e-6, rtol=0)
 
 
-def test_dpo_loss_and_metrics_from_the_formula() -> None:
-    beta, smoothing = 0.2, 0.1
-    logps = torch.tensor([-3.0, -5.0, -4.0, -2.0], requires_grad=True)  # chosen, rejected, chosen, rejected
-    reference = torch.tensor([-3.5, -4.0, -4.0, -3.0])
-    dpo = DpoLoss(DpoSettings(beta, smoothing), "cpu")
-    loss = dpo(logps, reference, 2.0, torch.tensor([3, 4, 5, 6]))  # token counts: unused by DPO
-
-    def log_sigmoid(x: float) -> float:
-        return -math.log1p(math.exp(-x))
-
-    margins = [beta * ((-3.0 + 3.5) - (-5.0 + 4.0)), beta * ((-4.0 + 4.0) - (-2.0 + 3.0))]  # 0.3, -0.2
-    expected = sum(-log_sigmoid(m) * (1 - smoothing) - log_sigmoid(-m) * smoothing for m in margins) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    row = dpo.row(dpo.totals.tolist())
-    assert row == pytest.approx({"rewards/chosen": beta * 0.25, "rewards/rejected": beta * 0.0,
-                                 "rewards/accuracies": 0.5, "rewards/margins": 0.05, "logps/chosen": -3.5,
-                                 "logps/rejected": -3.5})  # fmt: skip
-    loss.backward()
-    assert logps.grad[0] < 0 < logps.grad[1]  # descending raises the chosen, lowers the rejected
-
-
 def test_the_reference_table_is_used_only_for_its_run_and_data(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -359,28 +337,3 @@ def test_preview_shows_each_pair_as_its_two_sequences(tiny_hf: Path, tmp_path: P
     text = io.StringIO()
     preview(data, str(tiny_hf), 1, text, form="text", pairs=True)
     assert "--- pair 1, rejected" in text.getvalue() and "Bo saw a[[ tall tree" in text.getvalue()
-
-
-def test_simpo_normalises_by_length_and_needs_no_reference() -> None:
-    beta, gamma = 2.0, 0.5
-    logps = torch.tensor([-6.0, -4.0, -3.0, -9.0])  # chosen, rejected, chosen, rejected
-    scored = torch.tensor([3, 1, 3, 3])  # mean log-probs: -2, -4, -1, -3
-    simpo = DpoLoss(DpoSettings(beta, 0.0, "simpo", gamma), "cpu")
-    loss = simpo(logps, None, 2.0, scored)
-    margins = [beta * (-2.0 + 4.0) - gamma, beta * (-1.0 + 3.0) - gamma]  # 3.5 each
-    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / 2, rel=1e-6)
-    row = simpo.row(simpo.totals.tolist())
-    assert row["rewards/chosen"] == pytest.approx(beta * -1.5) and row["logps/rejected"] == pytest.approx(-3.5)
-    assert row["rewards/accuracies"] == 1.0
-
-
-def test_reward_loss_is_the_log_exp_form_and_pools_where_hf_does() -> None:
-    rewards = torch.tensor([0.5, -0.25, -1.0, 0.0], requires_grad=True)  # chosen, rejected, chosen, rejected
-    loss = RewardLoss("cpu")
-    value = loss(rewards, normalizer=2.0)
-    expected = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(1.0))) / 2  # log(1 + exp(r_r - r_c))
-    assert value.item() == pytest.approx(expected, rel=1e-6)
-    assert loss.row(loss.totals.tolist()) == pytest.approx({"accuracy": 0.5, "margin": -0.125, "mean_reward": -0.1875})
-    # the rightmost token that is not padding: with pad = EOS, the token before the closing EOS
-    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 0, 6, 8, 9, 0], [4, 4, 4, 4, 4, 4]])
-    assert last_tokens(ids, pad_id=0).tolist() == [2, 4, 5]

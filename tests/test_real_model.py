@@ -235,8 +235,8 @@ def test_a_chat_preference_pair_on_real_weights(smollm2_hf: Path, tmp_path: Path
     from data.chat import ChatTemplate
     from data.pairs import PairPacker
     from data.sources import Source
-    from trainer.loss import sequence_logps
-    from trainer.preference import last_tokens
+    from objectives.loss import sequence_logps
+    from objectives.reward import last_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
     question = [{"role": "user", "content": "What is the capital of Peru?"}]

@@ -13,6 +13,7 @@ import torch
 from convert.tiny_model import tiny_config
 from modules import family_for
 from modules.lora import LoraSpec
+from objectives.reward import Reward
 from pipeline.stage import Stage
 from trainer.optimizer import decayed_names
 
@@ -28,7 +29,8 @@ def hf_decayed(model: torch.nn.Module) -> set[str]:
 
 def whole_stage(config: object, score: bool = False) -> Stage:
     family = family_for(config.model_type)
-    return Stage(family, config, range(config.num_hidden_layers), True, True, device="meta", score=score)
+    options = Reward().stage_options() if score else {}
+    return Stage(family, config, range(config.num_hidden_layers), True, True, device="meta", **options)
 
 
 def hf_names(stage: Stage, names: set[str]) -> set[str]:

@@ -73,7 +73,7 @@ def toy_micro_batches(stage: int, stages: int, micro: int) -> list[MicroBatch]:
     """Token ids on the first stage, labels on the last, as the trainer hands them out."""
     first, last = stage == 0, stage == stages - 1
     return [MicroBatch(torch.randint(0, 16, (1, SEQ)) if first else None,
-                       torch.randint(0, 16, (1, SEQ)) if last else None) for _ in range(micro)]  # fmt: skip
+                       {"labels": torch.randint(0, 16, (1, SEQ))} if last else None) for _ in range(micro)]  # fmt: skip
 
 
 class ToyBlocks(nn.Module):

@@ -12,6 +12,7 @@ from comm.devices import choose_device
 from comm.topology import Topology
 from data.config import DataConfig
 from modules.lora import LoraSpec
+from objectives.config import ObjectiveConfig
 from trainer.config import (
     AUTO_CHUNK_MIB,
     AUTO_CHUNK_TOKENS,
@@ -24,7 +25,6 @@ from trainer.config import (
     RunConfig,
     str2bool,
 )
-from trainer.objective import ObjectiveConfig
 
 
 def chunk_tokens(text: str) -> int | None:

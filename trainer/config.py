@@ -14,7 +14,7 @@ from data.config import DataConfig
 from data.stream import parse_task_names
 from data_parallel.config import DataParallelConfig
 from modules.lora import LoraSpec
-from trainer.objective import ObjectiveConfig
+from objectives.config import ObjectiveConfig
 
 # --loss-chunk-tokens auto: chunks of this many tokens once a micro-batch's fp32 logits reach
 # AUTO_CHUNK_MIB (measured: on a 490-token vocabulary the chunked loss took 4.6 ms a micro-batch

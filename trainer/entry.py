@@ -84,8 +84,7 @@ def start_run(cfg: RunConfig, plan: Plan, comm: Communicator, notice: Preemption
         error = f"{type(err).__name__}: {err}"
     hosts = agree_on_start(comm, cfg, trainer.step, error)
     comm.start_heartbeat()
-    if cfg.objective.precomputed_reference:
-        trainer.prepare_reference()
+    trainer.prepare_objective()
     threads = set_threads(hosts)
     log.info("layers %s, %d threads, %s", list(plan.layers), threads, cfg.device)
     if comm.topo.rank == 0:

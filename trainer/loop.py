@@ -15,18 +15,11 @@ import torch
 
 from comm.process_group import Communicator, PeerLostError, ReplicaLostError
 from comm.topology import Topology
-from data.stream import (
-    IGNORE_INDEX,
-    Batch,
-    Prefetcher,
-    TaskSpec,
-    TokenStream,
-    parse_task_names,
-    resumed_packing,
-)
+from data.stream import Batch, Prefetcher, TaskSpec, TokenStream, parse_task_names, resumed_packing
 from data_parallel.base import Trained
 from data_parallel.choose import make_sync
 from modules.layout import checkpoint_dir, latest_step
+from objectives import Objective, RunContext, StepLoss, Targets, make_objective
 from observability.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
 from observability.profiling import Profiler
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
@@ -36,13 +29,10 @@ from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_
 from trainer.config import RunConfig
 from trainer.elastic import ElasticController, ReplicasChanged
 from trainer.identity import RunIdentity, check_resume, schedule_of
-from trainer.loss import chunked_token_loss, sequence_logps, token_loss
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.preemption import PreemptionNotice
-from trainer.preference import DpoLoss, DpoSettings, PairLoss, RewardLoss, last_tokens
-from trainer.reference import DpoReference
 from trainer.startup import Plan
 
 log = logging.getLogger(__name__)
@@ -85,7 +75,7 @@ class Trainer:
         # pairs: none) and what a resumed run's stream recorded (every rank: the first stage's
         # positions travel if not concat)
         self.packing = cfg.data.packing or ("none" if cfg.objective.pairs else "documents")
-        self.dpo_reference: DpoReference | None = None  # DPO's reference log-probs (trainer.reference)
+        self.objective: Objective = make_objective(cfg.objective)  # what the last stage trains for (objectives/)
         self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self._dp_bytes_reported = 0
@@ -121,7 +111,7 @@ class Trainer:
         recompute = cfg.activation_checkpointing == "full"
         self.stage = Stage(
             self.plan.family, self.plan.model_config, self.plan.layers, topo.is_first_stage, topo.is_last_stage,
-            recompute, self.device, score=cfg.objective.reward_model,
+            recompute, self.device, **self.objective.stage_options(),
         )  # fmt: skip
         std = getattr(self.plan.model_config, "initializer_range", 0.02)
         if cfg.model.load_pretrained:
@@ -134,10 +124,10 @@ class Trainer:
             log.info("LoRA rank %d alpha %g dropout %g on %s; frozen block weights in %s", spec.rank, spec.alpha,
                      spec.dropout, " ".join(spec.target_modules), cfg.optim.precision, extra=ONCE)  # fmt: skip
         self.loss_chunk = cfg.chunk_tokens_for(self.plan.model_config.vocab_size)
-        # a reward model scores the final norm's output; DPO and next-token losses may chunk it
-        self.stage.project_logits = self.loss_chunk == 0 and not cfg.objective.reward_model
-        if cfg.objective.needs_reference:  # before any checkpoint loads: the stage holds the starting weights
-            self.dpo_reference = DpoReference(cfg, self.stage, self._forward_only, self._sequence_logps)
+        # the loss reads the logits, or the final norm's output (chunked, or a head of the objective's)
+        self.stage.project_logits = self.loss_chunk == 0 and self.objective.reads_logits
+        # before any checkpoint loads: the stage holds the starting weights (DPO's reference)
+        self.objective.start(self.stage, self._forward_only, self._run_context())
         self.stage.to(self.device).train()
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.tied = TiedCopy(self.stage)  # this stage's copy of a tied embedding and head, if any (pipeline.tied)
@@ -210,29 +200,27 @@ class Trainer:
                            packing, pairs=self.cfg.objective.pairs, truncation=data.pair_truncation)  # fmt: skip
 
     def _micro_batches(self, batch: Batch | None, slot: int, first_file: int = 0) -> list[MicroBatch]:
-        """This replica's micro-batches of slot ``slot``; under DPO the last stage's carry the
-        pairs' reference log-probs (``first_file``: the batch's tasks' place among the reference's files)."""
+        """This replica's micro-batches of slot ``slot``: the first stage's carry the tokens, the
+        last stage's the objective's targets (``first_file``: the batch's tasks' place among all
+        the run's files, where DPO's reference table finds its pairs)."""
         cfg, topo = self.cfg, self.topo
         m, size = cfg.batch.micro_batch_size, cfg.batch.batch_size
         if batch is None:
             return [MicroBatch(None, None)] * cfg.batch.micro_batches
-        ids = self._to_device(batch.input_ids[self._rows(slot)])
-        labels = self._to_device(batch.labels[self._rows(slot)])
         first, last = topo.is_first_stage, topo.is_last_stage
+        rows = self._rows(slot)
+        ids = self._to_device(batch.input_ids[rows]) if first else None
         travel = first and self.packing != "concat"  # concat: every stage counts 0..seq-1 itself
-        positions = self._to_device(batch.positions()[self._rows(slot)]) if travel else None
-        reference = scored_at = None
-        if last and cfg.objective.reward_model:  # where each sequence's reward is read
-            scored_at = self._to_device(last_tokens(batch.input_ids[self._rows(slot)], self.pad_id))
-        if last and self.dpo_reference is not None:
-            reference = self.dpo_reference.rows(batch, slot, self._rows(slot), first_file)
-            reference = self._to_device(reference) if reference is not None else None
-        rows = [slice(i, i + m) for i in range(0, size, m)]
+        positions = self._to_device(batch.positions()[rows]) if travel else None
+        targets: Targets | None = None
+        if last:
+            made = self.objective.targets(batch, rows, slot, first_file, self.pad_id)
+            targets = {name: self._to_device(value) for name, value in made.items()}
+        micro = [slice(i, i + m) for i in range(0, size, m)]
         return [
-            MicroBatch(ids[r] if first else None, labels[r] if last else None, positions[r] if travel else None,
-                       reference[r] if reference is not None else None,
-                       scored_at[r] if scored_at is not None else None)
-            for r in rows
+            MicroBatch(ids[r] if first else None, {k: v[r] for k, v in targets.items()} if last else None,
+                       positions[r] if travel else None)
+            for r in micro
         ]  # fmt: skip
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -240,42 +228,19 @@ class Trainer:
         for CUDA) the copy is asynchronous and the step's first kernels queue behind it."""
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
-    def _loss_fn(self, normalizer: float, pairs: PairLoss | None = None) -> LossFn:
-        """The last stage's loss of a micro-batch over ``normalizer``: next-token, or ``pairs``'s:
-        DPO's from the sequences' log-probs and the reference's, a reward model's from its scores."""
-        chunk, head = self.loss_chunk, self.stage.head
+    def _step_loss(self, normalizer: float) -> StepLoss:
+        """A fresh loss of the objective for one step or evaluation, over ``normalizer``."""
+        return self.objective.step_loss(self.stage, normalizer, self.loss_chunk, self.device)
 
-        def loss_fn(out: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-            if isinstance(pairs, DpoLoss):
-                scored = (micro.labels[:, 1:] != IGNORE_INDEX).sum(1)  # each sequence's (SimPO normalises by it)
-                return pairs(self._sequence_logps(out, micro.labels), micro.reference, normalizer, scored)
-            if isinstance(pairs, RewardLoss):  # the final norm's output at each sequence's last token
-                last = out[torch.arange(out.shape[0], device=out.device), micro.scored_at]
-                return pairs(self.stage.score(last).squeeze(-1).float(), normalizer)
-            if chunk:  # the last stage handed over the final norm's output, not logits
-                return chunked_token_loss(out, head.output, micro.labels, normalizer, chunk, head.softcap)
-            return token_loss(out, micro.labels, normalizer)
-
-        return loss_fn
-
-    def _pair_loss(self) -> PairLoss | None:
-        """A new loss over pairs (summing its metrics) for one step or evaluation; None for --objective lm."""
-        objective = self.cfg.objective
-        if objective.reward_model:
-            return RewardLoss(self.device)
-        if objective.pairs:
-            settings = DpoSettings(objective.beta, objective.label_smoothing, objective.loss, objective.simpo_gamma)
-            return DpoLoss(settings, self.device)
-        return None
-
-    def _sequence_logps(
-        self, out: torch.Tensor, labels: torch.Tensor, stage: torch.nn.Module | None = None
-    ) -> torch.Tensor:
-        """Each sequence's summed log-probability of its scored tokens: from logits, or chunked
-        through the output layer of ``stage``, the module that computed ``out`` (the trained
-        stage, or DPO's frozen reference copy)."""
-        head, chunk = (stage or self.stage).head, self.loss_chunk
-        return sequence_logps(out, labels, head.output if chunk else None, chunk, head.softcap)
+    def _run_context(self) -> RunContext:
+        """What of the run the objective may need (DPO's reference)."""
+        cfg = self.cfg
+        evaluation = parse_task_names(str(cfg.evaluation.path)) if cfg.evaluation.path is not None else ()
+        return RunContext(
+            lora=cfg.lora is not None, batch_size=cfg.batch.batch_size, launched=cfg.topology.data_size,
+            folder=cfg.checkpoint.path, seq_length=cfg.data.seq_length, truncation=cfg.data.pair_truncation,
+            files=(*cfg.data.tasks, *evaluation), chunk=self.loss_chunk, device=cfg.device,
+        )  # fmt: skip
 
     def _activation_shape(self) -> tuple[int, int, int]:
         cfg = self.cfg
@@ -290,15 +255,13 @@ class Trainer:
             x = torch.randint(vocab, shape[:2], device=self.device)
         else:
             x = torch.randn(shape, dtype=MASTER_DTYPE, device=self.device, requires_grad=True)
-        labels = torch.randint(vocab, shape[:2], device=self.device) if topo.is_last_stage else None
-        reference = torch.zeros(shape[0], device=self.device) if cfg.objective.pairs else None
-        scored_at = torch.zeros(shape[0], dtype=torch.long, device=self.device)
-        loss_fn, compute = self._loss_fn(1.0, self._pair_loss()), compute_dtype(cfg.optim.precision)
+        targets = self.objective.probe_targets(shape[0], shape[1], vocab, self.device) if topo.is_last_stage else None
+        loss_fn, compute = self._step_loss(1.0), compute_dtype(cfg.optim.precision)
 
         def forward() -> torch.Tensor:
             with torch.enable_grad(), torch.autocast(self.device.type, compute, enabled=compute is not None):
                 out = stage(x)
-                return loss_fn(out, MicroBatch(None, labels, None, reference, scored_at)) if labels is not None else out
+                return loss_fn(out, targets) if targets is not None else out
 
         recompute, stage.recompute = stage.recompute, False
         try:
@@ -312,8 +275,7 @@ class Trainer:
         in_flight = cfg.held_micro_batches(topo.stage)
         return MemoryEstimate(
             process=process,
-            parameters=sum(p.nbytes for p in stage.parameters())
-            + (self.dpo_reference.extra_bytes if self.dpo_reference is not None else 0),
+            parameters=sum(p.nbytes for p in stage.parameters()) + self.objective.extra_bytes,
             gradients=sum(p.nbytes for p in self.params),
             optimizer=self.optimizer.state_bytes,
             per_micro_batch=held,
@@ -406,20 +368,18 @@ class Trainer:
         watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
         # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
         router = self._router_loss(scale)
-        pairs = self._pair_loss()
-        loss_fn = self._loss_fn(normalizer / scale, pairs)
+        loss_fn = self._step_loss(normalizer / scale)
         slots = self._slots(self.slots_per_step)
         with self.comm.tracer.span("pipeline", f"step {step}"):
-            if self.dpo_reference is not None and self.dpo_reference.per_step:
-                self.dpo_reference.forward(batch, slots, self.topo.is_last_stage)
+            self.objective.before_pass(batch, slots, self.topo.is_last_stage)
             loss = self._run_slots(batch, slots, loss_fn, True, watch, router)
-        # the step's totals summed over the replicas: its loss (the routers' summed aux, DPO's metrics)
+        # the step's totals summed over the replicas: its loss (the routers' summed aux, the objective's statistics)
         named = NamedTotals()
         named.add("loss", loss)
         if router is not None:
             named.add("aux_loss", router.total)
-        if pairs is not None:
-            named.add("pairs", pairs.totals)
+        if loss_fn.totals is not None:
+            named.add("objective", loss_fn.totals)
         # one slot per replica: 1 in this replica's if this rank has a preemption notice
         dp = self.topo.data_size
         notice = torch.zeros(dp)
@@ -512,8 +472,8 @@ class Trainer:
         }
         if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
             row["aux_loss"] = float(totals["aux_loss"][0]) / self._micro_batches_per_step()
-        if pairs is not None:  # TRL's names, means over the step's pairs
-            row.update(pairs.row(totals["pairs"].tolist()))
+        if loss_fn.totals is not None:  # the objective's metrics (preference pairs: TRL's names, means over pairs)
+            row.update(loss_fn.row(totals["objective"].tolist()))
         if not finite:
             row["skipped"] = True
         if self.scaler is not None:
@@ -533,15 +493,12 @@ class Trainer:
         return 0.0
 
     def _loss_tokens(self, batch: Batch) -> int:
-        """Tokens (DPO: pairs) the loss is averaged over: the whole global batch, or in local and
-        diloco mode (where each replica steps on its own) this replica's slices."""
-        pairs = self.cfg.objective.pairs
+        """What the loss is averaged over (tokens, or pairs: the objective's ``count``): the whole
+        global batch, or in local and diloco mode (where each replica steps on its own) this
+        replica's slices."""
         if not self.cfg.dp.steps_alone:
-            return batch.input_ids.shape[0] // 2 if pairs else batch.loss_tokens()
-        slots = self._slots(self.slots_per_step)
-        if pairs:
-            return len(slots) * self.cfg.batch.batch_size // 2
-        return sum(int((batch.labels[self._rows(slot), 1:] != IGNORE_INDEX).sum()) for slot in slots)
+            return self.objective.count(batch.labels)
+        return sum(self.objective.count(batch.labels[self._rows(slot)]) for slot in self._slots(self.slots_per_step))
 
     def _after_step(self, step: int, finite: bool, scale: float) -> None:
         """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
@@ -575,42 +532,35 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float] | None:
-        """Loss and perplexity (DPO: loss and TRL's metrics) on the first ``--evaluation-num-batch``
-        global batches of the evaluation data (the same sequences at every evaluation); the
-        reporter gets the row."""
+        """The objective's loss and metrics (next-token: perplexity; preference pairs: TRL's) on
+        the first ``--evaluation-num-batch`` global batches of the evaluation data (the same
+        sequences at every evaluation); the reporter gets the row."""
         cfg, topo = self.cfg, self.topo
         stream = self._stream(parse_task_names(str(cfg.evaluation.path)), self.packing) if self.has_data else None
-        pairs = self._pair_loss()
-        loss_fn = self._loss_fn(1.0, pairs)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, loss tokens
+        loss_fn = self._step_loss(1.0)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, what it averages over
         self.stage.eval()
         launched = cfg.topology.data_size  # an evaluation batch: a slot per replica the run launched with
         slots = self._slots(launched)
         for _ in range(cfg.evaluation.num_batches):
             batch = stream.next_batch(cfg.batch.batch_size * launched) if stream is not None else None
-            if self.dpo_reference is not None and self.dpo_reference.per_step:
-                self.dpo_reference.forward(batch, slots, topo.is_last_stage)
+            self.objective.before_pass(batch, slots, topo.is_last_stage)
             totals[0] += float(self._run_slots(batch, slots, loss_fn, train=False, first_file=len(cfg.data.tasks)))
-            if batch is not None and topo.is_last_stage and pairs is None:
-                totals[1] += sum(int((batch.labels[self._rows(s), 1:] != IGNORE_INDEX).sum()) for s in slots)
+            if batch is not None and topo.is_last_stage:
+                totals[1] += sum(self.objective.count(batch.labels[self._rows(s)]) for s in slots)
         self.stage.train()
         named = NamedTotals()
-        named.add("loss", totals[:1])
-        if pairs is not None:  # the metrics over pairs, and the pairs in place of tokens
-            named.add("pairs", pairs.totals)
-        else:
-            named.add("tokens", totals[1:])
+        named.add("sums", totals)
+        if loss_fn.totals is not None:
+            named.add("objective", loss_fn.totals)
         summed = named.flat()
         self._sum_over_replicas(summed, "the evaluation")
         if not self.is_reporter:
             return None
         summed = named.read(summed)
-        if pairs is not None:
-            count = max(1.0, float(summed["pairs"][-1]))  # PairLoss's totals end with the pair count
-            return {"step": self.step, "valid.loss": float(summed["loss"][0]) / count,
-                    **pairs.row(summed["pairs"].tolist(), prefix="valid.")}  # fmt: skip
-        loss = float(summed["loss"][0] / max(1.0, float(summed["tokens"][0])))
-        return {"step": self.step, "valid.loss": loss, "valid.perplexity": math.exp(min(loss, 700.0))}
+        loss, count = summed["sums"].tolist()
+        objective = summed["objective"].tolist() if loss_fn.totals is not None else []
+        return {"step": self.step, **self.objective.evaluation_row(loss, count, loss_fn, objective)}
 
     def _evaluation_row(self) -> dict[str, float] | None:
         """``evaluate()``; in an elastic run that loses a replica meanwhile, the survivors regroup
@@ -644,10 +594,12 @@ class Trainer:
     def _forward_only(self, batch: Batch | None, slots: range, loss_fn: LossFn, module: torch.nn.Module) -> None:
         self._run_slots(batch, slots, loss_fn, train=False, stage=module)
 
-    def prepare_reference(self) -> None:
-        """DPO's precomputed reference (trainer.reference), before the first step."""
+    def prepare_objective(self) -> None:
+        """What the objective does once before the first step (DPO's precomputed reference)."""
+        if not self.objective.needs_preparing:
+            return
         slots = self._slots(self.cfg.topology.data_size)  # an evaluation's: a slot per launched replica
-        self.dpo_reference.prepare(self.comm, self.step, self.identity.to_json(), self.stream, slots)
+        self.objective.prepare(self.comm, self.step, self.identity.to_json(), self.stream, slots)
         self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
 
     # -- the loop -------------------------------------------------------------------------------

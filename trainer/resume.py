@@ -26,6 +26,7 @@ from pathlib import Path
 from comm.process_group import Communicator
 from modules.layout import atomic_write_text, checkpoint_dir, latest_step
 from modules.lora import ADAPTER_CONFIG
+from objectives import make_objective
 from pipeline.stage import saved_part_names
 from trainer.checkpoint import (
     OPTIM_PREFIX,
@@ -69,9 +70,8 @@ def needed_files(cfg: RunConfig, layers: range) -> list[list[str]]:
     DiLoCo its replica's own files with their outer state, else replica 0's (and a checkpoint
     of another mode has no outer state)."""
     topo = cfg.topology
-    parts = saved_part_names(
-        layers, topo.is_first_stage, topo.is_last_stage, cfg.lora is not None, cfg.objective.reward_model
-    )
+    extra = make_objective(cfg.objective).parts  # the parts the objective adds to the last stage
+    parts = saved_part_names(layers, topo.is_first_stage, topo.is_last_stage, cfg.lora is not None, extra)
     run_files = [TRAINER_STATE] + ([ADAPTER_CONFIG] if cfg.lora is not None else [])
 
     def files(prefix: str, kinds: tuple[str, ...]) -> list[str]:

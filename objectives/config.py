@@ -14,7 +14,7 @@ DPO_LOSSES = ("sigmoid", "simpo")
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """What the last stage trains for: next-token loss (lm), or on preference pairs
-    (trainer.preference) DPO or a reward model. Declares its own flags and builds itself from them."""
+    (objectives/) DPO, SimPO or a reward model. Declares its own flags and builds itself from them."""
 
     name: str = "lm"
     beta: float = 0.1  # --dpo-beta
