@@ -21,9 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from data.config import DataConfig
 from data.preview import preview
 from observability.metrics import setup_logging
+from run.entry import run
 from trainer.checkpoint import CheckpointError
 from trainer.cli import config_from_args, parse_args
-from trainer.entry import run
 from trainer.startup import StartupError
 
 

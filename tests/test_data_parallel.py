@@ -88,7 +88,7 @@ def test_compressed_gradient_sums(tiny_shards: Path, two_tasks: str, tmp_path: P
         runs[method] = read_metrics(folder / "ckpt")
     n = model_numel
     # beside the gradients, one exact fp32 all-reduce carries the loss and a preemption notice
-    # slot per replica (trainer.preemption): 3 values
+    # slot per replica (run.preemption): 3 values
     totals = 3 * 4
     expected = {
         "none": n * 4 + totals,  # ring all-reduce of n fp32 gradients and the totals: 2(n-1)/n of it, n=2

@@ -14,7 +14,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 # a path into one of the project's folders, as text or commands name it (placeholders excluded)
 PROJECT_PATH = re.compile(
-    r"(?<![\w/.-])((?:example_scripts|recipes|convert|bench|tests|docs|trainer|pipeline|modules|comm|data|observability|objectives"
+    r"(?<![\w/.-])((?:example_scripts|recipes|convert|bench|tests|docs|trainer|pipeline|modules|comm|data|observability|objectives|run"
     r"|data_parallel)/"
     r"[\w./-]*\w)"
 )

@@ -11,7 +11,18 @@ import pytest
 from tests.helpers import ROOT
 
 # top to bottom; a package may import those after it
-FLOORS = ["trainer", "objectives", "observability", "data", "data_parallel", "pipeline", "convert", "modules", "comm"]
+FLOORS = [
+    "run",
+    "trainer",
+    "objectives",
+    "observability",
+    "data",
+    "data_parallel",
+    "pipeline",
+    "convert",
+    "modules",
+    "comm",
+]
 STRANGERS = {("comm", "modules"), ("modules", "comm")}
 
 

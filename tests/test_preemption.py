@@ -49,7 +49,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_a_committed_step_and_a_relaunch
 # The notice's own rules, in a process of its own (they end processes): no process group needed.
 NOTICE_SCRIPT = """
 import os, signal, sys, time
-from trainer.preemption import PreemptionNotice
+from run.preemption import PreemptionNotice
 notice = PreemptionNotice(grace_s=float(sys.argv[1]))
 notice.install()
 os.kill(os.getpid(), signal.SIGUSR1)

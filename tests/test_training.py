@@ -84,7 +84,7 @@ def test_pp2_dp2_matches_hf_and_a_single_rank(
     by = lambda text: [r.rank for r in results if text in r.output]  # noqa: E731
     assert by("checkpoints: one checkpoint folder shared by every rank") == [0]
     assert by("memory estimate:") == by("trainable of") == [0, 1]
-    assert by("INFO [stage 0 | replica 1] trainer.entry: layers [") == [2]
+    assert by("INFO [stage 0 | replica 1] run.entry: layers [") == [2]
     assert by("optimizer state held") == [0, 1, 2, 3]
     grid_state = compare_to_reference(tiny_hf, mixed_tasks, grid / "ckpt", per_step=8, tmp_path=grid)
 

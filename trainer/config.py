@@ -210,7 +210,7 @@ class CheckpointConfig:
     resume: bool = True
     keep: int = 0  # newest checkpoints kept; 0 keeps all
     # after SIGTERM/SIGUSR1, how long the run may take to commit the step's checkpoint and exit
-    # before the signal takes its default effect (trainer.preemption); may differ between ranks
+    # before the signal takes its default effect (run.preemption); may differ between ranks
     preempt_grace_s: float = 60.0
     # a checkpoint some rank cannot write (a full disk, an I/O error) is abandoned on every rank;
     # then the run stops, or goes on and tries again at the next one (the last always stops)
@@ -340,7 +340,7 @@ class RunConfig:
     log_backend: str = "print"  # | wandb
     project_name: str = "dist-clm-train"
     # --spares: this process is the spare launched as --rank spare_rank; ``topology`` is a
-    # placeholder (rank 0's) until it takes a lost rank's place (trainer.entry.stand_by)
+    # placeholder (rank 0's) until it takes a lost rank's place (run.entry.stand_by)
     spare_rank: int | None = None
 
     @property

@@ -1,5 +1,6 @@
-"""A rank's training: its stage, optimizer and data, and the loop that steps, evaluates, logs and
-checkpoints (how a process enters a run is trainer.entry)."""
+"""A rank's training: its stage, optimizer, data and state, and what one step, one evaluation or
+one checkpoint does (when each runs, and what a lost peer or a notice changes, is run.supervisor;
+how a process enters a run, run.entry)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,29 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
-from comm.process_group import Communicator, PeerLostError, ReplicaLostError
+from comm.process_group import Communicator, ReplicaLostError
 from comm.topology import Topology
-from data.stream import Batch, Prefetcher, TaskSpec, TokenStream, parse_task_names, resumed_packing
+from data.stream import Batch, TaskSpec, TokenStream, parse_task_names
 from data_parallel.base import Trained
 from data_parallel.choose import make_sync
 from modules.layout import checkpoint_dir, latest_step
 from objectives import Objective, RunContext, StepLoss, Targets, make_objective
-from observability.metrics import ONCE, PER_STAGE, MetricsWriter, NamedTotals, PipelineSums, Progress
-from observability.profiling import Profiler
+from observability.metrics import ONCE, PER_STAGE, NamedTotals, PipelineSums
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
 from pipeline.tied import TiedCopy
-from trainer.checkpoint import TRAINER_STATE, CheckpointWriteError, Disks, load_checkpoint, save_checkpoint
+from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
-from trainer.elastic import ElasticController, ReplicasChanged
 from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
 from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
-from trainer.preemption import PreemptionNotice
 from trainer.startup import Plan
+from trainer.state import ReplicasChanged, TrainState
 
 log = logging.getLogger(__name__)
 # logged beside an evaluation's loss
@@ -41,21 +38,13 @@ EVAL_SHOWN = ("perplexity", "rewards/accuracies", "rewards/margins", "accuracy",
 
 
 class Trainer:
-    def __init__(
-        self,
-        cfg: RunConfig,
-        plan: Plan,
-        comm: Communicator | None,
-        disks: Disks | None,
-        notice: PreemptionNotice,
-    ) -> None:
+    """A rank's training: its stage, optimizer, data and state, one step (or evaluation, or
+    checkpoint) at a time; run.supervisor decides which, and when."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, comm: Communicator | None, disks: Disks | None) -> None:
         """``comm`` and ``disks`` are None for a rank joining a live elastic run, which sets up
-        first and gets them when the run takes it in (``join_run``). ``notice`` is this process's
-        preemption notice (trainer.preemption), shared with every rank at each step's end."""
+        first and gets them when the run takes it in (``use``)."""
         self.cfg = cfg
-        self.notice = notice
-        # the ranks that had a preemption notice, as the last step's sums agreed
-        self.noticed: list[int] = []
         self.disks = disks  # who shares this rank's checkpoint folder
         self.plan = plan
         self.comm = comm
@@ -65,30 +54,18 @@ class Trainer:
         # data_size-th slot from r: with the launch's replicas, round a's r-th slice as always;
         # with fewer (an elastic run that lost some) the same sequences over fewer pipelines
         self.slots_per_step = cfg.global_batch_sequences // cfg.batch.batch_size
-        self.step = 0
+        # what it carries from step to step besides its tensors (trainer.state)
+        self.state = TrainState(packing=cfg.data.packing or ("none" if cfg.objective.pairs else "documents"))
         self.stage: Stage | None = None
         self.tokenizer = None
         self.pad_id = 0  # the token sequences are padded with (the first and last stages read it in setup)
         self.stream: TokenStream | None = None
-        self.data_state: dict | None = None  # stream position after the last batch trained on
-        # how examples become sequences: the flag, else documents for a new run (preference
-        # pairs: none) and what a resumed run's stream recorded (every rank: the first stage's
-        # positions travel if not concat)
-        self.packing = cfg.data.packing or ("none" if cfg.objective.pairs else "documents")
         self.objective: Objective = make_objective(cfg.objective)  # what the last stage trains for (objectives/)
-        self.scaler: LossScaler | None = None
         self.optimizer: StageOptimizer | None = None
         self._dp_bytes_reported = 0
-        # consecutive steps skipped for non-finite gradients (fp16: those at the loss scale's floor)
-        self.nonfinite_run = 0
         self.memory = PeakMemory(self.device)
         self.estimate: MemoryEstimate | None = None  # of this stage's peak, made in setup
         self.loss_chunk = 0  # tokens the loss projects at a time (0: all logits), set in setup
-        # replicas leaving and joining, spares taking lost ranks' places
-        self.elastic = ElasticController(self) if cfg.comm.regroups else None
-        self.events: list[dict] = []  # metrics rows saying who left, joined or took over, for the reporter
-        # a spare that took a place after a step, during its evaluation or checkpoint: where it starts
-        self.joined_during: str | None = None
         # the step of the last checkpoint every rank committed in this process (or resumed from):
         # the same on every rank, unlike the folder's ``latest``, which its owner moves last
         self.committed_step: int | None = None
@@ -144,7 +121,7 @@ class Trainer:
         self.estimate = self._estimate_memory(process)
         log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe(),
                  extra=PER_STAGE)  # fmt: skip
-        self.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
+        self.state.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
         if self.has_data:
             from transformers import AutoTokenizer
 
@@ -152,7 +129,7 @@ class Trainer:
             # a new stream packs as asked (None: the default), a resumed one as it recorded
             self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
             self.pad_id = self.stream.pad_id
-            self.data_state = self.stream.state_dict()
+            self.state.data = self.stream.state_dict()
         # what makes this run this run (trainer.identity), recorded in each of its checkpoints
         self.identity = RunIdentity.of(cfg)
         if joining:
@@ -173,16 +150,10 @@ class Trainer:
                 cfg.checkpoint.path, self.stage, self.optimizer, cfg.model.model_name, topo.replica
             )
         if resumed is not None:
-            self.step, state = resumed
-            self.committed_step = self.step
-            if self.scaler is not None and "loss_scale" in state:
-                self.scaler.load_state_dict(state["loss_scale"])
-            self.nonfinite_run = state.get("nonfinite_run", 0)
-            self.packing = resumed_packing(cfg.data.packing, state["data"])
-            if self.stream is not None:
-                self.stream.load_state_dict(state["data"])
-                self.data_state = state["data"]
-            log.info("resumed from step %d of %s", self.step, cfg.checkpoint.path)
+            step, state = resumed
+            self.load_state({**state, "step": step})
+            self.committed_step = step
+            log.info("resumed from step %d of %s", step, cfg.checkpoint.path)
 
     # -- one pass of the pipeline over some rounds of a global batch ----------------------------
 
@@ -210,7 +181,7 @@ class Trainer:
         first, last = topo.is_first_stage, topo.is_last_stage
         rows = self._rows(slot)
         ids = self._to_device(batch.input_ids[rows]) if first else None
-        travel = first and self.packing != "concat"  # concat: every stage counts 0..seq-1 itself
+        travel = first and self.state.packing != "concat"  # concat: every stage counts 0..seq-1 itself
         positions = self._to_device(batch.positions()[rows]) if travel else None
         targets: Targets | None = None
         if last:
@@ -311,7 +282,7 @@ class Trainer:
         compute = compute_dtype(cfg.optim.precision)
         travel = compute or MASTER_DTYPE  # activations cross links at compute precision
         spec = StepSpec(self._activation_shape(), travel, loss_fn, train, compute, MASTER_DTYPE,
-                        router_loss=router, positions=self.packing != "concat")  # fmt: skip
+                        router_loss=router, positions=self.state.packing != "concat")  # fmt: skip
         schedule = SCHEDULES[cfg.pp_mode]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         passes = self._passes(slots)
@@ -328,34 +299,13 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    @contextmanager
-    def _regroup_on_loss(self, step: int, what: str, in_step: bool = False, commit: bool = False) -> Iterator[None]:
-        """In a run that regroups (--elastic, --spares), a peer lost during a step, an evaluation
-        or a checkpoint's ``commit`` does not stop this rank: it drops its process groups (whoever
-        waits on it fails at once too), forgets what a step ``in_step`` carried into the sync
-        state, and raises ReplicasChanged. The survivors' agreement then says whether its pipeline
-        goes on (a spare in the lost rank's place) or leaves. Without spares, a failure of its own
-        pipeline (any but a data-parallel one, outside a commit's control exchanges) cannot be
-        mended: the rank leaves at once, as before, and its exit tells the survivors."""
-        try:
-            yield
-        except PeerLostError as err:
-            broken = self.cfg.comm.spares == 0 and not commit and not isinstance(err, ReplicaLostError)
-            if self.elastic is None or broken:
-                raise
-            log.warning("%s, in %s; this rank regroups with the other survivors", err, what)
-            self.comm.abandon(err)
-            if in_step:
-                self.optimizer.rollback()
-            raise ReplicasChanged(step) from None
-
-    def train_step(self, batch: Batch | None) -> dict[str, float]:
-        with self._regroup_on_loss(self.step + 1, f"step {self.step + 1}", in_step=True):
-            return self._train_step(batch)
-
-    def _train_step(self, batch: Batch | None) -> dict[str, float]:
+    def step(self, batch: Batch | None, notice_pending: bool = False) -> tuple[dict[str, float], list[int]]:
+        """One optimizer step on ``batch`` (None on the middle stages, which read no data): its
+        metrics row, and the ranks that had a preemption notice (``notice_pending``: this rank has one),
+        as the step's sums agreed. Raises ReplicasChanged where a run that regroups lost a
+        replica (nothing stepped)."""
         cfg = self.cfg
-        step = self.step + 1
+        step = self.state.step + 1
         started = time.perf_counter()
         # Dropout masks come from (seed, step, rank) alone, so a resumed run draws the same ones.
         torch.manual_seed(cfg.data.seed * 1_000_003 + step * 10_007 + self.topo.rank)
@@ -363,7 +313,8 @@ class Trainer:
         # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
         normalizer = max(1, self._loss_tokens(batch)) if batch is not None else 1
         bytes_before = self.comm.bytes_sent
-        scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: keep small gradients representable
+        scaler = self.state.scaler
+        scale = scaler.scale if scaler is not None else 1.0  # fp16: keep small gradients representable
         self.optimizer.zero_grad()
         watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
         # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
@@ -383,7 +334,7 @@ class Trainer:
         # one slot per replica: 1 in this replica's if this rank has a preemption notice
         dp = self.topo.data_size
         notice = torch.zeros(dp)
-        notice[self.topo.replica] = float(self.notice.pending)
+        notice[self.topo.replica] = float(notice_pending)
         named.add("notices", notice)
         totals = named.flat()
 
@@ -425,7 +376,7 @@ class Trainer:
             self.optimizer.rollback()
             raise ReplicasChanged(step)
         noticed = [(stage, r) for r in range(dp) for stage, n in enumerate(summed[f"notice/{r}"]) if n > 0]
-        self.noticed = sorted(self.topo.rank_of(stage, r) for stage, r in noticed)
+        noticed_ranks = sorted(self.topo.rank_of(stage, r) for stage, r in noticed)
         grad_norm = math.sqrt(summed["squared_norm"][0])
         comm_bytes, dp_bytes = int(summed["comm_bytes"][0]), int(summed["dp_bytes"][0])
         trainable = int(summed["trainable"][0])
@@ -443,7 +394,7 @@ class Trainer:
                 clip = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
             with self.comm.tracer.span("optimizer step"):
                 lost_in_update = self._update(lr, clip)
-        if self.elastic is not None and self.optimizer.sharded:
+        if self.cfg.comm.regroups and self.optimizer.sharded:
             # ZeRO-1 gathers the updated weights after the step: a replica lost there fails only
             # its stage's gather, so every stage of this pipeline learns it before the next step
             # (the regroup then reloads the last checkpoint: the update is not everyone's)
@@ -453,7 +404,7 @@ class Trainer:
                 raise ReplicasChanged(step)
         self._after_step(step, finite, scale)
         self.optimizer.sync.end_of_step(step)  # local SGD and DiLoCo: the replicas meet again when due
-        self.step = step
+        self.state.step = step
         elapsed = time.perf_counter() - started
         tokens = cfg.global_batch_sequences * cfg.data.seq_length
         row = {
@@ -476,9 +427,9 @@ class Trainer:
             row.update(loss_fn.row(totals["objective"].tolist()))
         if not finite:
             row["skipped"] = True
-        if self.scaler is not None:
+        if self.state.scaler is not None:
             row["loss_scale"] = scale
-        return row
+        return row, noticed_ranks
 
     def _update(self, lr: float, clip: float | None) -> float:
         """The optimizer's step; 1.0 where an elastic run lost a replica in it (ZeRO-1's gather
@@ -486,7 +437,7 @@ class Trainer:
         try:
             self.optimizer.step(lr, clip)
         except ReplicaLostError as err:
-            if self.elastic is None:
+            if not self.cfg.comm.regroups:
                 raise
             log.warning("%s after the update; this pipeline regroups with the other survivors", err)
             return 1.0
@@ -504,28 +455,26 @@ class Trainer:
         """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
         up after --max-nonfinite-steps non-finite steps in a row that no smaller scale could help
         (fp32/bf16: any; fp16: those already at the scale's floor, where halving is over)."""
-        limit = self.cfg.optim.max_nonfinite_steps
-        if self.scaler is not None:
-            hopeless = not finite and scale <= self.scaler.floor
-            self.scaler.update(finite)
-            self.nonfinite_run = self.nonfinite_run + 1 if hopeless else 0
+        limit, state, scaler = self.cfg.optim.max_nonfinite_steps, self.state, self.state.scaler
+        if scaler is not None:
+            hopeless = not finite and scale <= scaler.floor
+            scaler.update(finite)
+            state.nonfinite_run = state.nonfinite_run + 1 if hopeless else 0
             if not finite:
-                log.warning(
-                    "step %d: gradients overflowed in fp16; skipped, loss scale now %g", step, self.scaler.scale
-                )
-            if self.nonfinite_run >= limit:
+                log.warning("step %d: gradients overflowed in fp16; skipped, loss scale now %g", step, scaler.scale)
+            if state.nonfinite_run >= limit:
                 raise FloatingPointError(
-                    f"fp16 cannot make progress: {self.nonfinite_run} steps in a row (up to step {step}) overflowed "
-                    f"at the smallest loss scale ({self.scaler.floor:g}), so the values themselves exceed fp16's "
+                    f"fp16 cannot make progress: {state.nonfinite_run} steps in a row (up to step {step}) overflowed "
+                    f"at the smallest loss scale ({scaler.floor:g}), so the values themselves exceed fp16's "
                     "range; train with --bf16 (or in fp32), or lower --lr; the last checkpoint is intact"
                 )
             return
-        self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
+        state.nonfinite_run = 0 if finite else state.nonfinite_run + 1
         if not finite:
-            log.warning("step %d: non-finite gradients; step skipped (%d in a row)", step, self.nonfinite_run)
-        if self.nonfinite_run >= limit:
+            log.warning("step %d: non-finite gradients; step skipped (%d in a row)", step, state.nonfinite_run)
+        if state.nonfinite_run >= limit:
             raise FloatingPointError(
-                f"{self.nonfinite_run} steps in a row (up to step {step}) had non-finite loss or gradients; "
+                f"{state.nonfinite_run} steps in a row (up to step {step}) had non-finite loss or gradients; "
                 "lower --lr, check the data, or try --bf16; the last checkpoint is intact"
             )
 
@@ -536,7 +485,7 @@ class Trainer:
         the first ``--evaluation-num-batch`` global batches of the evaluation data (the same
         sequences at every evaluation); the reporter gets the row."""
         cfg, topo = self.cfg, self.topo
-        stream = self._stream(parse_task_names(str(cfg.evaluation.path)), self.packing) if self.has_data else None
+        stream = self._stream(parse_task_names(str(cfg.evaluation.path)), self.state.packing) if self.has_data else None
         loss_fn = self._step_loss(1.0)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, what it averages over
         self.stage.eval()
@@ -560,17 +509,7 @@ class Trainer:
         summed = named.read(summed)
         loss, count = summed["sums"].tolist()
         objective = summed["objective"].tolist() if loss_fn.totals is not None else []
-        return {"step": self.step, **self.objective.evaluation_row(loss, count, loss_fn, objective)}
-
-    def _evaluation_row(self) -> dict[str, float] | None:
-        """``evaluate()``; in an elastic run that loses a replica meanwhile, the survivors regroup
-        and evaluate again (the same batches, split over fewer replicas)."""
-        while True:
-            try:
-                with self._regroup_on_loss(self.step, f"the evaluation after step {self.step}"):
-                    return self.evaluate()
-            except ReplicasChanged:
-                self.elastic.regroup(self.step, during="evaluation")
+        return {"step": self.state.step, **self.objective.evaluation_row(loss, count, loss_fn, objective)}
 
     def _sum_over_replicas(self, totals: torch.Tensor, during: str) -> None:
         """Sum ``totals`` over the replicas. In an elastic run a replica lost meanwhile fails some
@@ -587,7 +526,7 @@ class Trainer:
             lost.fill_(1.0)
         self.comm.all_reduce_pipeline(lost)
         if lost.item() > 0:
-            raise ReplicasChanged(self.step)
+            raise ReplicasChanged(self.state.step)
 
     # -- DPO's reference ------------------------------------------------------------------------
 
@@ -599,221 +538,59 @@ class Trainer:
         if not self.objective.needs_preparing:
             return
         slots = self._slots(self.cfg.topology.data_size)  # an evaluation's: a slot per launched replica
-        self.objective.prepare(self.comm, self.step, self.identity.to_json(), self.stream, slots)
+        self.objective.prepare(self.comm, self.state.step, self.identity.to_json(), self.stream, slots)
         self._dp_bytes_reported = self.comm.dp_bytes_sent  # the pass's bytes are no step's
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def checkpoint(self, must: bool = False) -> None:
-        """Commit this step's checkpoint. One that some rank could not write was abandoned on
-        every rank (trainer.checkpoint); it stops the run, unless --on-checkpoint-error continue
-        lets training go on to the next one (not when ``must``, nor at the last step)."""
-        try:
-            self._commit()
-        except CheckpointWriteError as err:
-            cfg = self.cfg
-            if must or cfg.checkpoint.on_error == "stop" or self.step >= cfg.optim.total_steps:
-                raise
-            ahead = min(self.step + cfg.checkpoint.every_steps - self.step % cfg.checkpoint.every_steps,
-                        cfg.optim.total_steps)  # fmt: skip
-            log.warning("%s; training goes on (--on-checkpoint-error continue), next try at step %d", err, ahead,
-                        extra=ONCE)  # fmt: skip
-            self.events.append({"step": self.step, "event": "checkpoint failed", "error": str(err),
-                                "unix_time": time.time()})  # fmt: skip
-
-    def _commit(self) -> None:
-        """``_save``. In a run whose ranks regroup (--elastic, --spares), a rank lost during the
-        commit fails its gathers on every survivor before any of them moves ``latest`` (or, lost
-        after the last one, each has moved it): the survivors regroup and commit the same step
-        again, so it ends committed on every one of them."""
-        while True:
-            try:
-                with self._regroup_on_loss(self.step, f"the commit of checkpoint {self.step}", commit=True):
-                    self._save()
-                self.committed_step = self.step
-                return
-            except ReplicasChanged:
-                self.elastic.regroup(self.step, during="checkpoint")
-
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Commit this step's checkpoint (trainer.checkpoint: every rank's share, then ``latest``);
+        every rank takes part. Raises CheckpointWriteError where some rank could not write."""
         state = None
         if self.topo.rank == 0:
-            state = {"step": self.step, "data": self.data_state, "nonfinite_run": self.nonfinite_run,
-                     "run": self.identity.to_json(), "schedule": schedule_of(self.cfg)}  # fmt: skip
-            if self.scaler is not None:
-                state["loss_scale"] = self.scaler.state_dict()
+            core = self.state.checkpoint_dict()
+            scale = {"loss_scale": core.pop("loss_scale")} if "loss_scale" in core else {}
+            state = {**core, "run": self.identity.to_json(), "schedule": schedule_of(self.cfg), **scale}
         cfg = self.cfg
         save_checkpoint(
-            cfg.checkpoint.path, self.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
+            cfg.checkpoint.path, self.state.step, self.stage, self.optimizer, self.comm, state, cfg.model.model_name,
             self.disks, keep=cfg.checkpoint.keep,
         )  # fmt: skip
+        self.committed_step = self.state.step
 
-    def _answer_notice(self, metrics: MetricsWriter | None) -> bool:
-        """Every rank, at the end of a step where some rank had a preemption notice: with --spares
-        and a free spare for each noticed rank, spares take their places (``_replace_noticed``);
-        else without --elastic (or if too few replicas would stay) the whole run commits this step
-        and stops; with it, the noticed replicas leave and the others regroup and train on (where
-        the state goes through a checkpoint, ZeRO-1, local SGD and DiLoCo, every replica commits
-        this step first, and the survivors load it). True: stop."""
-        if self.cfg.comm.spares and self.elastic.enough_spares(len(self.noticed)):
-            return self._replace_noticed()
-        noticed = self._noticed_replicas()
-        staying = self.topo.data_size - len(noticed)
-        if not self.cfg.comm.elastic or staying < max(1, self.cfg.dp.min_replicas):
-            self._stop_for_notice(metrics)
-            return True
-        if not self.cfg.dp.replicated:  # the survivors go on through a checkpoint: this step's loses nothing
-            self.checkpoint(must=True)
-        self.comm.quiesce(f"the notice after step {self.step}")
-        if self.topo.replica in noticed:
-            self._leave_for_notice()
-            return True
-        self.elastic.regroup(self.step, why="preempted")
-        return False
+    # -- an elastic run's changes (run.elastic) -------------------------------------------------
 
-    def _noticed_replicas(self) -> list[int]:
-        return sorted({rank // self.topo.pipeline_size for rank in self.noticed})
+    def use(self, comm: Communicator, disks: Disks | None = None) -> None:
+        """The communicator of the run's generation now (and ``disks``: who shares this rank's
+        checkpoint folder in it), as an elastic run's replicas come and go."""
+        self.comm = comm
+        if disks is not None:
+            self.disks = disks
+        if self.optimizer is not None:
+            self.optimizer.sync.use(comm)
 
-    def _replace_noticed(self) -> bool:
-        """--spares, a free spare for each noticed rank: every rank commits this step (so nothing
-        is lost, and it is what every rank loads where no live replica can hand a spare its stage's
-        state), the noticed ranks leave, and the others regroup with spares in their places and
-        go on from this step, its evaluation (when due) done with them. True: this rank left."""
-        started = time.perf_counter()
-        self.checkpoint(must=True)
-        launch_ranks = self.comm.elastic.membership.launch_ranks()
-        self.events.append({"step": self.step, "event": "preempted",
-                            "noticed_launch_ranks": [launch_ranks[r] for r in self.noticed],
-                            "commit_s": time.perf_counter() - started, "unix_time": time.time()})  # fmt: skip
-        self.comm.quiesce(f"the notice after step {self.step}")
-        if self.topo.rank in self.noticed:
-            self.comm.leave(f"preempted ({self.notice.signal_name or 'a notice'})", replaceable=True)
-            after = f", {self.notice.seconds_since():.1f}s after the notice" if self.notice.pending else ""
-            log.warning("preempted: step %d is committed and this rank leaves%s; a spare takes its place", self.step,
-                        after)  # fmt: skip
-            return True
-        self.elastic.regroup(self.step, why="preempted", during="evaluation")
-        return False
+    def load_state(self, state: dict) -> None:
+        """Take a checkpoint's or a live replica's ``TrainState`` (trainer.state), and the data
+        stream's position with it."""
+        self.state.load_state_dict(state, self.cfg.data.packing)
+        if self.stream is not None:
+            self.stream.load_state_dict(state["data"])
+        else:  # the middle stages read no data and keep no position
+            self.state.data = None
 
-    def _stop_for_notice(self, metrics: MetricsWriter | None) -> None:
-        """Every rank, at the step boundary where the run learned of a preemption notice: commit
-        this step's checkpoint and say so; train() then returns and the process exits 0."""
-        started = time.perf_counter()
-        self.checkpoint(must=True)  # the notice's whole point: no stopping without it
-        took = time.perf_counter() - started
-        if self.notice.pending:
-            log.warning("preempted (%s): step %d committed to %s in %.1fs, %.1fs after the notice; exiting",
-                        self.notice.signal_name, self.step, self.cfg.checkpoint.path, took,
-                        self.notice.seconds_since())  # fmt: skip
-        else:
-            noticed = self._noticed_replicas()
-            where = f"replica{'s' if len(noticed) > 1 else ''} {', '.join(map(str, noticed))}"
-            log.warning("a preemption notice reached %s: step %d committed to %s in %.1fs; every rank exits",
-                        where, self.step, self.cfg.checkpoint.path, took, extra=ONCE)  # fmt: skip
-        if metrics is not None:
-            metrics.write({"step": self.step, "event": "preempted", "noticed_replicas": self._noticed_replicas(),
-                           "commit_s": took, "unix_time": time.time()})  # fmt: skip
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """What a joiner or spare needs of this stage besides the state: its trained weights and
+        optimizer state, by name (the frozen rest it loads itself)."""
+        tensors = {f"param/{n}": p.detach() for n, p in self.stage.named_parameters() if p.requires_grad}
+        tensors.update({f"optim/{k}": v for k, v in self.optimizer.state_tensors(self.stage).items()})
+        return tensors
 
-    def _leave_for_notice(self) -> None:
-        """A rank of an elastic run's replica that had a preemption notice, while other replicas
-        train on: leave cleanly (their agreement sees this replica go); train() then returns, exit 0."""
-        self.comm.leave(f"preempted ({self.notice.signal_name or 'a notice to its replica'})")
-        after = f", {self.notice.seconds_since():.1f}s after the notice" if self.notice.pending else ""
-        log.warning("preempted: this replica leaves the elastic run after step %d%s; the other replicas train on",
-                    self.step, after)  # fmt: skip
-
-    def _report_events(
-        self, metrics: MetricsWriter | None, progress: Progress | None
-    ) -> tuple[MetricsWriter | None, Progress | None]:
-        """The metrics writer and progress bar, opened once this rank is the reporter (from the
-        start, or since a regroup made it so) and closed when a joining replica takes that role
-        back, with --elastic's pending event rows written; every other rank drops them."""
-        if not self.is_reporter and metrics is not None:
-            progress.close()
-            metrics.close()
-            metrics = progress = None
-        if self.is_reporter and metrics is None:
-            cfg = self.cfg
-            metrics = MetricsWriter(cfg.checkpoint.path / "metrics.jsonl", cfg.log_backend, cfg.project_name,
-                                    cfg.summary())  # fmt: skip
-            progress = Progress(cfg.optim.total_steps, self.step)
-        for event in self.events if metrics is not None else []:
-            metrics.write(event)
-        self.events.clear()
-        return metrics, progress
-
-    def _after_step_row(
-        self, metrics: MetricsWriter | None, progress: Progress | None, first: str = "evaluation"
-    ) -> tuple[MetricsWriter | None, Progress | None]:
-        """What follows a step's row: the evaluation when due, the checkpoint when due, and
-        replicas asking to join taken in (a spare that took its place in the checkpoint's commit
-        starts there: ``first``)."""
-        cfg, total = self.cfg, self.cfg.optim.total_steps
-        if first == "evaluation" and cfg.evaluation.due(self.step, total):
-            valid = self._evaluation_row()
-            metrics, progress = self._report_events(metrics, progress)  # and have a new reporter
-            if metrics is not None and valid is not None:
-                metrics.write(valid)
-                shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in valid.items() if k[6:] in EVAL_SHOWN)
-                log.info("step %d valid loss %.4f %s", self.step, valid["valid.loss"], shown)
-        if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
-            self.checkpoint()
-        if self.elastic is not None:
-            self.elastic.grow_if_due()
-        return metrics, progress
-
-    def train(self) -> None:
-        cfg = self.cfg
-        total = cfg.optim.total_steps
-        if self.step >= total:
-            log.info("nothing to do: the checkpoint is at step %d of --total-steps %d", self.step, total)
-            return
-        metrics = progress = None
-        pin = self.device.type == "cuda"
-        prefetch = (
-            Prefetcher(self.stream, cfg.global_batch_sequences, pin_memory=pin) if self.stream is not None else None
-        )
-        profiler = Profiler(cfg.profiling, cfg.checkpoint.path, cfg.batch.micro_batches, self.comm)
-        self.memory.reset()
-        first_step = self.step + 1
-        try:
-            if self.joined_during is not None:  # a spare that took its place after this step
-                metrics, progress = self._after_step_row(metrics, progress, first=self.joined_during)
-            while self.step < total:
-                metrics, progress = self._report_events(metrics, progress)
-                with self.comm.tracer.span("step", f"step {self.step + 1}"):
-                    batch = after = None
-                    if prefetch is not None:
-                        batch, after = prefetch.next()
-                    row = None
-                    while row is None:
-                        try:
-                            row = self.train_step(batch)
-                        except ReplicasChanged:  # nothing stepped: the survivors redo it with the same batch
-                            self.elastic.regroup(self.step + 1)
-                    if prefetch is not None:
-                        self.data_state = after  # trained on: where a checkpoint, joiner or spare goes on from
-                metrics, progress = self._report_events(metrics, progress)  # who left, before the step's row
-                if self.step == first_step:  # the optimizer's state exists from its first update
-                    log.info("optimizer state held on this rank: %.3g GB (%d bytes)",
-                             self.optimizer.held_bytes() / 1e9, self.optimizer.held_bytes())  # fmt: skip
-                profiler.stepped()
-                if metrics is not None:
-                    metrics.write(row)
-                    progress.update(row)
-                    if self.step % cfg.log_interval == 0 or self.step == total:
-                        log.info(
-                            "step %d/%d loss %.4f lr %.3g %.0f tok/s",
-                            row["step"], total, row["loss"], row["lr"], row["tokens_per_s"],
-                        )  # fmt: skip
-                if self.noticed:  # a preemption notice reached some rank (trainer.preemption)
-                    if self._answer_notice(metrics):
-                        break  # this rank is done: the step is committed, or its replica left
-                metrics, progress = self._after_step_row(metrics, progress)
-        finally:
-            if prefetch is not None:
-                prefetch.close()
-            if metrics is not None:
-                progress.close()
-                metrics.close()
-        profiler.finish()
+    def load_shared(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take ``shared_tensors()`` of this stage's rank in a live replica."""
+        params = dict(self.stage.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("param/"):
+                    params[name[len("param/") :]].copy_(value)
+        optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
+        self.optimizer.load_state_tensors(self.stage, optim)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from torch.distributed import Store
@@ -32,23 +32,19 @@ from comm.membership import (
 from comm.process_group import Communicator, PeerLostError
 from comm.spares import SparePool, enough_spares
 from observability.metrics import setup_logging
+from trainer.loop import Trainer
 from trainer.resume import probe_disks
 from trainer.startup import set_threads
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.state import ReplicasChanged
 
 log = logging.getLogger(__name__)
-
-
-class ReplicasChanged(Exception):
-    """An elastic run's step found another replica gone: no stage stepped; regroup and redo it."""
+__all__ = ["ElasticController", "ReplicasChanged", "RollBack"]
 
 
 class RollBack(Exception):
     """The replicas changed and no live replica can hand the newcomers, or the new layout, its
     state (a spare in the only replica; ZeRO-1's shards): every rank of the new generation loads
-    the last checkpoint (``trainer.entry.roll_back``). ``lost``: progress since it is redone (a
+    the last checkpoint (``run.entry.roll_back``). ``lost``: progress since it is redone (a
     loss); else the checkpoint is of this very step (committed for a join)."""
 
     def __init__(self, step: int, events: list[dict], lost: bool = True) -> None:
@@ -57,7 +53,10 @@ class RollBack(Exception):
 
 
 class ElasticController:
-    """Regroups, growth, joins and the hand-over of a stage's state, for ``trainer``'s rank."""
+    """Regroups, growth, joins and the hand-over of a stage's state, for ``trainer``'s rank. It
+    changes the trainer only through its ``use`` (the new generation's communicator and disks),
+    its ``TrainState`` (``state``, ``load_state``: step, data position, loss scale, pending rows)
+    and its ``shared_tensors``/``load_shared`` (the stage's trained weights and optimizer state)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -110,17 +109,18 @@ class ElasticController:
             log.warning("step %d: launch ranks %s left (%s); %d replicas go on as generation %d (regrouped in "
                         "%.2fs); this rank is now %s", step, left, why, len(membership.replicas), membership.generation,
                         took, trainer.topo.describe(trainer.topo.rank))  # fmt: skip
-            trainer.events.append({"step": step, "event": "replicas left", "reason": why, "left_launch_ranks": left,
-                                   "replicas": len(membership.replicas), "generation": membership.generation,
-                                   "regroup_s": took, "unix_time": time.time()})  # fmt: skip
+            trainer.state.events.append({"step": step, "event": "replicas left", "reason": why,
+                                         "left_launch_ranks": left, "replicas": len(membership.replicas),
+                                         "generation": membership.generation, "regroup_s": took,
+                                         "unix_time": time.time()})  # fmt: skip
         sources = [self._source(membership, slot, stand_ins) for slot, _ in stand_ins]
         if None in sources or not cfg.dp.replicated:  # no live replica holds what the new generation needs
             self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
-            raise RollBack(step, trainer.events, lost=why != "preempted")  # (a notice's step is committed)
+            raise RollBack(step, trainer.state.events, lost=why != "preempted")  # (a notice's step is committed)
         for (slot, _), source in zip(stand_ins, sources, strict=True):
             if trainer.topo.stage == slot % old.pipeline_size and trainer.topo.replica == source:
                 header, tensors = self._shared_state()
-                header["during"] = during
+                header["during"] = during  # what the survivors do again with the spare
                 trainer.comm.send_to_replica(membership.replicas.index(slot // old.pipeline_size), header,
                                              list(tensors.values()))  # fmt: skip
         self._note_stand_ins(step, membership, stand_ins, time.perf_counter() - started)
@@ -156,7 +156,7 @@ class ElasticController:
             log.warning("step %d: spare rank %d took the place of launch rank %d (stage %d of launch replica %d) in "
                         "%.2fs; %d replicas go on as generation %d", step, spare, slot, slot % pp, slot // pp, took,
                         len(membership.replicas), membership.generation)  # fmt: skip
-            self.trainer.events.append({"step": step, "event": "spare took over", "lost_launch_rank": slot,
+            self.trainer.state.events.append({"step": step, "event": "spare took over", "lost_launch_rank": slot,
                                         "spare_launch_rank": spare, "stage": slot % pp, "launch_replica": slot // pp,
                                         "replicas": len(membership.replicas), "generation": membership.generation,
                                         "takeover_s": took, "unix_time": time.time()})  # fmt: skip
@@ -167,7 +167,7 @@ class ElasticController:
         rank 0 publishes the generation for joiners."""
         trainer = self.trainer
         comm = trainer.comm
-        trainer.disks = probe_disks(comm, trainer.cfg.checkpoint.path)
+        trainer.use(comm, probe_disks(comm, trainer.cfg.checkpoint.path))
         set_threads(comm.all_gather_object(socket.gethostname()))
         comm.start_heartbeat()
         setup_logging(comm.topo, trainer.cfg.log_level)  # the log's prefix names the new place
@@ -179,18 +179,19 @@ class ElasticController:
         if comm.topo.rank == 0:
             publish(comm.elastic.store, comm.elastic.membership, self.layers_by_stage)
 
-    def grow_if_due(self) -> None:
+    def grow_if_due(self, commit: Callable[..., None]) -> None:
         """At the end of each step: rank 0 announces whole replicas asking to join (for the end
         of the next step), and every rank takes in those announced for now, a live replica of
-        each stage sending them its state (comm.membership)."""
+        each stage sending them its state (comm.membership); where the state goes through a
+        checkpoint, ``commit(must=True)`` commits this step's first (run.supervisor's)."""
         trainer = self.trainer
         elastic, total = trainer.comm.elastic, trainer.cfg.optim.total_steps
-        if trainer.topo.rank == 0 and trainer.step + 1 < total:
+        if trainer.topo.rank == 0 and trainer.state.step + 1 < total:
             joining = joining_replicas(elastic.store, elastic.membership, trainer.cfg.topology.data_size,
                                        trainer.cfg.fingerprint(), trainer.cfg.comm.run_token)  # fmt: skip
             if joining:
-                announce_growth(elastic.store, elastic.membership, joining, trainer.step + 1)
-        grown = growth_after(elastic.store, elastic.membership, trainer.step)
+                announce_growth(elastic.store, elastic.membership, joining, trainer.state.step + 1)
+        grown = growth_after(elastic.store, elastic.membership, trainer.state.step)
         if grown is None:
             return
         started = time.perf_counter()
@@ -198,14 +199,14 @@ class ElasticController:
         replicated = trainer.cfg.dp.replicated
         # every rank decides alike: not from the folder's ``latest``, which its owner may not have
         # moved yet when the others read it (a join due at a checkpoint step hung the run so)
-        if not replicated and trainer.committed_step != trainer.step:
-            trainer.checkpoint(must=True)  # what every rank of the grown generation loads (below)
-        trainer.comm.quiesce(f"growth after step {trainer.step}")
+        if not replicated and trainer.committed_step != trainer.state.step:
+            commit(must=True)  # what every rank of the grown generation loads (below)
+        trainer.comm.quiesce(f"growth after step {trainer.state.step}")
         trainer.comm.regroup(grown)
         self._settle()
         if not replicated:  # the joiners and the new layout of the state: through this step's checkpoint
             self._note_joined(old.replicas, grown, time.perf_counter() - started)
-            raise RollBack(trainer.step, trainer.events, lost=False)
+            raise RollBack(trainer.state.step, trainer.state.events, lost=False)
         live = [grown.replicas.index(r) for r in old.replicas]
         if trainer.topo.replica == live[0]:
             header, tensors = self._shared_state()
@@ -215,7 +216,7 @@ class ElasticController:
         took = time.perf_counter() - started
         new = self._note_joined(old.replicas, grown, took)
         log.warning("step %d: launch ranks %s joined; %d replicas train as generation %d (joined in %.2fs)",
-                    trainer.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
+                    trainer.state.step, new, len(grown.replicas), grown.generation, took)  # fmt: skip
 
     def join(self, store: Store, live: dict) -> None:
         """A rank started again while its elastic run trains (its trainer made with the stage's
@@ -232,85 +233,69 @@ class ElasticController:
         started = time.perf_counter()
         comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=trainer.plan.tied,
                                     side_group=cfg.dp.mode == "diloco", store=store, membership=membership)  # fmt: skip
-        trainer.comm = comm
+        trainer.use(comm)  # set up before the run took it in (run.entry.join_run): its groups now
         self._settle()
         if not cfg.dp.replicated:  # the live ranks committed this step's checkpoint: every rank loads it
             self._note_joined(record["replicas"], membership, time.perf_counter() - started)
-            raise RollBack(trainer.step, trainer.events, lost=False)
-        trainer.optimizer.sync.use(comm)  # set up before the run took it in (trainer.entry.join_run)
-        self._receive_state(membership.replicas.index(min(record["replicas"])))
+            raise RollBack(trainer.state.step, trainer.state.events, lost=False)
+        # the pending rows stay the joiner's own: the reporter's role comes back to it with them
+        self._receive_state(membership.replicas.index(min(record["replicas"])), with_events=False)
         took = time.perf_counter() - started
         self._note_joined(record["replicas"], membership, took)
-        log.warning("joined at step %d as %s (in %.2fs)", trainer.step, comm.topo.describe(comm.topo.rank), took)
+        log.warning("joined at step %d as %s (in %.2fs)", trainer.state.step, comm.topo.describe(comm.topo.rank), took)
 
-    def stand_in(self, store: Store, membership: Membership, stand_ins: list[tuple[int, int]], live: dict) -> None:
+    def stand_in(
+        self, store: Store, membership: Membership, stand_ins: list[tuple[int, int]], live: dict
+    ) -> str | None:
         """A spare given a lost rank's slot (its trainer made for that slot's stage, not set up):
         move into the survivors' new generation, set up, and take the stage's state from a live
-        replica of it; raises RollBack when none holds it (the survivors roll back too)."""
+        replica of it; raises RollBack when none holds it (the survivors roll back too). Returns
+        where the spare starts: None at the step the survivors do again, else after this step
+        with its evaluation or its checkpoint's commit."""
         trainer = self.trainer
         cfg, started = trainer.cfg, time.perf_counter()
         self.layers_by_stage = live["layers"]
-        trainer.comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device),
-                                            link_ends=trainer.plan.tied, side_group=cfg.dp.mode == "diloco",
-                                            store=store, membership=membership, launch_rank=cfg.spare_rank)  # fmt: skip
+        trainer.use(Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device),
+                                         link_ends=trainer.plan.tied, side_group=cfg.dp.mode == "diloco",
+                                         store=store, membership=membership, launch_rank=cfg.spare_rank))  # fmt: skip
         self._settle()
         source = self._source(membership, cfg.topology.rank, stand_ins)
         if source is None or not cfg.dp.replicated:
-            self._note_stand_ins(trainer.step, membership, stand_ins, time.perf_counter() - started)
-            raise RollBack(trainer.step, trainer.events)
+            self._note_stand_ins(trainer.state.step, membership, stand_ins, time.perf_counter() - started)
+            raise RollBack(trainer.state.step, trainer.state.events)
         trainer.setup(joining=True)
-        header = self._receive_state(source)
-        trainer.events = header["events"]  # the survivors' rows not written yet: this rank may be the reporter now
+        # with the state, the survivors' rows not written yet: this rank may be the reporter now
+        header = self._receive_state(source, with_events=True)
         took = time.perf_counter() - started
-        step = trainer.step + (header["during"] == "step")  # the step the survivors do again
+        step = trainer.state.step + (header["during"] == "step")  # the step the survivors do again
         self._note_stand_ins(step, membership, stand_ins, took)
-        trainer.joined_during = None if header["during"] == "step" else header["during"]
+        return None if header["during"] == "step" else header["during"]
 
     def _note_joined(self, before: list[int], now: Membership, took: float) -> list[int]:
         """The metrics row of a join (for the reporter): the launch ranks in ``now`` that the
         launch replicas ``before`` did not hold, and how long taking them in took."""
         trainer = self.trainer
         new = sorted(rank for rank in now.launch_ranks() if rank // now.pipeline_size not in before)
-        trainer.events.append({"step": trainer.step, "event": "replicas joined", "joined_launch_ranks": new,
+        trainer.state.events.append({"step": trainer.state.step, "event": "replicas joined", "joined_launch_ranks": new,
                                "replicas": len(now.replicas), "generation": now.generation, "join_s": took,
                                "unix_time": time.time()})  # fmt: skip
         return new
 
     def _shared_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """What a joiner needs of this stage: trained weights, optimizer state and the trainer's
-        state (step, data position, loss scale); the frozen rest it loads itself."""
-        trainer = self.trainer
-        tensors = {f"param/{n}": p.detach() for n, p in trainer.stage.named_parameters() if p.requires_grad}
-        tensors.update({f"optim/{k}": v for k, v in trainer.optimizer.state_tensors(trainer.stage).items()})
-        header = {
-            "step": trainer.step,
-            "data": trainer.data_state,
-            "packing": trainer.packing,  # the data state lives on the first and last stages only
-            "nonfinite_run": trainer.nonfinite_run,
-            "loss_scale": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            "events": trainer.events,
-            "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
-        }
+        """What a joiner or spare needs of this stage: the trainer's state (step, data position,
+        loss scale, pending rows) and its trained weights and optimizer state (the frozen rest it
+        loads itself), with the tensors' names, shapes and dtypes for the receiver."""
+        tensors = self.trainer.shared_tensors()
+        header = {**self.trainer.state.state_dict(),
+                  "tensors": [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]}  # fmt: skip
         return header, tensors
 
-    def _receive_state(self, source: int) -> dict:
+    def _receive_state(self, source: int, with_events: bool) -> dict:
         """A joiner or spare: take the run's state from this stage's rank in replica ``source``
-        (returns what came with it)."""
+        (``with_events``: its pending rows too); returns what came with it."""
         trainer = self.trainer
         header, received = trainer.comm.recv_from_replica(source, lambda h: [(s, d) for _, s, d in h["tensors"]])
-        tensors = {name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)}
-        params = dict(trainer.stage.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if name.startswith("param/"):
-                    params[name[len("param/") :]].copy_(value)
-        optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
-        trainer.optimizer.load_state_tensors(trainer.stage, optim)
-        trainer.step, trainer.nonfinite_run = header["step"], header["nonfinite_run"]
-        if trainer.scaler is not None:
-            trainer.scaler.load_state_dict(header["loss_scale"])
-        trainer.packing = header["packing"]
-        if trainer.stream is not None:
-            trainer.stream.load_state_dict(header["data"])
-            trainer.data_state = header["data"]
+        trainer.load_shared({name: t for (name, _, _), t in zip(header["tensors"], received, strict=True)})
+        state = {k: v for k, v in header.items() if k not in ("tensors", "during") and (with_events or k != "events")}
+        trainer.load_state(state)
         return header
