@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 from dataclasses import replace
 
 import torch
@@ -19,18 +17,19 @@ from data_parallel.base import Trained
 from data_parallel.choose import make_sync
 from modules.layout import checkpoint_dir, latest_step
 from objectives import Objective, RunContext, StepLoss, Targets, make_objective
-from observability.metrics import ONCE, PER_STAGE, NamedTotals, PipelineSums
+from observability.metrics import ONCE, PER_STAGE, NamedTotals
 from pipeline.schedule import SCHEDULES, GradientWatch, LossFn, MicroBatch, RouterLoss, StepSpec
 from pipeline.stage import Stage
 from pipeline.tied import TiedCopy
 from trainer.checkpoint import TRAINER_STATE, Disks, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.identity import RunIdentity, check_resume, schedule_of
-from trainer.memory import MemoryEstimate, PeakMemory, probe_micro_batch, resident_bytes
+from trainer.memory import MemoryEstimate, PeakMemory, estimate_memory, resident_bytes
 from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
 from trainer.startup import Plan
 from trainer.state import ReplicasChanged, TrainState
+from trainer.step import train_step
 
 log = logging.getLogger(__name__)
 # logged beside an evaluation's loss
@@ -118,7 +117,7 @@ class Trainer:
         sync = make_sync(cfg.dp, trained, self.comm, self.device, self.stage,
                          self.plan.model_config.num_hidden_layers, cfg.optim.total_steps)  # fmt: skip
         self.optimizer = StageOptimizer(cfg.optim, sync)
-        self.estimate = self._estimate_memory(process)
+        self.estimate = estimate_memory(self, process)
         log.info("memory estimate: %s (peak_mem_bytes in metrics.jsonl is the measure)", self.estimate.describe(),
                  extra=PER_STAGE)  # fmt: skip
         self.state.scaler = LossScaler(cfg.optim.loss_scale) if cfg.optim.precision == "fp16" else None
@@ -217,59 +216,6 @@ class Trainer:
         cfg = self.cfg
         return cfg.batch.micro_batch_size, cfg.data.seq_length, self.plan.model_config.hidden_size
 
-    def _estimate_memory(self, process: int) -> MemoryEstimate:
-        """The start-up estimate of this stage's peak: what it holds, and one micro-batch's
-        forward probed on random input (its dropout draws are reseeded by the first step)."""
-        cfg, topo, stage = self.cfg, self.topo, self.stage
-        shape, vocab = self._activation_shape(), self.plan.model_config.vocab_size
-        if topo.is_first_stage:
-            x = torch.randint(vocab, shape[:2], device=self.device)
-        else:
-            x = torch.randn(shape, dtype=MASTER_DTYPE, device=self.device, requires_grad=True)
-        targets = self.objective.probe_targets(shape[0], shape[1], vocab, self.device) if topo.is_last_stage else None
-        loss_fn, compute = self._step_loss(1.0), compute_dtype(cfg.optim.precision)
-
-        def forward() -> torch.Tensor:
-            with torch.enable_grad(), torch.autocast(self.device.type, compute, enabled=compute is not None):
-                out = stage(x)
-                return loss_fn(out, targets) if targets is not None else out
-
-        recompute, stage.recompute = stage.recompute, False
-        try:
-            held, blocks = probe_micro_batch(stage, forward)
-        finally:
-            stage.recompute = recompute
-        ends, block = held - sum(blocks), max(blocks, default=0)
-        if recompute:  # each block keeps its fp32 input; its backward recomputes the rest
-            held = ends + len(blocks) * math.prod(shape) * MASTER_DTYPE.itemsize
-            block *= 2
-        in_flight = cfg.held_micro_batches(topo.stage)
-        return MemoryEstimate(
-            process=process,
-            parameters=sum(p.nbytes for p in stage.parameters()) + self.objective.extra_bytes,
-            gradients=sum(p.nbytes for p in self.params),
-            optimizer=self.optimizer.state_bytes,
-            per_micro_batch=held,
-            in_flight=in_flight,
-            workspace=max(block, ends),  # the backward's gradients of one block's (or the loss's) activations
-            update=self.optimizer.update_bytes,
-        )
-
-    def _micro_batches_per_step(self) -> int:
-        """Micro-batches a step's loss averages over: the global batch's, or in local and diloco
-        mode (each replica steps on its own, as ``_loss_tokens`` counts) this replica's."""
-        slots = len(self._slots(self.slots_per_step)) if self.cfg.dp.steps_alone else self.slots_per_step
-        return slots * self.cfg.batch.micro_batches
-
-    def _router_loss(self, scale: float = 1.0) -> RouterLoss | None:
-        """The routers' load-balancing loss of one step (None where the model has none): each
-        micro-batch adds ``coef * aux`` over the step's micro-batches (times the fp16 ``scale``),
-        so the step's loss is the language-model loss plus ``coef`` times the mean aux."""
-        balance = self.stage.balance
-        if balance is None:
-            return None
-        return RouterLoss(balance, balance.coef * scale / self._micro_batches_per_step())
-
     def _run_slots(
         self, batch: Batch | None, slots: range, loss_fn: LossFn, train: bool,
         watch: GradientWatch | None = None, router: RouterLoss | None = None, first_file: int = 0,
@@ -301,182 +247,9 @@ class Trainer:
 
     def step(self, batch: Batch | None, notice_pending: bool = False) -> tuple[dict[str, float], list[int]]:
         """One optimizer step on ``batch`` (None on the middle stages, which read no data): its
-        metrics row, and the ranks that had a preemption notice (``notice_pending``: this rank has one),
-        as the step's sums agreed. Raises ReplicasChanged where a run that regroups lost a
-        replica (nothing stepped)."""
-        cfg = self.cfg
-        step = self.state.step + 1
-        started = time.perf_counter()
-        # Dropout masks come from (seed, step, rank) alone, so a resumed run draws the same ones.
-        torch.manual_seed(cfg.data.seed * 1_000_003 + step * 10_007 + self.topo.rank)
-        # The loss is the mean over every trained token of the global batch, so each
-        # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
-        normalizer = max(1, self._loss_tokens(batch)) if batch is not None else 1
-        bytes_before = self.comm.bytes_sent
-        scaler = self.state.scaler
-        scale = scaler.scale if scaler is not None else 1.0  # fp16: keep small gradients representable
-        self.optimizer.zero_grad()
-        watch = self.optimizer.overlap(scale)  # gradient buckets leave during the last backward
-        # a mixture of experts' load-balancing loss: each micro-batch's aux, averaged over the step's
-        router = self._router_loss(scale)
-        loss_fn = self._step_loss(normalizer / scale)
-        slots = self._slots(self.slots_per_step)
-        with self.comm.tracer.span("pipeline", f"step {step}"):
-            self.objective.before_pass(batch, slots, self.topo.is_last_stage)
-            loss = self._run_slots(batch, slots, loss_fn, True, watch, router)
-        # the step's totals summed over the replicas: its loss (the routers' summed aux, the objective's statistics)
-        named = NamedTotals()
-        named.add("loss", loss)
-        if router is not None:
-            named.add("aux_loss", router.total)
-        if loss_fn.totals is not None:
-            named.add("objective", loss_fn.totals)
-        # one slot per replica: 1 in this replica's if this rank has a preemption notice
-        dp = self.topo.data_size
-        notice = torch.zeros(dp)
-        notice[self.topo.replica] = float(notice_pending)
-        named.add("notices", notice)
-        totals = named.flat()
-
-        self.tied.sum_ends(self.comm.all_reduce_ends)  # both ends' copies of a tied weight get the sum
-
-        # the sum over replicas (in true units: divided by the fp16 loss scale), and this stage's
-        # squared gradient norm
-        lost = 0.0  # an elastic run's flag: another replica was lost, so this pipeline must not step
-        try:
-            totals, sq = self.optimizer.reduce(totals, scale)
-        except ReplicaLostError as err:
-            log.warning("%s; this pipeline is whole, so it regroups with the other survivors", err)
-            lost, sq = 1.0, torch.zeros((), dtype=torch.float64)
-        totals = named.read(totals)
-        loss = totals["loss"][0] / scale
-
-        # clipping by the norm over every stage's gradients; every rank sees the same norm, so
-        # a non-finite one (an fp16 overflow anywhere) makes every stage and replica skip together;
-        # with it, the bytes this pipeline's ranks sent between stages this step, and to other
-        # replicas since the last row (local SGD's weight average comes after this point)
-        dp_sent = self.optimizer.sync.bytes_sent
-        sent = (self.comm.bytes_sent - bytes_before, dp_sent - self._dp_bytes_reported)
-        self._dp_bytes_reported = dp_sent
-        # and each stage's peak memory since the previous step's exchange (so its optimizer
-        # update counts too) in a slot of its own: the sum is then a gather
-        sums = PipelineSums(self.topo.stage, self.topo.pipeline_size)
-        sums.add("squared_norm", sq)
-        sums.add("comm_bytes", sent[0])
-        sums.add("dp_bytes", sent[1])
-        sums.add("trainable", self.trainable)
-        sums.add("peak_mem_bytes", self.memory.peak_bytes(), per_stage=True)
-        sums.add("peak_mem_estimate_bytes", self.estimate.total, per_stage=True)
-        sums.add("lost", lost)
-        for replica, noticed in enumerate(totals["notices"].tolist()):  # this stage's rank of each replica ...
-            sums.add(f"notice/{replica}", noticed, per_stage=True)  # ... and, summed, every rank's
-        self.memory.reset()
-        summed = sums.reduce(self.comm.all_reduce_pipeline, self.device)
-        if summed["lost"][0] > 0:  # some stage's gradient sum failed: no stage of this pipeline steps
-            self.optimizer.rollback()
-            raise ReplicasChanged(step)
-        noticed = [(stage, r) for r in range(dp) for stage, n in enumerate(summed[f"notice/{r}"]) if n > 0]
-        noticed_ranks = sorted(self.topo.rank_of(stage, r) for stage, r in noticed)
-        grad_norm = math.sqrt(summed["squared_norm"][0])
-        comm_bytes, dp_bytes = int(summed["comm_bytes"][0]), int(summed["dp_bytes"][0])
-        trainable = int(summed["trainable"][0])
-        stage_peaks = {f"peak_mem_bytes_stage{i}": int(v) for i, v in enumerate(summed["peak_mem_bytes"])}
-        estimates = summed["peak_mem_estimate_bytes"]
-        stage_estimates = {f"peak_mem_estimate_bytes_stage{i}": int(v) for i, v in enumerate(estimates)}
-        finite = math.isfinite(grad_norm)
-        if not finite:
-            self.optimizer.rollback()
-        lr = cfg.optim.lr_at(step)
-        lost_in_update = 0.0
-        if finite:
-            clip = None
-            if cfg.optim.max_grad_norm > 0:
-                clip = min(1.0, cfg.optim.max_grad_norm / (grad_norm + 1e-6))
-            with self.comm.tracer.span("optimizer step"):
-                lost_in_update = self._update(lr, clip)
-        if self.cfg.comm.regroups and self.optimizer.sharded:
-            # ZeRO-1 gathers the updated weights after the step: a replica lost there fails only
-            # its stage's gather, so every stage of this pipeline learns it before the next step
-            # (the regroup then reloads the last checkpoint: the update is not everyone's)
-            flag = torch.tensor([lost_in_update], dtype=torch.float64, device=self.device)
-            self.comm.all_reduce_pipeline(flag)
-            if flag.item() > 0:
-                raise ReplicasChanged(step)
-        self._after_step(step, finite, scale)
-        self.optimizer.sync.end_of_step(step)  # local SGD and DiLoCo: the replicas meet again when due
-        self.state.step = step
-        elapsed = time.perf_counter() - started
-        tokens = cfg.global_batch_sequences * cfg.data.seq_length
-        row = {
-            "step": step,
-            "loss": float(loss),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens / elapsed,
-            "comm_bytes": comm_bytes,
-            "dp_bytes": dp_bytes,
-            "trainable_params": trainable,
-            "peak_mem_bytes": max(stage_peaks.values()),
-            **stage_peaks,
-            **stage_estimates,
-        }
-        if router is not None:  # HF's aux_loss (without the coefficient), the step's mean per micro-batch
-            row["aux_loss"] = float(totals["aux_loss"][0]) / self._micro_batches_per_step()
-        if loss_fn.totals is not None:  # the objective's metrics (preference pairs: TRL's names, means over pairs)
-            row.update(loss_fn.row(totals["objective"].tolist()))
-        if not finite:
-            row["skipped"] = True
-        if self.state.scaler is not None:
-            row["loss_scale"] = scale
-        return row, noticed_ranks
-
-    def _update(self, lr: float, clip: float | None) -> float:
-        """The optimizer's step; 1.0 where an elastic run lost a replica in it (ZeRO-1's gather
-        of the updated shards), else 0.0."""
-        try:
-            self.optimizer.step(lr, clip)
-        except ReplicaLostError as err:
-            if not self.cfg.comm.regroups:
-                raise
-            log.warning("%s after the update; this pipeline regroups with the other survivors", err)
-            return 1.0
-        return 0.0
-
-    def _loss_tokens(self, batch: Batch) -> int:
-        """What the loss is averaged over (tokens, or pairs: the objective's ``count``): the whole
-        global batch, or in local and diloco mode (where each replica steps on its own) this
-        replica's slices."""
-        if not self.cfg.dp.steps_alone:
-            return self.objective.count(batch.labels)
-        return sum(self.objective.count(batch.labels[self._rows(slot)]) for slot in self._slots(self.slots_per_step))
-
-    def _after_step(self, step: int, finite: bool, scale: float) -> None:
-        """fp16 adapts its loss scale (``scale``: the one this step used); every precision gives
-        up after --max-nonfinite-steps non-finite steps in a row that no smaller scale could help
-        (fp32/bf16: any; fp16: those already at the scale's floor, where halving is over)."""
-        limit, state, scaler = self.cfg.optim.max_nonfinite_steps, self.state, self.state.scaler
-        if scaler is not None:
-            hopeless = not finite and scale <= scaler.floor
-            scaler.update(finite)
-            state.nonfinite_run = state.nonfinite_run + 1 if hopeless else 0
-            if not finite:
-                log.warning("step %d: gradients overflowed in fp16; skipped, loss scale now %g", step, scaler.scale)
-            if state.nonfinite_run >= limit:
-                raise FloatingPointError(
-                    f"fp16 cannot make progress: {state.nonfinite_run} steps in a row (up to step {step}) overflowed "
-                    f"at the smallest loss scale ({scaler.floor:g}), so the values themselves exceed fp16's "
-                    "range; train with --bf16 (or in fp32), or lower --lr; the last checkpoint is intact"
-                )
-            return
-        state.nonfinite_run = 0 if finite else state.nonfinite_run + 1
-        if not finite:
-            log.warning("step %d: non-finite gradients; step skipped (%d in a row)", step, state.nonfinite_run)
-        if state.nonfinite_run >= limit:
-            raise FloatingPointError(
-                f"{state.nonfinite_run} steps in a row (up to step {step}) had non-finite loss or gradients; "
-                "lower --lr, check the data, or try --bf16; the last checkpoint is intact"
-            )
+        metrics row, and the ranks that had a preemption notice (``notice_pending``: this rank
+        has one), as the step's sums agreed (trainer.step)."""
+        return train_step(self, batch, notice_pending)
 
     # -- evaluation -----------------------------------------------------------------------------
 

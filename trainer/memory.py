@@ -9,12 +9,19 @@ step. CPU: the process's peak resident set (``VmHWM``), which Linux resets when 
 from __future__ import annotations
 
 import logging
+import math
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from trainer.precision import MASTER_DTYPE, compute_dtype
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 
 log = logging.getLogger(__name__)
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -145,3 +152,43 @@ class MemoryEstimate:
             f"of {gb(self.per_micro_batch)} + {gb(self.workspace)} backward workspace), update {gb(self.update)}: "
             f"peak about {gb(self.total)}"
         )
+
+
+def estimate_memory(trainer: Trainer, process: int) -> MemoryEstimate:
+    """The start-up estimate of ``trainer``'s stage's peak (``process``: the process's resident
+    bytes before the stage was built): what it holds, and one micro-batch's
+    forward probed on random input (its dropout draws are reseeded by the first step)."""
+    cfg, topo, stage = trainer.cfg, trainer.topo, trainer.stage
+    shape, vocab = trainer._activation_shape(), trainer.plan.model_config.vocab_size
+    if topo.is_first_stage:
+        x = torch.randint(vocab, shape[:2], device=trainer.device)
+    else:
+        x = torch.randn(shape, dtype=MASTER_DTYPE, device=trainer.device, requires_grad=True)
+    targets = trainer.objective.probe_targets(shape[0], shape[1], vocab, trainer.device) if topo.is_last_stage else None
+    loss_fn, compute = trainer._step_loss(1.0), compute_dtype(cfg.optim.precision)
+
+    def forward() -> torch.Tensor:
+        with torch.enable_grad(), torch.autocast(trainer.device.type, compute, enabled=compute is not None):
+            out = stage(x)
+            return loss_fn(out, targets) if targets is not None else out
+
+    recompute, stage.recompute = stage.recompute, False
+    try:
+        held, blocks = probe_micro_batch(stage, forward)
+    finally:
+        stage.recompute = recompute
+    ends, block = held - sum(blocks), max(blocks, default=0)
+    if recompute:  # each block keeps its fp32 input; its backward recomputes the rest
+        held = ends + len(blocks) * math.prod(shape) * MASTER_DTYPE.itemsize
+        block *= 2
+    in_flight = cfg.held_micro_batches(topo.stage)
+    return MemoryEstimate(
+        process=process,
+        parameters=sum(p.nbytes for p in stage.parameters()) + trainer.objective.extra_bytes,
+        gradients=sum(p.nbytes for p in trainer.params),
+        optimizer=trainer.optimizer.state_bytes,
+        per_micro_batch=held,
+        in_flight=in_flight,
+        workspace=max(block, ends),  # the backward's gradients of one block's (or the loss's) activations
+        update=trainer.optimizer.update_bytes,
+    )
