@@ -54,6 +54,21 @@ class DataParallelConfig:
         return self.steps_alone
 
     @property
+    def side_group(self) -> bool:
+        """The strategy needs a second data-parallel group (DiLoCo's syncs run beside the step's sums)."""
+        return self.mode == "diloco"
+
+    @property
+    def own_bytes_per_value(self) -> int:
+        """Bytes the strategy keeps per trained value beside the optimizer's (DiLoCo: the outer
+        anchor and momentum, fp32 each)."""
+        return 8 if self.mode == "diloco" else 0
+
+    def optimizer_shards(self, replicas: int) -> int:
+        """How many replicas share a stage's optimizer state (ZeRO-1: all of them)."""
+        return replicas if self.shard_optimizer else 1
+
+    @property
     def own_prefixes(self) -> tuple[str, ...]:
         """File prefixes of what the strategy saves per part beside the optimizer's state."""
         return (OUTER_PREFIX,) if self.mode == "diloco" else ()

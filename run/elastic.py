@@ -232,7 +232,7 @@ class ElasticController:
         membership, record = wait_to_join(store, topo.rank, cfg.fingerprint(), cfg.comm.run_token, cfg.comm.timeout_s)
         started = time.perf_counter()
         comm = Communicator.connect(topo, cfg.comm, torch.device(cfg.device), link_ends=trainer.plan.tied,
-                                    side_group=cfg.dp.mode == "diloco", store=store, membership=membership)  # fmt: skip
+                                    side_group=cfg.dp.side_group, store=store, membership=membership)  # fmt: skip
         trainer.use(comm)  # set up before the run took it in (run.entry.join_run): its groups now
         self._settle()
         if not cfg.dp.replicated:  # the live ranks committed this step's checkpoint: every rank loads it
@@ -256,7 +256,7 @@ class ElasticController:
         cfg, started = trainer.cfg, time.perf_counter()
         self.layers_by_stage = live["layers"]
         trainer.use(Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device),
-                                         link_ends=trainer.plan.tied, side_group=cfg.dp.mode == "diloco",
+                                         link_ends=trainer.plan.tied, side_group=cfg.dp.side_group,
                                          store=store, membership=membership, launch_rank=cfg.spare_rank))  # fmt: skip
         self._settle()
         source = self._source(membership, cfg.topology.rank, stand_ins)

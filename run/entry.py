@@ -51,7 +51,7 @@ def run(cfg: RunConfig) -> None:
             supervisor = join_run(cfg, plan, store, live, notice)
         else:
             comm = Communicator.connect(cfg.topology, cfg.comm, torch.device(cfg.device), link_ends=plan.tied,
-                                        side_group=cfg.dp.mode == "diloco", store=store)  # fmt: skip
+                                        side_group=cfg.dp.side_group, store=store)  # fmt: skip
             supervisor = start_run(cfg, plan, comm, notice)
         while True:
             try:

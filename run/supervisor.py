@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from comm.process_group import PeerLostError, ReplicaLostError
-from data.stream import Batch, Prefetcher
+from data.prefetch import Prefetcher
+from data.stream import Batch
 from observability.metrics import ONCE, MetricsWriter, Progress
 from observability.profiling import Profiler
 from run.elastic import ElasticController

@@ -3,14 +3,93 @@ says to step (data_parallel), clipped by the norm over every stage and replica."
 
 from __future__ import annotations
 
+import argparse
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from data_parallel.base import GradientSync
 from pipeline.schedule import GradientWatch
-from trainer.config import OptimConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    loss_scale: float = 2.0**16  # fp16's first loss scale
+    max_nonfinite_steps: int = 3  # consecutive non-finite steps before stopping (fp16: at the scale's floor)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}")
+        if self.loss_scale < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError("--loss-scale-init and --max-nonfinite-steps must be >= 1")
+        if self.total_steps < 1:
+            raise ValueError("--total-steps must be at least 1")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must lie in 0..--total-steps {self.total_steps}")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        if self.max_grad_norm < 0:
+            raise ValueError("--max-grad-norm must be >= 0 (0 turns clipping off)")
+
+    @staticmethod
+    def add_flags(group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--optimizer",
+            choices=("adamw", "adam", "8bit-adam"),
+            default="adamw",
+            help="adam is an alias of adamw; 8bit-adam needs bitsandbytes",
+        )
+        group.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+        group.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay to 0")
+        group.add_argument("--total-steps", type=int, default=1000, help="optimizer steps in the whole run")
+        group.add_argument(
+            "--weight-decay",
+            type=float,
+            default=0.0,
+            help="AdamW's decoupled weight decay, on every trained weight but biases and norms (as HF's Trainer)",
+        )
+        group.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+        precision = group.add_mutually_exclusive_group()
+        precision.add_argument("--fp16", action="store_true", help="fp16 autocast, fp32 master weights, loss scaling")
+        precision.add_argument("--bf16", action="store_true", help="bf16 autocast, fp32 master weights")
+        group.add_argument("--loss-scale-init", type=float, default=2.0**16, help="fp16: first loss scale")
+        group.add_argument(
+            "--max-nonfinite-steps",
+            type=int,
+            default=3,
+            help="stop after N non-finite steps in a row (fp16: N overflows at the smallest loss scale)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimConfig:
+        return cls(
+            lr=args.lr,
+            total_steps=args.total_steps,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            optimizer=args.optimizer,
+            precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+            loss_scale=args.loss_scale_init,
+            max_nonfinite_steps=args.max_nonfinite_steps,
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (1-based): linear warmup, then linear decay to 0."""
+        k = step - 1
+        if k < self.warmup_steps:
+            return self.lr * k / max(1, self.warmup_steps)
+        return self.lr * max(0.0, (self.total_steps - k) / max(1, self.total_steps - self.warmup_steps))
+
 
 # HF's Trainer (and so TRL) exempts from weight decay the parameters whose name says bias or norm,
 # and every parameter of an nn.LayerNorm: the same names here, since a stage's blocks are HF's

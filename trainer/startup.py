@@ -113,8 +113,8 @@ def stage_costs(cfg: RunConfig, family: Family, model_config: object) -> tuple[P
     )
     # bytes per parameter: fp32 weights, and if trained its gradient and AdamW's two moments
     # (and under DiLoCo the outer anchor and momentum)
-    sharing = cfg.topology.data_size if cfg.dp.shard_optimizer else 1
-    outer = 8 if cfg.dp.mode == "diloco" else 0
+    sharing = cfg.dp.optimizer_shards(cfg.topology.data_size)
+    outer = cfg.dp.own_bytes_per_value
     per_param = 4 + (4 + 8 / sharing + outer if trained else 0)
     tokens = cfg.batch.micro_batch_size * seq
     value = 2 if compute_dtype(cfg.optim.precision) is not None else 4  # a saved activation under autocast
