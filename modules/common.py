@@ -86,7 +86,11 @@ class Head(nn.Module):
         return getattr(self, self.norm_name)(hidden)  # (micro, seq, hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap(self.output(self.normed(hidden)), self.softcap)  # (micro, seq, vocab)
+        return self.project(self.normed(hidden))  # (micro, seq, vocab)
+
+    def project(self, normed: torch.Tensor) -> torch.Tensor:
+        """The logits of the final norm's output (``normed``): the output layer, soft-capped."""
+        return soft_cap(self.output(normed), self.softcap)
 
 
 class BlockInputs:
@@ -117,11 +121,20 @@ class BlockContext(nn.Module):
         # Gemma 3 keeps one rotary table per attention kind (other base frequency for local layers)
         self.rotary_per_kind = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> BlockInputs:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        cache: object | None = None,
+        layer_ids: list[int] | None = None,
+    ) -> BlockInputs:
+        """Generating: ``cache`` holds the keys and values seen so far (of this stage's
+        ``layer_ids``), ``padding`` (micro, cached + new) is 0 where a prompt was left-padded."""
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, seq)
-        kinds = set(self.kinds)
-        masks = attention_masks(self.config, hidden, position_ids, kinds)
+        kinds = set(self.kinds) if cache is None else {self.kinds[i] for i in layer_ids}
+        masks = attention_masks(self.config, hidden, position_ids, kinds, padding, cache, layer_ids)
         by_kind = {kind: {"attention_mask": masks[kind]} for kind in kinds}
         if self.rotary is None:
             return BlockInputs(self.kinds, {}, by_kind)

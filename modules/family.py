@@ -112,6 +112,8 @@ class Family:
     experts: ExpertLayout | None = None
     # Its routers: HF's router class and where its output holds the logits (modules/routing.py).
     router: Callable[[], tuple[type, int]] | None = None
+    # The keyword HF's block takes its key/value cache by (generation/): ``layer_past`` in GPT-NeoX.
+    cache_arg: str = "cache"
     # Names HF's files use where they differ from the in-memory ones: read and written.
     disk_rules: tuple[KeyRule, ...] = ()
     # Names of older files, still read, never written.

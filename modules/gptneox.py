@@ -52,5 +52,6 @@ FAMILY = Family(
         KeyRule(hf="lm_head.", part=HEAD_PART, local="embed_out."),
     ),
     tied_keys=("embed_in.weight", "embed_out.weight"),
+    cache_arg="layer_past",
     disk_rules=(KeyRule(hf="embed_out.", part=HEAD_PART, local="embed_out."),),  # HF's files keep the old name
 )

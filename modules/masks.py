@@ -41,17 +41,31 @@ def layer_kinds(config: object) -> list[str]:
 
 
 def attention_masks(
-    config: object, hidden: torch.Tensor, position_ids: torch.Tensor, kinds: set[str]
+    config: object,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    kinds: set[str],
+    padding: torch.Tensor | None = None,
+    cache: object | None = None,
+    layer_ids: list[int] | None = None,
 ) -> dict[str, object]:
     """The mask HF's decoder layers expect for each of ``kinds``; ``position_ids`` (1 or micro,
     seq) that restart keep packed examples apart.
 
     With SDPA and full attention this is usually ``None`` (the kernel's own causal flag is
     used); with eager attention or a sliding window it is a 4-D mask. Either way it is what the
-    HF model itself would pass to a layer of that kind."""
-    return {
-        kind: _builder(kind)(
-            config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-        )
-        for kind in kinds
-    }
+    HF model itself would pass to a layer of that kind.
+
+    Generating (generation/): ``padding`` (micro, cached + new tokens) is 0 on left padding and
+    ``cache`` holds the keys and values seen so far; the mask's sizes are read from the cache of
+    this stage's first layer of each kind (``layer_ids``), since HF's default, the model's first
+    layer, is on another stage."""
+    kinds_by_layer = layer_kinds(config)
+    masks = {}
+    for kind in kinds:
+        layer = None
+        if cache is not None:
+            layer = next(i for i in (layer_ids or range(len(kinds_by_layer))) if kinds_by_layer[i] == kind)
+        masks[kind] = _builder(kind)(config=config, inputs_embeds=hidden, attention_mask=padding, cache=cache,
+                                     position_ids=position_ids, layer_idx=layer)  # fmt: skip
+    return masks

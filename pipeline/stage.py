@@ -199,8 +199,26 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``position_ids`` (micro, seq): where packed examples restart their positions (None: 0..seq-1)."""
+        return self._run(x, position_ids)
+
+    def decode(self, x: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor, cache: object) -> torch.Tensor:
+        """One generation pass (generation/): a prompt's tokens or the newest one, attending to what
+        ``cache`` (HF's cache of this stage's layers) holds and adding theirs to it; ``padding``
+        (micro, cached + new) 0 on left padding. The last stage returns the final norm's output:
+        its caller projects the positions it samples from (``Head.project``)."""
+        return self._run(x, position_ids, padding, cache)
+
+    def _run(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, padding: torch.Tensor | None = None,
+        cache: object | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         hidden = self.embedding(x, position_ids) if self.embedding is not None else x  # (micro, seq, hidden)
-        inputs = self.context(hidden, position_ids)  # masks and rotary tables, once per micro-batch
+        # masks and rotary tables, once per micro-batch
+        inputs = self.context(hidden, position_ids, padding, cache, self.layer_ids)
+        if cache is not None:
+            for index, layer in zip(self.layer_ids, self.layers.values(), strict=True):
+                hidden = layer(hidden, **inputs(index), **{self.family.cache_arg: cache})
+            return self.head.normed(hidden) if self.head is not None else hidden
         for index, layer in zip(self.layer_ids, self.layers.values(), strict=True):
             if self.recompute and torch.is_grad_enabled():
                 # Non-reentrant: kwargs pass through and only what the backward needs is kept.
