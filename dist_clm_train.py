@@ -22,6 +22,7 @@ from data.config import DataConfig
 from data.preview import preview
 from observability.metrics import setup_logging
 from run.entry import run
+from run.sample import sample
 from trainer.checkpoint import CheckpointError
 from trainer.cli import config_from_args, parse_args
 from trainer.startup import StartupError
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dist_clm_train.py: error: {err}")
     setup_logging(cfg.topology, cfg.log_level, cfg.spare_rank)
     try:
-        run(cfg)
+        sample(cfg) if cfg.generation.sampling_only else run(cfg)
     except (StartupError, CheckpointError, ConnectionError, ValueError, OSError, ArithmeticError) as err:
         logging.getLogger("dist_clm_train").error("%s", err)
         for handler in logging.getLogger().handlers:

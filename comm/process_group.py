@@ -26,6 +26,7 @@ from comm.collectives import Collectives
 from comm.compress import Codec
 from comm.config import CommConfig
 from comm.control import Control
+from comm.decode import DecodePeers
 from comm.devices import Placement, check_one_gpu_per_rank, device_identity
 from comm.health import Heartbeat, leave_now
 from comm.lane import Lane
@@ -69,11 +70,12 @@ def nccl_groups(topo: Topology, backend: str, dp_backend: str) -> list[list[int]
     return groups
 
 
-class Communicator(PipelinePeers, Collectives, Control, Wire):
+class Communicator(PipelinePeers, DecodePeers, Collectives, Control, Wire):
     """One rank's process groups and all of its traffic: the pipeline's point-to-point
-    (comm.p2p), collectives (comm.collectives), control (comm.control), each send counted and
-    held to an emulated link (comm.link). This file makes the groups (and again after an
-    elastic regroup), turns failures into errors naming the lost peer, and leaves the job."""
+    (comm.p2p; generation's, comm.decode), collectives (comm.collectives), control
+    (comm.control), each send counted and held to an emulated link (comm.link). This file makes
+    the groups (and again after an elastic regroup), turns failures into errors naming the lost
+    peer, and leaves the job."""
 
     def __init__(
         self, topo: Topology, cfg: CommConfig, device: torch.device, link_ends: bool = False,

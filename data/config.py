@@ -32,7 +32,7 @@ class DataConfig:
     def add_flags(group: argparse._ArgumentGroup) -> None:
         group.add_argument(
             "--task-name",
-            required=True,
+            default=None,
             help="path[:weight],... of .jsonl, .jsonl.zst, .csv, .parquet files or datasets folders; records hold "
             "'text', 'prompt' with 'completion'/'generation'/'response', chat 'messages', ShareGPT 'conversations', "
             "or alpaca 'instruction'/'input'/'output' (conversations go through the chat template; assistant turns "
@@ -73,5 +73,7 @@ class DataConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"--chat-template {path}: no such file (give a Jinja chat template file)")
             template = path.read_text(encoding="utf-8")
-        tasks = parse_task_names(args.task_name)
+        if args.task_name is None and getattr(args, "sample_prompts", None) is None:
+            raise ValueError("--task-name is required: the data to train on (or --sample-prompts FILE to only sample)")
+        tasks = parse_task_names(args.task_name) if args.task_name is not None else ()
         return cls(tasks, args.seq_length, args.seed, args.skip_bad_lines, template, args.packing, args.truncation_mode)

@@ -15,6 +15,7 @@ FLOORS = [
     "run",
     "trainer",
     "objectives",
+    "generation",
     "observability",
     "data",
     "data_parallel",

@@ -34,7 +34,7 @@ from tests.helpers import (
     saved_adapters,
     train_args,
 )
-from trainer.checkpoint import _check_same_kind
+from trainer.checkpoint import check_same_kind
 
 RANK, ALPHA = 4, 8.0
 ALL_LINEAR = {  # the default targets: every linear layer of a block
@@ -299,9 +299,9 @@ def test_lora_checkpoint_refuses_other_flags(lora_run: Path, tiny_shards: Path, 
     # the same adapters over another base folder: allowed (paths differ between nodes), but said
     spec = LoraSpec.read(ckpt / "checkpoint_5")[0]
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
-        _check_same_kind(ckpt / "checkpoint_5", spec, str(tiny_shards))
+        check_same_kind(ckpt / "checkpoint_5", spec, str(tiny_shards))
         assert not caplog.records
-        _check_same_kind(ckpt / "checkpoint_5", spec, str(tmp_path / "elsewhere"))
+        check_same_kind(ckpt / "checkpoint_5", spec, str(tmp_path / "elsewhere"))
     assert "they must be the same model" in caplog.text
 
 
@@ -329,3 +329,55 @@ def test_lora_bad_input_is_one_clear_line(tiny_shards: Path, two_tasks: str, tmp
     # a full-weight checkpoint has no adapters to export
     with pytest.raises(ValueError, match="holds full weights, not LoRA adapters"):
         convert_to_hf(tiny_shards, tmp_path / "out", lora_export="adapter")
+
+
+def same_length_prompts(tokenizer: object, count: int, tokens: int) -> list[str]:
+    """Prompts from the bundled texts that are each ``tokens`` tokens long (no left padding: HF's
+    ``generate`` of each alone computes exactly what a micro-batch of them does)."""
+    found = []
+    for text in bundled_texts():
+        prompt = tokenizer.decode(tokenizer(text)["input_ids"][:tokens])
+        if len(tokenizer(prompt)["input_ids"]) == tokens and prompt not in found:
+            found.append(prompt)
+    assert len(found) >= count
+    return found[:count]
+
+
+@pytest.mark.ranks
+def test_lora_checkpoint_sampled_at_pp2_dp2_equals_peft_generate(
+    lora_run: Path, tiny_hf: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """--sample-prompts over the run's own launch: each replica's pipeline generates its share of
+    the prompts with the latest checkpoint's adapters on, as PEFT's model does in one process."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf)
+    prompts = same_length_prompts(tokenizer, 5, 6)
+    prompts_file, out = tmp_path / "prompts.jsonl", tmp_path / "samples" / "out.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    args = ["--model-name", str(tiny_shards), "--checkpoint-path", str(lora_run), *LORA_FLAGS,
+            "--pipeline-group-size", "2", "--data-group-size", "2", "--seq-length", "32", "--micro-batch-size", "2",
+            "--batch-size", "2", "--sample-prompts", str(prompts_file), "--sample-output", str(out),
+            "--temperature", "0", "--max-completion-length", "12"]  # fmt: skip
+    results = launch(args, 4, tmp_path)
+    assert_all_ok(results)
+    assert f"sampling checkpoint 10 of {lora_run}: 5 prompts" in results[0].output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["line"], r["prompt"], r["id"]) for r in rows] == [(i + 1, p, i) for i, p in enumerate(prompts)]
+
+    spec = LoraSpec.read(lora_run / "checkpoint_10")[0]
+    stages = lora_stages("gptneox", tiny_shards, spec, cut=2)
+    for stage in stages:
+        stage.load_saved(str(lora_run / "checkpoint_10"))
+    reference = peft_reference_model(tiny_hf, spec, SEED).eval()
+    copy_adapters_into_peft(stages, reference, "gptneox")
+    eos = tokenizer.eos_token_id
+    for row, prompt in zip(rows, prompts, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        want = want[0, ids.shape[1] :].tolist()
+        assert row["completion_ids"] == want[: want.index(eos) + 1 if eos in want else None]
+        assert row["finish_reason"] == ("stop" if eos in want else "length")
+        assert row["completion"] == tokenizer.decode(row["completion_ids"], skip_special_tokens=True)

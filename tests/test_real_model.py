@@ -315,3 +315,42 @@ def test_dpo_with_a_frozen_reference_equals_trl_at_the_default_chunked_loss(
             assert mine[f"logps/{key}"] == pytest.approx(theirs[f"logps/{key}"], rel=5e-4), (step, key)
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)  # TRL's is torch's fp32 norm
     assert ours[-1]["rewards/margins"] > 0  # it moved: a frozen reference no longer equals the policy
+
+
+@pytest.mark.ranks
+def test_greedy_chat_generation_at_pp2_equals_hf_generate(
+    smollm2_hf: Path, smollm2_shards: Path, tmp_path: Path
+) -> None:
+    """Chat prompts (TRL's conversational format, through the model's template) sampled greedily
+    over two real ranks: each completion equals HF's ``generate`` on the same left-padded
+    micro-batch, token for token, ending at ``<|im_end|>``; one answer is right."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generation.engine import PromptBatch
+
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 3?",
+                 "Say hello in Spanish, in one word."]  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in questions))
+    out = tmp_path / "out.jsonl"
+    args = ["--model-name", str(smollm2_shards), "--pipeline-group-size", "2", "--seq-length", "128",
+            "--micro-batch-size", "2", "--batch-size", "2", "--sample-prompts", str(prompts), "--sample-output",
+            str(out), "--temperature", "0", "--max-completion-length", "24",
+            "--checkpoint-path", str(tmp_path / "none")]  # fmt: skip
+    assert_all_ok(launch(args, 2, tmp_path, timeout=600))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf).eval()
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"] for q in questions]  # fmt: skip
+    eos = tokenizer.eos_token_id  # <|im_end|>, the padding token too
+    for start in (0, 2):
+        batch = PromptBatch.left_padded(ids[start : start + 2], eos, torch.device("cpu"))
+        want = model.generate(batch.ids, attention_mask=batch.padding, max_new_tokens=24, do_sample=False,
+                              eos_token_id=eos, pad_token_id=eos)[:, batch.ids.shape[1] :]  # fmt: skip
+        for row, expected in zip(rows[start : start + 2], want.tolist(), strict=True):
+            cut = expected.index(eos) + 1 if eos in expected else None
+            assert row["completion_ids"] == expected[:cut]
+    assert any(row["finish_reason"] == "stop" and row["completion_ids"][-1] == eos for row in rows)
+    assert "Paris" in rows[0]["completion"]

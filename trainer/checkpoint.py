@@ -286,7 +286,7 @@ def _verify(directory: Path, names: list[str], root: Path, step: int) -> None:
             raise CheckpointError(f"{path} is damaged (size or checksum differs from the manifest); {fallback}")
 
 
-def _check_same_kind(directory: Path, lora: LoraSpec | None, base_model: str | None) -> None:
+def check_same_kind(directory: Path, lora: LoraSpec | None, base_model: str | None) -> None:
     """A LoRA run resumes LoRA adapters of the same shape; a full run, full weights."""
     try:
         saved = LoraSpec.read(directory)
@@ -329,7 +329,7 @@ def load_checkpoint(
     directory = checkpoint_dir(root, step)
     if not directory.is_dir():
         raise CheckpointError(f"{root / 'latest'} names step {step} but {directory} does not exist")
-    _check_same_kind(directory, stage.lora, base_model)
+    check_same_kind(directory, stage.lora, base_model)
     parts = list(stage.saved_parts())
     prefix = replica_prefix(replica) if optimizer.sync.replica_files else ""
     if prefix and not (directory / f"{prefix}{OPTIM_PREFIX}{parts[0]}.safetensors").is_file():

@@ -11,6 +11,7 @@ from comm.config import CommConfig
 from comm.devices import choose_device
 from comm.topology import Topology
 from data.config import DataConfig
+from generation.config import GenerationConfig
 from modules.lora import LoraSpec
 from objectives.config import ObjectiveConfig
 from trainer.config import (
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     EvalConfig.add_flags(d)
     ObjectiveConfig.add_flags(p)
+    GenerationConfig.add_flags(p)
     BatchConfig.add_flags(p.add_argument_group("batch"))
     OptimConfig.add_flags(p.add_argument_group("optimization"))
 
@@ -205,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     use_cuda = torch.cuda.is_available() if args.use_cuda is None else args.use_cuda
     device = choose_device(use_cuda, args.cuda_id, _env_int("LOCAL_RANK"), torch.cuda.device_count())
     objective = ObjectiveConfig.from_args(args)
+    generation = GenerationConfig.from_args(args)
     return RunConfig(
         topology=topo,
         comm=CommConfig.from_args(args, use_cuda),
@@ -226,5 +229,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         project_name=args.project_name,
         lora=LoraSpec.from_args(args),
         objective=objective,
+        generation=generation,
         spare_rank=spare_rank,
     )

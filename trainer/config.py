@@ -13,6 +13,7 @@ from comm.topology import Topology
 from data.config import DataConfig
 from data.stream import parse_task_names
 from data_parallel.config import DataParallelConfig
+from generation.config import GenerationConfig
 from modules.lora import LoraSpec
 from objectives.config import ObjectiveConfig
 from trainer.optimizer import OptimConfig
@@ -227,6 +228,7 @@ PER_RANK: dict[str, tuple[str, ...]] = {
     "comm": ("timeout_s", "net_interface", "link_bandwidth_mbps", "link_latency_ms", "host_staging", "run_token"),
     "model": ("model_name", "tokenizer_name", "embedding_dim"),
     "checkpoint": ("path", "keep", "preempt_grace_s"),
+    "generation": ("prompts", "output"),
     "run": (
         "device",
         "log_level",
@@ -253,6 +255,7 @@ class RunConfig:
     dp: DataParallelConfig = field(default_factory=DataParallelConfig)
     lora: LoraSpec | None = None  # adapters on every block, base frozen
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling; a sampling-only run
     device: str = "cpu"
     log_level: str = "INFO"
     log_interval: int = 10
