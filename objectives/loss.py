@@ -51,10 +51,13 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def _target_logps(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    softcap: float | None,
+    softcap: float | None, temperature: float = 1.0,
 ) -> torch.Tensor:  # fmt: skip
-    """Each row's log-probability of its target (any value where the target is IGNORE_INDEX)."""
+    """Each row's log-probability of its target (any value where the target is IGNORE_INDEX),
+    under the logits divided by ``temperature`` (the sampling's, where RL scores its samples)."""
     logits = soft_cap(F.linear(hidden, weight, bias), softcap).float()  # (chunk, vocab)
+    if temperature != 1.0:
+        logits = logits / temperature
     # log_softmax, not logsumexp - logit: a confident token's loss is a small difference of
     # two large numbers (real models' logits reach 20-30), which fp32 would round away
     return F.log_softmax(logits, dim=-1).gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
@@ -82,7 +85,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + chunk)
             total -= (_target_logps(hidden[rows], weight, bias, targets[rows], softcap) * valid[rows]).sum()
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.normalizer, ctx.chunk, ctx.softcap = normalizer, chunk, softcap
+        ctx.normalizer, ctx.chunk, ctx.softcap, ctx.temperature = normalizer, chunk, softcap, 1.0
         return total / normalizer
 
     @staticmethod
@@ -94,22 +97,33 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return (*_head_backward(ctx, hidden, weight, bias, targets, weights), None, None, None, None)
 
 
+def token_logps(
+    out: torch.Tensor, labels: torch.Tensor, output: nn.Linear | None = None, chunk: int = 0,
+    softcap: float | None = None, temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """Each position's log-probability of the next token where that token is trained (0
+    elsewhere), (rows, seq - 1) in fp32: from the logits ``out``, or with ``output`` from the final
+    norm's output ``out``, ``chunk`` tokens' logits at a time (as ``chunked_token_loss``; the
+    backward projects each chunk again); the logits divided by ``temperature``."""
+    rows, seq = labels.shape
+    targets = labels[:, 1:].reshape(-1)
+    if output is None:
+        logits = out[:, :-1].float()
+        picked = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+        picked = picked.reshape(-1, out.shape[-1]).gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+        picked = picked * (targets != IGNORE_INDEX)
+    else:
+        shifted = out[:, :-1].reshape(-1, out.shape[-1])
+        picked = _ChunkedTokenLogps.apply(shifted, output.weight, output.bias, targets, chunk, softcap, temperature)
+    return picked.reshape(rows, seq - 1)
+
+
 def sequence_logps(
     out: torch.Tensor, labels: torch.Tensor, output: nn.Linear | None = None, chunk: int = 0,
     softcap: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Each sequence's summed log-probability of its trained tokens, (rows,) in fp32: from the
-    logits ``out``, or with ``output`` from the final norm's output ``out``, ``chunk`` tokens'
-    logits at a time (as ``chunked_token_loss``; the backward projects each chunk again)."""
-    rows, seq = labels.shape
-    targets = labels[:, 1:].reshape(-1)
-    if output is None:
-        picked = F.log_softmax(out[:, :-1].float(), dim=-1).reshape(-1, out.shape[-1])
-        picked = picked.gather(1, targets.clamp_min(0)[:, None]).squeeze(1) * (targets != IGNORE_INDEX)
-    else:
-        shifted = out[:, :-1].reshape(-1, out.shape[-1])
-        picked = _ChunkedTokenLogps.apply(shifted, output.weight, output.bias, targets, chunk, softcap)
-    return picked.reshape(rows, seq - 1).sum(1)
+    """Each sequence's summed log-probability of its trained tokens, (rows,) in fp32 (``token_logps``)."""
+    return token_logps(out, labels, output, chunk, softcap).sum(1)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -125,15 +139,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         targets: torch.Tensor,
         chunk: int,
         softcap: float | None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         ctx.compute_dtype = _autocast_dtype(hidden.device.type)
         valid = targets != IGNORE_INDEX
         picked = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk):
             rows = slice(start, start + chunk)
-            picked[rows] = _target_logps(hidden[rows], weight, bias, targets[rows], softcap)
+            picked[rows] = _target_logps(hidden[rows], weight, bias, targets[rows], softcap, temperature)
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk, ctx.softcap = chunk, softcap
+        ctx.chunk, ctx.softcap, ctx.temperature = chunk, softcap, temperature
         return picked * valid
 
     @staticmethod
@@ -141,7 +156,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         # d log_softmax[target] / d logits = one-hot - softmax: the loss's form, negated
         weights = (targets != IGNORE_INDEX) * -grad_out.float()
-        return (*_head_backward(ctx, hidden, weight, bias, targets, weights), None, None, None)
+        return (*_head_backward(ctx, hidden, weight, bias, targets, weights), None, None, None, None)
 
 
 def _head_backward(
@@ -155,6 +170,7 @@ def _head_backward(
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
     device = hidden.device.type
+    temperature = ctx.temperature
     autocast = torch.autocast(device, dtype=ctx.compute_dtype, enabled=ctx.compute_dtype is not None)
     for start in range(0, targets.numel(), ctx.chunk):
         rows = slice(start, start + ctx.chunk)
@@ -162,10 +178,10 @@ def _head_backward(
             logits = F.linear(hidden[rows], weight, bias)  # the forward's values again
             capped = soft_cap(logits, ctx.softcap).float()
         # softmax - one-hot, each row times its weight; the softmax as autograd's log_softmax
-        # gives it (exact for a confident token's p ~ 1)
-        grad_logits = F.log_softmax(capped, dim=-1).exp_()
+        # gives it (exact for a confident token's p ~ 1); through a temperature, over it
+        grad_logits = F.log_softmax(capped / temperature if temperature != 1.0 else capped, dim=-1).exp_()
         grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows].clamp_min(0)] -= 1
-        grad_logits.mul_(weights[rows][:, None])  # (chunk, vocab)
+        grad_logits.mul_(weights[rows][:, None] / temperature if temperature != 1.0 else weights[rows][:, None])
         if ctx.softcap is not None:  # through cap * tanh(z / cap): times 1 - tanh^2, as autograd does
             tanh = torch.tanh(logits.float() / ctx.softcap)
             grad_logits = grad_logits.mul_(ctx.softcap).mul_(1 - tanh * tanh).div_(ctx.softcap)
