@@ -76,7 +76,7 @@ class _InFlight:
     padding: torch.Tensor  # (rows, cached + entering)
     positions: torch.Tensor  # (rows, entering)
     passes: int = 0  # passes this stage made of it
-    tokens: list[torch.Tensor] = field(default_factory=list)  # the last stage's samples, (rows,) each
+    tokens: list[torch.Tensor] = field(default_factory=list)  # sampled (last stage) or received (first), (rows,) each
     ended: torch.Tensor | None = None  # the last stage: rows that sampled an end-of-sequence id
     sent: Waitable | None = None  # this stage's last message about it, still in flight
 
@@ -110,8 +110,8 @@ def generate(
 ) -> list[torch.Tensor] | None:
     """Run this stage's part of generating completions of ``batches``, ``in_flight`` micro-batches
     at a time (a micro-batch that ends makes room for the next). Every stage of the pipeline calls
-    it with the same batches; the last stage returns each batch's new tokens (rows, steps)
-    (``stops.pad_id`` after a row's end), the others None."""
+    it with the same batches; the first and last stages return each batch's new tokens (rows,
+    steps) (``stops.pad_id`` after a row's end), the others None."""
     topo = links.topo
     first, last = topo.is_first_stage, topo.is_last_stage
     hidden_size = stage.config.hidden_size
@@ -131,7 +131,7 @@ def generate(
 
     def leave(j: int) -> None:
         flight = flights[j]
-        if last:
+        if first or last:
             finished[j] = torch.stack(flight.tokens, dim=1)
         flight.cache = flight.tokens = None  # its memory, for the next to enter
         enter()
@@ -171,6 +171,7 @@ def generate(
             else:
                 x, done = posted.pop(j).wait()
                 if first:
+                    flight.tokens.append(x)  # the first stage keeps them too: it builds what trains on them
                     x = x.unsqueeze(1)  # (rows, 1) token ids
             if done:  # pass the flag on; the micro-batch leaves every stage's turn as it goes by
                 if not last:
@@ -197,7 +198,7 @@ def generate(
     for flight in flights:
         if flight.sent is not None:
             flight.sent.wait()
-    return finished if last else None
+    return finished if first or last else None
 
 
 def _sample(

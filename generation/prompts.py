@@ -10,6 +10,7 @@ prompt: the template writes its own.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,20 @@ class Prompt:
     prompt: str | list[dict]
     ids: tuple[int, ...]
     columns: dict = field(default_factory=dict)
+
+
+def end_of_sequence_ids(folders: tuple[str | Path, ...], tokenizer: object) -> tuple[int, ...]:
+    """Where a completion ends: the ``generation_config.json`` of the model's folders (an
+    instruct model lists its end-of-turn token there) and the tokenizer's EOS."""
+    ids: set[int] = set()
+    for folder in dict.fromkeys(str(f) for f in folders):
+        path = Path(folder) / "generation_config.json"
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
 
 
 def _messages(value: list, where: str) -> list[dict]:
@@ -84,3 +99,41 @@ def read_prompts(path: Path, tokenizer: object, template: ChatTemplate, max_prom
     if not prompts:
         raise ValueError(f"{path}: no prompts in the file")
     return prompts
+
+
+class PromptStream:
+    """The prompts of a run in a shuffled order, a new order each pass over the file (from the
+    seed and the pass alone), as TRL's sampler draws them. Its state is how many were drawn."""
+
+    def __init__(self, prompts: list[Prompt], seed: int, generations: int = 1) -> None:
+        """``generations``: completions per prompt, so that ``next_batch`` counts completions."""
+        self.prompts, self.seed, self.generations = prompts, seed, generations
+        self.drawn = 0
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def next_prompts(self, count: int) -> list[Prompt]:
+        picked = []
+        for _ in range(count):
+            epoch, at = divmod(self.drawn, len(self.prompts))
+            picked.append(self.prompts[self._shuffled(epoch)[at]])
+            self.drawn += 1
+        return picked
+
+    def next_batch(self, completions: int) -> list[Prompt]:
+        """The prompts of ``completions`` completions (the prefetcher's call, as a token stream's)."""
+        return self.next_prompts(completions // self.generations)
+
+    def state_dict(self) -> dict:
+        return {"prompts_drawn": self.drawn, "packing": "none"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "prompts_drawn" not in state:
+            raise ValueError("the checkpoint's data state is not a prompt stream's: resume it with its own --objective")
+        self.drawn = state["prompts_drawn"]

@@ -68,6 +68,7 @@ class Objective:
     name = ""
     pairs = False  # rows come as (chosen, rejected) pairs; --batch-size counts pairs
     reads_logits = True  # False: the loss reads the final norm's output (a head of its own)
+    generates = False  # True: each step's rows are completions the pipeline generates (trainer.rollout)
     uses_output_layer = True  # False: the output layer stays as loaded, frozen and untied
     # parts the objective adds to the last stage, by shard name: built (on the meta device) from
     # the model's config, saved as a part of their own and trained whole under LoRA
@@ -86,6 +87,11 @@ class Objective:
     def count(self, labels: torch.Tensor) -> int:
         """What the loss of these rows averages over: the trained tokens that have one before them."""
         return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def step_count(self, batch: Batch, counted: float) -> float:
+        """The step's normaliser, ``counted`` from the batch's rows unless the batch knows it
+        better (GRPO's: what every replica generated, summed over them)."""
+        return counted
 
     def step_loss(self, stage: nn.Module, normalizer: float, chunk: int, device: torch.device) -> StepLoss:
         """A fresh loss for one step or evaluation on the last ``stage``, each micro-batch's loss

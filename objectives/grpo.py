@@ -22,62 +22,19 @@ replicas), so the step's gradient is exactly the global batch's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from data.stream import IGNORE_INDEX
-from objectives.base import StepLoss, Targets
+from data.stream import IGNORE_INDEX, Batch
+from objectives.base import Objective, StepLoss, Targets
+from objectives.config import GrpoSettings
 from objectives.loss import token_logps
+from objectives.rewards import load_reward_function
+from objectives.rollouts import rollout_row
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SAMPLING_LEVELS = ("token", "sequence")
 # TRL's names, means over the step's completion tokens (the clip ratios count a token where its
 # ratio left the clip range on the side its advantage would push it further)
 GRPO_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-
-
-@dataclass(frozen=True)
-class GrpoSettings:
-    loss_type: str = "dapo"
-    importance_sampling_level: str = "token"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None: epsilon (symmetric clipping)
-    beta: float = 0.0  # the KL penalty's weight; 0: no reference model
-    max_completion_length: int = 256  # dr_grpo's constant length
-    kl_ratio_correction: bool = True  # TRL's use_bias_correction_kl: the KL term times the ratio
-    temperature: float = 1.0  # the sampling's: completions are scored under the logits it divided
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss-type {self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-        if self.importance_sampling_level not in SAMPLING_LEVELS:
-            level = self.importance_sampling_level
-            raise ValueError(f"--importance-sampling-level {level!r}: choose token or sequence")
-        if not 0 < self.epsilon < 1:
-            raise ValueError(f"--epsilon must lie in (0, 1), not {self.epsilon}")
-        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
-            raise ValueError(
-                f"--epsilon-high {self.epsilon_high} is below --epsilon {self.epsilon}: clip-higher raises it"
-            )
-        if self.beta < 0:
-            raise ValueError(f"--beta must be 0 (no KL penalty) or positive, not {self.beta}")
-
-    @property
-    def clip_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-    def count(self, mask: torch.Tensor) -> float:
-        """What one micro-batch adds to the step's normalizer; ``mask`` (rows, seq - 1): its
-        completion tokens."""
-        if self.loss_type == "grpo":
-            return float(mask.shape[0])
-        if self.loss_type == "bnpo":
-            return 1.0
-        if self.loss_type == "dr_grpo":
-            return float(mask.shape[0] * self.max_completion_length)
-        return float(mask.sum())
 
 
 def token_losses(
@@ -131,10 +88,17 @@ class GrpoLoss(StepLoss):
     ``ref_logps`` (rows, seq - 1). ``totals``: each of GRPO_METRICS's sum and count, over the
     completion tokens or, per completion, over the completions."""
 
-    def __init__(self, stage: nn.Module, normalizer: float, chunk: int, device: torch.device,
-                 settings: GrpoSettings) -> None:  # fmt: skip
+    def __init__(
+        self, stage: nn.Module, normalizer: float, chunk: int, device: torch.device, settings: GrpoSettings,
+        rollout: torch.Tensor | None = None, names: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        """``rollout``: the step's rollout sums (objectives.rollouts) to report beside the loss's,
+        of reward functions ``names``."""
         self.stage, self.normalizer, self.chunk, self.settings = stage, normalizer, chunk, settings
-        self.totals = torch.zeros(2 * len(GRPO_METRICS), dtype=torch.float32, device=device)
+        self.names, self.rolled = tuple(names), 0 if rollout is None else len(rollout)
+        self.totals = torch.zeros(2 * len(GRPO_METRICS) + self.rolled, dtype=torch.float64, device=device)
+        if rollout is not None:
+            self.totals[: self.rolled] = rollout.to(self.totals)
 
     def __call__(self, out: torch.Tensor, targets: Targets) -> torch.Tensor:
         labels = targets["labels"]
@@ -154,10 +118,43 @@ class GrpoLoss(StepLoss):
                     sums += [value.sum(), mask.new_tensor(float(value.shape[0]))]
                 else:
                     sums += [(value * mask).sum(), mask.sum()]
-            self.totals += torch.stack(sums).to(self.totals)
+            self.totals[self.rolled :] += torch.stack(sums).to(self.totals)
         return reduced(losses, mask, self.settings) / self.normalizer
 
     def row(self, totals: list[float], prefix: str = "") -> dict[str, float]:
         names = GRPO_METRICS if self.settings.beta else GRPO_METRICS[1:]
-        at = {name: 2 * i for i, name in enumerate(GRPO_METRICS)}
-        return {prefix + name: totals[at[name]] / max(1.0, totals[at[name] + 1]) for name in names}
+        at = {name: self.rolled + 2 * i for i, name in enumerate(GRPO_METRICS)}
+        row = {prefix + name: totals[at[name]] / max(1.0, totals[at[name] + 1]) for name in names}
+        if self.rolled:
+            row.update({prefix + k: v for k, v in rollout_row(totals[: self.rolled], self.names).items()})
+        return row
+
+
+class Grpo(Objective):
+    """--objective grpo: each step's completions are generated through the pipeline from its
+    prompts (the trainer's rollout, trainer.rollout), scored by the reward functions, and trained
+    on with GrpoLoss; the metrics add TRL's rollout figures (objectives.rollouts)."""
+
+    name = "grpo"
+    generates = True
+
+    def __init__(self, settings: GrpoSettings, micro_batch_size: int) -> None:
+        self.settings, self.micro = settings, micro_batch_size
+        self.functions = [load_reward_function(spec) for spec in settings.reward_funcs]
+        self.rollout: torch.Tensor | None = None  # this replica's rollout sums of the step (the last stage)
+
+    def targets(self, batch: Batch, rows: slice, slot: int, first_file: int, pad_id: int) -> Targets:
+        return {"labels": batch.labels[rows], "advantages": batch.advantages[rows]}
+
+    def count(self, labels: torch.Tensor) -> float:
+        mask = labels[:, 1:] != IGNORE_INDEX
+        return sum(self.settings.count(mask[i : i + self.micro]) for i in range(0, len(mask), self.micro))
+
+    def step_count(self, batch: Batch, counted: float) -> float:
+        return batch.total if getattr(batch, "total", None) is not None else counted
+
+    def probe_targets(self, rows: int, seq: int, vocab: int, device: torch.device) -> Targets:
+        return {**super().probe_targets(rows, seq, vocab, device), "advantages": torch.zeros(rows, device=device)}
+
+    def step_loss(self, stage: nn.Module, normalizer: float, chunk: int, device: torch.device) -> StepLoss:
+        return GrpoLoss(stage, normalizer, chunk, device, self.settings, self.rollout, [f.name for f in self.functions])

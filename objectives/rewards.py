@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SCALES = ("group", "batch", "none")
+from objectives.config import SCALES
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from comm.process_group import Communicator
 from data.chat import ChatTemplate
 from generation.engine import PromptBatch, Stops, generate
-from generation.prompts import Prompt, read_prompts
+from generation.prompts import Prompt, end_of_sequence_ids, read_prompts
 from generation.sampling import Sampler
 from modules.layout import checkpoint_dir, latest_step
 from pipeline.stage import Stage
@@ -27,20 +27,6 @@ from trainer.precision import compute_dtype
 from trainer.startup import Plan, plan_stage
 
 log = logging.getLogger(__name__)
-
-
-def stop_ids(cfg: RunConfig, tokenizer: object) -> tuple[int, ...]:
-    """End-of-sequence ids: the model's ``generation_config.json`` (an instruct model lists its
-    end-of-turn token there) and the tokenizer's EOS."""
-    ids: set[int] = set()
-    for folder in dict.fromkeys((cfg.model.model_name, cfg.model.tokenizer_name)):
-        path = Path(folder) / "generation_config.json"
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
 
 
 def load_stage(cfg: RunConfig, plan: Plan, device: torch.device) -> tuple[Stage, str]:
@@ -86,7 +72,7 @@ def sample(cfg: RunConfig) -> None:
     template = ChatTemplate(tokenizer, cfg.data.chat_template)
     room = cfg.data.seq_length - gen.sampling.max_completion_length
     prompts = read_prompts(gen.prompts, tokenizer, template, room)  # every rank: bad input before any waits
-    eos = stop_ids(cfg, tokenizer)
+    eos = end_of_sequence_ids((cfg.model.model_name, cfg.model.tokenizer_name), tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     device = torch.device(cfg.device)
     comm = Communicator.connect(topo, cfg.comm, device)

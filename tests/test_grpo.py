@@ -12,6 +12,7 @@ function that raises, returns the wrong count or NaN, or cannot be found is one 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -289,3 +290,120 @@ def test_settings_are_checked() -> None:
         assert error in str(caught.value)
     with pytest.raises(ValueError, match="--scale-rewards 'rank'"):
         advantages(torch.zeros(2, 1), [1.0], 2, "rank", ["f"])
+
+
+def prompt_file(path: Path, count: int) -> Path:
+    texts = bundled_texts()[:count]
+    path.write_text("".join(json.dumps({"prompt": " ".join(t.split()[:5]), "topic": i}) + "\n"
+                            for i, t in enumerate(texts)))  # fmt: skip
+    return path
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize(
+    "flags,settings",
+    [
+        ([], {"loss_type": "dapo"}),
+        (["--loss-type", "grpo", "--importance-sampling-level", "sequence", "--epsilon-high", "0.28"],
+         {"loss_type": "grpo", "importance_sampling_level": "sequence", "epsilon_high": 0.28}),
+    ],
+    ids=["dapo", "grpo-sequence"],
+)  # fmt: skip
+def test_grpo_through_the_pipeline_trains_as_trl_on_its_completions(
+    flags: list[str], settings: dict, llama: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Three steps at pp=2 generate, score and train; TRL's GRPOTrainer given the same completions
+    each step (tests/trl_oracle.py) computes the same loss, gradient norm and rollout metrics, and
+    ends with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from convert.to_hf import convert_to_hf
+    from tests import trl_oracle
+    from tests.grpo_rewards import parity, short
+    from tests.helpers import LR, assert_all_ok, launch, load_hf_state, read_metrics
+
+    hf, shards = llama
+    prompts = prompt_file(tmp_path / "prompts.jsonl", 6)
+    ckpt = tmp_path / "ckpt"
+    args = ["--model-name", str(shards), "--task-name", str(prompts), "--pipeline-group-size", "2",
+            "--objective", "grpo", "--reward-funcs", "tests.grpo_rewards:short", "tests.grpo_rewards:parity",
+            "--reward-weights", "1.0", "0.5", "--num-generations", "4", "--batch-size", "8", "--micro-batch-size", "4",
+            "--seq-length", "32", "--max-completion-length", "8", "--total-steps", "3", "--lr", str(LR),
+            "--warmup-steps", "0", "--checkpoint-path", str(ckpt), *flags]  # fmt: skip
+    assert_all_ok(launch(args, 2, tmp_path))
+    rollouts = [json.loads(line) for line in (ckpt / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rollouts] == [1] * 8 + [2] * 8 + [3] * 8
+    ours = [r for r in read_metrics(ckpt) if "loss" in r]
+
+    model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="sdpa")
+    theirs = trl_oracle.grpo(model, hf, str(prompts), rollouts, tmp_path / "trl", 8, 4, [short, parity], 3, 8,
+                             reward_weights=[1.0, 0.5], **settings)  # fmt: skip
+    assert len(theirs.steps) == len(ours) == 3
+    for mine, row in zip(ours, theirs.steps, strict=True):
+        assert mine["loss"] == pytest.approx(row["loss"], rel=1e-4, abs=1e-6)
+        assert mine["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-4)
+        for name in ("reward", "reward_std", "rewards/short/mean", "rewards/parity/mean", "frac_reward_zero_std",
+                     "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean"):  # fmt: skip
+            assert mine[name] == pytest.approx(row[name], rel=1e-5, abs=1e-6), name
+    assert any(r["grad_norm"] > 0 for r in ours)  # it trained
+    exported = load_hf_state(convert_to_hf(ckpt, tmp_path / "hf"))
+    for key, value in theirs.weights.items():
+        torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_grpo_flags_are_checked_before_any_rank_waits(tiny_shards: Path, tmp_path: Path) -> None:
+    from trainer.cli import config_from_args, parse_args
+
+    prompts = prompt_file(tmp_path / "p.jsonl", 2)
+    base = ["--rank", "0", "--model-name", str(tiny_shards), "--task-name", str(prompts)]
+    grpo = [*base, "--objective", "grpo", "--reward-funcs", "tests.grpo_rewards:short", "--num-generations", "4"]
+    cases = {
+        (*grpo, "--batch-size", "6"): "--batch-size 6 is not a multiple of --num-generations 4",
+        (*grpo, "--batch-size", "4", "--temperature", "0"): "at --temperature 0 every completion of a group",
+        (*base, "--objective", "grpo"): "--objective grpo needs --reward-funcs",
+        (*base, "--reward-funcs", "tests.grpo_rewards:short"): "--reward-funcs apply to --objective grpo",
+        (*grpo, "--batch-size", "4", "--reward-funcs", "tests.grpo_rewards:none"): "tests.grpo_rewards has no none",
+        (*grpo, "--batch-size", "4", "--reward-weights", "1", "2"): "--reward-weights gives 2 weights for 1",
+        (*grpo, "--batch-size", "4", "--evaluation-data", str(prompts)): "does not evaluate held-out data yet",
+        (*base, "--objective", "grpo", "--reward-funcs", "tests.grpo_rewards:short", "--num-generations", "1",
+         "--batch-size", "4"): "--num-generations 1 with --scale-rewards group",
+    }  # fmt: skip
+    for flags, error in cases.items():
+        with pytest.raises(ValueError) as caught:
+            config_from_args(parse_args(list(flags)))
+        assert error in str(caught.value), (flags, caught.value)
+    cfg = config_from_args(
+        parse_args([*grpo, "--batch-size", "8", "--temperature", "0.9", "--max-completion-length", "7"])
+    )
+    assert (cfg.objective.grpo.temperature, cfg.objective.grpo.max_completion_length) == (0.9, 7)
+
+
+def test_completions_become_rows_at_their_slots_places() -> None:
+    """Each completion through its EOS after its prompt, at its slot's rows of the global layout;
+    under --mask-truncated-completions one cut at the length trains nothing."""
+    from generation.prompts import Prompt
+    from objectives.rollouts import completions, training_rows
+
+    draw = [Prompt(1, "a", (5, 6)), Prompt(2, "b", (7,)), Prompt(3, "c", (8, 9, 10)), Prompt(4, "d", (11,))]
+    tokens = [torch.tensor([[20, 2, 0], [21, 22, 23]]), torch.tensor([[24, 2, 0], [2, 0, 0]])]  # EOS is 2
+    made = completions(tokens, (2,))
+    assert made == [([20, 2], False), ([21, 22, 23], True), ([24, 2], False), ([2], False)]
+    for mask in (False, True):
+        settings = GrpoSettings(num_generations=2, mask_truncated_completions=mask)
+        # batch size 2 (a prompt's group), slot 1 of 4: the second prompt's rows, 2 and 3
+        ids, labels = training_rows(draw, made[:2], settings, [1], 2, 8, 6, 0)
+        assert ids[2].tolist() == [7, 20, 2, 0, 0, 0] and ids[3].tolist() == [7, 21, 22, 23, 0, 0]
+        assert labels[2].tolist() == [IGNORE_INDEX, 20, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+        truncated = [IGNORE_INDEX] * 6 if mask else [IGNORE_INDEX, 21, 22, 23, IGNORE_INDEX, IGNORE_INDEX]
+        assert labels[3].tolist() == truncated
+        assert (labels[[0, 1, 4, 5, 6, 7]] == IGNORE_INDEX).all() and (ids[[0, 1, 4, 5, 6, 7]] == 0).all()
+
+
+def test_the_recipe_s_math_reward_reads_the_last_number() -> None:
+    from tests.helpers import ROOT
+
+    reward = load_reward_function(f"{ROOT}/example_scripts/rewards/math_answer.py:correct_answer")
+    said = ["So she has 1,234 apples.", [{"role": "assistant", "content": "3 + 4 = 7. The answer is 7"}], "no idea",
+            "It is 7.5"]  # fmt: skip
+    table = score([reward], ["q"] * 4, said, [[1]] * 4, {"answer": ["1234", "7", "3", None]})
+    assert table[:, 0].tolist()[:3] == [1.0, 1.0, 0.0] and math.isnan(table[3, 0])

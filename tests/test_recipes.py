@@ -51,7 +51,7 @@ def on_tiny(recipe: Path, shards: Path, data: dict[str, str], ckpt: Path, *, sho
 def test_the_recipes_cover_each_method() -> None:
     kinds = [yaml.safe_load(r.read_text()) for r in RECIPES]
     assert any(k.get("lora-rank") for k in kinds) and any(not k.get("lora-rank") for k in kinds)
-    assert {k.get("objective", "lm") for k in kinds} == {"lm", "dpo", "reward"}
+    assert {k.get("objective", "lm") for k in kinds} == {"lm", "dpo", "reward", "grpo"}
     assert any(k.get("dp-mode") == "diloco" for k in kinds) and any(k.get("pp-compress") for k in kinds)
 
 

@@ -156,3 +156,34 @@ def sft(model: torch.nn.Module, hf: Path, train: str, out: Path, per_step: int, 
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(records(train)))  # fmt: skip
     return _finish(trainer, False)
+
+
+def grpo(
+    model: torch.nn.Module, hf: Path, prompts: str, rollouts: list[dict], out: Path, per_step: int, generations: int,
+    reward_funcs: list, steps: int, max_completion_length: int, **settings: object,
+) -> TrlRun:  # fmt: skip
+    """TRL's GRPOTrainer trained on our run's completions: its ``rollout_func`` hands each step
+    the prompts' tokens and the completions our pipeline generated for that step (rollouts.jsonl,
+    in our order: a prompt's group together), so both train on the same completions; the reward
+    functions score them again. ``settings``: GRPOConfig's loss fields (loss_type, epsilon, ...)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    by_step: dict[int, list[dict]] = {}
+    for row in rollouts:
+        by_step.setdefault(row["step"], []).append(row)
+
+    def replay(batch_prompts: list, trainer: object) -> dict:
+        rows = by_step[trainer.state.global_step + 1]
+        assert len(rows) == len(batch_prompts)
+        return {"prompt_ids": [tokenizer(r["prompt"])["input_ids"] for r in rows],
+                "completion_ids": [r["completion_ids"] for r in rows],
+                "logprobs": [[0.0] * len(r["completion_ids"]) for r in rows]}  # fmt: skip
+
+    args = GRPOConfig(**common_args(out, per_step, steps=steps, warmup=0), num_generations=generations,
+                      max_completion_length=max_completion_length, beta=0.0, temperature=1.0, **settings)  # fmt: skip
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(records(prompts)), rollout_func=replay)  # fmt: skip
+    return _finish(trainer, False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 
@@ -14,6 +15,7 @@ from data.config import DataConfig
 from generation.config import GenerationConfig
 from modules.lora import LoraSpec
 from objectives.config import ObjectiveConfig
+from objectives.rewards import load_reward_function
 from trainer.config import (
     AUTO_CHUNK_MIB,
     AUTO_CHUNK_TOKENS,
@@ -159,7 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--config {known.config}: unknown flag {key!r}")
             action = actions[dest]
             try:
-                value = action.type(str(value)) if action.type and not isinstance(value, bool) else value
+                if isinstance(value, list):  # a flag of several values (--reward-funcs a b)
+                    value = [action.type(str(v)) if action.type else v for v in value]
+                elif action.type and not isinstance(value, bool):
+                    value = action.type(str(value))
             except (ValueError, argparse.ArgumentTypeError) as err:
                 parser.error(f"--config {known.config}: {key}: {err}")
             if action.choices is not None and value not in action.choices:
@@ -176,6 +181,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def _grpo_checked(
+    objective: ObjectiveConfig, generation: GenerationConfig, args: argparse.Namespace
+) -> ObjectiveConfig:
+    """GRPO's flags against the batch's and the sampling's; its completions are scored at the
+    sampling's temperature and dr_grpo divides by its length."""
+    settings = objective.grpo
+    if args.batch_size % settings.num_generations:
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not a multiple of --num-generations {settings.num_generations}: "
+            "under --objective grpo it counts completions, and a slot holds whole groups"
+        )
+    if generation.sampling.greedy:
+        raise ValueError("--objective grpo samples: at --temperature 0 every completion of a group would be the same")
+    if generation.sampling_only:
+        raise ValueError("--sample-prompts samples a model and trains nothing: drop --objective grpo")
+    if args.evaluation_data:
+        raise ValueError("--objective grpo does not evaluate held-out data yet: drop --evaluation-data")
+    if args.task_name and "," in args.task_name:
+        raise ValueError("--objective grpo reads one prompts file: give --task-name a single jsonl")
+    if args.elastic or args.spares:
+        raise ValueError("--objective grpo does not regroup replicas yet: drop --elastic and --spares")
+    for spec in settings.reward_funcs:  # a missing module or function: one line now, before any rank waits
+        load_reward_function(spec)
+    if settings.scale_rewards == "batch" and args.data_group_size > 1:
+        raise ValueError("--scale-rewards batch over several replicas is not supported yet: use group or none")
+    sampling = generation.sampling
+    return replace(objective, grpo=replace(settings, temperature=sampling.temperature,
+                                           max_completion_length=sampling.max_completion_length))  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -208,6 +243,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     device = choose_device(use_cuda, args.cuda_id, _env_int("LOCAL_RANK"), torch.cuda.device_count())
     objective = ObjectiveConfig.from_args(args)
     generation = GenerationConfig.from_args(args)
+    if objective.name == "grpo":
+        objective = _grpo_checked(objective, generation, args)
     return RunConfig(
         topology=topo,
         comm=CommConfig.from_args(args, use_cuda),

@@ -15,6 +15,7 @@ from comm.topology import Topology
 from data.stream import Batch, TaskSpec, TokenStream, parse_task_names
 from data_parallel.base import Trained
 from data_parallel.choose import make_sync
+from generation.engine import Stops
 from modules.layout import checkpoint_dir, latest_step
 from objectives import Objective, RunContext, StepLoss, Targets, make_objective
 from observability.metrics import ONCE, PER_STAGE, NamedTotals
@@ -27,6 +28,7 @@ from trainer.identity import RunIdentity, check_resume, schedule_of
 from trainer.memory import MemoryEstimate, PeakMemory, estimate_memory, resident_bytes
 from trainer.optimizer import StageOptimizer, decayed_names
 from trainer.precision import MASTER_DTYPE, LossScaler, compute_dtype
+from trainer.rollout import prompt_stream
 from trainer.startup import Plan
 from trainer.state import ReplicasChanged, TrainState
 from trainer.step import train_step
@@ -48,7 +50,9 @@ class Trainer:
         self.plan = plan
         self.comm = comm
         self.device = torch.device(cfg.device)
-        self.has_data = self.topo.is_first_stage or self.topo.is_last_stage
+        self.objective: Objective = make_objective(cfg.objective, cfg.batch.micro_batch_size)  # (objectives/)
+        # the stages that read the data: the ends; every stage where each step generates its rows
+        self.has_data = self.topo.is_first_stage or self.topo.is_last_stage or self.objective.generates
         # a step's global batch in slots of --batch-size sequences, replica r training every
         # data_size-th slot from r: with the launch's replicas, round a's r-th slice as always;
         # with fewer (an elastic run that lost some) the same sequences over fewer pipelines
@@ -58,8 +62,8 @@ class Trainer:
         self.stage: Stage | None = None
         self.tokenizer = None
         self.pad_id = 0  # the token sequences are padded with (the first and last stages read it in setup)
+        self.stops: Stops | None = None  # where a generated completion ends (an objective that generates)
         self.stream: TokenStream | None = None
-        self.objective: Objective = make_objective(cfg.objective)  # what the last stage trains for (objectives/)
         self.optimizer: StageOptimizer | None = None
         self._dp_bytes_reported = 0
         self.memory = PeakMemory(self.device)
@@ -125,9 +129,12 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name)
-            # a new stream packs as asked (None: the default), a resumed one as it recorded
-            self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
-            self.pad_id = self.stream.pad_id
+            if self.objective.generates:  # prompts, whose completions each step generates (trainer.rollout)
+                self.stream, self.stops = prompt_stream(cfg, self.tokenizer)
+                self.pad_id = self.stops.pad_id
+            else:  # a new stream packs as asked (None: the default), a resumed one as it recorded
+                self.stream = self._stream(cfg.data.tasks, "none" if cfg.objective.pairs else cfg.data.packing)
+                self.pad_id = self.stream.pad_id
             self.state.data = self.stream.state_dict()
         # what makes this run this run (trainer.identity), recorded in each of its checkpoints
         self.identity = RunIdentity.of(cfg)

@@ -21,6 +21,7 @@ from comm.process_group import ReplicaLostError
 from data.stream import Batch
 from observability.metrics import NamedTotals, PipelineSums
 from pipeline.schedule import RouterLoss
+from trainer.rollout import rollout
 from trainer.state import ReplicasChanged
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ def train_step(trainer: Trainer, batch: Batch | None, notice_pending: bool) -> t
     started = time.perf_counter()
     # Dropout masks come from (seed, step, rank) alone, so a resumed run draws the same ones.
     torch.manual_seed(cfg.data.seed * 1_000_003 + step * 10_007 + trainer.topo.rank)
+    if trainer.objective.generates:  # the step's rows: completions generated now from its prompts
+        batch = rollout(trainer, batch, step, trainer.stops)
     # The loss is the mean over every trained token of the global batch, so each
     # micro-batch's summed loss is divided by that count and replicas' gradients are summed.
     normalizer = max(1, _loss_tokens(trainer, batch)) if batch is not None else 1
@@ -197,7 +200,7 @@ def _loss_tokens(trainer: Trainer, batch: Batch) -> int:
     global batch, or in local and diloco mode (where each replica steps on its own) this
     replica's slices."""
     if not trainer.cfg.dp.steps_alone:
-        return trainer.objective.count(batch.labels)
+        return trainer.objective.step_count(batch, trainer.objective.count(batch.labels))
     return sum(
         trainer.objective.count(batch.labels[trainer._rows(slot)]) for slot in trainer._slots(trainer.slots_per_step)
     )
