@@ -354,3 +354,30 @@ def test_greedy_chat_generation_at_pp2_equals_hf_generate(
             assert row["completion_ids"] == expected[:cut]
     assert any(row["finish_reason"] == "stop" and row["completion_ids"][-1] == eos for row in rows)
     assert "Paris" in rows[0]["completion"]
+
+
+@pytest.mark.ranks
+def test_grpo_learns_a_checkable_answer_on_real_weights(smollm2_shards: Path, tmp_path: Path) -> None:
+    """GRPO at pp=2 on chat prompts asking for capitals, rewarded for naming the capital in a few
+    words: within 12 steps the mean reward rises from its start and the answers shorten (the
+    reward and lengths of each step are TRL's metrics of metrics.jsonl)."""
+    prompts = tmp_path / "capitals.jsonl"
+    ask = "What is the capital of {}? Answer in a few words."
+    capitals = {**CAPITALS, "France": "Paris", "Greece": "Athens", "Norway": "Oslo", "Poland": "Warsaw"}
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": ask.format(country)}], "city": city})
+                               + "\n" for country, city in capitals.items()))  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    args = ["--model-name", str(smollm2_shards), "--pipeline-group-size", "2", "--task-name", str(prompts),
+            "--objective", "grpo", "--reward-funcs", "tests.grpo_rewards:capital_in_a_few_words",
+            "--num-generations", "4", "--batch-size", "8", "--micro-batch-size", "4", "--seq-length", "96",
+            "--max-completion-length", "24", "--total-steps", "12", "--lr", "2e-5", "--warmup-steps", "0",
+            "--checkpoint-path", str(ckpt), "--checkpoint-steps", "1000"]  # fmt: skip
+    assert_all_ok(launch(args, 2, tmp_path, timeout=900))
+    rows = [r for r in read_metrics(ckpt) if "reward" in r]
+    rewards = [r["reward"] for r in rows]
+    lengths = [r["completions/mean_length"] for r in rows]
+    assert len(rows) == 12
+    # the first two steps sample from (nearly) the starting weights; the last four from the trained
+    # (measured: 0.50 -> 0.91, and 14.7 -> 8.6 tokens)
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:2]) / 2 + 0.25, rewards
+    assert sum(lengths[-4:]) / 4 < sum(lengths[:2]) / 2 - 3, lengths
