@@ -30,7 +30,7 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batch = self._stream.next_batch(self._per_step)
-                if self._pin:
+                if self._pin and isinstance(batch, Batch):  # (a prompt stream's draw is a list: no tensors yet)
                     pinned = [t.pin_memory() for t in (batch.input_ids, batch.labels, batch.positions())]
                     batch = Batch(pinned[0], pinned[1], batch.tasks, pinned[2])
                 item = (batch, copy.deepcopy(self._stream.state_dict()))

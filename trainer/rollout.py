@@ -33,6 +33,11 @@ def prompt_stream(cfg: RunConfig, tokenizer: object) -> tuple[PromptStream, Stop
         cfg.data.tasks[0].path, tokenizer, template, cfg.data.seq_length - sampling.max_completion_length
     )
     eos = end_of_sequence_ids((cfg.model.model_name, cfg.model.tokenizer_name), tokenizer)
+    if not eos:
+        raise ValueError(
+            f"{cfg.model.tokenizer_name}: the tokenizer and generation_config.json name no end-of-sequence token, "
+            "so no completion could end before --max-completion-length; use the model's own tokenizer"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     stream = PromptStream(prompts, cfg.data.seed, cfg.objective.grpo.num_generations)
     return stream, Stops(eos, sampling.max_completion_length, pad)
