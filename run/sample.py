@@ -91,7 +91,7 @@ def sample(cfg: RunConfig) -> None:
         started = time.perf_counter()
         tokens = generate(stage, comm, batches, Stops(eos, gen.sampling.max_completion_length, pad), sampler,
                           gen.in_flight_for(topo.pipeline_size), compute_dtype(cfg.optim.precision))  # fmt: skip
-        rows = completion_rows(mine, tokens, eos, tokenizer) if tokens is not None else None
+        rows = completion_rows(mine, tokens, eos, tokenizer) if topo.is_last_stage else None  # (the first has them too)
         took = time.perf_counter() - started
         gathered = comm.all_gather_object(rows)
         if topo.rank == 0:
