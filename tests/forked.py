@@ -59,11 +59,19 @@ def _run(script: str, argv: list[str], env: dict[str, str], cwd: str, log: str) 
         logging.shutdown()
 
 
+class RankTimedOut(subprocess.TimeoutExpired):
+    """A rank still running at its wait's timeout: the message ends with its log's last lines,
+    which say where it hung (a test's temporary folder may be gone before anyone reads it)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; its log ends:\n{self.output}"
+
+
 class Forked:
     """A rank process forked from the server, with ``subprocess.Popen``'s ways to watch it."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, args: list[str]) -> None:
-        self.process, self.args = process, args
+    def __init__(self, process: multiprocessing.process.BaseProcess, args: list[str], log: Path | None = None) -> None:
+        self.process, self.args, self.log = process, args, log
 
     @property
     def pid(self) -> int:
@@ -79,7 +87,8 @@ class Forked:
     def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
         if self.process.exitcode is None:
-            raise subprocess.TimeoutExpired(self.args, timeout)
+            tail = self.log.read_text(errors="replace").splitlines()[-15:] if self.log and self.log.is_file() else []
+            raise RankTimedOut(self.args, timeout, output="\n".join(tail))
         return self.process.exitcode
 
     def send_signal(self, sig: int) -> None:
@@ -97,4 +106,4 @@ def start(script: Path, argv: list[str], env: dict[str, str], cwd: Path, log: Pa
     """``python script *argv`` as a process forked from the preloaded server."""
     process = _context().Process(target=_run, args=(str(script), argv, env, str(cwd), str(log)), daemon=False)
     process.start()
-    return Forked(process, [sys.executable, str(script), *argv])
+    return Forked(process, [sys.executable, str(script), *argv], log)
