@@ -201,6 +201,16 @@ def generate(
     return finished if first or last else None
 
 
+def completions(tokens: Sequence[torch.Tensor], eos_ids: Sequence[int]) -> list[tuple[list[int], bool]]:
+    """Each generated row (``generate``'s tokens, batch by batch) up to and including its first
+    end-of-sequence token, and whether it was cut at the length instead."""
+    rows = []
+    for row in (r for batch in tokens for r in batch.tolist()):
+        end = next((k for k, t in enumerate(row) if t in eos_ids), None)
+        rows.append((row if end is None else row[: end + 1], end is None))
+    return rows
+
+
 def _sample(
     stage: torch.nn.Module, normed: torch.Tensor, flight: _InFlight, sampler: Sampler, eos: torch.Tensor,
     stops: Stops,

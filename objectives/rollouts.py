@@ -32,51 +32,35 @@ class RolloutBatch(Batch):
     total: float | None = None
 
 
-def slot_prompts(draw: Sequence[Prompt], generations: int, slot: int, batch_size: int) -> list[Prompt]:
-    """The prompts of slot ``slot``'s completions, each repeated for its group."""
+def replica_prompts(
+    draw: Sequence[Prompt], generations: int, slots: Sequence[int], batch_size: int
+) -> tuple[list[Prompt], list[int]]:
+    """The prompt of each of this replica's completions, slot by slot (a prompt repeated for its
+    group), and the row each completion has in the global batch."""
     per_slot = batch_size // generations
-    return [p for p in draw[slot * per_slot : (slot + 1) * per_slot] for _ in range(generations)]
+    prompts = [p for slot in slots for p in draw[slot * per_slot : (slot + 1) * per_slot] for _ in range(generations)]
+    return prompts, [row for slot in slots for row in range(slot * batch_size, (slot + 1) * batch_size)]
 
 
-def generation_batches(
-    draw: Sequence[Prompt], generations: int, slots: Sequence[int], batch_size: int, micro: int, pad_id: int,
-    device: torch.device,
-) -> list[PromptBatch]:  # fmt: skip
-    """This replica's micro-batches of prompts to generate from, slot by slot."""
-    batches = []
-    for slot in slots:
-        rows = slot_prompts(draw, generations, slot, batch_size)
-        batches += [PromptBatch.left_padded([p.ids for p in rows[i : i + micro]], pad_id, device)
-                    for i in range(0, len(rows), micro)]  # fmt: skip
-    return batches
-
-
-def completions(tokens: Sequence[torch.Tensor], eos_ids: Sequence[int]) -> list[tuple[list[int], bool]]:
-    """Each generated row's completion up to and including its end-of-sequence token, and
-    whether it was cut at the length instead."""
-    rows = []
-    for row in (r for batch in tokens for r in batch.tolist()):
-        end = next((k for k, t in enumerate(row) if t in eos_ids), None)
-        rows.append((row if end is None else row[: end + 1], end is None))
-    return rows
+def generation_batches(prompts: Sequence[Prompt], micro: int, pad_id: int, device: torch.device) -> list[PromptBatch]:
+    """Micro-batches of ``micro`` prompts to generate from (a slot holds whole micro-batches)."""
+    return [PromptBatch.left_padded([p.ids for p in prompts[i : i + micro]], pad_id, device)
+            for i in range(0, len(prompts), micro)]  # fmt: skip
 
 
 def training_rows(
-    draw: Sequence[Prompt], generated: list[tuple[list[int], bool]], settings: GrpoSettings, slots: Sequence[int],
-    batch_size: int, total_rows: int, seq_length: int, pad_id: int,
+    prompts: Sequence[Prompt], generated: list[tuple[list[int], bool]], places: Sequence[int],
+    mask_truncated: bool, total_rows: int, seq_length: int, pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(input_ids, labels) laid out as the global batch: this replica's slots' rows filled."""
+    """(input_ids, labels) laid out as the global batch, each completion after its prompt at its
+    row of ``places``; ``mask_truncated``: one cut at the length trains nothing."""
     input_ids = torch.full((total_rows, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((total_rows, seq_length), IGNORE_INDEX, dtype=torch.long)
-    made = iter(generated)
-    for slot in slots:
-        for k, prompt in enumerate(slot_prompts(draw, settings.num_generations, slot, batch_size)):
-            completion, cut = next(made)
-            row, start = slot * batch_size + k, len(prompt.ids)
-            sequence = [*prompt.ids, *completion]
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            if not (cut and settings.mask_truncated_completions):
-                labels[row, start : len(sequence)] = torch.tensor(completion)
+    for prompt, (completion, cut), row in zip(prompts, generated, places, strict=True):
+        start, sequence = len(prompt.ids), [*prompt.ids, *completion]
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        if not (cut and mask_truncated):
+            labels[row, start : len(sequence)] = torch.tensor(completion)
     return input_ids, labels
 
 
@@ -84,12 +68,11 @@ def training_rows(
 # were scored; per function the same; groups whose rewards were all alike, groups; completion
 # tokens, completions cut at the length, completions
 def rollout_sums(
-    functions: Sequence[RewardFunction], settings: GrpoSettings, draw: Sequence[Prompt], slots: Sequence[int],
-    batch_size: int, generated: list[tuple[list[int], bool]], tokenizer: object,
+    functions: Sequence[RewardFunction], settings: GrpoSettings, prompts: Sequence[Prompt],
+    generated: list[tuple[list[int], bool]], tokenizer: object,
 ) -> tuple[list[dict], torch.Tensor, torch.Tensor]:  # fmt: skip
-    """This replica's completions (in its slots' order) as rollouts.jsonl rows (without the step),
-    their advantages, and its rollout sums."""
-    prompts = [p for slot in slots for p in slot_prompts(draw, settings.num_generations, slot, batch_size)]
+    """This replica's completions (of ``prompts``, groups together) as rollouts.jsonl rows
+    (without the step), their advantages, and its rollout sums."""
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in generated]
     # a conversation's completion is the assistant's message, as TRL hands it to reward functions
     answers = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t

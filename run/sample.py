@@ -16,7 +16,7 @@ import torch
 
 from comm.process_group import Communicator
 from data.chat import ChatTemplate
-from generation.engine import PromptBatch, Stops, generate
+from generation.engine import PromptBatch, Stops, completions, generate
 from generation.prompts import Prompt, end_of_sequence_ids, read_prompts
 from generation.sampling import Sampler
 from modules.layout import checkpoint_dir, latest_step
@@ -50,15 +50,10 @@ def completion_rows(
     prompts: list[Prompt], tokens: list[torch.Tensor], eos: tuple[int, ...], tokenizer: object
 ) -> list[dict]:
     """One row per prompt: its completion up to and including the first end-of-sequence token."""
-    rows = []
-    flat = [row for batch in tokens for row in batch.tolist()]
-    for prompt, ids in zip(prompts, flat, strict=True):
-        ended = next((k for k, t in enumerate(ids) if t in eos), None)
-        kept = ids if ended is None else ids[: ended + 1]
-        rows.append({"line": prompt.line, "prompt": prompt.prompt, **prompt.columns,
-                     "completion": tokenizer.decode(kept, skip_special_tokens=True), "completion_ids": kept,
-                     "finish_reason": "length" if ended is None else "stop"})  # fmt: skip
-    return rows
+    return [{"line": prompt.line, "prompt": prompt.prompt, **prompt.columns,
+             "completion": tokenizer.decode(kept, skip_special_tokens=True), "completion_ids": kept,
+             "finish_reason": "length" if cut else "stop"}
+            for prompt, (kept, cut) in zip(prompts, completions(tokens, eos), strict=True)]  # fmt: skip
 
 
 def sample(cfg: RunConfig) -> None:

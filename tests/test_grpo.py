@@ -381,17 +381,19 @@ def test_grpo_flags_are_checked_before_any_rank_waits(tiny_shards: Path, tmp_pat
 def test_completions_become_rows_at_their_slots_places() -> None:
     """Each completion through its EOS after its prompt, at its slot's rows of the global layout;
     under --mask-truncated-completions one cut at the length trains nothing."""
+    from generation.engine import completions
     from generation.prompts import Prompt
-    from objectives.rollouts import completions, training_rows
+    from objectives.rollouts import replica_prompts, training_rows
 
     draw = [Prompt(1, "a", (5, 6)), Prompt(2, "b", (7,)), Prompt(3, "c", (8, 9, 10)), Prompt(4, "d", (11,))]
     tokens = [torch.tensor([[20, 2, 0], [21, 22, 23]]), torch.tensor([[24, 2, 0], [2, 0, 0]])]  # EOS is 2
     made = completions(tokens, (2,))
     assert made == [([20, 2], False), ([21, 22, 23], True), ([24, 2], False), ([2], False)]
     for mask in (False, True):
-        settings = GrpoSettings(num_generations=2, mask_truncated_completions=mask)
         # batch size 2 (a prompt's group), slot 1 of 4: the second prompt's rows, 2 and 3
-        ids, labels = training_rows(draw, made[:2], settings, [1], 2, 8, 6, 0)
+        prompts, places = replica_prompts(draw, 2, [1], 2)
+        assert prompts == [draw[1], draw[1]] and places == [2, 3]
+        ids, labels = training_rows(prompts, made[:2], places, mask, 8, 6, 0)
         assert ids[2].tolist() == [7, 20, 2, 0, 0, 0] and ids[3].tolist() == [7, 21, 22, 23, 0, 0]
         assert labels[2].tolist() == [IGNORE_INDEX, 20, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
         truncated = [IGNORE_INDEX] * 6 if mask else [IGNORE_INDEX, 21, 22, 23, IGNORE_INDEX, IGNORE_INDEX]

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from data.chat import ChatTemplate
-from generation.engine import Stops, generate
+from generation.engine import Stops, completions, generate
 from generation.prompts import Prompt, PromptStream, end_of_sequence_ids, read_prompts
 from generation.sampling import Sampler
-from objectives.rollouts import RolloutBatch, completions, generation_batches, rollout_sums, training_rows
+from objectives.rollouts import RolloutBatch, generation_batches, replica_prompts, rollout_sums, training_rows
 from trainer.precision import compute_dtype
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def rollout(trainer: Trainer, draw: list[Prompt], step: int, stops: Stops) -> Ro
     cfg, topo, objective = trainer.cfg, trainer.topo, trainer.objective
     settings, size = objective.settings, cfg.batch.batch_size
     slots = list(trainer._slots(trainer.slots_per_step))
-    batches = generation_batches(draw, settings.num_generations, slots, size, cfg.batch.micro_batch_size,
-                                 trainer.pad_id, trainer.device)  # fmt: skip
+    prompts, places = replica_prompts(draw, settings.num_generations, slots, size)
+    batches = generation_batches(prompts, cfg.batch.micro_batch_size, trainer.pad_id, trainer.device)
     sampler = None
     if topo.is_last_stage:
         seed = cfg.data.seed * 1_000_003 + step * 10_007 + topo.replica
@@ -71,15 +71,12 @@ def rollout(trainer: Trainer, draw: list[Prompt], step: int, stops: Stops) -> Ro
         return None
     generated = completions(tokens, stops.eos_ids)
     rows = trainer.slots_per_step * size
-    input_ids, labels = training_rows(draw, generated, settings, slots, size, rows, cfg.data.seq_length,
-                                      trainer.pad_id)  # fmt: skip
+    input_ids, labels = training_rows(prompts, generated, places, settings.mask_truncated_completions, rows,
+                                      cfg.data.seq_length, trainer.pad_id)  # fmt: skip
     advantages, total = torch.zeros(rows), None
     if topo.is_last_stage:
-        made, scored, sums = rollout_sums(
-            objective.functions, settings, draw, slots, size, generated, trainer.tokenizer
-        )
-        own = [r for slot in slots for r in range(slot * size, (slot + 1) * size)]
-        advantages[own] = scored
+        made, scored, sums = rollout_sums(objective.functions, settings, prompts, generated, trainer.tokenizer)
+        advantages[places] = scored
         objective.rollout = sums
         record(cfg.checkpoint.path, topo.replica, [{"step": step, **row, "policy_step": step - 1} for row in made])
         if settings.loss_type == "dapo" and not cfg.dp.steps_alone and topo.data_size > 1:
